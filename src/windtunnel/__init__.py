@@ -1,0 +1,6 @@
+"""windtunnel: the gradient calculus of softmax attention and Bayesian wind tunnels.
+
+Importing the package changes no global state (no seeding, no device choice, no warnings filters).
+"""
+
+__version__ = "0.1.0"
