@@ -1,6 +1,22 @@
 """Wind tunnels: tasks whose Bayes posterior is exact at every prediction site (SPEC §4–§5)."""
 
 from windtunnel.tasks.base import Batch, Task
+from windtunnel.tasks.bijection import Bijection
 from windtunnel.tasks.filtering import FilterResult, entropy_bits, forward_filter
+from windtunnel.tasks.hmm import HMMBatch, HMMFiltering, HMMPosterior, hmm_posterior, quantise_rows
+from windtunnel.tasks.recall import AssociativeRecall
 
-__all__ = ["Batch", "FilterResult", "Task", "entropy_bits", "forward_filter"]
+__all__ = [
+    "AssociativeRecall",
+    "Batch",
+    "Bijection",
+    "FilterResult",
+    "HMMBatch",
+    "HMMFiltering",
+    "HMMPosterior",
+    "Task",
+    "entropy_bits",
+    "forward_filter",
+    "hmm_posterior",
+    "quantise_rows",
+]
