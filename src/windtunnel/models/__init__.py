@@ -1,0 +1,9 @@
+"""Models for the wind tunnels (SPEC §6.1): TinyGPT, the position-wise MLP control and the LSTM.
+
+Every model maps tokens [batch, seq_len] to logits [batch, seq_len, n_outputs], takes a keyword
+``generator`` for its initialisation and exposes named hook points (``windtunnel.hooks``).
+"""
+
+from windtunnel.models.tinygpt import TinyGPT, TinyGPTConfig, TransformerBlock
+
+__all__ = ["TinyGPT", "TinyGPTConfig", "TransformerBlock"]
