@@ -39,6 +39,7 @@ __all__ = [
     "config_to_dict",
     "dropout",
     "make_norm",
+    "read_out",
 ]
 
 NORMS = ("rmsnorm", "layernorm")
@@ -308,3 +309,13 @@ def config_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
         problems.raise_if_any()
     return cls(**data)
 
+
+
+def read_out(
+    x: torch.Tensor, *, embed: Embed, unembed: Unembed | None, b_U: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits from the final-norm residual: ``x @ W_E^T (+ b_U)`` when tied, else ``unembed(x)``."""
+    if unembed is not None:
+        return unembed(x)
+    logits = x @ embed.W_E.T
+    return logits + b_U if b_U is not None else logits

@@ -30,6 +30,7 @@ from windtunnel.models._layers import (
     config_to_dict,
     dropout,
     make_norm,
+    read_out,
 )
 
 __all__ = ["TinyGPT", "TinyGPTConfig", "TransformerBlock"]
@@ -279,11 +280,7 @@ class TinyGPT(nn.Module):
         )
         for block in self.blocks:
             resid = block(resid, mask=mask, generator=generator)
-        resid = self.ln_final(resid)
-        if self.unembed is not None:
-            return self.unembed(resid)
-        logits = resid @ self.embed.W_E.T
-        return logits + self.b_U if self.b_U is not None else logits
+        return read_out(self.ln_final(resid), embed=self.embed, unembed=self.unembed, b_U=self.b_U)
 
     @contextlib.contextmanager
     def ablated(
