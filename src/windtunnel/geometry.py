@@ -444,7 +444,7 @@ def qk_alignment(
     owner = "qk_alignment"
     check_float_tensor(owner, "q", q, min_dim=4, shape_text="[..., batch, pos, head, d_head]")
     check_float_tensor(owner, "k", k, min_dim=4, shape_text="[..., batch, pos, head, d_head]")
-    if k.shape[:-3] != q.shape[:-3] or k.shape[-2:] != q.shape[-2:]:
+    if k.dim() != q.dim() or k.shape[:-3] != q.shape[:-3] or k.shape[-2:] != q.shape[-2:]:
         raise ValueError(
             f"{owner}: q and k must agree on [..., batch, -, head, d_head]; got q "
             f"{describe_tensor(q)} and k {describe_tensor(k)}."
@@ -459,7 +459,7 @@ def qk_alignment(
     qh = _unit_rows(q).movedim(-2, -3)  # [..., batch, head, query_pos, d_head]
     kh = _unit_rows(k).movedim(-2, -3)  # [..., batch, head, key_pos, d_head]
     cos = qh.index_select(-2, idx) @ kh.transpose(-1, -2)  # [..., batch, head, n_sites, key_pos]
-    lead = q.shape[:-3]
+    lead = q.shape[:-4]
     full = (*lead, q.shape[-4], q.shape[-2], n_q, n_k)
     allowed = (_causal(n_q, n_k, q.device).expand(*full) if mask is None
                else _broadcast_bool(owner, "mask", mask, full, "[..., batch, head, query_pos, key_pos]"))
@@ -469,7 +469,7 @@ def qk_alignment(
     mean = _masked_mean(cos, allowed, pool)
     var = _masked_mean((cos - mean[(...,) + (None,) * 4]) ** 2, allowed, pool)
     inf = torch.full_like(cos, math.inf)
-    head_mean_map = (cos * allowed).sum(-4) / allowed.sum(-4).clamp_min(1)
+    head_mean_map = (cos * allowed).sum(-3) / allowed.sum(-3).clamp_min(1)
     feas_cos = elim_cos = feas_mass = elim_mass = None
     if feasible is not None:
         n_sites = idx.numel()
@@ -609,7 +609,8 @@ def partial_correlation(
     per-group means from x and y: the within-position correlation. ``kind="linear"`` regresses
     x and y on [1, control] and correlates the residuals. When y is a function of a categorical
     control (bijection format B without replacement, SPEC §8.3) the group residual of y is 0 and
-    the result is NaN: position and entropy cannot be separated on such data.
+    the result is NaN: position and entropy cannot be separated on such data. A residual whose
+    norm is within 16·sqrt(n)·eps of the input's norm counts as 0.
 
     Shapes: x, y, control [n] -> 0-d tensor.
 
@@ -626,7 +627,14 @@ def partial_correlation(
         raise ValueError(must(owner, "x", "at least 3 points [n >= 3]", describe_tensor(x)))
     x = _as_float(x)
     y = _as_float(y).to(x.dtype)
-    return _pearson(_residualize(x, control, kind), _residualize(y, control, kind))
+    rx, ry = _residualize(x, control, kind), _residualize(y, control, kind)
+    # A residual at rounding level means the control explains everything: report NaN, not a
+    # correlation of rounding noise.
+    floor = 16 * math.sqrt(x.numel()) * torch.finfo(x.dtype).eps
+    for r, v in ((rx, x), (ry, y)):
+        if float(torch.linalg.vector_norm(r)) <= floor * float(torch.linalg.vector_norm(v)):
+            return torch.tensor(math.nan, dtype=x.dtype, device=x.device)
+    return _pearson(rx, ry)
 
 
 # ----------------------------------------------------------------------------- §8.3 value manifold
