@@ -140,7 +140,9 @@ def test_key_orthogonality_orthonormal_and_identical_keys():
     n_hyp, d_model, d_head = 4, 6, 5
     emb = torch.eye(d_model, dtype=F64)[:n_hyp]  # e_x = unit vectors
     w_orth = torch.zeros(d_model, d_head, dtype=F64)
-    w_orth[:n_hyp, :n_hyp] = torch.linalg.qr(randn(n_hyp, n_hyp))[0]  # keys = rows of an orthogonal matrix
+    w_orth[:n_hyp, :n_hyp] = torch.linalg.qr(randn(n_hyp, n_hyp))[
+        0
+    ]  # keys = rows of an orthogonal matrix
     w_same = torch.zeros(d_model, d_head, dtype=F64)
     w_same[:n_hyp, 0] = torch.tensor([1.0, 2.0, 3.0, 0.5])  # every key along e_0, positive
     res = g.key_orthogonality(emb, torch.stack([w_same, w_orth]))
@@ -157,8 +159,12 @@ def test_key_orthogonality_matches_loop_with_convention_k_equals_e_at_w():
     res = g.key_orthogonality(emb, w)
     for h in range(3):
         keys = torch.stack([emb[x] @ w[h] for x in range(7)])
-        assert float(res.abs_cosine_per_head[h]) == pytest.approx(loop_mean_cos(keys, False), rel=1e-12)
-        assert float(res.signed_cosine_per_head[h]) == pytest.approx(loop_mean_cos(keys, True), rel=1e-12)
+        assert float(res.abs_cosine_per_head[h]) == pytest.approx(
+            loop_mean_cos(keys, False), rel=1e-12
+        )
+        assert float(res.signed_cosine_per_head[h]) == pytest.approx(
+            loop_mean_cos(keys, True), rel=1e-12
+        )
 
 
 @given(seed=st.integers(0, 10_000))
@@ -201,7 +207,9 @@ def one_hot_rows(batch: int, heads: int, t: int, key: int = 0) -> torch.Tensor:
 
 
 def random_causal_pattern(*lead: int, t: int, seed: int) -> torch.Tensor:
-    scores = randn(*lead, t, t, seed=seed).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -math.inf)
+    scores = randn(*lead, t, t, seed=seed).masked_fill(
+        ~torch.ones(t, t, dtype=torch.bool).tril(), -math.inf
+    )
     return scores.softmax(-1)
 
 
@@ -213,7 +221,9 @@ def test_attention_entropy_uniform_is_log2_allowed_and_normalizes_to_one():
     assert res.entropy_bits.shape == (1, 2, 3, 3)
     torch.testing.assert_close(res.site_entropy_bits[0], torch.tensor(expected, dtype=F64))
     # site 0 has one allowed key: log2 1 = 0, so its normalised entropy is defined as 0
-    torch.testing.assert_close(res.normalized_entropy[0, 0, 0], torch.tensor([0.0, 1.0, 1.0], dtype=F64))
+    torch.testing.assert_close(
+        res.normalized_entropy[0, 0, 0], torch.tensor([0.0, 1.0, 1.0], dtype=F64)
+    )
     assert float(res.layer_entropy_bits[0]) == pytest.approx(sum(expected) / 3)
     assert float(res.layer_normalized_entropy[0]) == pytest.approx(2 / 3)
     assert res.normalized_entropy is not None
@@ -249,9 +259,13 @@ def test_attention_entropy_matches_loop_and_layer_forms_agree():
                 for i, s in enumerate(sites.tolist()):
                     row = p[layer, b, h, s, : s + 1]
                     ref = -sum(float(x) * math.log2(float(x)) for x in row)
-                    assert float(stacked.entropy_bits[layer, b, h, i]) == pytest.approx(ref, rel=1e-12)
+                    assert float(stacked.entropy_bits[layer, b, h, i]) == pytest.approx(
+                        ref, rel=1e-12
+                    )
     torch.testing.assert_close(stacked.head_entropy_bits, stacked.entropy_bits.mean((1, 3)))
-    expected_focus = (stacked.layer_entropy_bits[0] - stacked.layer_entropy_bits[2]) / stacked.layer_entropy_bits[0]
+    expected_focus = (
+        stacked.layer_entropy_bits[0] - stacked.layer_entropy_bits[2]
+    ) / stacked.layer_entropy_bits[0]
     torch.testing.assert_close(stacked.focusing_ratio, expected_focus)
 
 
@@ -280,7 +294,12 @@ def test_focusing_ratio_values():
         (torch.zeros(2, 3, 3, dtype=F64), None, None, "patterns"),
         (torch.zeros(1, 1, 1, 2, 3, 3, dtype=F64), None, None, "patterns"),
         ([], None, None, "patterns"),
-        ([torch.zeros(1, 1, 3, 3, dtype=F64), torch.zeros(1, 2, 3, 3, dtype=F64)], None, None, "patterns"),
+        (
+            [torch.zeros(1, 1, 3, 3, dtype=F64), torch.zeros(1, 2, 3, 3, dtype=F64)],
+            None,
+            None,
+            "patterns",
+        ),
         ([torch.zeros(1, 3, 3, dtype=F64)], None, None, r"patterns\[0\]"),
         (torch.zeros(1, 1, 3, 3, dtype=F64), torch.tensor([3]), None, "sites"),
         (torch.zeros(1, 1, 3, 3, dtype=F64), torch.tensor([-1]), None, "sites"),
@@ -327,7 +346,10 @@ def test_qk_alignment_matches_loop_and_stats():
 
 
 def test_qk_alignment_leading_layer_axis_equals_per_layer_calls():
-    q, k = randn(2, 3, 4, 2, 5, seed=7), randn(2, 3, 4, 2, 5, seed=8)  # [layer, batch, pos, head, d]
+    q, k = (
+        randn(2, 3, 4, 2, 5, seed=7),
+        randn(2, 3, 4, 2, 5, seed=8),
+    )  # [layer, batch, pos, head, d]
     both = g.qk_alignment(q, k)
     for layer in range(2):
         one = g.qk_alignment(q[layer], k[layer])
@@ -353,8 +375,9 @@ def test_qk_alignment_feasible_split_and_masses():
     candidates = torch.tensor([True, True, True, False]).view(1, 1, 4)
     pattern = torch.zeros(1, 1, 4, 4, dtype=F64)
     pattern[0, 0, 3] = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    res = g.qk_alignment(q, k, torch.tensor([3]), feasible=feasible, candidates=candidates,
-                         pattern=pattern)
+    res = g.qk_alignment(
+        q, k, torch.tensor([3]), feasible=feasible, candidates=candidates, pattern=pattern
+    )
     assert float(res.feasible_cosine) == pytest.approx(1.0)
     assert float(res.eliminated_cosine) == pytest.approx(-1.0)
     assert float(res.feasible_mass) == pytest.approx(0.3)
@@ -384,10 +407,20 @@ def test_qk_alignment_custom_mask():
         (dict(pattern=torch.zeros(1, 2, 3, 3, dtype=F64)), "feasible"),
         (dict(feasible=torch.ones(2, 1, 3, dtype=torch.bool)), "feasible"),
         (dict(feasible=torch.ones(1, 3, 3)), "feasible"),
-        (dict(feasible=torch.ones(1, 3, 3, dtype=torch.bool),
-              candidates=torch.ones(1, 3, 2, dtype=torch.bool)), "candidates"),
-        (dict(feasible=torch.ones(1, 3, 3, dtype=torch.bool), pattern=torch.zeros(1, 2, 3, 2, dtype=F64)),
-         "pattern"),
+        (
+            dict(
+                feasible=torch.ones(1, 3, 3, dtype=torch.bool),
+                candidates=torch.ones(1, 3, 2, dtype=torch.bool),
+            ),
+            "candidates",
+        ),
+        (
+            dict(
+                feasible=torch.ones(1, 3, 3, dtype=torch.bool),
+                pattern=torch.zeros(1, 2, 3, 2, dtype=F64),
+            ),
+            "pattern",
+        ),
     ],
 )
 def test_qk_alignment_rejects(kwargs, field):
@@ -419,8 +452,9 @@ def test_ranks_spearman_pearson_match_scipy_with_ties(xs, seed):
 
 
 def test_average_ranks_integer_and_empty():
-    torch.testing.assert_close(g.average_ranks(torch.tensor([10, 10, 5])),
-                               torch.tensor([2.5, 2.5, 1.0], dtype=F64))
+    torch.testing.assert_close(
+        g.average_ranks(torch.tensor([10, 10, 5])), torch.tensor([2.5, 2.5, 1.0], dtype=F64)
+    )
     assert g.average_ranks(torch.tensor([], dtype=F64)).numel() == 0
 
 
@@ -431,7 +465,8 @@ def test_spearman_monotone_transform():
 
 
 @pytest.mark.parametrize(
-    "fn", [g.pearson_correlation, g.spearman_correlation],
+    "fn",
+    [g.pearson_correlation, g.spearman_correlation],
 )
 @pytest.mark.parametrize(
     "x,y,field",
@@ -470,7 +505,9 @@ def test_partial_correlation_against_numpy():
         sel = pos.numpy() == p
         gx[sel] -= gx[sel].mean()
         gy[sel] -= gy[sel].mean()
-    assert float(g.partial_correlation(x, y, pos)) == pytest.approx(np.corrcoef(gx, gy)[0, 1], abs=1e-12)
+    assert float(g.partial_correlation(x, y, pos)) == pytest.approx(
+        np.corrcoef(gx, gy)[0, 1], abs=1e-12
+    )
     # y a function of position: nothing left to correlate
     assert math.isnan(float(g.partial_correlation(x, pos.to(F64) ** 2, pos)))
 
@@ -505,7 +542,9 @@ def test_pca_explained_variance_matches_numpy_svd():
     xn = x.numpy()
     z = (xn - xn.mean(0)) / xn.std(0)
     _, s, vt = np.linalg.svd(z, full_matrices=False)
-    np.testing.assert_allclose(probe.explained_variance_ratio_.numpy(), s**2 / (s**2).sum(), atol=1e-12)
+    np.testing.assert_allclose(
+        probe.explained_variance_ratio_.numpy(), s**2 / (s**2).sum(), atol=1e-12
+    )
     np.testing.assert_allclose(probe.explained_variance_.numpy(), s**2 / 39, atol=1e-10)
     np.testing.assert_allclose(np.abs(probe.components_.numpy() @ vt.T), np.eye(7), atol=1e-8)
     np.testing.assert_allclose(probe.mean_.numpy(), xn.mean(0), atol=1e-12)
@@ -540,17 +579,23 @@ def test_pca_isotropic_design_and_components_for_variance():
     assert s.participation_ratio == pytest.approx(k)
     assert s.pc1_share == pytest.approx(1 / k) and s.pc12_share == pytest.approx(2 / k)
     assert s.n_components_for_variance == 4
-    assert g.ValueManifoldPCA(variance_threshold=0.5).fit(x, h).summary_.n_components_for_variance == 2
+    assert (
+        g.ValueManifoldPCA(variance_threshold=0.5).fit(x, h).summary_.n_components_for_variance == 2
+    )
     assert float(g.participation_ratio(x)) == pytest.approx(k)
 
 
 def test_pca_zero_variance_feature_is_harmless():
     x = randn(25, 5, seed=19)
     h = randn(25, seed=20)
-    with_const = torch.cat([x, torch.full((25, 1), 0.1, dtype=F64)], 1)  # 0.1 is not exact in binary
+    with_const = torch.cat(
+        [x, torch.full((25, 1), 0.1, dtype=F64)], 1
+    )  # 0.1 is not exact in binary
     a = g.ValueManifoldPCA().fit(x, h)
     b = g.ValueManifoldPCA().fit(with_const, h)
-    assert not any(torch.isnan(t).any() for t in (b.components_, b.explained_variance_ratio_, b.scale_))
+    assert not any(
+        torch.isnan(t).any() for t in (b.components_, b.explained_variance_ratio_, b.scale_)
+    )
     torch.testing.assert_close(b.explained_variance_ratio_[:5], a.explained_variance_ratio_)
     assert float(b.explained_variance_ratio_[5]) == pytest.approx(0.0, abs=1e-14)
     assert b.summary_.spearman == pytest.approx(a.summary_.spearman)
@@ -585,7 +630,9 @@ def test_pca_ordering_score_quantile_bins_and_non_monotone_curve():
     # a U-shaped curve along PC1: bin means go down then up, the ordering score drops
     u_shape = torch.stack([(h - 2) ** 2, 0.01 * randn(200, seed=23)], 1)
     probe = g.ValueManifoldPCA(n_bins=8).fit(u_shape, h)
-    ref = scipy.stats.spearmanr(probe.bin_entropy_bits_.numpy(), probe.bin_pc1_mean_.numpy()).statistic
+    ref = scipy.stats.spearmanr(
+        probe.bin_entropy_bits_.numpy(), probe.bin_pc1_mean_.numpy()
+    ).statistic
     assert probe.summary_.ordering_score == pytest.approx(ref)
     assert abs(probe.summary_.ordering_score) < 0.5
 
@@ -621,8 +668,10 @@ def test_pca_partial_correlation_given_position():
     probe = g.ValueManifoldPCA(position_control="linear").fit(states, h2, positions=positions)
     expected = g.partial_correlation(probe.pc1_scores_, h2, positions, kind="linear")
     assert probe.summary_.partial_pearson_given_position == pytest.approx(float(expected))
-    assert g.summarize_value_manifold(states, h2, positions=positions,
-                                      position_control="linear") == probe.summary_
+    assert (
+        g.summarize_value_manifold(states, h2, positions=positions, position_control="linear")
+        == probe.summary_
+    )
 
 
 def test_summary_with_single_feature():
@@ -660,12 +709,26 @@ def test_pca_constructor_reports_all_problems():
         (torch.zeros(5, dtype=F64), torch.zeros(5, dtype=F64), {}, "states"),
         (randn(5, 3), torch.zeros(4, dtype=F64), {}, "entropy_bits must be a tensor"),
         (randn(5, 3), torch.zeros(5, dtype=torch.long), {}, "entropy_bits"),
-        (randn(5, 3), torch.tensor([0.0, 1, 2, 3, math.nan], dtype=F64), {}, "entropy_bits must be finite"),
-        (randn(5, 3).masked_fill(torch.eye(5, 3, dtype=torch.bool), math.inf), torch.zeros(5, dtype=F64),
-         {}, "states must be finite"),
+        (
+            randn(5, 3),
+            torch.tensor([0.0, 1, 2, 3, math.nan], dtype=F64),
+            {},
+            "entropy_bits must be finite",
+        ),
+        (
+            randn(5, 3).masked_fill(torch.eye(5, 3, dtype=torch.bool), math.inf),
+            torch.zeros(5, dtype=F64),
+            {},
+            "states must be finite",
+        ),
         (torch.ones(5, 3, dtype=F64), torch.zeros(5, dtype=F64), {}, "states must be non-constant"),
         (randn(5, 3), torch.zeros(5, dtype=F64), dict(positions=torch.zeros(4)), "positions"),
-        (randn(6, 3), torch.zeros(6, dtype=F64), dict(generator=gen()), "states must be enough rows"),
+        (
+            randn(6, 3),
+            torch.zeros(6, dtype=F64),
+            dict(generator=gen()),
+            "states must be enough rows",
+        ),
     ],
 )
 def test_pca_fit_rejects(states, h, kwargs, field):
@@ -677,7 +740,9 @@ def test_pca_transform_rejects():
     with pytest.raises(ValueError, match="not fitted"):
         g.ValueManifoldPCA().transform(randn(3, 2))
     probe = g.ValueManifoldPCA().fit(randn(6, 3), randn(6, seed=1))
-    with pytest.raises(ValueError, match=r"ValueManifoldPCA.transform.states must be a tensor \[n, d=3\]"):
+    with pytest.raises(
+        ValueError, match=r"ValueManifoldPCA.transform.states must be a tensor \[n, d=3\]"
+    ):
         probe.transform(randn(3, 2))
 
 
@@ -698,15 +763,24 @@ def test_js_identical_disjoint_and_scipy():
     b = one_hot_rows(1, 2, 4, key=1)
     assert float(g.attention_js_divergence_bits(a, b)) == pytest.approx(1.0)
     q = random_causal_pattern(2, 3, t=5, seed=27)
-    ref = np.mean([
-        scipy.spatial.distance.jensenshannon(p[b_, h, i].numpy(), q[b_, h, i].numpy(), base=2) ** 2
-        for b_ in range(2) for h in range(3) for i in range(5)
-    ])
+    ref = np.mean(
+        [
+            scipy.spatial.distance.jensenshannon(p[b_, h, i].numpy(), q[b_, h, i].numpy(), base=2)
+            ** 2
+            for b_ in range(2)
+            for h in range(3)
+            for i in range(5)
+        ]
+    )
     assert float(g.attention_js_divergence_bits(p, q)) == pytest.approx(ref, abs=1e-12)
-    site_ref = np.mean([
-        scipy.spatial.distance.jensenshannon(p[b_, h, 4].numpy(), q[b_, h, 4].numpy(), base=2) ** 2
-        for b_ in range(2) for h in range(3)
-    ])
+    site_ref = np.mean(
+        [
+            scipy.spatial.distance.jensenshannon(p[b_, h, 4].numpy(), q[b_, h, 4].numpy(), base=2)
+            ** 2
+            for b_ in range(2)
+            for h in range(3)
+        ]
+    )
     got = g.attention_js_divergence_bits(p, q, torch.tensor([4]))
     assert float(got) == pytest.approx(site_ref, abs=1e-12)
 
@@ -717,7 +791,9 @@ def test_js_per_layer_and_masked_rows():
     per_layer = g.attention_js_divergence_bits(p, list(q))
     assert per_layer.shape == (3,)
     for layer in range(3):
-        assert float(per_layer[layer]) == pytest.approx(float(g.attention_js_divergence_bits(p[layer], q[layer])))
+        assert float(per_layer[layer]) == pytest.approx(
+            float(g.attention_js_divergence_bits(p[layer], q[layer]))
+        )
     a, b = one_hot_rows(1, 1, 3, key=0), one_hot_rows(1, 1, 3, key=1)
     a[..., 2, :] = 0.0
     b[..., 2, :] = 0.0  # a fully masked query row in both maps is left out
@@ -730,7 +806,9 @@ def test_js_rejects():
     with pytest.raises(ValueError, match="attention_js_divergence_bits.*patterns_b"):
         g.attention_js_divergence_bits(torch.zeros(1, 1, 3, 3), torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="attention_js_divergence_bits.sites"):
-        g.attention_js_divergence_bits(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), torch.tensor([5]))
+        g.attention_js_divergence_bits(
+            torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), torch.tensor([5])
+        )
 
 
 def test_frame_overlap_identical_orthogonal_and_rotations():
@@ -769,7 +847,12 @@ def test_frame_overlap_random_null():
     "w,w_ref,kwargs,field",
     [
         (randn(6, 4), randn(6, 4), dict(r=0), "r must be an int in"),
-        (randn(6, 4), randn(6, 4), dict(r=5), r"r must be an int in \[1, min\(d_model, d_k\)\] = \[1, 4\]"),
+        (
+            randn(6, 4),
+            randn(6, 4),
+            dict(r=5),
+            r"r must be an int in \[1, min\(d_model, d_k\)\] = \[1, 4\]",
+        ),
         (randn(6, 4), randn(6, 4), dict(r=2.0), "r must be"),
         (randn(6, 4), randn(6, 5), {}, "w_key and w_key_reference"),
         (randn(6), randn(6), {}, "w_key"),
