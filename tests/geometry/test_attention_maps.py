@@ -10,6 +10,8 @@ import pytest
 import scipy.spatial.distance
 import scipy.stats
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from windtunnel import geometry as g
 
@@ -318,3 +320,22 @@ def test_js_rejects():
         g.attention_js_divergence_bits(
             torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), torch.tensor([5])
         )
+
+
+@given(seed=st.integers(0, 10_000), t=st.integers(1, 7))
+def test_attention_entropy_bounded_by_log2_allowed(seed, t):
+    p = random_causal_pattern(2, 3, t=t, seed=seed)
+    res = g.attention_entropy(p, normalize=True)
+    bound = torch.log2(torch.arange(1, t + 1, dtype=F64))
+    assert bool((res.entropy_bits >= 0).all())
+    assert bool((res.entropy_bits <= bound + 1e-12).all())
+    assert bool((res.normalized_entropy <= 1 + 1e-12).all())
+
+
+def test_qk_alignment_rejects_non_float_k_and_pattern():
+    q = torch.ones(1, 3, 2, 4, dtype=F64)
+    with pytest.raises(ValueError, match="qk_alignment: k must be a floating-point"):
+        g.qk_alignment(q, q.long())
+    feasible = torch.ones(1, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="qk_alignment: pattern must be a floating-point"):
+        g.qk_alignment(q, q, feasible=feasible, pattern=torch.ones(1, 2, 3, 3, dtype=torch.long))

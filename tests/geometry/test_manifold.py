@@ -256,3 +256,59 @@ def test_pca_transform_rejects():
         ValueError, match=r"ValueManifoldPCA.transform.states must be a tensor \[n, d=3\]"
     ):
         probe.transform(randn(3, 2))
+
+
+def test_level_separation_hand_values():
+    # level 1: scores {0, 2} (μ=1, σ=1); level log2 3: {4, 6} (μ=5, σ=1); level 2: {5, 7}
+    h = torch.tensor([1.0, 1.0, math.log2(3), math.log2(3), 2.0, 2.0], dtype=F64)
+    scores = torch.tensor([0.0, 2.0, 4.0, 6.0, 5.0, 7.0], dtype=F64)
+    got = g.level_separation(scores, h, (1.0, math.log2(3), 2.0))
+    assert got.tolist() == pytest.approx([4.0, 1.0])
+    # a single point per level: perfectly separated (inf), merged (nan)
+    pts = g.level_separation(
+        torch.tensor([0.0, 1.0, 1.0], dtype=F64),
+        torch.tensor([0.0, 1.0, 2.0], dtype=F64),
+        [0.0, 1.0, 2.0],
+    )
+    assert math.isinf(float(pts[0])) and math.isnan(float(pts[1]))
+
+
+@pytest.mark.parametrize(
+    "scores,h,levels,kwargs,field",
+    [
+        (
+            torch.zeros(3, dtype=F64),
+            torch.zeros(2, dtype=F64),
+            [0, 1],
+            {},
+            "scores and entropy_bits",
+        ),
+        (torch.zeros(3, 1, dtype=F64), torch.zeros(3, 1, dtype=F64), [0, 1], {}, "scores and"),
+        (torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=F64), [0, 1], {}, "scores"),
+        (
+            torch.zeros(3, dtype=F64),
+            torch.zeros(3, dtype=F64),
+            [0],
+            {},
+            "levels must be at least 2",
+        ),
+        (
+            torch.zeros(3, dtype=F64),
+            torch.zeros(3, dtype=F64),
+            [1, 0],
+            {},
+            "levels must be at least 2",
+        ),
+        (
+            torch.zeros(3, dtype=F64),
+            torch.zeros(3, dtype=F64),
+            [0, 1],
+            {},
+            "levels must be matched",
+        ),
+        (torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64), [0, 1], dict(atol=-1.0), "atol"),
+    ],
+)
+def test_level_separation_rejects(scores, h, levels, kwargs, field):
+    with pytest.raises(ValueError, match=f"level_separation.*{field}"):
+        g.level_separation(scores, h, levels, **kwargs)

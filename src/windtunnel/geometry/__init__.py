@@ -29,6 +29,7 @@ from windtunnel.geometry.frame import (
 from windtunnel.geometry.manifold import (
     ValueManifoldPCA,
     ValueManifoldSummary,
+    level_separation,
     summarize_value_manifold,
 )
 from windtunnel.geometry.stats import (
@@ -52,6 +53,7 @@ __all__ = [
     "focusing_ratio",
     "frame_subspace_overlap",
     "key_orthogonality",
+    "level_separation",
     "mean_abs_cosine",
     "participation_ratio",
     "partial_correlation",

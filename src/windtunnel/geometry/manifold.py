@@ -4,6 +4,7 @@ the Bayes entropy; a scikit-learn-style fitted probe and its summary."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,12 @@ from windtunnel._checks import (
 from windtunnel.geometry._common import _pearson, _spectrum_stats, _zscore
 from windtunnel.geometry.stats import partial_correlation, spearman_correlation
 
-__all__ = ["ValueManifoldPCA", "ValueManifoldSummary", "summarize_value_manifold"]
+__all__ = [
+    "ValueManifoldPCA",
+    "ValueManifoldSummary",
+    "level_separation",
+    "summarize_value_manifold",
+]
 
 
 def _entropy_bins(entropy: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -363,3 +369,58 @@ def summarize_value_manifold(
         position_control=position_control,
     )
     return probe.fit(states, entropy_bits, positions=positions, generator=generator).summary_
+
+
+def level_separation(
+    scores: torch.Tensor,
+    entropy_bits: torch.Tensor,
+    levels: Sequence[float] | torch.Tensor,
+    *,
+    atol: float = 1e-6,
+) -> torch.Tensor:
+    """How well consecutive entropy levels separate along a score axis (SPEC §8.6 (b)).
+
+    Points whose entropy is within ``atol`` of level L_k form group k, with mean μ_k and
+    population std σ_k of ``scores`` (e.g. ``ValueManifoldPCA.pc1_scores_``). For each pair of
+    consecutive levels the result is the signed separation index
+
+        d'_k = (μ_{k+1} - μ_k) / sqrt((σ_k² + σ_{k+1}²) / 2),
+
+    positive when the group means rise with entropy; ±inf when both groups are points
+    (σ = 0) with different means, NaN when they coincide. For the bijection's lowest levels pass
+    ``levels=(1.0, math.log2(3), 2.0)``; while they are still merged (mid-training, §8.3) d' is
+    small.
+
+    Shapes: scores [n], entropy_bits [n], levels [n_levels] increasing -> [n_levels - 1].
+
+    Raises:
+        ValueError: when the shapes differ, levels has fewer than 2 values or does not increase,
+            or a level matches no point.
+    """
+    owner = "level_separation"
+    check_float_tensor(owner, "scores", scores, min_dim=1, shape_text="[n]")
+    check_float_tensor(owner, "entropy_bits", entropy_bits, min_dim=1, shape_text="[n]")
+    if scores.dim() != 1 or entropy_bits.shape != scores.shape:
+        raise ValueError(
+            f"{owner}: scores and entropy_bits must be 1-D tensors of one length n; got "
+            f"{describe_tensor(scores)} and {describe_tensor(entropy_bits)}."
+        )
+    problem = check_number(owner, "atol", atol, low=0.0)
+    if problem:
+        raise ValueError(problem)
+    lv = torch.as_tensor(levels, dtype=torch.float64).flatten()
+    if lv.numel() < 2 or not bool((lv[1:] > lv[:-1]).all()):
+        raise ValueError(must(owner, "levels", "at least 2 increasing values", lv.tolist()))
+    h = entropy_bits.to(torch.float64)
+    means, variances = [], []
+    for level in lv.tolist():
+        sel = (h - level).abs() <= atol
+        if not bool(sel.any()):
+            raise ValueError(
+                must(owner, "levels", f"matched by some entropy_bits (atol={atol})", level)
+            )
+        group = scores[sel.to(scores.device)]
+        means.append(group.mean())
+        variances.append(group.var(correction=0))
+    mu, var = torch.stack(means), torch.stack(variances)
+    return (mu[1:] - mu[:-1]) / ((var[1:] + var[:-1]) / 2).sqrt()
