@@ -36,7 +36,7 @@ class AttentionEntropy:
     """Attention entropy at the prediction sites, per layer and head (SPEC §8.2).
 
     H^(l,h)_{b,t} = -Σ_j α_{btj} log2 α_{btj}, computed per row and only then averaged, so the
-    head average has no Jensen bias. ``layer`` is absent (size 1) for a single-layer input.
+    head average has no Jensen bias. The layer axis has size 1 for a single-layer input.
 
     Attributes:
         entropy_bits: per row, [layer, batch, head, n_sites].
@@ -156,7 +156,8 @@ class QKAlignment:
     Attributes:
         cosine: cos(q_t, k_j), [..., batch, head, n_sites, key_pos]; 0 where j is not allowed.
         allowed: bool, broadcast to the shape of ``cosine``: True where key j may be attended.
-        head_mean_cosine: ``cosine`` averaged over heads, [..., batch, n_sites, key_pos].
+        head_mean_cosine: ``cosine`` averaged over the heads that allow key j,
+            [..., batch, n_sites, key_pos].
         head_mean: mean cosine per head over allowed entries, [..., head].
         mean_cosine, std_cosine, min_cosine, max_cosine: over allowed entries, [...].
         feasible_cosine: mean cosine on allowed keys marked feasible, [...], or None.
