@@ -294,3 +294,32 @@ def test_bad_head_multiplier():
         match=r"head_multiplier \[batch, head\] must match the batch size 2; got float32 \[4, 2\]",
     ):
         attn(torch.zeros(2, 3, 8))
+
+
+def test_recorded_hooks_satisfy_the_routing_law():
+    """SPEC §2.2–2.3 from recorded tensors alone: dL/ds = A ⊙ (B - rowsum(A ⊙ B)), dL/dv = A^T U.
+
+    B = u_i·v_j uses u = hook_z_grad; the left-hand sides are the recorded hook_attn_scores_grad
+    and hook_v_grad, so this checks that the hooks expose exactly the law's quantities, padding
+    and an empty row included.
+    """
+    attn, g = _module(12, 3, dtype=torch.float64, seed=6)
+    x = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[True] * 5, [False, True, True, False, True]])
+    target = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    with record(attn, grads=True) as cache:
+        ((attn(x, mask=keep[:, None, None, :]) - target) ** 3).sum().backward()
+    a = cache["hook_pattern"]  # [batch, head, query_pos, key_pos]
+    u = cache["hook_z_grad"].transpose(1, 2)  # [batch, head, pos, d_head]
+    v = cache["hook_v"].transpose(1, 2)
+    b = u @ v.transpose(-1, -2)  # compatibility [batch, head, query_pos, key_pos]
+    d_scores = a * (b - (a * b).sum(-1, keepdim=True))
+    scores_grad = cache["hook_attn_scores_grad"]
+    torch.testing.assert_close(scores_grad, d_scores, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        scores_grad.sum(-1), torch.zeros_like(scores_grad.sum(-1)), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        cache["hook_v_grad"].transpose(1, 2), a.transpose(-1, -2) @ u, rtol=0, atol=1e-12
+    )
+    assert torch.all(scores_grad[1, :, 0] == 0)  # the empty row has zero gradient

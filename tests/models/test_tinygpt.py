@@ -399,3 +399,16 @@ def test_from_dict_rejects_unknown_fields():
 def test_model_rejects_a_non_config():
     with pytest.raises(ValueError, match="TinyGPT.config must be a TinyGPTConfig; got dict"):
         TinyGPT(SMALL, generator=None)
+
+
+def test_no_hooks_or_tensors_kept_without_recording():
+    model = _model()
+    F.cross_entropy(model(_tokens()).flatten(0, 1), _tokens().flatten()).backward()
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    held = [
+        (path, key)
+        for path, m in model.named_modules()
+        for key, value in vars(m).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    assert held == []

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems
+from windtunnel._checks import Problems, check_positive_int
 from windtunnel.attention import MultiHeadAttention
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
@@ -101,17 +101,11 @@ class TinyGPTConfig:
                 "init_std",
             ),
         )
-        heads_ok = (
-            isinstance(self.n_heads, int)
-            and not isinstance(self.n_heads, bool)
-            and self.n_heads >= 1
+        sizes_ok = all(
+            check_positive_int("TinyGPTConfig", field, getattr(self, field)) is None
+            for field in ("n_heads", "d_model")
         )
-        width_ok = (
-            isinstance(self.d_model, int)
-            and not isinstance(self.d_model, bool)
-            and self.d_model >= 1
-        )
-        if heads_ok and width_ok and self.d_model % self.n_heads != 0:
+        if sizes_ok and self.d_model % self.n_heads != 0:
             problems.add_text(
                 f"TinyGPTConfig.n_heads must divide d_model; "
                 f"got n_heads={self.n_heads}, d_model={self.d_model}."
