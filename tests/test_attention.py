@@ -14,7 +14,9 @@ from windtunnel.hooks import name_hook_points, record
 
 def _module(d_model, n_heads, *, bias=False, causal=True, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, bias=bias, causal=causal, generator=None)
+    attn = MultiHeadAttention(
+        d_model=d_model, n_heads=n_heads, bias=bias, causal=causal, generator=None
+    )
     # Weights of order 1/sqrt(d_model), so scores and outputs are O(1) and a 1e-6 tolerance bites.
     attn.reset_parameters(g, std=1.0 / math.sqrt(d_model))
     if bias:
@@ -165,7 +167,9 @@ def test_hook_z_grad_is_the_upstream_gradient_before_w_o():
     # W_O only; u^(h) = dL/dg^(h) by autograd.
     with torch.no_grad():
         heads = [h.requires_grad_(True) for h in _manual_heads(attn, x, keep)]
-    torch.testing.assert_close(cache["hook_z"], torch.stack(heads, dim=2).detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        cache["hook_z"], torch.stack(heads, dim=2).detach(), rtol=0, atol=1e-14
+    )
     ref_loss = loss_fn(sum(heads[h] @ attn.W_O[h].detach() for h in range(3)))
     torch.testing.assert_close(ref_loss, loss.detach(), rtol=0, atol=1e-12)
     grads = torch.autograd.grad(ref_loss, heads)
@@ -231,11 +235,20 @@ def test_parameter_shapes_and_count():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(d_model=64, n_heads=3), r"MultiHeadAttention.n_heads must divide d_model .*n_heads=3, d_model=64"),
+        (
+            dict(d_model=64, n_heads=3),
+            r"MultiHeadAttention.n_heads must divide d_model .*n_heads=3, d_model=64",
+        ),
         (dict(d_model=0, n_heads=2), r"MultiHeadAttention.d_model must be an int >= 1; got 0"),
         (dict(d_model=8, n_heads=2.0), r"MultiHeadAttention.n_heads must be an int >= 1; got 2.0"),
-        (dict(d_model=8, n_heads=2, d_head=0), r"MultiHeadAttention.d_head must be an int >= 1; got 0"),
-        (dict(d_model=8, n_heads=2, scale=-1.0), r"MultiHeadAttention.scale must be None or a finite number > 0; got -1.0"),
+        (
+            dict(d_model=8, n_heads=2, d_head=0),
+            r"MultiHeadAttention.d_head must be an int >= 1; got 0",
+        ),
+        (
+            dict(d_model=8, n_heads=2, scale=-1.0),
+            r"MultiHeadAttention.scale must be None or a finite number > 0; got -1.0",
+        ),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -250,11 +263,17 @@ def test_explicit_d_head_need_not_divide():
 
 def test_bad_forward_arguments():
     attn = MultiHeadAttention(d_model=8, n_heads=2, generator=None)
-    with pytest.raises(ValueError, match=r"x must be a floating-point tensor of shape \[batch, pos, d_model\] with d_model = 8; got float32 \[2, 3, 7\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"x must be a floating-point tensor of shape \[batch, pos, d_model\] with d_model = 8; got float32 \[2, 3, 7\]",
+    ):
         attn(torch.zeros(2, 3, 7))
     with pytest.raises(ValueError, match=r"x must be .*; got int64 \[2, 3, 8\]"):
         attn(torch.zeros(2, 3, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"mask must be bool and broadcastable to \[batch, head, query_pos, key_pos\] = \[2, 2, 3, 3\]; got float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"mask must be bool and broadcastable to \[batch, head, query_pos, key_pos\] = \[2, 2, 3, 3\]; got float32",
+    ):
         attn(torch.zeros(2, 3, 8), mask=torch.ones(2, 1, 1, 3))
     with pytest.raises(ValueError, match=r"mask must be bool .*; got bool \[2, 1, 1, 4\]"):
         attn(torch.zeros(2, 3, 8), mask=torch.ones(2, 1, 1, 4, dtype=torch.bool))
@@ -262,10 +281,45 @@ def test_bad_forward_arguments():
 
 def test_bad_head_multiplier():
     attn = MultiHeadAttention(d_model=8, n_heads=2, generator=None)
-    with pytest.raises(ValueError, match=r"multiplier must be None or a floating tensor of shape \[head\] or \[batch, head\] with head = 2; got float32 \[3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"multiplier must be None or a floating tensor of shape \[head\] or \[batch, head\] with head = 2; got float32 \[3\]",
+    ):
         attn.set_head_multiplier(torch.ones(3))
     with pytest.raises(ValueError, match=r"got int64 \[2\]"):
         attn.set_head_multiplier(torch.ones(2, dtype=torch.long))
     attn.set_head_multiplier(torch.ones(4, 2))
-    with pytest.raises(ValueError, match=r"head_multiplier \[batch, head\] must match the batch size 2; got float32 \[4, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"head_multiplier \[batch, head\] must match the batch size 2; got float32 \[4, 2\]",
+    ):
         attn(torch.zeros(2, 3, 8))
+
+
+def test_recorded_hooks_satisfy_the_routing_law():
+    """SPEC §2.2–2.3 from recorded tensors alone: dL/ds = A ⊙ (B - rowsum(A ⊙ B)), dL/dv = A^T U.
+
+    B = u_i·v_j uses u = hook_z_grad; the left-hand sides are the recorded hook_attn_scores_grad
+    and hook_v_grad, so this checks that the hooks expose exactly the law's quantities, padding
+    and an empty row included.
+    """
+    attn, g = _module(12, 3, dtype=torch.float64, seed=6)
+    x = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[True] * 5, [False, True, True, False, True]])
+    target = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    with record(attn, grads=True) as cache:
+        ((attn(x, mask=keep[:, None, None, :]) - target) ** 3).sum().backward()
+    a = cache["hook_pattern"]  # [batch, head, query_pos, key_pos]
+    u = cache["hook_z_grad"].transpose(1, 2)  # [batch, head, pos, d_head]
+    v = cache["hook_v"].transpose(1, 2)
+    b = u @ v.transpose(-1, -2)  # compatibility [batch, head, query_pos, key_pos]
+    d_scores = a * (b - (a * b).sum(-1, keepdim=True))
+    scores_grad = cache["hook_attn_scores_grad"]
+    torch.testing.assert_close(scores_grad, d_scores, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        scores_grad.sum(-1), torch.zeros_like(scores_grad.sum(-1)), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        cache["hook_v_grad"].transpose(1, 2), a.transpose(-1, -2) @ u, rtol=0, atol=1e-12
+    )
+    assert torch.all(scores_grad[1, :, 0] == 0)  # the empty row has zero gradient

@@ -153,7 +153,7 @@ class MultiHeadAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, *, std: float = 0.02) -> None:
-        """Weights W_Q, W_K, W_V, W_O ~ N(0, std²) drawn in that order from ``generator``; biases 0."""
+        """W_Q, W_K, W_V, W_O ~ N(0, std²), drawn in that order from ``generator``; biases 0."""
         for weight in (self.W_Q, self.W_K, self.W_V, self.W_O):
             init_normal_(weight, std=std, generator=generator)
         for b in (self.b_Q, self.b_K, self.b_V, self.b_O):
@@ -171,7 +171,7 @@ class MultiHeadAttention(nn.Module):
                 sequence, e.g. a different head ablated in each), or None.
 
         Raises:
-            ValueError: when ``multiplier`` is not a floating tensor of shape [head] or [batch, head].
+            ValueError: unless ``multiplier`` is None or a float tensor [head] or [batch, head].
         """
         if multiplier is not None and (
             not isinstance(multiplier, torch.Tensor)
@@ -202,8 +202,11 @@ class MultiHeadAttention(nn.Module):
             ValueError: when ``x`` or ``mask`` has the wrong type or shape.
         """
         owner = "MultiHeadAttention"
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 or (
-            x.shape[-1] != self.d_model
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.is_floating_point()
+            or x.dim() != 3
+            or (x.shape[-1] != self.d_model)
         ):
             raise ValueError(
                 f"{owner}: x must be a floating-point tensor of shape [batch, pos, d_model] with "

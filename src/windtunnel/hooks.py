@@ -73,7 +73,7 @@ def name_hook_points(root: nn.Module) -> None:
 
 
 def hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    """All hook points under ``model``, keyed by name (module path when unnamed), in module order."""
+    """All hook points under ``model`` by name (module path if unnamed), in module order."""
     found: dict[str, HookPoint] = {}
     for path, module in model.named_modules():
         if isinstance(module, HookPoint):

@@ -4,12 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from windtunnel.models._layers import FeedForward, LayerNorm, RMSNorm, dropout
 from windtunnel.hooks import name_hook_points, record
+from windtunnel.models._layers import FeedForward, LayerNorm, RMSNorm, dropout
 
 
 def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3 + 1
+    return (
+        torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+        + 1
+    )
 
 
 def test_rmsnorm_matches_torch_and_hooks_before_the_gain():
@@ -21,7 +24,9 @@ def test_rmsnorm_matches_torch_and_hooks_before_the_gain():
     with torch.no_grad(), record(norm) as cache:
         y = norm(x)
     torch.testing.assert_close(y, F.rms_norm(x, (6,), norm.w, eps=1e-5), rtol=0, atol=1e-12)
-    torch.testing.assert_close(cache["hook_normalized"], F.rms_norm(x, (6,), eps=1e-5), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        cache["hook_normalized"], F.rms_norm(x, (6,), eps=1e-5), rtol=0, atol=1e-12
+    )
 
 
 def test_layernorm_matches_torch_and_hooks_before_the_affine():
@@ -33,8 +38,12 @@ def test_layernorm_matches_torch_and_hooks_before_the_affine():
     x = _x(2, 3, 6, seed=1)
     with torch.no_grad(), record(norm) as cache:
         y = norm(x)
-    torch.testing.assert_close(y, F.layer_norm(x, (6,), norm.w, norm.b, eps=1e-5), rtol=0, atol=1e-12)
-    torch.testing.assert_close(cache["hook_normalized"], F.layer_norm(x, (6,), eps=1e-5), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        y, F.layer_norm(x, (6,), norm.w, norm.b, eps=1e-5), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        cache["hook_normalized"], F.layer_norm(x, (6,), eps=1e-5), rtol=0, atol=1e-12
+    )
 
 
 def test_feed_forward_is_linear_gelu_linear():
@@ -64,12 +73,20 @@ def test_dropout_keeps_the_mean_and_is_reproducible():
 
 
 def test_dropout_errors():
-    with pytest.raises(ValueError, match=r"T.forward: generator must be a torch.Generator in training mode when dropout > 0 \(dropout=0.5\); got None"):
+    with pytest.raises(
+        ValueError,
+        match=r"T.forward: generator must be a torch.Generator in training mode when dropout > 0 \(dropout=0.5\); got None",
+    ):
         dropout(torch.ones(3), 0.5, training=True, generator=None, owner="T")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dropout_generator_on_the_wrong_device():
-    with pytest.raises(ValueError, match=r"T.forward: generator must be on the device of the activations \(cuda\); got a generator on cpu"):
-        dropout(torch.ones(3, device="cuda"), 0.5, training=True, generator=torch.Generator(), owner="T")
+    with pytest.raises(
+        ValueError,
+        match=r"T.forward: generator must be on the device of the activations \(cuda\); got a generator on cpu",
+    ):
+        dropout(
+            torch.ones(3, device="cuda"), 0.5, training=True, generator=torch.Generator(), owner="T"
+        )

@@ -11,7 +11,9 @@ SMALL = dict(vocab_size=9, n_positions=7, n_layers=3, d_model=8)
 
 
 def _model(seed=0, **overrides):
-    return LSTMModel(LSTMConfig(**{**SMALL, **overrides}), generator=torch.Generator().manual_seed(seed))
+    return LSTMModel(
+        LSTMConfig(**{**SMALL, **overrides}), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _tokens(batch=3, seq_len=7, seed=1):
@@ -21,7 +23,9 @@ def _tokens(batch=3, seq_len=7, seed=1):
 def _reference_lstm(model):
     """A stock multi-layer nn.LSTM holding the model's weights (built without the global RNG)."""
     config = model.config
-    ref = nn.LSTM(config.d_model, config.d_model, num_layers=config.n_layers, batch_first=True, device="meta")
+    ref = nn.LSTM(
+        config.d_model, config.d_model, num_layers=config.n_layers, batch_first=True, device="meta"
+    )
     ref = ref.to_empty(device="cpu")
     with torch.no_grad():
         for layer, block in enumerate(model.blocks):
@@ -33,7 +37,10 @@ def _reference_lstm(model):
 def test_stack_equals_a_multi_layer_nn_lstm():
     model = _model(seed=2)
     tokens = _tokens()
-    with torch.no_grad(), record(model, names=["hook_embed", "hook_pos_embed", "blocks.2.hook_out"]) as cache:
+    with (
+        torch.no_grad(),
+        record(model, names=["hook_embed", "hook_pos_embed", "blocks.2.hook_out"]) as cache,
+    ):
         logits = model(tokens)
         out, _ = _reference_lstm(model)(cache["hook_embed"] + cache["hook_pos_embed"])
     torch.testing.assert_close(cache["blocks.2.hook_out"], out, rtol=0, atol=1e-6)
@@ -47,7 +54,9 @@ def test_parameter_counts():
     assert expected == 1_794_048  # "≈1.80M" in SPEC §6.1
     assert sum(p.numel() for p in bijection.parameters()) == expected
     hmm = LSTMModel(
-        LSTMConfig(vocab_size=7, n_layers=9, d_model=256, tie_embeddings=False, n_out=5, head_bias=True),
+        LSTMConfig(
+            vocab_size=7, n_layers=9, d_model=256, tie_embeddings=False, n_out=5, head_bias=True
+        ),
         generator=None,
     )
     lstm = 9 * (4 * 256 * 512 + 2 * 4 * 256)
@@ -82,7 +91,13 @@ def test_no_position_embedding_and_untied_head():
     assert model.pos_embed is None
     assert "hook_pos_embed" not in hook_points(model)
     assert sorted(hook_points(model)) == sorted(
-        ["hook_embed", "blocks.0.hook_out", "blocks.1.hook_out", "blocks.2.hook_out", "ln_final.hook_normalized"]
+        [
+            "hook_embed",
+            "blocks.0.hook_out",
+            "blocks.1.hook_out",
+            "blocks.2.hook_out",
+            "ln_final.hook_normalized",
+        ]
     )
     assert model(torch.zeros(2, 50, dtype=torch.long)).shape == (2, 50, 4)
 
@@ -90,9 +105,13 @@ def test_no_position_embedding_and_untied_head():
 def test_dropout_between_layers_uses_the_generator():
     model = _model(seed=6, dropout=0.5)
     tokens = _tokens()
-    with pytest.raises(ValueError, match=r"LSTMModel.forward: generator must be a torch.Generator in training mode"):
+    with pytest.raises(
+        ValueError, match=r"LSTMModel.forward: generator must be a torch.Generator in training mode"
+    ):
         model(tokens)
-    with record(model, names=["blocks.0.hook_out", "blocks.1.hook_out", "blocks.2.hook_out"]) as cache:
+    with record(
+        model, names=["blocks.0.hook_out", "blocks.1.hook_out", "blocks.2.hook_out"]
+    ) as cache:
         x = model(tokens, generator=torch.Generator().manual_seed(0))
     y = model(tokens, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, y)
@@ -102,7 +121,9 @@ def test_dropout_between_layers_uses_the_generator():
     # of a different LSTM kernel under grad mode), while layer 1 sees a dropped-out input.
     with torch.no_grad(), record(model, names=["blocks.0.hook_out", "blocks.1.hook_out"]) as clean:
         model(tokens)
-    torch.testing.assert_close(cache["blocks.0.hook_out"], clean["blocks.0.hook_out"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        cache["blocks.0.hook_out"], clean["blocks.0.hook_out"], rtol=0, atol=1e-6
+    )
     assert (cache["blocks.1.hook_out"] - clean["blocks.1.hook_out"]).abs().max() > 1e-3
 
 
@@ -112,9 +133,14 @@ def test_config_round_trip_and_errors():
     assert LSTMConfig(vocab_size=3).n_positions is None
     with pytest.raises(ValueError, match=r"LSTMConfig.n_positions must be an int >= 1; got 0"):
         LSTMConfig(**{**SMALL, "n_positions": 0})
-    with pytest.raises(ValueError, match=r"LSTMConfig.dropout must be a number in \[0.0, 1.0\); got -0.1"):
+    with pytest.raises(
+        ValueError, match=r"LSTMConfig.dropout must be a number in \[0.0, 1.0\); got -0.1"
+    ):
         LSTMConfig(**{**SMALL, "dropout": -0.1})
-    with pytest.raises(ValueError, match=r"LSTMConfig.n_out must be None or equal vocab_size when tie_embeddings=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"LSTMConfig.n_out must be None or equal vocab_size when tie_embeddings=True",
+    ):
         LSTMConfig(**{**SMALL, "n_out": 5})
     with pytest.raises(ValueError, match=r"'num_layers' is not a field of LSTMConfig;"):
         LSTMConfig.from_dict({**SMALL, "num_layers": 2})

@@ -11,7 +11,10 @@ SMALL = dict(vocab_size=11, n_positions=8, n_layers=3, d_model=16, d_mlp=24, ini
 
 
 def _model(seed=0, **overrides):
-    return PositionwiseMLP(PositionwiseMLPConfig(**{**SMALL, **overrides}), generator=torch.Generator().manual_seed(seed))
+    return PositionwiseMLP(
+        PositionwiseMLPConfig(**{**SMALL, **overrides}),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _tokens(batch=4, seq_len=8, seed=1):
@@ -59,8 +62,14 @@ def test_logits_at_t_depend_only_on_the_token_at_t():
 def test_hooks_bypass_and_options():
     model = _model()
     names = set(hook_points(model))
-    assert {"hook_embed", "hook_pos_embed", "blocks.2.hook_mlp_out", "blocks.0.ln.hook_normalized",
-            "blocks.1.mlp.hook_post", "ln_final.hook_normalized"} <= names
+    assert {
+        "hook_embed",
+        "hook_pos_embed",
+        "blocks.2.hook_mlp_out",
+        "blocks.0.ln.hook_normalized",
+        "blocks.1.mlp.hook_post",
+        "ln_final.hook_normalized",
+    } <= names
     with torch.no_grad(), record(model, names=lambda n: "resid" in n) as cache:
         model(_tokens())
     model.blocks[1].bypass = True
@@ -79,7 +88,9 @@ def test_generator_determinism_and_dropout():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     tokens = _tokens()
-    with pytest.raises(ValueError, match=r"PositionwiseMLP.forward: generator must be a torch.Generator"):
+    with pytest.raises(
+        ValueError, match=r"PositionwiseMLP.forward: generator must be a torch.Generator"
+    ):
         a(tokens)
     x = a(tokens, generator=torch.Generator().manual_seed(0))
     y = a(tokens, generator=torch.Generator().manual_seed(0))
@@ -92,11 +103,15 @@ def test_config_round_trip_and_errors():
     assert config.n_outputs == 11
     with pytest.raises(ValueError, match=r"PositionwiseMLPConfig.d_mlp must be an int >= 1; got 0"):
         PositionwiseMLPConfig(**{**SMALL, "d_mlp": 0})
-    with pytest.raises(ValueError, match=r"PositionwiseMLPConfig.final_norm must be a bool; got None"):
+    with pytest.raises(
+        ValueError, match=r"PositionwiseMLPConfig.final_norm must be a bool; got None"
+    ):
         PositionwiseMLPConfig(**{**SMALL, "final_norm": None})
     with pytest.raises(ValueError, match=r"'d_ff' is not a field of PositionwiseMLPConfig;"):
         PositionwiseMLPConfig.from_dict({**SMALL, "d_ff": 4})
     with pytest.raises(ValueError, match="PositionwiseMLP.config must be a PositionwiseMLPConfig"):
         PositionwiseMLP(SMALL, generator=None)
-    with pytest.raises(ValueError, match=r"PositionwiseMLP.forward: tokens must have seq_len <= n_positions = 8"):
+    with pytest.raises(
+        ValueError, match=r"PositionwiseMLP.forward: tokens must have seq_len <= n_positions = 8"
+    ):
         _model()(torch.zeros(1, 9, dtype=torch.long))

@@ -11,7 +11,9 @@ from windtunnel.hooks import hook_points, record
 from windtunnel.models import TinyGPT, TinyGPTConfig
 
 # init_std 0.3 rather than 0.02: every sublayer then moves the logits well above rounding.
-SMALL = dict(vocab_size=11, n_positions=9, n_layers=2, n_heads=2, d_model=16, d_mlp=32, init_std=0.3)
+SMALL = dict(
+    vocab_size=11, n_positions=9, n_layers=2, n_heads=2, d_model=16, d_mlp=32, init_std=0.3
+)
 
 
 def _model(seed=0, **overrides):
@@ -40,8 +42,17 @@ def test_bijection_parameter_count_is_2_677_440():
 def test_hmm_shape_parameter_count():
     vocab = 7
     config = TinyGPTConfig(
-        vocab_size=vocab, n_positions=1024, n_layers=9, n_heads=8, d_model=256, d_mlp=1024,
-        norm="layernorm", dropout=0.1, tie_embeddings=False, n_out=5, head_bias=True,
+        vocab_size=vocab,
+        n_positions=1024,
+        n_layers=9,
+        n_heads=8,
+        d_model=256,
+        d_mlp=1024,
+        norm="layernorm",
+        dropout=0.1,
+        tie_embeddings=False,
+        n_out=5,
+        head_bias=True,
     )
     model = TinyGPT(config, generator=None)
     per_layer = 4 * 256**2 + (256 * 1024 + 1024 + 1024 * 256 + 256) + 2 * (2 * 256)
@@ -65,7 +76,9 @@ def test_same_generator_seed_gives_identical_weights():
 
 
 def test_init_statistics_and_none_generator():
-    model = TinyGPT(TinyGPTConfig(vocab_size=40, n_positions=38), generator=torch.Generator().manual_seed(0))
+    model = TinyGPT(
+        TinyGPTConfig(vocab_size=40, n_positions=38), generator=torch.Generator().manual_seed(0)
+    )
     for name in ("embed.W_E", "blocks.3.attn.W_V", "blocks.5.mlp.W_out"):
         std = model.get_parameter(name).std().item()
         assert 0.019 < std < 0.021, (name, std)
@@ -98,15 +111,31 @@ def test_causal_pass_equals_per_prefix_passes():
     assert (other[:, 5:] - full[:, 5:]).abs().max() > 0
 
 
-EXPECTED_HOOKS = ["hook_embed", "hook_pos_embed"] + [
-    f"blocks.{layer}.{name}"
-    for layer in range(2)
-    for name in (
-        "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
-        "attn.hook_pattern", "attn.hook_z", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post",
-        "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
-    )
-] + ["ln_final.hook_normalized"]
+EXPECTED_HOOKS = (
+    ["hook_embed", "hook_pos_embed"]
+    + [
+        f"blocks.{layer}.{name}"
+        for layer in range(2)
+        for name in (
+            "ln1.hook_normalized",
+            "attn.hook_q",
+            "attn.hook_k",
+            "attn.hook_v",
+            "attn.hook_attn_scores",
+            "attn.hook_pattern",
+            "attn.hook_z",
+            "ln2.hook_normalized",
+            "mlp.hook_pre",
+            "mlp.hook_post",
+            "hook_resid_pre",
+            "hook_attn_out",
+            "hook_resid_mid",
+            "hook_mlp_out",
+            "hook_resid_post",
+        )
+    ]
+    + ["ln_final.hook_normalized"]
+)
 
 
 def test_hook_names_and_shapes():
@@ -117,16 +146,26 @@ def test_hook_names_and_shapes():
     shapes = {name: tuple(value.shape) for name, value in cache.items()}
     assert shapes["hook_embed"] == shapes["hook_pos_embed"] == (3, 7, 16)
     assert shapes["blocks.1.attn.hook_q"] == shapes["blocks.1.attn.hook_z"] == (3, 7, 2, 8)
-    assert shapes["blocks.0.attn.hook_pattern"] == shapes["blocks.0.attn.hook_attn_scores"] == (3, 2, 7, 7)
+    assert (
+        shapes["blocks.0.attn.hook_pattern"]
+        == shapes["blocks.0.attn.hook_attn_scores"]
+        == (3, 2, 7, 7)
+    )
     assert shapes["blocks.0.mlp.hook_post"] == (3, 7, 32)
     assert shapes["ln_final.hook_normalized"] == shapes["blocks.1.hook_resid_post"] == (3, 7, 16)
     # Residual bookkeeping: pre + attn_out = mid, mid + mlp_out = post, post(l) = pre(l+1).
     for layer in range(2):
         b = f"blocks.{layer}."
-        torch.testing.assert_close(cache[b + "hook_resid_pre"] + cache[b + "hook_attn_out"], cache[b + "hook_resid_mid"])
-        torch.testing.assert_close(cache[b + "hook_resid_mid"] + cache[b + "hook_mlp_out"], cache[b + "hook_resid_post"])
+        torch.testing.assert_close(
+            cache[b + "hook_resid_pre"] + cache[b + "hook_attn_out"], cache[b + "hook_resid_mid"]
+        )
+        torch.testing.assert_close(
+            cache[b + "hook_resid_mid"] + cache[b + "hook_mlp_out"], cache[b + "hook_resid_post"]
+        )
     assert torch.equal(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
-    torch.testing.assert_close(cache["hook_embed"] + cache["hook_pos_embed"], cache["blocks.0.hook_resid_pre"])
+    torch.testing.assert_close(
+        cache["hook_embed"] + cache["hook_pos_embed"], cache["blocks.0.hook_resid_pre"]
+    )
 
 
 def test_tied_readout_and_rmsnorm_against_torch():
@@ -147,8 +186,12 @@ def test_untied_layernorm_readout_against_torch():
     tokens = _tokens()
     with torch.no_grad(), record(model, names="blocks.1.hook_resid_post") as cache:
         logits = model(tokens)
-    final = F.layer_norm(cache["blocks.1.hook_resid_post"], (16,), model.ln_final.w, model.ln_final.b, eps=1e-5)
-    torch.testing.assert_close(logits, final @ model.unembed.W_U + model.unembed.b_U, rtol=0, atol=1e-6)
+    final = F.layer_norm(
+        cache["blocks.1.hook_resid_post"], (16,), model.ln_final.w, model.ln_final.b, eps=1e-5
+    )
+    torch.testing.assert_close(
+        logits, final @ model.unembed.W_U + model.unembed.b_U, rtol=0, atol=1e-6
+    )
     assert logits.shape == (3, 9, 5)
 
 
@@ -159,7 +202,9 @@ def test_hook_z_grad_maps_to_attn_out_grad_through_w_o():
     with record(model, names=names, grads=True) as cache:
         F.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
     u = cache["blocks.0.attn.hook_z_grad"]  # [batch, pos, head, d_head]
-    expected = torch.einsum("bpd,hed->bphe", cache["blocks.0.hook_attn_out_grad"], model.blocks[0].attn.W_O)
+    expected = torch.einsum(
+        "bpd,hed->bphe", cache["blocks.0.hook_attn_out_grad"], model.blocks[0].attn.W_O
+    )
     torch.testing.assert_close(u, expected.detach(), rtol=1e-5, atol=1e-9)
     assert u.abs().max() > 0
 
@@ -185,7 +230,9 @@ def test_head_ablation_changes_logits_and_all_heads_equal_zero_attn_out():
         zero_attn = _logits(model, tokens)
     torch.testing.assert_close(all_heads, zero_attn, rtol=0, atol=1e-6)
     assert torch.equal(_logits(model, tokens), base)  # state restored
-    assert all(block.attn.head_multiplier is None and not block.zero_attn_out for block in model.blocks)
+    assert all(
+        block.attn.head_multiplier is None and not block.zero_attn_out for block in model.blocks
+    )
 
 
 def test_head_ablation_equals_zeroing_that_heads_w_o():
@@ -231,9 +278,15 @@ def test_bypassed_block_is_the_identity_at_its_hooks():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(heads=[(2, 0)]), r"TinyGPT.ablated.heads must be \(layer, head\) pairs in \[0, 2\) x \[0, 2\); got \[\(2, 0\)\]"),
+        (
+            dict(heads=[(2, 0)]),
+            r"TinyGPT.ablated.heads must be \(layer, head\) pairs in \[0, 2\) x \[0, 2\); got \[\(2, 0\)\]",
+        ),
         (dict(heads=[(0, 5)]), r"TinyGPT.ablated.heads must be .*; got \[\(0, 5\)\]"),
-        (dict(bypass=[-1]), r"TinyGPT.ablated.bypass must be layer indices in \[0, 2\); got \[-1\]"),
+        (
+            dict(bypass=[-1]),
+            r"TinyGPT.ablated.bypass must be layer indices in \[0, 2\); got \[-1\]",
+        ),
         (dict(zero_attn_out=[2]), r"TinyGPT.ablated.zero_attn_out must be layer indices"),
         (dict(zero_mlp_out=["0"]), r"TinyGPT.ablated.zero_mlp_out must be layer indices"),
     ],
@@ -249,7 +302,10 @@ def test_dropout_uses_only_the_given_generator():
     model = _model(seed=12, dropout=0.3)
     tokens = _tokens()
     model.train()
-    with pytest.raises(ValueError, match=r"TinyGPT.forward: generator must be a torch.Generator in training mode when dropout > 0 \(dropout=0.3\); got None"):
+    with pytest.raises(
+        ValueError,
+        match=r"TinyGPT.forward: generator must be a torch.Generator in training mode when dropout > 0 \(dropout=0.3\); got None",
+    ):
         model(tokens)
     a = model(tokens, generator=torch.Generator().manual_seed(0))
     b = model(tokens, generator=torch.Generator().manual_seed(0))
@@ -269,11 +325,16 @@ def test_no_dropout_needs_no_generator_in_training():
 
 def test_bad_tokens():
     model = _model()
-    with pytest.raises(ValueError, match=r"tokens must be an integer tensor of shape \[batch, seq_len\] with seq_len >= 1; got float32 \[2, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokens must be an integer tensor of shape \[batch, seq_len\] with seq_len >= 1; got float32 \[2, 3\]",
+    ):
         model(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"got int64 \[3\]"):
         model(torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"tokens must have seq_len <= n_positions = 9; got seq_len=10"):
+    with pytest.raises(
+        ValueError, match=r"tokens must have seq_len <= n_positions = 9; got seq_len=10"
+    ):
         model(torch.zeros(1, 10, dtype=torch.long))
 
 
@@ -291,17 +352,26 @@ def test_config_round_trip():
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(n_heads=3, d_model=64), r"^TinyGPTConfig.n_heads must divide d_model; got n_heads=3, d_model=64.$"),
+        (
+            dict(n_heads=3, d_model=64),
+            r"^TinyGPTConfig.n_heads must divide d_model; got n_heads=3, d_model=64.$",
+        ),
         (dict(n_layers=0), r"TinyGPTConfig.n_layers must be an int >= 1; got 0"),
         (dict(vocab_size=True), r"TinyGPTConfig.vocab_size must be an int >= 1; got True"),
         (dict(n_positions=2.5), r"TinyGPTConfig.n_positions must be an int >= 1; got 2.5"),
-        (dict(norm="rms"), r"TinyGPTConfig.norm must be one of 'rmsnorm', 'layernorm'; got 'rms'. did you mean 'rmsnorm'"),
+        (
+            dict(norm="rms"),
+            r"TinyGPTConfig.norm must be one of 'rmsnorm', 'layernorm'; got 'rms'. did you mean 'rmsnorm'",
+        ),
         (dict(norm_eps=0.0), r"TinyGPTConfig.norm_eps must be a number in \(0.0, 1.0\]; got 0.0"),
         (dict(dropout=1.0), r"TinyGPTConfig.dropout must be a number in \[0.0, 1.0\); got 1.0"),
         (dict(init_std=-0.02), r"TinyGPTConfig.init_std must be a number"),
         (dict(attn_bias=1), r"TinyGPTConfig.attn_bias must be a bool; got 1"),
         (dict(tie_embeddings="yes"), r"TinyGPTConfig.tie_embeddings must be a bool; got 'yes'"),
-        (dict(n_out=5), r"TinyGPTConfig.n_out must be None or equal vocab_size when tie_embeddings=True; got n_out=5, vocab_size=11"),
+        (
+            dict(n_out=5),
+            r"TinyGPTConfig.n_out must be None or equal vocab_size when tie_embeddings=True; got n_out=5, vocab_size=11",
+        ),
         (dict(n_out=0, tie_embeddings=False), r"TinyGPTConfig.n_out must be an int >= 1; got 0"),
     ],
 )
@@ -311,16 +381,34 @@ def test_bad_config(overrides, match):
 
 
 def test_all_config_problems_reported_together():
-    with pytest.raises(ConfigError, match=r"2 problems in TinyGPTConfig:\n  TinyGPTConfig.n_layers .*\n  TinyGPTConfig.dropout"):
+    with pytest.raises(
+        ConfigError,
+        match=r"2 problems in TinyGPTConfig:\n  TinyGPTConfig.n_layers .*\n  TinyGPTConfig.dropout",
+    ):
         TinyGPTConfig(**{**SMALL, "n_layers": -1, "dropout": 2.0})
 
 
 def test_from_dict_rejects_unknown_fields():
     data = {**TinyGPTConfig(**SMALL).to_dict(), "n_layer": 3}
-    with pytest.raises(ValueError, match=r"'n_layer' is not a field of TinyGPTConfig; did you mean 'n_layers'\?"):
+    with pytest.raises(
+        ValueError, match=r"'n_layer' is not a field of TinyGPTConfig; did you mean 'n_layers'\?"
+    ):
         TinyGPTConfig.from_dict(data)
 
 
 def test_model_rejects_a_non_config():
     with pytest.raises(ValueError, match="TinyGPT.config must be a TinyGPTConfig; got dict"):
         TinyGPT(SMALL, generator=None)
+
+
+def test_no_hooks_or_tensors_kept_without_recording():
+    model = _model()
+    F.cross_entropy(model(_tokens()).flatten(0, 1), _tokens().flatten()).backward()
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    held = [
+        (path, key)
+        for path, m in model.named_modules()
+        for key, value in vars(m).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    assert held == []

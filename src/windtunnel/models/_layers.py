@@ -140,7 +140,9 @@ class FeedForward(nn.Module):
 class Embed(nn.Module):
     """Token embedding table W_E [vocab, d_model]; tokens [batch, pos] -> [batch, pos, d_model]."""
 
-    def __init__(self, vocab_size: int, d_model: int, *, std: float, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, vocab_size: int, d_model: int, *, std: float, generator: torch.Generator | None
+    ) -> None:
         super().__init__()
         self.std = std
         self.W_E = nn.Parameter(torch.zeros(vocab_size, d_model))
@@ -158,7 +160,9 @@ class Embed(nn.Module):
 class PosEmbed(nn.Module):
     """Learned absolute positions W_pos [n_positions, d_model]; returns [batch, pos, d_model]."""
 
-    def __init__(self, n_positions: int, d_model: int, *, std: float, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, n_positions: int, d_model: int, *, std: float, generator: torch.Generator | None
+    ) -> None:
         super().__init__()
         self.std = std
         self.W_pos = nn.Parameter(torch.zeros(n_positions, d_model))
@@ -255,7 +259,7 @@ def check_common_fields(
     fields: tuple[str, ...],
     optional: tuple[str, ...] = (),
 ) -> None:
-    """Checks shared by the model configs, for the fields among ``fields``; ``optional`` ones may be None."""
+    """Checks shared by the model configs for ``fields``; those in ``optional`` may be None."""
     for field in ("vocab_size", "n_layers", "d_model", "d_mlp", "n_heads", "n_positions"):
         if field in fields:
             value = getattr(config, field)
@@ -267,7 +271,11 @@ def check_common_fields(
         problems.add_text(text)
     for field, low_open in (("norm_eps", True), ("init_std", True)):
         if field in fields:
-            if (text := check_number(owner, field, getattr(config, field), low=0.0, low_open=low_open, high=1.0)) is not None:
+            if (
+                text := check_number(
+                    owner, field, getattr(config, field), low=0.0, low_open=low_open, high=1.0
+                )
+            ) is not None:
                 problems.add_text(text)
     if "dropout" in fields:
         text = check_number(owner, "dropout", config.dropout, low=0.0, high=1.0, high_open=True)
@@ -304,11 +312,11 @@ def config_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
         problems = Problems(cls.__name__)
         for key in unknown:
             problems.add_text(
-                f"{key!r} is not a field of {cls.__name__};{close_matches(key, names) or ' fields: ' + ', '.join(names)}"
+                f"{key!r} is not a field of {cls.__name__};"
+                + (close_matches(key, names) or " fields: " + ", ".join(names))
             )
         problems.raise_if_any()
     return cls(**data)
-
 
 
 def read_out(

@@ -73,8 +73,17 @@ class LSTMConfig:
             self,
             owner="LSTMConfig",
             fields=(
-                "vocab_size", "n_positions", "n_layers", "d_model", "dropout", "norm", "norm_eps",
-                "tie_embeddings", "n_out", "head_bias", "init_std",
+                "vocab_size",
+                "n_positions",
+                "n_layers",
+                "d_model",
+                "dropout",
+                "norm",
+                "norm_eps",
+                "tie_embeddings",
+                "n_out",
+                "head_bias",
+                "init_std",
             ),
             optional=("n_positions",),
         )
@@ -91,7 +100,7 @@ class LSTMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSTMConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming the closest field."""
+        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
         return config_from_dict(cls, data)
 
 
@@ -102,7 +111,9 @@ class LSTMLayer(nn.Module):
         super().__init__()
         # Built on the meta device so that nn.LSTM's own initialisation draws nothing from the
         # global RNG, then given real (zero) storage and initialised from ``generator``.
-        self.lstm = nn.LSTM(d_model, d_model, batch_first=True, device="meta").to_empty(device="cpu")
+        self.lstm = nn.LSTM(d_model, d_model, batch_first=True, device="meta").to_empty(
+            device="cpu"
+        )
         with torch.no_grad():
             for param in self.lstm.parameters():
                 param.zero_()
@@ -141,7 +152,9 @@ class LSTMModel(nn.Module):
     def __init__(self, config: LSTMConfig, *, generator: torch.Generator | None) -> None:
         super().__init__()
         if not isinstance(config, LSTMConfig):
-            raise ValueError(f"LSTMModel.config must be an LSTMConfig; got {type(config).__name__}.")
+            raise ValueError(
+                f"LSTMModel.config must be an LSTMConfig; got {type(config).__name__}."
+            )
         self.config = config
         std = config.init_std
         self.embed = Embed(config.vocab_size, config.d_model, std=std, generator=None)
@@ -152,15 +165,21 @@ class LSTMModel(nn.Module):
         else:
             self.pos_embed = None
             self.hook_pos_embed = None
-        self.blocks = nn.ModuleList(LSTMLayer(config.d_model, generator=None) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            LSTMLayer(config.d_model, generator=None) for _ in range(config.n_layers)
+        )
         self.ln_final = make_norm(config.norm, config.d_model, eps=config.norm_eps)
         self.unembed = (
             None
             if config.tie_embeddings
-            else Unembed(config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None)
+            else Unembed(
+                config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None
+            )
         )
         self.b_U = (
-            nn.Parameter(torch.zeros(config.n_outputs)) if config.tie_embeddings and config.head_bias else None
+            nn.Parameter(torch.zeros(config.n_outputs))
+            if config.tie_embeddings and config.head_bias
+            else None
         )
         name_hook_points(self)
         if generator is not None:
@@ -168,7 +187,7 @@ class LSTMModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter from ``generator`` (embeddings, positions, layers, readout)."""
+        """Re-initialise every parameter from ``generator``, in the constructor's order."""
         self.embed.reset_parameters(generator)
         if self.pos_embed is not None:
             self.pos_embed.reset_parameters(generator)
@@ -180,7 +199,9 @@ class LSTMModel(nn.Module):
         if self.b_U is not None:
             self.b_U.zero_()
 
-    def forward(self, tokens: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Logits for every position.
 
         Args:
@@ -202,5 +223,11 @@ class LSTMModel(nn.Module):
         for index, block in enumerate(self.blocks):
             x = block(x)
             if index < last:
-                x = dropout(x, self.config.dropout, training=self.training, generator=generator, owner="LSTMModel")
+                x = dropout(
+                    x,
+                    self.config.dropout,
+                    training=self.training,
+                    generator=generator,
+                    owner="LSTMModel",
+                )
         return read_out(self.ln_final(x), embed=self.embed, unembed=self.unembed, b_U=self.b_U)

@@ -75,8 +75,19 @@ class PositionwiseMLPConfig:
             self,
             owner="PositionwiseMLPConfig",
             fields=(
-                "vocab_size", "n_positions", "n_layers", "d_model", "d_mlp", "norm", "norm_eps",
-                "mlp_bias", "final_norm", "dropout", "tie_embeddings", "n_out", "head_bias",
+                "vocab_size",
+                "n_positions",
+                "n_layers",
+                "d_model",
+                "d_mlp",
+                "norm",
+                "norm_eps",
+                "mlp_bias",
+                "final_norm",
+                "dropout",
+                "tie_embeddings",
+                "n_out",
+                "head_bias",
                 "init_std",
             ),
         )
@@ -93,7 +104,7 @@ class PositionwiseMLPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PositionwiseMLPConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming the closest field."""
+        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
         return config_from_dict(cls, data)
 
 
@@ -111,7 +122,9 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.dropout_p = config.dropout
         self.ln = make_norm(config.norm, config.d_model, eps=config.norm_eps)
-        self.mlp = FeedForward(config.d_model, config.d_mlp, bias=config.mlp_bias, std=config.init_std, generator=None)
+        self.mlp = FeedForward(
+            config.d_model, config.d_mlp, bias=config.mlp_bias, std=config.init_std, generator=None
+        )
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
@@ -125,20 +138,28 @@ class MLPBlock(nn.Module):
         self.ln.reset_parameters()
         self.mlp.reset_parameters(generator)
 
-    def forward(self, resid: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, resid: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """[batch, pos, d_model] -> [batch, pos, d_model]."""
         resid = self.hook_resid_pre(resid)
         if self.bypass:
             return self.hook_resid_post(resid)
         out = self.mlp(self.ln(resid))
         out = self.hook_mlp_out(
-            dropout(out, self.dropout_p, training=self.training, generator=generator, owner="PositionwiseMLP")
+            dropout(
+                out,
+                self.dropout_p,
+                training=self.training,
+                generator=generator,
+                owner="PositionwiseMLP",
+            )
         )
         return self.hook_resid_post(resid + out)
 
 
 class PositionwiseMLP(nn.Module):
-    """Token + position embeddings, residual MLP blocks, final norm, readout; no mixing of positions.
+    """Embeddings, residual MLP blocks, a final norm and a readout; positions never mix.
 
     logits_t = readout(LN_final(blocks(W_E[x_t] + W_pos[t]))): the logits at position t depend
     on the token at t and on t only.
@@ -157,7 +178,8 @@ class PositionwiseMLP(nn.Module):
         super().__init__()
         if not isinstance(config, PositionwiseMLPConfig):
             raise ValueError(
-                f"PositionwiseMLP.config must be a PositionwiseMLPConfig; got {type(config).__name__}."
+                "PositionwiseMLP.config must be a PositionwiseMLPConfig; "
+                f"got {type(config).__name__}."
             )
         self.config = config
         std = config.init_std
@@ -165,15 +187,25 @@ class PositionwiseMLP(nn.Module):
         self.pos_embed = PosEmbed(config.n_positions, config.d_model, std=std, generator=None)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList(MLPBlock(config, generator=None) for _ in range(config.n_layers))
-        self.ln_final = make_norm(config.norm, config.d_model, eps=config.norm_eps) if config.final_norm else None
+        self.blocks = nn.ModuleList(
+            MLPBlock(config, generator=None) for _ in range(config.n_layers)
+        )
+        self.ln_final = (
+            make_norm(config.norm, config.d_model, eps=config.norm_eps)
+            if config.final_norm
+            else None
+        )
         self.unembed = (
             None
             if config.tie_embeddings
-            else Unembed(config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None)
+            else Unembed(
+                config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None
+            )
         )
         self.b_U = (
-            nn.Parameter(torch.zeros(config.n_outputs)) if config.tie_embeddings and config.head_bias else None
+            nn.Parameter(torch.zeros(config.n_outputs))
+            if config.tie_embeddings and config.head_bias
+            else None
         )
         name_hook_points(self)
         if generator is not None:
@@ -181,7 +213,7 @@ class PositionwiseMLP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter from ``generator`` (embeddings, positions, blocks, readout)."""
+        """Re-initialise every parameter from ``generator``, in the constructor's order."""
         self.embed.reset_parameters(generator)
         self.pos_embed.reset_parameters(generator)
         for block in self.blocks:
@@ -193,7 +225,9 @@ class PositionwiseMLP(nn.Module):
         if self.b_U is not None:
             self.b_U.zero_()
 
-    def forward(self, tokens: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Logits for every position.
 
         Args:
@@ -210,7 +244,10 @@ class PositionwiseMLP(nn.Module):
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.hook_pos_embed(self.pos_embed(tokens))
         resid = dropout(
-            embed + pos_embed, self.config.dropout, training=self.training, generator=generator,
+            embed + pos_embed,
+            self.config.dropout,
+            training=self.training,
+            generator=generator,
             owner="PositionwiseMLP",
         )
         for block in self.blocks:

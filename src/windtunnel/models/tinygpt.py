@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems
+from windtunnel._checks import Problems, check_positive_int
 from windtunnel.attention import MultiHeadAttention
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
@@ -84,14 +84,28 @@ class TinyGPTConfig:
             self,
             owner="TinyGPTConfig",
             fields=(
-                "vocab_size", "n_positions", "n_layers", "n_heads", "d_model", "d_mlp", "norm",
-                "norm_eps", "attn_bias", "mlp_bias", "dropout", "tie_embeddings", "n_out",
-                "head_bias", "init_std",
+                "vocab_size",
+                "n_positions",
+                "n_layers",
+                "n_heads",
+                "d_model",
+                "d_mlp",
+                "norm",
+                "norm_eps",
+                "attn_bias",
+                "mlp_bias",
+                "dropout",
+                "tie_embeddings",
+                "n_out",
+                "head_bias",
+                "init_std",
             ),
         )
-        heads_ok = isinstance(self.n_heads, int) and not isinstance(self.n_heads, bool) and self.n_heads >= 1
-        width_ok = isinstance(self.d_model, int) and not isinstance(self.d_model, bool) and self.d_model >= 1
-        if heads_ok and width_ok and self.d_model % self.n_heads != 0:
+        sizes_ok = all(
+            check_positive_int("TinyGPTConfig", field, getattr(self, field)) is None
+            for field in ("n_heads", "d_model")
+        )
+        if sizes_ok and self.d_model % self.n_heads != 0:
             problems.add_text(
                 f"TinyGPTConfig.n_heads must divide d_model; "
                 f"got n_heads={self.n_heads}, d_model={self.d_model}."
@@ -114,7 +128,7 @@ class TinyGPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TinyGPTConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming the closest field."""
+        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
         return config_from_dict(cls, data)
 
 
@@ -137,7 +151,11 @@ class TransformerBlock(nn.Module):
         self.dropout_p = config.dropout
         self.ln1 = make_norm(config.norm, config.d_model, eps=config.norm_eps)
         self.attn = MultiHeadAttention(
-            d_model=config.d_model, n_heads=config.n_heads, bias=config.attn_bias, causal=True, generator=None
+            d_model=config.d_model,
+            n_heads=config.n_heads,
+            bias=config.attn_bias,
+            causal=True,
+            generator=None,
         )
         self.ln2 = make_norm(config.norm, config.d_model, eps=config.norm_eps)
         self.mlp = FeedForward(
@@ -179,14 +197,18 @@ class TransformerBlock(nn.Module):
             attn_out = torch.zeros_like(resid)
         else:
             attn_out = self.attn(self.ln1(resid), mask=mask)
-            attn_out = dropout(attn_out, self.dropout_p, training=self.training, generator=generator, owner=owner)
+            attn_out = dropout(
+                attn_out, self.dropout_p, training=self.training, generator=generator, owner=owner
+            )
         attn_out = self.hook_attn_out(attn_out)
         resid = self.hook_resid_mid(resid + attn_out)
         if self.zero_mlp_out:
             mlp_out = torch.zeros_like(resid)
         else:
             mlp_out = self.mlp(self.ln2(resid))
-            mlp_out = dropout(mlp_out, self.dropout_p, training=self.training, generator=generator, owner=owner)
+            mlp_out = dropout(
+                mlp_out, self.dropout_p, training=self.training, generator=generator, owner=owner
+            )
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(resid + mlp_out)
 
@@ -214,22 +236,30 @@ class TinyGPT(nn.Module):
     def __init__(self, config: TinyGPTConfig, *, generator: torch.Generator | None) -> None:
         super().__init__()
         if not isinstance(config, TinyGPTConfig):
-            raise ValueError(f"TinyGPT.config must be a TinyGPTConfig; got {type(config).__name__}.")
+            raise ValueError(
+                f"TinyGPT.config must be a TinyGPTConfig; got {type(config).__name__}."
+            )
         self.config = config
         std = config.init_std
         self.embed = Embed(config.vocab_size, config.d_model, std=std, generator=None)
         self.pos_embed = PosEmbed(config.n_positions, config.d_model, std=std, generator=None)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList(TransformerBlock(config, generator=None) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, generator=None) for _ in range(config.n_layers)
+        )
         self.ln_final = make_norm(config.norm, config.d_model, eps=config.norm_eps)
         self.unembed = (
             None
             if config.tie_embeddings
-            else Unembed(config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None)
+            else Unembed(
+                config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None
+            )
         )
         self.b_U = (
-            nn.Parameter(torch.zeros(config.n_outputs)) if config.tie_embeddings and config.head_bias else None
+            nn.Parameter(torch.zeros(config.n_outputs))
+            if config.tie_embeddings and config.head_bias
+            else None
         )
         name_hook_points(self)
         if generator is not None:
@@ -276,7 +306,11 @@ class TinyGPT(nn.Module):
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.hook_pos_embed(self.pos_embed(tokens))
         resid = dropout(
-            embed + pos_embed, self.config.dropout, training=self.training, generator=generator, owner="TinyGPT"
+            embed + pos_embed,
+            self.config.dropout,
+            training=self.training,
+            generator=generator,
+            owner="TinyGPT",
         )
         for block in self.blocks:
             resid = block(resid, mask=mask, generator=generator)
@@ -312,17 +346,28 @@ class TinyGPT(nn.Module):
         zero_attn_out, zero_mlp_out = list(zero_attn_out), list(zero_mlp_out)
         n_layers, n_heads = self.config.n_layers, self.config.n_heads
         problems = Problems("TinyGPT.ablated")
-        for field, layers in (("bypass", bypass), ("zero_attn_out", zero_attn_out), ("zero_mlp_out", zero_mlp_out)):
+        for field, layers in (
+            ("bypass", bypass),
+            ("zero_attn_out", zero_attn_out),
+            ("zero_mlp_out", zero_mlp_out),
+        ):
             bad = [layer for layer in layers if not _is_index(layer, n_layers)]
             if bad:
                 problems.add(field, f"layer indices in [0, {n_layers})", bad)
         bad_heads = [
             pair
             for pair in heads
-            if not (isinstance(pair, tuple) and len(pair) == 2 and _is_index(pair[0], n_layers) and _is_index(pair[1], n_heads))
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and _is_index(pair[0], n_layers)
+                and _is_index(pair[1], n_heads)
+            )
         ]
         if bad_heads:
-            problems.add("heads", f"(layer, head) pairs in [0, {n_layers}) x [0, {n_heads})", bad_heads)
+            problems.add(
+                "heads", f"(layer, head) pairs in [0, {n_layers}) x [0, {n_heads})", bad_heads
+            )
         problems.raise_if_any()
 
         saved = [
