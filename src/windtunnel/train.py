@@ -462,7 +462,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 kept = self.run.latest_checkpoint() if self.run is not None else None
                 raise FloatingPointError(

@@ -1,0 +1,1 @@
+"""Paper reproductions: each file composes library calls into one experiment (SPEC §10)."""

@@ -1,0 +1,84 @@
+"""Evaluate a trained run: per-position calibration curves at one or several lengths, JSON + figure."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
+from windtunnel.train import ExperimentConfig, evaluate
+
+__all__ = ["evaluate_run", "load_model"]
+
+
+def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[ExperimentConfig, torch.nn.Module, int]:
+    """(experiment, model in eval mode, step) from a run directory's checkpoint (latest by default)."""
+    run = RunDir(run_dir)
+    experiment = ExperimentConfig.from_dict(run.read_config())
+    state = run.load_checkpoint(checkpoint)
+    model = experiment.build_model(None)
+    model.load_state_dict(state["model"], strict=True)
+    model.eval()
+    return experiment, model, int(state["step"])
+
+
+def evaluate_run(
+    run_dir: str | Path, *, lengths: Sequence[int] = (), n_sequences: int = 2000, seed: int = 12345, batch_size: int = 500
+) -> dict[str, Any]:
+    """Evaluate the latest checkpoint on fresh seeded sequences; write eval.json and eval_curves.png.
+
+    ``lengths`` applies to tasks with a length parameter (HMM ``n_steps``); an empty list
+    evaluates the training length only. Every metric is per sample (SPEC §7).
+
+    Raises:
+        ValueError: when lengths are given for a task without ``n_steps`` or exceed the model's
+            position table.
+    """
+    experiment, model, step = load_model(run_dir)
+    base = experiment.build_task()
+    if lengths and not hasattr(base, "n_steps"):
+        raise ValueError(f"evaluate_run: --lengths needs a task with n_steps (the HMM); {experiment.task_name} has none.")
+    tasks = {f"n_steps={n}": experiment.build_task(n_steps=n) for n in lengths} if lengths else {"train length": base}
+    n_positions = getattr(experiment.model_config(), "n_positions", None)
+    for name, task in tasks.items():
+        if n_positions is not None and task.seq_len > n_positions:
+            raise ValueError(f"evaluate_run: {name} needs {task.seq_len} positions; the model has {n_positions}.")
+    generator = torch.Generator().manual_seed(seed)
+    summary, curves = {}, {}
+    for name, task in tasks.items():
+        batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]
+        cal = evaluate(model, task, batches)
+        summary[name] = cal.scalars()
+        curves[name] = {k: v.tolist() for k, v in vars(cal.per_site).items()}
+    run = RunDir(run_dir)
+    out = {"step": step, "n_sequences": n_sequences, "seed": seed, "summary": summary, "per_position": curves}
+    json_path = write_json_atomic(run.path / "eval.json", out)
+    figure_path = _plot(curves, run.path / "eval_curves.png", title=f"{experiment.name or experiment.task_name} at step {step}")
+    return {**out, "paths": {"json": str(json_path), "figure": str(figure_path)}}
+
+
+def _plot(curves: dict[str, dict[str, list[float]]], path: Path, *, title: str) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    ax_h, ax_mae, ax_kl = fig.subplots(1, 3)
+    for name, c in curves.items():
+        sites = range(1, len(c["bayes_entropy_bits"]) + 1)
+        line = ax_h.plot(sites, c["model_entropy_bits"], label=f"model ({name})")[0]
+        ax_h.plot(sites, c["bayes_entropy_bits"], "--", color=line.get_color(), alpha=0.7, label=f"Bayes ({name})")
+        ax_mae.semilogy(sites, [max(v, 1e-6) for v in c["entropy_mae_bits"]], label=name)
+        ax_kl.semilogy(sites, [max(v, 1e-6) for v in c["kl_bits"]], label=name)
+    ax_h.set(xlabel="prediction site", ylabel="entropy (bits)", title="entropy: model vs Bayes")
+    ax_mae.set(xlabel="prediction site", ylabel="|H_model − H_Bayes| (bits)", title="per-sample entropy MAE")
+    ax_kl.set(xlabel="prediction site", ylabel="KL(Bayes ‖ model) (bits)", title="KL")
+    for ax in (ax_h, ax_mae, ax_kl):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return write_bytes_atomic(path, buffer.getvalue())

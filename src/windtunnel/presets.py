@@ -1,0 +1,208 @@
+"""Named experiment configs: the paper's recipes ("paper") and 2-core CPU recipes ("cpu").
+
+A preset is a function returning an :class:`~windtunnel.train.ExperimentConfig`, so it can be
+printed and saved before anything is built. Keys are ``"<task>/<model>/<preset>"``.
+Overrides use dotted keys (``train.lr=1e-3``, ``model.n_layers=4``, ``task.n_values=13``);
+an unknown key is an error that lists the close matches.
+
+Sources (SPEC §6): bijection transformer = the [JL] production recipe (AdamW 3e-4, wd 0.1,
+batch 256, warmup 2k, cosine to 0 at 50k, clip 1); HMM transformer = 9L/8H/256, pre-LayerNorm,
+dropout 0.1, AdamW 3e-4, wd 0.01, batch 64, warmup 1k, cosine, ≈78k steps; LSTM and MLP
+baselines as in SPEC §6.1. The "cpu" presets are ours: smaller models and budgets chosen so a
+run fits a 2-core machine; their measured results are in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from windtunnel._checks import ConfigError, close_matches
+from windtunnel.train import ExperimentConfig, TrainConfig
+
+__all__ = ["PRESETS", "apply_overrides", "get_preset", "preset_names"]
+
+
+def _bijection(model_name: str, model: dict[str, Any], train: dict[str, Any], name: str) -> ExperimentConfig:
+    return ExperimentConfig(task_name="bijection", task={}, model_name=model_name, model=model, train=TrainConfig(**train), name=name)
+
+
+_BIJ_PAPER_TRAIN = dict(steps=50_000, batch_size=256, lr=3e-4, weight_decay=0.1, warmup_steps=2000, grad_clip=1.0, eval_every=2500, checkpoint_every=2500)
+_BIJ_CPU_TRAIN = dict(steps=8000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=300, grad_clip=1.0, eval_every=500, checkpoint_every=1000)
+_TINY_BIJ_CPU = dict(n_layers=2, n_heads=4, d_model=64, d_mlp=256)
+
+
+def bijection_transformer_paper() -> ExperimentConfig:
+    """TinyGPT 6L/6H/192, FFN 768, RMSNorm, tied embeddings (2,677,440 parameters); [JL] recipe."""
+    return _bijection("transformer", dict(n_layers=6, n_heads=6, d_model=192, d_mlp=768), _BIJ_PAPER_TRAIN, "bijection/transformer/paper")
+
+
+def bijection_transformer_cpu() -> ExperimentConfig:
+    """TinyGPT 2L/4H/64, FFN 256; AdamW 2e-3, batch 128, 8k steps (ours, for 2 CPU cores)."""
+    return _bijection("transformer", _TINY_BIJ_CPU, _BIJ_CPU_TRAIN, "bijection/transformer/cpu")
+
+
+def bijection_mlp_paper() -> ExperimentConfig:
+    """Position-wise MLP control: 9 pre-LN residual blocks 192→768→192, tied head ([JL])."""
+    return _bijection("mlp", dict(n_layers=9, d_model=192, d_mlp=768), _BIJ_PAPER_TRAIN, "bijection/mlp/paper")
+
+
+def bijection_mlp_cpu() -> ExperimentConfig:
+    """Position-wise MLP control, 2 blocks of width 64: it cannot see context, so it sits on the floor."""
+    return _bijection("mlp", dict(n_layers=2, d_model=64, d_mlp=256), {**_BIJ_CPU_TRAIN, "steps": 2000}, "bijection/mlp/cpu")
+
+
+def bijection_lstm_paper() -> ExperimentConfig:
+    """LSTM 6×192 with token + position embeddings, tied head; AdamW 3e-4, wd 0.1, constant LR."""
+    return _bijection(
+        "lstm",
+        dict(n_layers=6, d_model=192),
+        {**_BIJ_PAPER_TRAIN, "warmup_steps": 0, "schedule": "constant"},
+        "bijection/lstm/paper",
+    )
+
+
+def bijection_lstm_cpu() -> ExperimentConfig:
+    """LSTM 2×128 (ours, for 2 CPU cores)."""
+    return _bijection("lstm", dict(n_layers=2, d_model=128), {**_BIJ_CPU_TRAIN, "lr": 3e-3}, "bijection/lstm/cpu")
+
+
+def _hmm(model_name: str, model: dict[str, Any], train: dict[str, Any], name: str) -> ExperimentConfig:
+    return ExperimentConfig(task_name="hmm", task={}, model_name=model_name, model=model, train=TrainConfig(**train), eval_lengths=(30, 50), name=name)
+
+
+_HMM_PAPER_TRAIN = dict(steps=78_000, batch_size=64, lr=3e-4, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0, eval_every=2000, checkpoint_every=2000)
+_HMM_CPU_TRAIN = dict(steps=6000, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=300, grad_clip=1.0, eval_every=500, checkpoint_every=1000)
+
+
+def hmm_transformer_paper() -> ExperimentConfig:
+    """TinyGPT 9L/8H/256, FFN 1024, pre-LayerNorm, dropout 0.1, untied Linear(256→5) with bias."""
+    return _hmm(
+        "transformer",
+        dict(n_layers=9, n_heads=8, d_model=256, d_mlp=1024, norm="layernorm", dropout=0.1, head_bias=True),
+        _HMM_PAPER_TRAIN,
+        "hmm/transformer/paper",
+    )
+
+
+def hmm_transformer_cpu() -> ExperimentConfig:
+    """TinyGPT 4L/4H/128 pre-LayerNorm, no dropout; 6k steps at batch 64 (ours)."""
+    return _hmm("transformer", dict(n_layers=4, n_heads=4, d_model=128, d_mlp=512, norm="layernorm", head_bias=True), _HMM_CPU_TRAIN, "hmm/transformer/cpu")
+
+
+def hmm_lstm_paper() -> ExperimentConfig:
+    """LSTM 9×256, token embedding only, LayerNorm, Linear→5 (SPEC §6.1)."""
+    return _hmm("lstm", dict(n_layers=9, d_model=256, n_positions=None, head_bias=True), {**_HMM_PAPER_TRAIN, "warmup_steps": 0, "schedule": "constant"}, "hmm/lstm/paper")
+
+
+def hmm_lstm_cpu() -> ExperimentConfig:
+    """LSTM 2×128, token embedding only (ours)."""
+    return _hmm("lstm", dict(n_layers=2, d_model=128, n_positions=None, head_bias=True), {**_HMM_CPU_TRAIN, "steps": 2000}, "hmm/lstm/cpu")
+
+
+def hmm_mlp_cpu() -> ExperimentConfig:
+    """Position-wise MLP control (it sees one token, so it lands near the 0.415-bit floor)."""
+    return _hmm("mlp", dict(n_layers=2, d_model=64, d_mlp=256, head_bias=True), {**_HMM_CPU_TRAIN, "steps": 1000}, "hmm/mlp/cpu")
+
+
+def _recall(model_name: str, task: dict[str, Any], model: dict[str, Any], train: dict[str, Any], name: str) -> ExperimentConfig:
+    return ExperimentConfig(task_name="recall", task=task, model_name=model_name, model=model, train=TrainConfig(**train), name=name)
+
+
+def recall_transformer_paper() -> ExperimentConfig:
+    """64 pairs, 3 queries; TinyGPT 4L/4H/128 (no source recipe: ours), AdamW 1e-3, 20k steps."""
+    return _recall("transformer", {}, dict(n_layers=4, n_heads=4, d_model=128, d_mlp=512), dict(steps=20_000, batch_size=64, lr=1e-3, warmup_steps=1000, eval_every=1000, checkpoint_every=2000, eval_size=1000), "recall/transformer/paper")
+
+
+def recall_transformer_cpu() -> ExperimentConfig:
+    """16 pairs, 3 queries (ours); TinyGPT 2L/4H/64."""
+    return _recall("transformer", dict(n_pairs=16), dict(n_layers=2, n_heads=4, d_model=64, d_mlp=256), dict(steps=3000, batch_size=64, lr=2e-3, warmup_steps=200, eval_every=500, checkpoint_every=1000, eval_size=1000), "recall/transformer/cpu")
+
+
+def recall_lstm_cpu() -> ExperimentConfig:
+    """16 pairs; LSTM 2×128 (ours)."""
+    return _recall("lstm", dict(n_pairs=16), dict(n_layers=2, d_model=128), dict(steps=3000, batch_size=64, lr=2e-3, warmup_steps=200, eval_every=500, checkpoint_every=1000, eval_size=1000), "recall/lstm/cpu")
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "bijection/transformer/paper": bijection_transformer_paper,
+    "bijection/transformer/cpu": bijection_transformer_cpu,
+    "bijection/mlp/paper": bijection_mlp_paper,
+    "bijection/mlp/cpu": bijection_mlp_cpu,
+    "bijection/lstm/paper": bijection_lstm_paper,
+    "bijection/lstm/cpu": bijection_lstm_cpu,
+    "hmm/transformer/paper": hmm_transformer_paper,
+    "hmm/transformer/cpu": hmm_transformer_cpu,
+    "hmm/lstm/paper": hmm_lstm_paper,
+    "hmm/lstm/cpu": hmm_lstm_cpu,
+    "hmm/mlp/cpu": hmm_mlp_cpu,
+    "recall/transformer/paper": recall_transformer_paper,
+    "recall/transformer/cpu": recall_transformer_cpu,
+    "recall/lstm/cpu": recall_lstm_cpu,
+}
+
+
+def preset_names() -> list[str]:
+    """Every preset key, ``"<task>/<model>/<preset>"``."""
+    return sorted(PRESETS)
+
+
+def get_preset(task: str, model: str = "transformer", preset: str = "cpu") -> ExperimentConfig:
+    """The preset ``task/model/preset``.
+
+    Raises:
+        ValueError: naming the available presets when there is no such preset.
+    """
+    key = f"{task}/{model}/{preset}"
+    if key not in PRESETS:
+        raise ValueError(f"get_preset: no preset {key!r};{close_matches(key, PRESETS)} available: {', '.join(preset_names())}.")
+    return PRESETS[key]()
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """Apply ``section.field=value`` overrides (values parsed as JSON, else kept as strings).
+
+    Sections: ``train`` (TrainConfig fields), ``model`` (model-config fields), ``task`` (task
+    fields); top-level ``name`` and ``eval_lengths`` too. Every problem is reported at once.
+
+    Raises:
+        ConfigError / ValueError: listing each malformed or unknown key with close matches, and
+            any invalid resulting value.
+    """
+    data = config.to_dict()
+    problems = []
+    model_fields = {f.name for f in dataclasses.fields(type(config.model_config()))}
+    task_fields = {f.name for f in dataclasses.fields(type(config.build_task()))}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep:
+            problems.append(f"override {item!r} must look like section.field=value")
+            continue
+        value = _parse_value(raw)
+        if key in ("name", "eval_lengths"):
+            data[key] = value
+            continue
+        section, dot, name = key.partition(".")
+        known = {"train": train_fields, "model": model_fields, "task": task_fields}.get(section)
+        if not dot or known is None:
+            problems.append(f"--{key} must start with train., model. or task.;{close_matches(key, ['train.', 'model.', 'task.'])}")
+            continue
+        if name not in known:
+            owner = {"train": "TrainConfig", "model": type(config.model_config()).__name__, "task": type(config.build_task()).__name__}[section]
+            problems.append(f"--{key} is not a field of {owner};{close_matches(name, known)}")
+            continue
+        data[section][name] = value
+    if problems:
+        raise ConfigError("the overrides", problems)
+    return ExperimentConfig.from_dict(data)

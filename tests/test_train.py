@@ -1,0 +1,150 @@
+"""The trainer: schedule, seeds, resume equality, NaN guard, one-pass evaluation, configs."""
+
+import math
+
+import pytest
+import torch
+
+from windtunnel import train as train_mod
+from windtunnel._checks import ConfigError
+from windtunnel.metrics import calibration
+from windtunnel.presets import apply_overrides, get_preset, preset_names
+from windtunnel.runs import RunDir
+from windtunnel.train import ExperimentConfig, TrainConfig, Trainer, evaluate, learning_rate, seed_streams, telemetry_steps
+
+
+def _tiny(steps=12, **train):
+    return ExperimentConfig(
+        task_name="bijection",
+        task=dict(n_values=6, n_pairs=5),
+        model_name="transformer",
+        model=dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32),
+        train=TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=6, eval_size=40,
+                          eval_batch_size=20, log_every=2, checkpoint_every=4, device="cpu", **train),
+        name="tiny",
+    )
+
+
+def test_learning_rate_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == 0.0 and learning_rate(5, cfg) == pytest.approx(0.5)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(100, cfg) == pytest.approx(0.1)
+    const = TrainConfig(steps=100, lr=1.0, warmup_steps=0, schedule="constant")
+    assert learning_rate(77, const) == 1.0
+
+
+def test_telemetry_schedule_is_log_spaced_then_sparse():
+    steps = telemetry_steps(20_000)
+    assert steps[:11] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert [600, 700, 800, 900, 1000, 1500, 2000] == [s for s in steps if 512 < s <= 2000]
+    assert steps[-3:] == [10_000, 15_000, 20_000]
+    assert telemetry_steps(50) == [0, 1, 2, 4, 8, 16, 32, 50]
+
+
+def test_seed_streams_are_distinct_and_deterministic():
+    a, b = seed_streams(0), seed_streams(1)
+    assert a == seed_streams(0) and len(set(a.values())) == len(a) and a != b
+    assert all(0 <= v < 2**63 for v in a.values())
+
+
+def test_training_reduces_the_loss_and_is_reproducible(tmp_path):
+    r1 = Trainer(_tiny(steps=30), tmp_path / "a").fit()
+    r2 = Trainer(_tiny(steps=30), tmp_path / "b").fit()
+    rows = RunDir(tmp_path / "a").metrics()
+    train_losses = [r["loss_nats"] for r in rows if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0]
+    assert r1.final_loss_nats == r2.final_loss_nats
+    assert float(r1.calibration.entropy_mae_bits) == float(r2.calibration.entropy_mae_bits)
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    full = Trainer(_tiny(), tmp_path / "full")
+    result_full = full.fit()
+    part = Trainer(_tiny(), tmp_path / "part")
+    part.fit(stop_at=5)  # "killed" after step 5: the checkpoint at 5 is the last thing written
+    # A torn line and rows after the checkpoint, as a crash would leave them.
+    run = RunDir(tmp_path / "part")
+    run.log_metrics({"step": 6, "split": "train", "loss_nats": 123.0})
+    with open(run.metrics_path, "a") as handle:
+        handle.write('{"step": 7, "spl')
+    resumed = Trainer.resume(tmp_path / "part")
+    assert resumed.step == 5
+    result = resumed.fit()
+    assert result.final_loss_nats == result_full.final_loss_nats
+    assert float(result.calibration.entropy_mae_bits) == float(result_full.calibration.entropy_mae_bits)
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    # The logs match too, once wall-clock times are set aside.
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(RunDir(tmp_path / "full").metrics()) == strip(run.metrics())
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_tiny(steps=12), tmp_path / "run")
+    real = train_mod.site_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, batch, task):
+        calls["n"] += 1
+        loss = real(logits, batch, task)
+        return loss * math.nan if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(train_mod, "site_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan .* at step 6 \(last finite .* at step 6\); kept checkpoint .*latest\.pt"):
+        trainer.fit()
+    state = RunDir(tmp_path / "run").load_checkpoint()
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_one_pass_evaluation_equals_per_prefix_evaluation():
+    exp = _tiny()
+    model = exp.build_model(torch.Generator().manual_seed(0)).eval()
+    task = exp.build_task()
+    batch = task.sample(16, generator=torch.Generator().manual_seed(1))
+    one_pass = evaluate(model, task, [batch])
+    with torch.no_grad():
+        per_prefix = torch.stack([model(batch.tokens[:, : s + 1])[:, -1] for s in batch.sites.tolist()], dim=1)
+    sl = per_prefix[..., task.class_offset : task.class_offset + task.n_classes]
+    reference = calibration(sl, batch.posterior, batch.labels)
+    for name in ("entropy_mae_bits", "kl_bits", "accuracy", "cross_entropy_nats"):
+        assert torch.allclose(getattr(one_pass, name), getattr(reference, name), atol=1e-6), name
+
+
+def test_soft_target_task_gets_an_untied_state_head():
+    exp = get_preset("hmm", "transformer", "cpu")
+    cfg = exp.model_config()
+    assert cfg.n_out == 5 and cfg.tie_embeddings is False and cfg.n_positions == exp.build_task(n_steps=50).seq_len
+
+
+def test_experiment_config_round_trips_through_a_dict():
+    for name in preset_names():
+        task, model, preset = name.split("/")
+        exp = get_preset(task, model, preset)
+        assert ExperimentConfig.from_dict(exp.to_dict()) == exp
+
+
+def test_config_errors_are_collected_and_named():
+    with pytest.raises(ConfigError, match=r"(?s)2 problems in TrainConfig.*steps must be an int >= 1; got 0.*lr must be a number in \(0.0, inf\); got -0.001"):
+        TrainConfig(steps=0, lr=-1e-3)
+    with pytest.raises(ValueError, match=r"schedule must be one of 'cosine', 'constant'; got 'cosin'. did you mean 'cosine'\?"):
+        TrainConfig(steps=1, schedule="cosin")
+    with pytest.raises(ValueError, match=r"task_name must be one of .*; got 'bijecton'. did you mean 'bijection'\?"):
+        ExperimentConfig(task_name="bijecton", train=TrainConfig(steps=1))
+    with pytest.raises(ConfigError, match=r"(?s)--model.n_layer is not a field of TinyGPTConfig; did you mean 'n_layers'\?.*--trian.lr must start with"):
+        apply_overrides(_tiny(), ["model.n_layer=3", "trian.lr=0.1"])
+    with pytest.raises(ValueError, match=r"no preset 'bijection/transformer/gpu'"):
+        get_preset("bijection", "transformer", "gpu")
+
+
+def test_overrides_apply():
+    exp = apply_overrides(_tiny(), ["train.lr=0.01", "model.n_layers=2", "task.n_values=7", "--train.schedule=constant"])
+    assert exp.train.lr == 0.01 and exp.model["n_layers"] == 2 and exp.task["n_values"] == 7
+    assert exp.train.schedule == "constant"
+
+
+def test_a_run_directory_refuses_a_different_config(tmp_path):
+    Trainer(_tiny(), tmp_path / "run")
+    with pytest.raises(ValueError, match="holds a different run"):
+        Trainer(_tiny(steps=99), tmp_path / "run")
