@@ -5,6 +5,8 @@ Each command lives in its own function below; ``reproduce`` groups the paper rep
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from windtunnel import __version__
@@ -122,6 +124,35 @@ def eval_command(run_dir, lengths, n_sequences, seed):
 @main.group()
 def reproduce() -> None:
     """Reproduce a paper experiment and write results, figures and a report."""
+
+
+
+def _wind_tunnel_command(task: str):
+    @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]))
+    @click.option("--out", type=click.Path(file_okay=False), default=None,
+                  help=f"Output directory (default runs/reproduce-{task}-<preset>).")
+    @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed of every model.")
+    @click.option("--models", multiple=True, type=click.Choice(["transformer", "mlp", "lstm"]),
+                  help="Train only these models (repeatable); default: every preset model of the task.")
+    def command(preset, out, seed, models):
+        from windtunnel.experiments.wind_tunnels import reproduce as run
+
+        out = out or f"runs/reproduce-{task}-{preset}"
+        try:
+            result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        click.echo((Path(out) / "comparison.md").read_text())
+        click.echo(f"wrote {out}/comparison.json, comparison.md and comparison.png ({len(result['models'])} models)")
+
+    command.__doc__ = (
+        f"Train the {task} wind tunnel's transformer and baselines; compare calibration with the paper."
+    )
+    return command
+
+
+for _task in ("bijection", "hmm", "recall"):
+    reproduce.command(_task)(_wind_tunnel_command(_task))
 
 
 if __name__ == "__main__":  # pragma: no cover
