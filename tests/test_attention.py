@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from windtunnel.attention import MultiHeadAttention, masked_softmax
+from windtunnel.attention import MultiHeadAttention
+from windtunnel.dynamics import masked_softmax
 from windtunnel.hooks import name_hook_points, record
 
 

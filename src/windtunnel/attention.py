@@ -14,30 +14,10 @@ import torch
 from torch import nn
 
 from windtunnel._checks import Problems, check_mask, check_positive_int, describe_tensor
+from windtunnel.dynamics import masked_softmax
 from windtunnel.hooks import HookPoint
 
-__all__ = ["MultiHeadAttention", "init_normal_", "masked_softmax"]
-
-
-def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis restricted to allowed entries; rows with none allowed give 0.
-
-    a_ij = exp(s_ij) / sum_{k in M(i)} exp(s_ik) for j in M(i), and exactly 0 otherwise. A row
-    with empty M(i) is all zeros, and so is its gradient: the computation never forms 0/0, so no
-    NaN appears and none has to be cleaned up (STYLE §3).
-
-    Shapes: scores [..., query_pos, key_pos]; allowed bool, broadcastable to scores, True = may
-    attend. Returns the pattern with the shape of ``scores``.
-    """
-    scores = scores.masked_fill(~allowed, -math.inf)
-    # Subtracting the (detached) row max leaves the softmax unchanged and avoids overflow; a row
-    # with no allowed key has max -inf, replaced by 0 so that every exp is exp(-inf) = 0.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    total = weights.sum(dim=-1, keepdim=True)
-    # An allowed row has total >= 1 (its max term is exp(0)); an empty row has total 0.
-    return weights / torch.where(total > 0, total, torch.ones_like(total))
+__all__ = ["MultiHeadAttention", "init_normal_"]
 
 
 class MultiHeadAttention(nn.Module):

@@ -228,18 +228,18 @@ def _sum_to_shape(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dimension restricted to ``mask`` (True = allowed).
 
-    Masked entries are exactly 0, and a row with no allowed entry is all 0 (not NaN): such a
-    row is softmaxed over all its entries and then multiplied by 0, so no -inf-only row (and no
-    NaN) ever enters the computation.
+    Masked entries are exactly 0, and a row with no allowed entry is all 0 (not NaN), with zero
+    gradient: such a row's scores are replaced by zeros (whatever they were, -inf included),
+    softmaxed and multiplied by 0, so no -inf-only row (and no NaN) enters the computation.
 
-    Shapes: scores [..., query_pos, key_pos]; mask bool broadcastable to it, or None.
+    Shapes: scores [..., query_pos, key_pos] (masked entries may already be -inf); mask bool
+    broadcastable to it, or None.
     """
     if mask is None:
         return torch.softmax(scores, dim=-1)
     any_key = mask.any(dim=-1, keepdim=True)
-    blocked = ~(mask | ~any_key)
-    weights = torch.softmax(scores.masked_fill(blocked, -math.inf), dim=-1)
-    return weights * any_key
+    safe = scores.masked_fill(~mask, -math.inf).masked_fill(~any_key, 0.0)
+    return torch.softmax(safe, dim=-1) * any_key
 
 
 # ----------------------------------------------------------------------------- exact gradients
