@@ -357,13 +357,12 @@ def hmm_posterior(
         (n_states,), -math.log(n_states), dtype=torch.float64, device=log_t.device
     )
     result = forward_filter(log_init, log_t, log_lik)
-    log_next = torch.logsumexp(
-        result.log_filtered_probs.unsqueeze(-1) + log_t.unsqueeze(-3), dim=-2
-    )
+    filtered = result.log_filtered_probs.exp()
     return HMMPosterior(
-        filtered_probs=result.log_filtered_probs.exp(),
+        filtered_probs=filtered,
         predicted_probs=result.log_predicted_probs.exp(),
-        next_state_probs=log_next.exp(),
+        # p(s_t+1 | o_1:t) = sum_s p(s_t = s | o_1:t) T[s, :]; [batch, n_steps, S] @ [batch, S, S]
+        next_state_probs=filtered @ log_t.exp(),
     )
 
 
