@@ -127,10 +127,11 @@ def _scaled_filter(
     tiny = torch.finfo(dtype).tiny
     log_lik = log_lik.to(dtype)
     lik_max = log_lik.amax(-1, keepdim=True)  # [..., seq_len, 1]
-    # State-major, time-major buffers [seq_len, n_states, n]: every step reads and writes
-    # contiguous slabs, and sums over states add whole rows.
-    shifted = log_lik - lik_max
-    lik = shifted.exp().reshape(n, seq_len, n_states).permute(1, 2, 0).contiguous()
+    # Buffers are time-major and state-major, [seq_len, n_states, n]: every step reads and writes
+    # contiguous slabs, and sums over states add whole rows. Log-likelihoods are shifted so that
+    # each step's maximum is 0.
+    shifted = (log_lik - lik_max).reshape(n, seq_len, n_states).permute(1, 2, 0).contiguous()
+    lik = shifted.exp()
     trans = log_trans.to(dtype).exp().reshape(n, n_states, n_states)
     predicted = torch.empty(seq_len + 1, n_states, n, dtype=dtype, device=device)
     filtered = torch.empty(seq_len, n_states, n, dtype=dtype, device=device)
@@ -166,9 +167,7 @@ def _scaled_filter(
     log_norms = norms.log()  # [seq_len, 1, n]
     log_predicted = predicted.log()
     # log filtered = log predicted + (log_lik - max) - log norm: one add instead of a second log.
-    log_filtered = (
-        log_predicted + shifted.reshape(n, seq_len, n_states).permute(1, 2, 0) - log_norms
-    )
+    log_filtered = log_predicted + shifted - log_norms
     log_evidence = log_norms.sum((0, 1)).reshape(lead) + lik_max.squeeze(-1).sum(-1)
     return FilterResult(
         log_predicted_probs=batch_major(log_predicted),

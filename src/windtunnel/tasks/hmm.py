@@ -1,4 +1,4 @@
-"""HMM filtering: belief accumulation and transport through a fresh HMM read from the prompt (SPEC §5.2).
+"""HMM filtering: accumulation and transport through a fresh HMM read from the prompt (SPEC §5.2).
 
 Each sequence gets a fresh hidden Markov model on a 0.01 grid, written into the prompt as a token
 header, followed by its observations. At every observation the model must report the filtered state
@@ -61,7 +61,7 @@ class HMMBatch(Batch):
     predicted_probs: torch.Tensor
     next_state_probs: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "HMMBatch":
+    def to(self, device: torch.device | str) -> HMMBatch:
         """The same batch, every tensor on ``device``."""
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **moved)
@@ -113,7 +113,9 @@ class HMMFiltering:
             if text:
                 problems.add_text(text)
         for field in ("floor", "grid"):
-            text = check_number(owner, field, getattr(self, field), low=0.0, high=1.0, low_open=True)
+            text = check_number(
+                owner, field, getattr(self, field), low=0.0, high=1.0, low_open=True
+            )
             if text:
                 problems.add_text(text)
         if not problems.items:
@@ -226,8 +228,9 @@ class HMMFiltering:
         device = generator.device
 
         def rows(width: int) -> torch.Tensor:
-            u = torch.rand(batch_size, n_s, width, generator=generator, device=device,
-                           dtype=torch.float64)
+            u = torch.rand(
+                batch_size, n_s, width, generator=generator, device=device, dtype=torch.float64
+            )
             draws = -torch.log1p(-u)
             probs = draws / draws.sum(-1, keepdim=True)
             probs = probs.clamp_min(self.floor)
