@@ -131,10 +131,11 @@ def _scaled_filter(
     # contiguous slabs, and sums over states add whole rows. Log-likelihoods are shifted so that
     # each step's maximum is 0.
     shifted = (log_lik - lik_max).reshape(n, seq_len, n_states).permute(1, 2, 0).contiguous()
-    lik = shifted.exp()
+    # Fresh large buffers cost page faults on every call, so the loop and the epilogue work in
+    # place: ``filtered`` starts as the shifted likelihoods and ``shifted`` ends as log filtered.
+    filtered = shifted.exp()
     trans = log_trans.to(dtype).exp().reshape(n, n_states, n_states)
     predicted = torch.empty(seq_len + 1, n_states, n, dtype=dtype, device=device)
-    filtered = torch.empty(seq_len, n_states, n, dtype=dtype, device=device)
     norms = torch.empty(seq_len, 1, n, dtype=dtype, device=device)
     predicted[0] = log_init.to(dtype).exp().reshape(n, n_states).T
     broadcast = n_states <= _BROADCAST_STATES
@@ -143,7 +144,7 @@ def _scaled_filter(
         joint = torch.empty(n_states, n_states, n, dtype=dtype, device=device)
     for t in range(seq_len):
         filt = filtered[t]
-        torch.mul(predicted[t], lik[t], out=filt)
+        filt.mul_(predicted[t])
         torch.sum(filt, dim=0, keepdim=True, out=norms[t])
         filt.div_(norms[t])
         # predicted_{t+1}(z') = sum_z filtered_t(z) T(z, z')
@@ -164,10 +165,10 @@ def _scaled_filter(
         # [seq_len, n_states, n] -> [..., seq_len, n_states], a view (splitting n never copies)
         return x.permute(2, 0, 1).reshape(*lead, seq_len, n_states)
 
-    log_norms = norms.log()  # [seq_len, 1, n]
-    log_predicted = predicted.log()
-    # log filtered = log predicted + (log_lik - max) - log norm: one add instead of a second log.
-    log_filtered = log_predicted + shifted - log_norms
+    log_norms = norms.log_()  # [seq_len, 1, n]
+    log_predicted = predicted.log_()
+    # log filtered = log predicted + (log_lik - max) - log norm: an add instead of a second log.
+    log_filtered = shifted.add_(log_predicted).sub_(log_norms)
     log_evidence = log_norms.sum((0, 1)).reshape(lead) + lik_max.squeeze(-1).sum(-1)
     return FilterResult(
         log_predicted_probs=batch_major(log_predicted),
