@@ -9,7 +9,8 @@ Samples a batch of fresh HMMs from ``HMMFiltering`` and times
     small matrix-vector product per step (the fastest loop we could write); in plain Python lists.
 Prints a table of median times over several runs and the speedups, and checks that every
 implementation agrees to 1e-12. Torch runs single-threaded by default: the kernels are tiny, and
-on a shared machine extra threads only add contention.
+on a shared machine extra threads only add contention. Speedups use process CPU time, which other
+processes on a shared machine disturb far less than wall time.
 
 Run: ``python benchmarks/posteriors.py [--batch 1000] [--steps 50] [--repeats 7] [--threads 1]``.
 """
@@ -186,7 +187,7 @@ def main() -> None:
         f"{max_diff:.1e}"
     )
     print()
-    print(f"| {'implementation':<38} | wall (ms) |  CPU (ms) | wall ÷ forward_filter |")
+    print(f"| {'implementation':<38} | wall (ms) |  CPU (ms) | CPU ÷ forward_filter |")
     print(f"|{'-' * 40}|{'-' * 10}:|{'-' * 10}:|{'-' * 22}:|")
     reference = rows[0][1][0]
     for name, (wall, cpu) in rows:
