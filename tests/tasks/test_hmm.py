@@ -296,3 +296,36 @@ def test_floor_times_width_equal_to_one_is_allowed():
 def test_batch_size_error():
     with pytest.raises(ValueError, match=r"HMMFiltering\.sample\.batch_size must be an int >= 1"):
         HMMFiltering().sample(0, generator=torch.Generator())
+
+
+@pytest.mark.parametrize(
+    "shapes,match",
+    [
+        (((2, 3, 4), (2, 3, 5), (2, 4)), r"hmm_posterior: transition_cents must be .*\[batch, "),
+        (((2, 3, 3), (2, 4, 5), (2, 4)), r"emission_cents must be .* = \[2, 3, n_symbols\]"),
+        (((2, 3, 3), (2, 3, 5), (3, 4)), r"observations must be a long tensor .* = \[2, n_steps\]"),
+        (((2, 3, 3), (2, 3, 5), (2, 4, 1)), r"observations must be"),
+    ],
+)
+def test_hmm_posterior_shape_errors(shapes, match):
+    transition, emission, observations = shapes
+    with pytest.raises(ValueError, match=match):
+        hmm_posterior(
+            torch.full(transition, 30), torch.full(emission, 20), torch.zeros(observations).long()
+        )
+
+
+def test_hmm_posterior_symbol_range_error():
+    with pytest.raises(ValueError, match=r"observations must be .* symbols in 0\.\.1"):
+        hmm_posterior(torch.full((1, 2, 2), 50), torch.full((1, 2, 2), 50), torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match=r"observations must be"):
+        hmm_posterior(
+            torch.full((1, 2, 2), 50), torch.full((1, 2, 2), 50), torch.tensor([[0.0, 1.0]])
+        )
+
+
+def test_quantise_errors():
+    with pytest.raises(ValueError, match=r"quantise_rows: probs must be a floating-point tensor"):
+        quantise_rows(torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match=r"quantise_rows\.floor must be <= 1/width = 1/25"):
+        quantise_rows(torch.full((1, 25), 0.04))
