@@ -1,4 +1,4 @@
-"""Calibration against the exact posterior, in bits: entropy MAE, KL, accuracy and trivial floors (SPEC §7).
+"""Calibration against the exact posterior in bits: entropy MAE, KL, accuracy, floors (SPEC §7).
 
 Tensors in, tensors out. Every metric is computed over the task's hypothesis slice of the logits
 (softmax over the slice only, which equals the full softmax renormalised on the slice), never over
@@ -49,7 +49,8 @@ def select_sites(
         n_classes: size of the slice (the task's ``n_classes``).
 
     Returns:
-        float [batch, n_sites, n_classes]: ``logits[:, sites, class_offset:class_offset+n_classes]``.
+        float [batch, n_sites, n_classes], the view
+        ``logits[:, sites, class_offset : class_offset + n_classes]``.
 
     Raises:
         ValueError: when ``logits`` is not a 3-d float tensor, a site is out of range, or the slice
@@ -106,7 +107,7 @@ class SiteMetrics:
     correct: torch.Tensor
 
     @classmethod
-    def cat(cls, parts: list["SiteMetrics"]) -> "SiteMetrics":
+    def cat(cls, parts: list[SiteMetrics]) -> SiteMetrics:
         """Join chunks along the batch axis (their site counts must agree)."""
         if not parts:
             raise ValueError("SiteMetrics.cat.parts must be a non-empty list; got [].")
@@ -228,7 +229,7 @@ def site_metrics(
 
 
 def summarize(sites: SiteMetrics) -> Calibration:
-    """Average :class:`SiteMetrics` over sequences (curves) and over sequences and sites (scalars)."""
+    """Average :class:`SiteMetrics` over sequences (curves) and over sequences and sites."""
     gap = sites.model_entropy_bits - sites.bayes_entropy_bits
     per_site = CalibrationCurves(
         entropy_mae_bits=gap.abs().mean(0),
@@ -312,7 +313,7 @@ class Floors:
 
 
 class _SamplesBatches(Protocol):
-    """The part of the task protocol that :func:`trivial_floors` uses (metrics does not import tasks)."""
+    """The part of the task protocol :func:`trivial_floors` uses (metrics does not import tasks)."""
 
     def sample(self, batch_size: int, *, generator: torch.Generator) -> Any: ...
 
@@ -326,8 +327,8 @@ def trivial_floors(
 ) -> Floors:
     """Floors of SPEC §7 for any task: the uniform predictor and the Bayes CE, by Monte Carlo.
 
-    Samples ``n_sequences`` sequences from ``task.sample`` (in chunks of ``batch_size``) and scores a
-    predictor with equal logits over the hypothesis slice against each batch's ``posterior`` and
+    Samples ``n_sequences`` sequences from ``task.sample`` (in chunks of ``batch_size``) and scores
+    a predictor with equal logits over the hypothesis slice against each batch's ``posterior`` and
     ``labels``.
 
     Args:
@@ -363,9 +364,7 @@ def trivial_floors(
     )
 
 
-def _check_inputs(
-    owner: str, site_logits: Any, posterior: Any, labels: Any
-) -> None:
+def _check_inputs(owner: str, site_logits: Any, posterior: Any, labels: Any) -> None:
     if (
         not isinstance(site_logits, torch.Tensor)
         or not site_logits.is_floating_point()

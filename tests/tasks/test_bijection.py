@@ -47,8 +47,9 @@ def test_posterior_equals_enumeration(fmt, with_replacement, n_values, n_pairs):
     batch = task.sample(6, generator=torch.Generator().manual_seed(n_values * 10 + n_pairs))
     for row in range(6):
         for site, (pairs, key) in enumerate(_pairs_and_queries(task, batch, row)):
-            expected = torch.tensor([float(f) for f in _enumerated_posterior(n_values, pairs, key)],
-                                    dtype=torch.float64)
+            expected = torch.tensor(
+                [float(f) for f in _enumerated_posterior(n_values, pairs, key)], dtype=torch.float64
+            )
             torch.testing.assert_close(batch.posterior[row, site], expected, rtol=0, atol=1e-15)
             # The label is the key's true value, which must be in the support.
             assert batch.posterior[row, site, batch.labels[row, site]] > 0
@@ -76,13 +77,15 @@ def test_layout_and_labels(fmt):
     assert batch.tokens.shape == (64, task.seq_len)
     assert task.seq_len == (21 if fmt == "B" else 23)
     assert task.vocab_size == (26 if fmt == "B" else 13)
-    assert batch.sites.tolist() == list(range(0, 22, 2))[: 11] + ([22] if fmt == "A" else [])
+    assert batch.sites.tolist() == list(range(0, 22, 2))[:11] + ([22] if fmt == "A" else [])
     assert batch.labels.shape == (64, n_sites)
     assert batch.posterior.shape == (64, n_sites, 13)
     assert batch.posterior.dtype == torch.float64
-    torch.testing.assert_close(batch.posterior.sum(-1), torch.ones(64, n_sites, dtype=torch.float64))
+    torch.testing.assert_close(
+        batch.posterior.sum(-1), torch.ones(64, n_sites, dtype=torch.float64)
+    )
     assert batch.tokens.min() >= 0 and batch.tokens.max() < task.vocab_size
-    keys = batch.tokens[:, 0 : 22 : 2]
+    keys = batch.tokens[:, 0:22:2]
     # Keys drawn without replacement are distinct.
     assert all(len(set(row.tolist())) == 11 for row in keys)
     if fmt == "A":
@@ -124,8 +127,9 @@ def test_uniform_permutations():
     task = Bijection(n_values=4, n_pairs=4)
     batch = task.sample(8000, generator=torch.Generator().manual_seed(5))
     counts = torch.bincount(batch.labels[:, 0], minlength=4).double() / 8000
-    torch.testing.assert_close(counts, torch.full((4,), 0.25, dtype=torch.float64), atol=0.02,
-                               rtol=0)
+    torch.testing.assert_close(
+        counts, torch.full((4,), 0.25, dtype=torch.float64), atol=0.02, rtol=0
+    )
 
 
 @given(seed=st.integers(0, 2**31 - 1), fmt=st.sampled_from(["A", "B"]))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from windtunnel.tasks import entropy_bits, forward_filter
+from windtunnel.tasks.filtering import _log_space_filter, _scaled_filter
 
 
 def _enumerate(initial, transition, likelihoods):
@@ -77,14 +78,114 @@ def test_filter_equals_path_enumeration(model):
     filtered, predicted, log_evidence = _enumerate(initial, transition, likelihoods)
     # float64; at most 4^6 paths of 6-term products, so errors stay within ~1e3 ulps of 1.
     torch.testing.assert_close(
-        result.log_filtered_probs.exp(), torch.tensor(filtered, dtype=torch.float64),
-        rtol=0, atol=1e-12,
+        result.log_filtered_probs.exp(),
+        torch.tensor(filtered, dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
     )
     torch.testing.assert_close(
-        result.log_predicted_probs.exp(), torch.tensor(predicted, dtype=torch.float64),
-        rtol=0, atol=1e-12,
+        result.log_predicted_probs.exp(),
+        torch.tensor(predicted, dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
     )
     assert result.log_evidence_nats.item() == pytest.approx(log_evidence, rel=1e-12, abs=1e-12)
+
+
+def _enumerate_log(log_initial, log_transition, log_likelihoods):
+    """Log filtered probabilities by enumeration: path log-weights summed with a max shift."""
+    n_states, n_steps = len(log_initial), len(log_likelihoods)
+    out = []
+    for t in range(1, n_steps + 1):
+        per_state = [[] for _ in range(n_states)]
+        for path in itertools.product(range(n_states), repeat=t):
+            terms = [
+                log_initial[path[0]],
+                *(log_transition[path[i - 1]][path[i]] for i in range(1, t)),
+            ]
+            terms += [log_likelihoods[i][path[i]] for i in range(t)]
+            per_state[path[-1]].append(math.fsum(terms))
+        logs = []
+        for values in per_state:
+            top = max(values)
+            logs.append(
+                -math.inf
+                if top == -math.inf
+                else top + math.log(math.fsum(math.exp(v - top) for v in values))
+            )
+        top = max(logs)
+        total = top + math.log(math.fsum(math.exp(v - top) for v in logs))
+        out.append([v - total for v in logs])
+    return out
+
+
+def test_extreme_likelihoods_fall_back_to_log_space():
+    # Likelihood ratios of e^-2000 push some filtered probabilities far below the smallest
+    # float64, which the scaled recursion cannot represent: it must decline, and the result
+    # must still match log-domain enumeration (including log-probabilities near -2000).
+    log_initial = [math.log(0.5), math.log(0.5)]
+    log_transition = [[math.log(0.9), math.log(0.1)], [math.log(0.2), math.log(0.8)]]
+    log_likelihoods = [[0.0, -2000.0], [-1500.0, 0.0], [0.0, -10.0], [-3.0, -1.0]]
+    args = [
+        torch.tensor(x, dtype=torch.float64) for x in (log_initial, log_transition, log_likelihoods)
+    ]
+    assert _scaled_filter(*args) is None
+    result = forward_filter(*args)
+    expected = torch.tensor(
+        _enumerate_log(log_initial, log_transition, log_likelihoods), dtype=torch.float64
+    )
+    torch.testing.assert_close(result.log_filtered_probs, expected, rtol=1e-12, atol=1e-10)
+    assert result.log_filtered_probs[0, 1].item() == pytest.approx(-2000.0, abs=1e-9)
+
+
+def test_structural_zeros_fall_back_to_log_space():
+    # A transition that cannot leave state 0 gives exact zeros: log-probability -inf.
+    initial = [1.0, 0.0, 0.0]
+    transition = [[1.0, 0.0, 0.0], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]]
+    likelihoods = [[0.5, 0.2, 0.9], [0.1, 0.7, 0.7], [0.3, 0.3, 0.3]]
+    args = [torch.tensor(x, dtype=torch.float64).log() for x in (initial, transition, likelihoods)]
+    assert _scaled_filter(*args) is None
+    result = forward_filter(*args)
+    filtered, _, log_evidence = _enumerate(initial, transition, likelihoods)
+    torch.testing.assert_close(
+        result.log_filtered_probs.exp(),
+        torch.tensor(filtered, dtype=torch.float64),
+        rtol=0,
+        atol=1e-15,
+    )
+    assert torch.all(result.log_filtered_probs[:, 1:] == -math.inf)
+    assert result.log_evidence_nats.item() == pytest.approx(log_evidence, rel=1e-14)
+
+
+@given(seed=st.integers(0, 2**31 - 1), n_states=st.integers(1, 40), n_steps=st.integers(1, 8))
+@settings(max_examples=25)
+def test_scaled_and_log_space_recursions_agree(seed, n_states, n_steps):
+    # Covers both transition kernels of the scaled path (broadcast up to 32 states, einsum above).
+    gen = torch.Generator().manual_seed(seed)
+    log_init = torch.log_softmax(torch.randn(n_states, generator=gen, dtype=torch.float64), -1)
+    log_trans = torch.log_softmax(
+        2 * torch.randn(3, n_states, n_states, generator=gen, dtype=torch.float64), -1
+    )
+    log_lik = 4 * torch.randn(3, n_steps, n_states, generator=gen, dtype=torch.float64)
+    scaled = _scaled_filter(log_init.expand(3, n_states), log_trans, log_lik)
+    exact = _log_space_filter(log_init.expand(3, n_states), log_trans, log_lik)
+    assert scaled is not None
+    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
+        torch.testing.assert_close(
+            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_gradients_use_the_log_space_recursion():
+    # With requires_grad the filter stays differentiable; d log p(x_1:T) / d log_lik[T] is the
+    # last filtered distribution (the derivative of a log-normaliser).
+    gen = torch.Generator().manual_seed(1)
+    log_init = torch.log_softmax(torch.randn(3, generator=gen, dtype=torch.float64), -1)
+    log_trans = torch.log_softmax(torch.randn(3, 3, generator=gen, dtype=torch.float64), -1)
+    log_lik = torch.randn(4, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    result = forward_filter(log_init, log_trans, log_lik)
+    (grad,) = torch.autograd.grad(result.log_evidence_nats, log_lik)
+    torch.testing.assert_close(grad[-1], result.log_filtered_probs[-1].detach().exp())
 
 
 def test_leading_dimensions_broadcast():

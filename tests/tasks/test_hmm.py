@@ -89,8 +89,10 @@ def test_sampled_batch_equals_enumeration(n_states, n_symbols):
         for t in range(1, 6):
             expected = _path_marginal(transition, emission, observations[:t], t)
             torch.testing.assert_close(
-                batch.posterior[row, t - 1], torch.tensor(expected, dtype=torch.float64),
-                rtol=0, atol=1e-12,
+                batch.posterior[row, t - 1],
+                torch.tensor(expected, dtype=torch.float64),
+                rtol=0,
+                atol=1e-12,
             )
     assert not batch.posterior.isnan().any()
     torch.testing.assert_close(
@@ -179,8 +181,12 @@ def test_generator_matches_its_model():
     rows = torch.arange(n)
     s1, s2, o1 = batch.states[:, 0], batch.states[:, 1], batch.observations[:, 0]
     first = torch.bincount(s1, minlength=5).double() / n
-    emit = (torch.nn.functional.one_hot(o1, 5) - batch.emission_cents[rows, s1].double() / 100).mean(0)
-    move = (torch.nn.functional.one_hot(s2, 5) - batch.transition_cents[rows, s1].double() / 100).mean(0)
+    emit = (
+        torch.nn.functional.one_hot(o1, 5) - batch.emission_cents[rows, s1].double() / 100
+    ).mean(0)
+    move = (
+        torch.nn.functional.one_hot(s2, 5) - batch.transition_cents[rows, s1].double() / 100
+    ).mean(0)
     # Each residual has sd <= 0.5, so 4 sd of the mean is 4 * 0.5 / sqrt(10000) = 0.02.
     torch.testing.assert_close(first, torch.full((5,), 0.2, dtype=torch.float64), rtol=0, atol=0.02)
     torch.testing.assert_close(emit, torch.zeros(5, dtype=torch.float64), rtol=0, atol=0.02)
@@ -234,7 +240,9 @@ def test_quantise_hand_examples():
     # 0 is raised to 5, so 5 + 100 = 105: take 5 from the largest.
     assert quantise_rows(torch.tensor([[0.004, 0.996]])).tolist() == [[5, 95]]
     # 26 + 26 + 26 + 23 = 101: take 1 from the largest, first index on ties.
-    assert quantise_rows(torch.tensor([[0.256, 0.256, 0.256, 0.232]])).tolist() == [[25, 26, 26, 23]]
+    assert quantise_rows(torch.tensor([[0.256, 0.256, 0.256, 0.232]])).tolist() == [
+        [25, 26, 26, 23]
+    ]
     # A coarser grid: quarters, floor 0.25 on a width of 4 forces the uniform row.
     assert quantise_rows(torch.tensor([[0.7, 0.1, 0.1, 0.1]]), floor=0.25, grid=0.25).tolist() == [
         [1, 1, 1, 1]
@@ -288,3 +296,36 @@ def test_floor_times_width_equal_to_one_is_allowed():
 def test_batch_size_error():
     with pytest.raises(ValueError, match=r"HMMFiltering\.sample\.batch_size must be an int >= 1"):
         HMMFiltering().sample(0, generator=torch.Generator())
+
+
+@pytest.mark.parametrize(
+    "shapes,match",
+    [
+        (((2, 3, 4), (2, 3, 5), (2, 4)), r"hmm_posterior: transition_cents must be .*\[batch, "),
+        (((2, 3, 3), (2, 4, 5), (2, 4)), r"emission_cents must be .* = \[2, 3, n_symbols\]"),
+        (((2, 3, 3), (2, 3, 5), (3, 4)), r"observations must be a long tensor .* = \[2, n_steps\]"),
+        (((2, 3, 3), (2, 3, 5), (2, 4, 1)), r"observations must be"),
+    ],
+)
+def test_hmm_posterior_shape_errors(shapes, match):
+    transition, emission, observations = shapes
+    with pytest.raises(ValueError, match=match):
+        hmm_posterior(
+            torch.full(transition, 30), torch.full(emission, 20), torch.zeros(observations).long()
+        )
+
+
+def test_hmm_posterior_symbol_range_error():
+    with pytest.raises(ValueError, match=r"observations must be .* symbols in 0\.\.1"):
+        hmm_posterior(torch.full((1, 2, 2), 50), torch.full((1, 2, 2), 50), torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match=r"observations must be"):
+        hmm_posterior(
+            torch.full((1, 2, 2), 50), torch.full((1, 2, 2), 50), torch.tensor([[0.0, 1.0]])
+        )
+
+
+def test_quantise_errors():
+    with pytest.raises(ValueError, match=r"quantise_rows: probs must be a floating-point tensor"):
+        quantise_rows(torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match=r"quantise_rows\.floor must be <= 1/width = 1/25"):
+        quantise_rows(torch.full((1, 25), 0.04))

@@ -1,4 +1,4 @@
-"""Bijection elimination: in-context belief accumulation over a fresh random permutation (SPEC §5.1).
+"""Bijection elimination: belief accumulation over a fresh random permutation (SPEC §5.1).
 
 Each sequence draws a uniform permutation pi of {0..V-1} and shows L (key, value) pairs with
 v = pi(k). At every key the model must predict the key's value. The exact posterior is closed form:
@@ -139,9 +139,7 @@ class Bijection:
         # would only bias the order, never break the bijection).
         perm = torch.rand(batch_size, n_val, generator=generator, device=device).argsort(dim=-1)
         if self.with_replacement:
-            keys = torch.randint(
-                n_val, (batch_size, n_pair), generator=generator, device=device
-            )
+            keys = torch.randint(n_val, (batch_size, n_pair), generator=generator, device=device)
         else:
             keys = torch.rand(batch_size, n_val, generator=generator, device=device).argsort(
                 dim=-1

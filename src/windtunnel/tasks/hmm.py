@@ -1,4 +1,4 @@
-"""HMM filtering: belief accumulation and transport through a fresh HMM read from the prompt (SPEC §5.2).
+"""HMM filtering: accumulation and transport through a fresh HMM read from the prompt (SPEC §5.2).
 
 Each sequence gets a fresh hidden Markov model on a 0.01 grid, written into the prompt as a token
 header, followed by its observations. At every observation the model must report the filtered state
@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from windtunnel._checks import Problems, check_number, check_positive_int
+from windtunnel._checks import Problems, check_number, check_positive_int, describe_tensor, must
 from windtunnel.tasks.base import Batch
 from windtunnel.tasks.filtering import entropy_bits, forward_filter
 
@@ -61,7 +62,7 @@ class HMMBatch(Batch):
     predicted_probs: torch.Tensor
     next_state_probs: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "HMMBatch":
+    def to(self, device: torch.device | str) -> HMMBatch:
         """The same batch, every tensor on ``device``."""
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **moved)
@@ -113,7 +114,9 @@ class HMMFiltering:
             if text:
                 problems.add_text(text)
         for field in ("floor", "grid"):
-            text = check_number(owner, field, getattr(self, field), low=0.0, high=1.0, low_open=True)
+            text = check_number(
+                owner, field, getattr(self, field), low=0.0, high=1.0, low_open=True
+            )
             if text:
                 problems.add_text(text)
         if not problems.items:
@@ -226,8 +229,9 @@ class HMMFiltering:
         device = generator.device
 
         def rows(width: int) -> torch.Tensor:
-            u = torch.rand(batch_size, n_s, width, generator=generator, device=device,
-                           dtype=torch.float64)
+            u = torch.rand(
+                batch_size, n_s, width, generator=generator, device=device, dtype=torch.float64
+            )
             draws = -torch.log1p(-u)
             probs = draws / draws.sum(-1, keepdim=True)
             probs = probs.clamp_min(self.floor)
@@ -346,7 +350,11 @@ def hmm_posterior(
 
     Returns:
         An :class:`HMMPosterior` with float64 [batch, n_steps, S] tensors.
+
+    Raises:
+        ValueError: naming the argument whose shape, dtype or symbol range does not fit.
     """
+    _check_hmm("hmm_posterior", transition_cents, emission_cents, observations)
     n_states = transition_cents.shape[-1]
     log_t = torch.log(transition_cents.to(torch.float64) / units)
     log_e = torch.log(emission_cents.to(torch.float64) / units)
@@ -357,13 +365,12 @@ def hmm_posterior(
         (n_states,), -math.log(n_states), dtype=torch.float64, device=log_t.device
     )
     result = forward_filter(log_init, log_t, log_lik)
-    log_next = torch.logsumexp(
-        result.log_filtered_probs.unsqueeze(-1) + log_t.unsqueeze(-3), dim=-2
-    )
+    filtered = result.log_filtered_probs.exp()
     return HMMPosterior(
-        filtered_probs=result.log_filtered_probs.exp(),
+        filtered_probs=filtered,
         predicted_probs=result.log_predicted_probs.exp(),
-        next_state_probs=log_next.exp(),
+        # p(s_t+1 | o_1:t) = sum_s p(s_t = s | o_1:t) T[s, :]; [batch, n_steps, S] @ [batch, S, S]
+        next_state_probs=filtered @ log_t.exp(),
     )
 
 
@@ -379,7 +386,22 @@ def quantise_rows(probs: torch.Tensor, *, floor: float = 0.05, grid: float = 0.0
 
     Returns:
         long [..., width], every entry in floor/grid .. 1/grid and every row summing to 1/grid.
+
+    Raises:
+        ValueError: when ``probs`` is not a floating tensor or floor * width > 1.
     """
+    owner = "quantise_rows"
+    if not isinstance(probs, torch.Tensor) or not probs.is_floating_point() or probs.dim() < 1:
+        raise ValueError(
+            f"{owner}: probs must be a floating-point tensor of shape [..., width]; "
+            f"got {describe_tensor(probs)}."
+        )
+    if floor * probs.shape[-1] > 1.0 + 1e-12:
+        raise ValueError(
+            must(
+                owner, "floor", f"<= 1/width = 1/{probs.shape[-1]} so that rows can sum to 1", floor
+            )
+        )
     units = round(1.0 / grid)
     floor_units = round(floor / grid)
     cents = torch.round(probs.to(torch.float64) * units).to(torch.long).clamp_min(floor_units)
@@ -398,6 +420,42 @@ def quantise_rows(probs: torch.Tensor, *, floor: float = 0.05, grid: float = 0.0
         column = torch.where(low, flat.argmin(-1), flat.argmax(-1))
         flat[rows, column] += step
     return flat.reshape(cents.shape)
+
+
+def _check_hmm(owner: str, transition: Any, emission: Any, observations: Any) -> None:
+    """Raise ValueError unless the shapes are [batch, S, S], [batch, S, O], long [batch, K]."""
+    if (
+        not isinstance(transition, torch.Tensor)
+        or transition.dim() != 3
+        or (transition.shape[-1] != transition.shape[-2])
+    ):
+        raise ValueError(
+            f"{owner}: transition_cents must be a tensor of shape [batch, n_states, n_states]; "
+            f"got {describe_tensor(transition)}."
+        )
+    batch, n_states = transition.shape[:2]
+    if (
+        not isinstance(emission, torch.Tensor)
+        or emission.dim() != 3
+        or (tuple(emission.shape[:2]) != (batch, n_states))
+    ):
+        raise ValueError(
+            f"{owner}: emission_cents must be a tensor of shape [batch, n_states, n_symbols] = "
+            f"[{batch}, {n_states}, n_symbols]; got {describe_tensor(emission)}."
+        )
+    n_symbols = emission.shape[-1]
+    if (
+        not isinstance(observations, torch.Tensor)
+        or observations.dtype != torch.long
+        or observations.dim() != 2
+        or observations.shape[0] != batch
+        or (observations.numel() and (observations.min() < 0 or observations.max() >= n_symbols))
+    ):
+        raise ValueError(
+            f"{owner}: observations must be a long tensor of shape [batch, n_steps] = "
+            f"[{batch}, n_steps] with symbols in 0..{n_symbols - 1}; "
+            f"got {describe_tensor(observations)}."
+        )
 
 
 def _is_integer(x: float) -> bool:

@@ -71,7 +71,9 @@ class AssociativeRecall:
             for field in ("n_keys", "n_values"):
                 if getattr(self, field) < self.n_pairs:
                     problems.add(
-                        field, f">= n_pairs={self.n_pairs} (distinct per pair)", getattr(self, field)
+                        field,
+                        f">= n_pairs={self.n_pairs} (distinct per pair)",
+                        getattr(self, field),
                     )
             if self.n_queries > self.n_pairs:
                 problems.add("n_queries", f"<= n_pairs={self.n_pairs}", self.n_queries)
