@@ -241,9 +241,9 @@ def layer_key_orthogonality(model: TinyGPT, tokens: torch.Tensor) -> tuple[KeyOr
     """
     model = _check_model("layer_key_orthogonality", model)
     with torch.no_grad():
-        emb = model.embed.W_E[tokens.to(model.embed.W_E.device)]  # [n_hyp, d_model]
+        emb = model.embed.W_E[tokens.to(model.embed.W_E.device)].double()  # [n_hyp, d_model]
         return tuple(
-            key_orthogonality(block.ln1(emb).double(), block.attn.W_K.detach().double()) for block in model.blocks
+            key_orthogonality(block.ln1(emb), block.attn.W_K.detach().double()) for block in model.blocks
         )
 
 
@@ -324,7 +324,8 @@ class RoutingLawStats:
     Attributes:
         loss_nats: the training loss of the pass.
         advantage_abs_mean: mean |adv_ij| over allowed entries of live rows.
-        positive_advantage_mass: Σ_j α_ij 1[adv_ij > 0], averaged over live rows.
+        positive_advantage_mass: Σ_j α_ij 1[adv_ij > 0], averaged over live rows (adv within
+            rounding of 0 counts as 0).
         d_scores_fro: ‖dS‖_F = ‖dL/ds‖_F over the batch.
         advantage_attention_cov: covariance of (α_ij, adv_ij) pooled over allowed entries of live
             rows (ours: > 0 when the attended keys are those the step would reinforce).
@@ -419,7 +420,10 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
         n_rows = rows_live.sum((0, 2)).clamp_min(1)
         adv, alpha = g.advantage, g.alpha
         stats["advantage_abs_mean"].append((adv.abs() * live).sum((0, 2, 3)) / n_live)
-        stats["positive_advantage_mass"].append((alpha * (adv > 0) * live).sum(-1).sum((0, 2)) / n_rows)
+        # adv is a difference of dot products: exact zeros (a one-key row) come out as +-1e-20, so
+        # its sign counts only above the rounding floor of its two terms
+        floor = 1e3 * torch.finfo(adv.dtype).eps * (g.compatibility.abs() + g.expected_compatibility.abs()[..., None])
+        stats["positive_advantage_mass"].append((alpha * (adv > floor) * live).sum(-1).sum((0, 2)) / n_rows)
         stats["d_scores_fro"].append(g.d_scores.pow(2).sum((0, 2, 3)).sqrt())
         mean_a = (alpha * live).sum((0, 2, 3)) / n_live
         mean_adv = (adv * live).sum((0, 2, 3)) / n_live
