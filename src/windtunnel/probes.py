@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel import dynamics
+from windtunnel.dynamics import attention_gradients, check_law
 from windtunnel._checks import must
 from windtunnel.geometry import (
     KeyOrthogonality,
@@ -413,7 +413,7 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
         q, k, v, u = (cache[f"blocks.{l}.attn.hook_{n}"].transpose(1, 2).double() for n in ("q", "k", "v", "z_grad"))
         pos = q.shape[-2]
         mask = torch.ones(pos, pos, dtype=torch.bool, device=q.device).tril()
-        g = dynamics.attention_gradients(q, k, v, u, mask=mask, scale=block.attn.scale)
+        g = attention_gradients(q, k, v, u, mask=mask, scale=block.attn.scale)
         live = (u.abs().sum(-1) > 0)[..., None] & g.mask  # [batch, head, q, k]
         n_live = live.sum((0, 2, 3)).clamp_min(1)
         rows_live = live.any(-1)  # [batch, head, q]
@@ -437,7 +437,7 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
         stats["value_pull_norm"].append(g.d_values.pow(2).sum((0, 2, 3)).sqrt())
         # the autograd rebuild costs as much as the stats; 8 sequences are enough for an exactness check
         few = slice(0, 8)
-        law_err.append(dynamics.check_law(q[few], k[few], v[few], u[few], mask=mask, scale=block.attn.scale).worst_rel_error)
+        law_err.append(check_law(q[few], k[few], v[few], u[few], mask=mask, scale=block.attn.scale).worst_rel_error)
         model_err.append(
             max(
                 _rel_error(g.d_queries, cache[f"blocks.{l}.attn.hook_q_grad"].transpose(1, 2).double()),
