@@ -88,3 +88,10 @@ def test_renders_in_headless_chromium(full_run, tmp_path):
     )
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] == 6000 and float(pixels[..., :3].std()) > 0.05  # not a blank page
+
+
+def test_paper_table_falls_back_to_dissociation(full_run, tmp_path):
+    copy = tmp_path / "no_telemetry"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "telemetry.jsonl"))
+    page = build_report(copy).read_text()
+    assert "No telemetry.jsonl" in page and "(dissociation.json, final checkpoint)" in page

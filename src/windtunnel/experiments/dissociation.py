@@ -125,6 +125,7 @@ def run_dissociation(
         put("key_ortho_layer0", ko[0].mean_abs_cosine if ko else None)
         put("key_ortho_layer0_min_head", ko[0].min_abs_cosine if ko else None)
         put("frame_overlap_ratio", frame_subspace_overlap(_w_key(model), final_wk, r=r).ratio_to_null)
+        put("focusing_ratio", snap.focusing_ratio)
         for name in ("pc1_share", "pc12_share", "spearman", "ordering_score", "probe_r2", "participation_ratio"):
             put(name, getattr(snap.manifold, name))
         x, h, _ = st.flat()

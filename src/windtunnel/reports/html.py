@@ -244,12 +244,18 @@ def _ours(key: str, metrics: list[dict[str, Any]], evaluation: dict | None, tel:
         return " / ".join(f"{n}: {_fmt(s['entropy_mae_bits'])}" for n, s in evaluation["summary"].items())
     if key == "accuracy":
         return _fmt(final_eval[-1]["accuracy"]) if final_eval else "—"
+    # without telemetry (a run trained without probes) fall back to the last checkpoint in dissociation.json
+    fallback = {m: v[-1] for m, v in diss["metrics"].items()} if diss is not None else {}
     if key == "key_ortho":
+        if tel.last("key_ortho_abs_cos", 0) is None:
+            return f"{_fmt(fallback.get('key_ortho_layer0'))} (dissociation.json, final checkpoint)"
         return f"{_fmt(tel.last('key_ortho_abs_cos', 0))} vs {_fmt(tel.last('key_ortho_random_baseline'))} random (d_head), {_fmt(tel.last('key_ortho_init_abs_cos', 0))} at init"
     if key == "pc1":
+        if tel.last("manifold_pc1_share") is None:
+            return f"{_fmt(fallback.get('pc1_share'))} (PC1+PC2 {_fmt(fallback.get('pc12_share'))}); Spearman {_fmt(fallback.get('spearman'))} (dissociation.json)"
         return f"{_fmt(tel.last('manifold_pc1_share'))} (PC1+PC2 {_fmt(tel.last('manifold_pc12_share'))}); Spearman {_fmt(tel.last('manifold_spearman'))}"
     if key == "focusing":
-        return _fmt(tel.last("focusing_ratio"))
+        return _fmt(tel.last("focusing_ratio") if tel.last("focusing_ratio") is not None else fallback.get("focusing_ratio"))
     if key == "bypass" and ablation is not None:
         ratios = [r["mae_ratio"] for r in ablation["rows"] if r["kind"] == "bypass" and r["mae_ratio"] is not None]
         return f"min {_fmt(min(ratios))}×, max {_fmt(max(ratios))}×" if ratios else "—"
