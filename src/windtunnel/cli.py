@@ -68,7 +68,10 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Dotted override, e.g. --set train.lr=1e-3 --set model.n_layers=4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
-def train_command(task, model_name, preset, steps, seed, out, overrides, resume):
+@click.option("--telemetry", is_flag=True,
+              help="Attach the SPEC §8 probes (geometry, routing law, calibration) on the log-spaced "
+                   "schedule; also saves weight snapshots for `windtunnel dissociation`.")
+def train_command(task, model_name, preset, steps, seed, out, overrides, resume, telemetry):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
     from windtunnel.presets import apply_overrides, get_preset
     from windtunnel.train import Trainer
@@ -87,6 +90,10 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume)
             trainer = Trainer(experiment, out)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if telemetry:
+        from windtunnel.experiments.telemetry import attach_probes
+
+        attach_probes(trainer)
     click.echo(f"run directory: {out}")
     n_params = sum(p.numel() for p in trainer.model.parameters())
     click.echo(f"{trainer.experiment.name or task}: {n_params:,} parameters, "
@@ -119,6 +126,62 @@ def eval_command(run_dir, lengths, n_sequences, seed):
         click.echo(f"{name}: entropy MAE {row['entropy_mae_bits']:.5f} bits, KL {row['kl_bits']:.5f} bits, "
                    f"accuracy {row['accuracy']:.3f}")
     click.echo(f"wrote {report['paths']['json']} and {report['paths']['figure']}")
+
+
+@main.command("dissociation")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--n", "n_sequences", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Sequences in the fixed probe batch.")
+def dissociation_command(run_dir, n_sequences):
+    """Frame–precision dissociation (SPEC §8.6) over a run's saved models; writes dissociation.json/.png."""
+    from windtunnel.experiments.dissociation import run_dissociation
+
+    try:
+        out = run_dissociation(run_dir, n_sequences=n_sequences)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(f"{len(out['steps'])} checkpoints ({out['steps'][0]}..{out['steps'][-1]})")
+    for name, step in out["settling_step"].items():
+        click.echo(f"  {name:<32} settles at step {step}")
+    click.echo(f"frame settled by {out['frame_settled_by']}, calibration by {out['precision_settled_by']}; "
+               f"frame settles first: {out['frame_settles_first']}")
+    click.echo(f"wrote {run_dir}/dissociation.json and dissociation.png")
+
+
+@main.command("ablate")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--n", "n_sequences", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Held-out sequences.")
+@click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
+              help="Seed of the held-out sequences.")
+def ablate_command(run_dir, n_sequences, seed):
+    """Ablate every head and layer of a run's latest checkpoint (SPEC §8.5); writes ablation.json."""
+    from windtunnel.experiments.telemetry import ablate_run
+
+    try:
+        out = ablate_run(run_dir, n_sequences=n_sequences, seed=seed)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(f"intact: entropy MAE {out['intact']['entropy_mae_bits']:.5f} bits")
+    for row in sorted(out["rows"], key=lambda r: -r["delta_mae_bits"])[:10]:
+        where = f"L{row['layer']}" + (f"H{row['head']}" if row["head"] is not None else "")
+        click.echo(f"  {row['kind']:<14}{where:<7} ΔMAE {row['delta_mae_bits']:+.5f} bits, "
+                   f"Δaccuracy {row['delta_accuracy']:+.3f}")
+    click.echo(f"wrote {run_dir}/ablation.json")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default RUN_DIR/report.html.")
+def report_command(run_dir, out):
+    """Self-contained HTML report of a run directory (figures embedded; reads the directory only)."""
+    from windtunnel.reports import build_report
+
+    try:
+        path = build_report(run_dir, out=out)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(f"wrote {path}")
 
 
 @main.group()

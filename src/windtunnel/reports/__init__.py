@@ -1,0 +1,5 @@
+"""Reports built from a run directory alone (never from the training stack)."""
+
+from windtunnel.reports.html import PAPER_NUMBERS, build_report
+
+__all__ = ["PAPER_NUMBERS", "build_report"]

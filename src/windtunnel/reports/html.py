@@ -1,0 +1,306 @@
+"""A self-contained HTML report of one run, built from its run directory alone (SPEC §8, §10).
+
+Reads ``config.json``, ``metrics.jsonl``, ``telemetry.jsonl``, and when present ``eval.json``,
+``dissociation.json`` / ``dissociation.png``, ``ablation.json`` and ``manifold/step_N.json``.
+Figures are embedded as base64 PNG, so the single file can be mailed or archived. Nothing here
+imports the training stack: a report can be rebuilt from a copied directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from windtunnel.runs import RunDir, read_jsonl, write_text_atomic
+
+__all__ = ["PAPER_NUMBERS", "build_report"]
+
+# (quantity, paper value, source, how ours is read from the run) per task; SPEC §10.
+PAPER_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
+    "bijection": [
+        ("entropy MAE (bits)", "0.007 (0.0067); 3e-3 (v1); 0.0008 format-B retrain", "README, v3, [JL]", "mae"),
+        ("layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random; < 0.1", "v3; REPRODUCE", "key_ortho"),
+        ("value manifold PC1 share", "84–90 % (PC1+PC2 88–95 %)", "P3 recap; REPRODUCE", "pc1"),
+        ("attention focusing ratio", "85–90 %", "P3 recap", "focusing"),
+        ("bypass any single layer: MAE ratio", "> 10×", "v1; SPEC §10 target 8", "bypass"),
+        ("frame settles before precision", "frame by steps 300–500; MAE improves > 10× after", "[JL] (SPEC §3.4)", "dissociation"),
+    ],
+    "hmm": [
+        ("entropy MAE, K = 20 (bits)", "7.5e-5", "README, v1", "mae"),
+        ("entropy MAE, K = 30 / 50 (bits)", "0.012 / 0.029", "README / REPRODUCE, v1", "mae_lengths"),
+        ("attention focusing ratio", "85–90 %", "P3 recap", "focusing"),
+    ],
+    "recall": [("accuracy", "≈100 % (Transformer)", "v3", "accuracy")],
+}
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return _img(buffer.getvalue())
+
+
+def _img(data: bytes) -> str:
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "—"
+        return f"{value:.3g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+class _Telemetry:
+    """Telemetry rows indexed by (metric, layer, head) -> [(step, value)]."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.series: dict[tuple[str, Any, Any], list[tuple[int, float]]] = defaultdict(list)
+        for r in rows:
+            if r.get("value") is not None:
+                self.series[(r["metric"], r.get("layer"), r.get("head"))].append((r["step"], r["value"]))
+
+    def get(self, metric: str, layer: Any = None, head: Any = None) -> list[tuple[int, float]]:
+        return sorted(self.series.get((metric, layer, head), []))
+
+    def last(self, metric: str, layer: Any = None, head: Any = None) -> float | None:
+        s = self.get(metric, layer, head)
+        return s[-1][1] if s else None
+
+    def layers(self, metric: str) -> list[int]:
+        return sorted({k[1] for k in self.series if k[0] == metric and k[1] is not None})
+
+
+def _figure(ncols: int, width: float = 11, height: float = 3.4) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _loss_section(metrics: list[dict[str, Any]]) -> str:
+    train = [(r["step"], r["loss_nats"]) for r in metrics if r.get("split") == "train" and r.get("loss_nats") is not None]
+    evals = defaultdict(list)
+    for r in metrics:
+        if str(r.get("split", "")).startswith("eval"):
+            evals[r["split"]].append(r)
+    if not train and not evals:
+        return "<p>No metrics.jsonl rows.</p>"
+    fig, (ax_loss, ax_mae) = _figure(2)
+    if train:
+        ax_loss.plot(*zip(*train), lw=1)
+    ax_loss.set(xlabel="step", ylabel="nats", title="training loss at the sites")
+    for split, rows in evals.items():
+        ax_mae.semilogy([r["step"] for r in rows], [max(r["entropy_mae_bits"], 1e-7) for r in rows], marker=".", label=f"{split} entropy MAE")
+        ax_mae.semilogy([r["step"] for r in rows], [max(r["kl_bits"], 1e-7) for r in rows], ls="--", label=f"{split} KL")
+    ax_mae.set(xlabel="step", ylabel="bits", title="held-out calibration")
+    ax_mae.legend(fontsize=7)
+    return _png(fig)
+
+
+def _calibration_section(evaluation: dict[str, Any] | None) -> str:
+    if evaluation is None:
+        return "<p>No eval.json: run <code>windtunnel eval RUN_DIR</code>.</p>"
+    fig, (ax_h, ax_mae) = _figure(2)
+    for name, c in evaluation["per_position"].items():
+        sites = range(1, len(c["bayes_entropy_bits"]) + 1)
+        line = ax_h.plot(sites, c["model_entropy_bits"], marker=".", label=f"model ({name})")[0]
+        ax_h.plot(sites, c["bayes_entropy_bits"], "--", color=line.get_color(), label=f"Bayes ({name})")
+        ax_mae.semilogy(sites, [max(v, 1e-7) for v in c["entropy_mae_bits"]], marker=".", label=f"MAE ({name})")
+        ax_mae.semilogy(sites, [max(v, 1e-7) for v in c["kl_bits"]], ls="--", label=f"KL ({name})")
+    ax_h.set(xlabel="prediction site", ylabel="bits", title="entropy per position: model vs Bayes")
+    ax_mae.set(xlabel="prediction site", ylabel="bits", title="per-sample entropy MAE and KL")
+    ax_h.legend(fontsize=7)
+    ax_mae.legend(fontsize=7)
+    rows = [[name, s["entropy_mae_bits"], s["kl_bits"], s["accuracy"], s["bayes_entropy_bits"]] for name, s in evaluation["summary"].items()]
+    text = f"<p>Step {evaluation['step']}, {evaluation['n_sequences']} held-out sequences (seed {evaluation['seed']}).</p>"
+    return text + _table(["set", "entropy MAE (bits)", "KL (bits)", "accuracy", "Bayes entropy (bits)"], rows) + _png(fig)
+
+
+def _manifold_section(folder: Path, n_panels: int = 4) -> str:
+    files = sorted(((int(p.stem.split("_", 1)[1]), p) for p in folder.glob("step_*.json")), key=lambda t: t[0]) if folder.exists() else []
+    if not files:
+        return "<p>No manifold projections (written by the telemetry probes or <code>windtunnel dissociation</code>).</p>"
+    picks = sorted({round(i * (len(files) - 1) / max(n_panels - 1, 1)) for i in range(min(n_panels, len(files)))})
+    fig, axes = _figure(len(picks), height=3.0)
+    for ax, i in zip(axes, picks):
+        step, path = files[i]
+        data = json.loads(path.read_text(encoding="utf-8"))
+        sc = ax.scatter(data["pc1"], data["pc2"], c=data["entropy_bits"], s=4, cmap="viridis")
+        ax.set(title=f"step {step}: PC1 {100 * data['pc1_share']:.0f} %", xlabel="PC1", ylabel="PC2")
+    fig.colorbar(sc, ax=list(axes), label="H_Bayes (bits)")
+    return _png(fig)
+
+
+def _geometry_section(tel: _Telemetry) -> str:
+    if not tel.series:
+        return "<p>No telemetry.jsonl (train with <code>--telemetry</code>).</p>"
+    fig, (ax_ko, ax_ent, ax_pc) = _figure(3)
+    for layer in tel.layers("key_ortho_abs_cos"):
+        s = tel.get("key_ortho_abs_cos", layer)
+        ax_ko.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=f"layer {layer}")
+    base = tel.last("key_ortho_random_baseline")
+    if base is not None:
+        ax_ko.axhline(base, color="grey", ls="--", label="random √(2/πd)")
+    init = tel.last("key_ortho_init_abs_cos", 0)
+    if init is not None:
+        ax_ko.axhline(init, color="k", ls=":", label="layer 0 at init")
+    ax_ko.set(xscale="log", xlabel="step", ylabel="mean |cos|", title="key orthogonality")
+    for layer in tel.layers("attn_entropy_bits"):
+        s = tel.get("attn_entropy_bits", layer)
+        ax_ent.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=f"layer {layer}")
+    ax_ent.set(xscale="log", xlabel="step", ylabel="bits", title="attention entropy at the sites")
+    for metric in ("manifold_pc1_share", "manifold_spearman", "manifold_probe_r2", "focusing_ratio"):
+        s = tel.get(metric)
+        if s:
+            ax_pc.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=metric)
+    ax_pc.set(xscale="log", xlabel="step", title="value manifold and focusing")
+    for ax in (ax_ko, ax_ent, ax_pc):
+        ax.legend(fontsize=7)
+    rows = []
+    for layer in tel.layers("key_ortho_abs_cos"):
+        heads = sorted(k[2] for k in tel.series if k[0] == "key_ortho_abs_cos" and k[1] == layer and k[2] is not None)
+        rows.append([layer, tel.last("key_ortho_abs_cos", layer), tel.last("key_ortho_min_abs_cos", layer),
+                     tel.last("key_ortho_init_abs_cos", layer), base, tel.last("attn_entropy_bits", layer), len(heads)])
+    return _table(["layer", "mean |cos| (final)", "min head", "at init", "random", "attention entropy (bits)", "heads"], rows) + _png(fig)
+
+
+def _routing_section(tel: _Telemetry) -> str:
+    metrics = ("advantage_abs_mean", "positive_advantage_mass", "d_scores_fro", "advantage_attention_cov")
+    if not tel.layers("advantage_abs_mean"):
+        return "<p>No routing-law telemetry.</p>"
+    fig, axes = _figure(len(metrics), width=13)
+    for ax, metric in zip(axes, metrics):
+        for layer in tel.layers(metric):
+            by_step: dict[int, list[float]] = defaultdict(list)
+            for (m, l, h), series in tel.series.items():
+                if m == metric and l == layer and h is not None:
+                    for step, v in series:
+                        by_step[step].append(v)
+            steps = sorted(by_step)
+            ax.plot([max(s, 0.5) for s in steps], [sum(by_step[s]) / len(by_step[s]) for s in steps], marker=".", label=f"layer {layer}")
+        ax.set(xscale="log", xlabel="step", title=f"{metric} (head mean)")
+        ax.legend(fontsize=7)
+    worst = max((v for (m, _, _), s in tel.series.items() if m == "law_check_rel_error" for _, v in s), default=None)
+    worst_model = max((v for (m, _, _), s in tel.series.items() if m == "law_model_grad_rel_error" for _, v in s), default=None)
+    text = (f"<p>Exactness at every logged step: closed form vs autograd rebuild (float64), worst relative error "
+            f"{_fmt(worst)}; closed form vs the model's own backward at hook_q/k/v (float32), worst {_fmt(worst_model)}.</p>")
+    return text + _png(fig)
+
+
+def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
+    if diss is None:
+        return "<p>No dissociation.json: run <code>windtunnel dissociation RUN_DIR</code>.</p>"
+    png = run / "dissociation.png"
+    rows = [[name, step] for name, step in diss["settling_step"].items()]
+    text = (f"<p>Checkpoints: {len(diss['steps'])} ({diss['steps'][0]}…{diss['steps'][-1]}). Frame settled by step "
+            f"{_fmt(diss['frame_settled_by'])}; calibration by {_fmt(diss['precision_settled_by'])}; frame settles first: "
+            f"<b>{_fmt(diss['frame_settles_first'])}</b>; MAE at frame settling ÷ final MAE: {_fmt(diss['mae_improvement_after_frame'])}.</p>")
+    return text + (_img(png.read_bytes()) if png.exists() else "") + _table(["metric", "settling step (within 10 % of final)"], rows)
+
+
+def _ablation_section(ablation: dict[str, Any] | None) -> str:
+    if ablation is None:
+        return "<p>No ablation.json: run <code>windtunnel ablate RUN_DIR</code>.</p>"
+    rows = [[r["kind"], r["layer"], r["head"], r["entropy_mae_bits"], r["delta_mae_bits"], r["mae_ratio"], r["delta_kl_bits"], r["delta_accuracy"]]
+            for r in sorted(ablation["rows"], key=lambda r: -r["delta_mae_bits"])]
+    intact = ablation["intact"]
+    text = (f"<p>Step {ablation['step']}, {ablation['n_sequences']} sequences; intact entropy MAE {_fmt(intact['entropy_mae_bits'])} bits, "
+            f"accuracy {_fmt(intact['accuracy'])}. Sorted by ΔMAE.</p>")
+    return text + _table(["ablation", "layer", "head", "MAE (bits)", "ΔMAE (bits)", "MAE ratio", "ΔKL (bits)", "Δaccuracy"], rows)
+
+
+def _ours(key: str, metrics: list[dict[str, Any]], evaluation: dict | None, tel: _Telemetry, diss: dict | None, ablation: dict | None) -> str:
+    final_eval = [r for r in metrics if r.get("split") == "eval"]
+    if key == "mae":
+        if evaluation is not None:
+            return _fmt(next(iter(evaluation["summary"].values()))["entropy_mae_bits"]) + " (eval.json)"
+        return _fmt(final_eval[-1]["entropy_mae_bits"]) + " (last eval)" if final_eval else "—"
+    if key == "mae_lengths":
+        if evaluation is None:
+            return "—"
+        return " / ".join(f"{n}: {_fmt(s['entropy_mae_bits'])}" for n, s in evaluation["summary"].items())
+    if key == "accuracy":
+        return _fmt(final_eval[-1]["accuracy"]) if final_eval else "—"
+    # without telemetry (a run trained without probes) fall back to the last checkpoint in dissociation.json
+    fallback = {m: v[-1] for m, v in diss["metrics"].items()} if diss is not None else {}
+    if key == "key_ortho":
+        if tel.last("key_ortho_abs_cos", 0) is None:
+            return f"{_fmt(fallback.get('key_ortho_layer0'))} (dissociation.json, final checkpoint)"
+        return f"{_fmt(tel.last('key_ortho_abs_cos', 0))} vs {_fmt(tel.last('key_ortho_random_baseline'))} random (d_head), {_fmt(tel.last('key_ortho_init_abs_cos', 0))} at init"
+    if key == "pc1":
+        if tel.last("manifold_pc1_share") is None:
+            return f"{_fmt(fallback.get('pc1_share'))} (PC1+PC2 {_fmt(fallback.get('pc12_share'))}); Spearman {_fmt(fallback.get('spearman'))} (dissociation.json)"
+        return f"{_fmt(tel.last('manifold_pc1_share'))} (PC1+PC2 {_fmt(tel.last('manifold_pc12_share'))}); Spearman {_fmt(tel.last('manifold_spearman'))}"
+    if key == "focusing":
+        return _fmt(tel.last("focusing_ratio") if tel.last("focusing_ratio") is not None else fallback.get("focusing_ratio"))
+    if key == "bypass" and ablation is not None:
+        ratios = [r["mae_ratio"] for r in ablation["rows"] if r["kind"] == "bypass" and r["mae_ratio"] is not None]
+        return f"min {_fmt(min(ratios))}×, max {_fmt(max(ratios))}×" if ratios else "—"
+    if key == "dissociation" and diss is not None:
+        return f"frame by {_fmt(diss['frame_settled_by'])}, first: {_fmt(diss['frame_settles_first'])}; MAE ×{_fmt(diss['mae_improvement_after_frame'])} after"
+    return "—"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f2f2f2}img{max-width:100%;display:block;margin:.5em 0}h2{border-bottom:1px solid #ddd;margin-top:1.6em}
+code{background:#f4f4f4;padding:0 3px}"""
+
+
+def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
+    """Write a self-contained HTML report of ``run_dir`` (default ``RUN_DIR/report.html``).
+
+    Raises:
+        ValueError: when ``run_dir`` is not a run directory (no config.json).
+    """
+    run = RunDir(run_dir)
+    config = run.read_config()
+    metrics = run.metrics()
+    tel = _Telemetry(read_jsonl(run.telemetry_path))
+    evaluation = _read_json(run.path / "eval.json")
+    diss = _read_json(run.path / "dissociation.json")
+    ablation = _read_json(run.path / "ablation.json")
+    task = config.get("task_name", "?")
+    title = config.get("name") or f"{task}/{config.get('model_name', '?')}"
+    paper_rows = [[q, p, src, _ours(key, metrics, evaluation, tel, diss, ablation)] for q, p, src, key in PAPER_NUMBERS.get(task, [])]
+    train = config.get("train", {})
+    sections = [
+        ("Run", f"<p>Task <code>{html.escape(task)}</code> {html.escape(json.dumps(config.get('task', {})))}, model "
+                f"<code>{html.escape(str(config.get('model_name')))}</code> {html.escape(json.dumps(config.get('model', {})))}; "
+                f"{_fmt(train.get('steps'))} steps × batch {_fmt(train.get('batch_size'))}, lr {_fmt(train.get('lr'))}, seed {_fmt(train.get('seed'))}.</p>"),
+        ("Paper numbers beside ours (SPEC §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
+        ("Loss and held-out calibration", _loss_section(metrics)),
+        ("Per-position calibration vs Bayes", _calibration_section(evaluation)),
+        ("Value manifold coloured by Bayes entropy", _manifold_section(run.path / "manifold")),
+        ("Key orthogonality, attention entropy, manifold statistics", _geometry_section(tel)),
+        ("Frame–precision dissociation (SPEC §8.6)", _dissociation_section(run.path, diss)),
+        ("Routing-law telemetry (SPEC §8.4)", _routing_section(tel)),
+        ("Ablations (SPEC §8.5)", _ablation_section(ablation)),
+    ]
+    body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body><h1>windtunnel report: {html.escape(title)}</h1>{body}</body></html>")
+    return write_text_atomic(Path(out) if out is not None else run.path / "report.html", page)

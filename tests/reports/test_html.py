@@ -1,0 +1,97 @@
+"""The HTML report builds from a run directory alone, embeds its figures and renders."""
+
+import base64
+import re
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from windtunnel.cli import main
+from windtunnel.experiments.dissociation import run_dissociation
+from windtunnel.experiments.evaluation import evaluate_run
+from windtunnel.experiments.telemetry import ablate_run, attach_probes
+from windtunnel.presets import apply_overrides, get_preset
+from windtunnel.reports import build_report
+from windtunnel.runs import write_json_atomic
+from windtunnel.train import Trainer
+
+TINY = ["train.steps=30", "task.n_values=6", "task.n_pairs=5", "model.d_model=16", "model.d_mlp=32",
+        "model.n_heads=2", "train.batch_size=16", "train.eval_size=64", "train.eval_batch_size=64",
+        "train.eval_every=15", "train.checkpoint_every=15", "train.warmup_steps=5", "train.log_every=5",
+        "train.device=cpu"]
+SECTIONS = ("Paper numbers beside ours", "Loss and held-out calibration", "Per-position calibration vs Bayes",
+            "Value manifold coloured by Bayes entropy", "Key orthogonality", "Frame–precision dissociation",
+            "Routing-law telemetry", "Ablations")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    experiment = apply_overrides(get_preset("bijection", "transformer", "cpu"), TINY)
+    attach_probes(Trainer(experiment, path), n_sequences=32).fit()
+    evaluate_run(path, n_sequences=64, batch_size=64)
+    run_dissociation(path, n_sequences=32)
+    ablate_run(path, n_sequences=40, batch_size=20)
+    return path
+
+
+def _images(page):
+    return re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+
+
+def test_full_report(full_run):
+    result = CliRunner().invoke(main, ["report", str(full_run)])
+    assert result.exit_code == 0, result.output
+    page = (full_run / "report.html").read_text()
+    for section in SECTIONS:
+        assert section in page
+    images = _images(page)
+    assert len(images) == 6  # loss, calibration, manifold, geometry, dissociation, routing law
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert "No eval.json" not in page and "No ablation.json" not in page and "No dissociation.json" not in page
+    assert "0.052 vs 0.082 random" in page  # the paper's numbers beside ours
+
+
+def test_report_reads_only_the_directory(full_run, tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots"))
+    assert len(_images(build_report(copy).read_text())) == 6
+
+
+def test_minimal_run_dir(tmp_path):
+    write_json_atomic(tmp_path / "config.json", {"task_name": "hmm", "model_name": "transformer", "train": {"steps": 1}})
+    page = build_report(tmp_path, out=tmp_path / "r.html").read_text()
+    assert "No eval.json" in page and "No telemetry.jsonl" in page and "7.5e-5" in page
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a run directory"):
+        build_report(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code != 0 and "not a run directory" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_renders_in_headless_chromium(full_run, tmp_path):
+    import matplotlib.image
+
+    page = build_report(full_run)
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--hide-scrollbars", "--window-size=1280,6000", f"--screenshot={shot}", page.resolve().as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] == 6000 and float(pixels[..., :3].std()) > 0.05  # not a blank page
+
+
+def test_paper_table_falls_back_to_dissociation(full_run, tmp_path):
+    copy = tmp_path / "no_telemetry"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "telemetry.jsonl"))
+    page = build_report(copy).read_text()
+    assert "No telemetry.jsonl" in page and "(dissociation.json, final checkpoint)" in page

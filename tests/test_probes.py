@@ -1,0 +1,188 @@
+"""Probes against independent computations: hooks read by hand, autograd, manual ablations."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from windtunnel import probes
+from windtunnel.hooks import record
+from windtunnel.models import PositionwiseMLP, PositionwiseMLPConfig, TinyGPT, TinyGPTConfig
+from windtunnel.tasks import Bijection, HMMFiltering
+from windtunnel.train import site_loss
+
+TASK = Bijection(n_values=6, n_pairs=5)
+
+
+def tiny_model(task=TASK, seed=0, **kw):
+    cfg = dict(vocab_size=task.vocab_size, n_positions=task.seq_len, n_layers=2, n_heads=2, d_model=16, d_mlp=32)
+    cfg.update(kw)
+    return TinyGPT(TinyGPTConfig(**cfg), generator=torch.Generator().manual_seed(seed))
+
+
+def batch_of(task=TASK, n=24, seed=1):
+    return task.sample(n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hypothesis_tokens():
+    assert probes.hypothesis_tokens(TASK).tolist() == list(range(6, 12))  # value tokens V..2V-1
+    assert probes.hypothesis_tokens(Bijection(n_values=5, n_pairs=4, format="A")).tolist() == list(range(5))
+    assert probes.hypothesis_tokens(HMMFiltering(n_steps=3)) is None
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_collect_states_residual_is_what_the_readout_reads(norm):
+    model, batch = tiny_model(norm=norm), batch_of()
+    states = probes.collect_states(model, TASK, batch)
+    # tied readout: logits = ln_final(resid) @ W_E^T, so the residual must include gain (and bias)
+    expected = states.residual @ model.embed.W_E.T
+    torch.testing.assert_close(states.logits[:, batch.sites], expected, rtol=1e-5, atol=1e-6)
+    with record(model, names="blocks.1.hook_resid_post") as cache:
+        model(batch.tokens)
+    torch.testing.assert_close(states.residual, model.ln_final(cache["blocks.1.hook_resid_post"])[:, batch.sites])
+    assert states.patterns.shape == (2, 24, 2, TASK.seq_len, TASK.seq_len)
+    assert states.q.shape == states.k.shape == (2, 24, TASK.seq_len, 2, 8)
+    x, h, pos = states.flat()
+    assert x.shape == (24 * 5, 16) and h.shape == pos.shape == (24 * 5,)
+    assert torch.equal(h.view(24, 5), batch.entropy_bits)
+
+
+@torch.no_grad()
+def test_key_orthogonality_against_a_loop():
+    model = tiny_model()
+    ko = probes.layer_key_orthogonality(model, probes.hypothesis_tokens(TASK))
+    for layer, block in enumerate(model.blocks):
+        e = model.embed.W_E[6:12].double()
+        n = e / torch.sqrt(e.pow(2).mean(-1, keepdim=True) + model.config.norm_eps) * block.ln1.w.double()
+        for h in range(2):
+            keys = n @ block.attn.W_K[h].double()
+            total = 0.0
+            for x in range(6):
+                for y in range(6):
+                    if x != y:
+                        total += abs(float(keys[x] @ keys[y] / (keys[x].norm() * keys[y].norm())))
+            assert ko[layer].abs_cosine_per_head[h].item() == pytest.approx(total / 30, rel=1e-9)
+
+
+def test_geometry_snapshot_baselines_and_rows():
+    model, base, batch = tiny_model(seed=0), tiny_model(seed=5), batch_of()
+    snap = probes.geometry_snapshot(model, TASK, batch, baseline_model=base, generator=torch.Generator().manual_seed(0))
+    assert snap.random_baseline == pytest.approx(math.gamma(4) / (math.sqrt(math.pi) * math.gamma(4.5)))
+    assert len(snap.key_orthogonality) == len(snap.baseline_key_orthogonality) == 2
+    assert not torch.equal(snap.key_orthogonality[0].abs_cosine_per_head, snap.baseline_key_orthogonality[0].abs_cosine_per_head)
+    assert snap.head_entropy_bits.shape == (2, 2)
+    # attention entropy at the sites by hand: -sum a log2 a, mean over batch, heads and sites
+    pat = probes.collect_states(model, TASK, batch).patterns[0][:, :, batch.sites].double()
+    hand = -(torch.where(pat > 0, pat * torch.log2(pat), torch.zeros_like(pat))).sum(-1).mean()
+    assert snap.layer_entropy_bits[0].item() == pytest.approx(hand.item(), rel=1e-9)
+    rows = snap.rows(7)
+    assert {r["metric"] for r in rows} >= {"key_ortho_abs_cos", "key_ortho_init_abs_cos", "attn_entropy_bits", "focusing_ratio", "manifold_pc1_share", "manifold_probe_r2"}
+    hmm = HMMFiltering(n_steps=3)
+    hmodel = tiny_model(hmm, n_out=hmm.n_classes, tie_embeddings=False)
+    assert probes.geometry_snapshot(hmodel, hmm, batch_of(hmm)).key_orthogonality is None
+
+
+def test_routing_law_stats_agree_with_autograd():
+    model, batch = tiny_model(), batch_of()
+    model.train()
+    stats = probes.routing_law_stats(model, TASK, batch)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
+    names = lambda n: n.endswith(("attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_v", "attn.hook_z"))  # noqa: E731
+    model.eval()
+    with record(model, names=names, grads=True) as cache:
+        site_loss(model(batch.tokens), batch, TASK).backward()
+    model.zero_grad(set_to_none=True)
+    for layer in range(2):
+        d_s = cache[f"blocks.{layer}.attn.hook_attn_scores_grad"].double()  # autograd dL/ds
+        alpha = cache[f"blocks.{layer}.attn.hook_pattern"].double()
+        u = cache[f"blocks.{layer}.attn.hook_z_grad"].double()  # [batch, pos, head, d_head]
+        live = (u.abs().sum(-1) > 0).transpose(1, 2)  # [batch, head, pos]
+        for h in range(2):
+            assert stats.d_scores_fro[layer, h].item() == pytest.approx(d_s[:, h].norm().item(), rel=1e-4)
+            d_v = cache[f"blocks.{layer}.attn.hook_v_grad"][:, :, h].double()
+            assert stats.value_pull_norm[layer, h].item() == pytest.approx(d_v.norm().item(), rel=1e-4)
+            # adv_ij > 0  <=>  dL/ds_ij = -a_ij adv_ij < 0 (a_ij > 0): mass on keys a descent step
+            # reinforces. float32 autograd puts rounding noise on exact zeros (e.g. the one-key row 0),
+            # so signs are read only above a noise floor.
+            floor = 1e-5 * float(d_s[:, h].abs().max())
+            mass = (alpha[:, h] * (d_s[:, h] < -floor)).sum(-1)[live[:, h]].mean()
+            assert stats.positive_advantage_mass[layer, h].item() == pytest.approx(mass.item(), abs=2e-3)
+    assert float(stats.law_rel_error.max()) < 1e-10
+    assert float(stats.model_grad_rel_error.max()) < 1e-4
+    rows = stats.rows(3)
+    assert all(set(r) == {"step", "layer", "head", "metric", "value"} for r in rows)
+
+
+def test_site_loss_matches_the_trainer():
+    model, batch = tiny_model(), batch_of()
+    logits = model(batch.tokens)
+    torch.testing.assert_close(probes.site_loss_nats(logits, batch, TASK), site_loss(logits, batch, TASK))
+    hmm = HMMFiltering(n_steps=3)
+    hb = batch_of(hmm)
+    hl = tiny_model(hmm, n_out=hmm.n_classes, tie_embeddings=False)(hb.tokens)
+    torch.testing.assert_close(probes.site_loss_nats(hl, hb, hmm), site_loss(hl, hb, hmm))
+
+
+def test_make_probes_rows_schema_and_files(tmp_path):
+    model, batch = tiny_model(), batch_of()
+    ps = probes.make_probes(TASK, eval_batch=batch, baseline_model=tiny_model(seed=9), generator=torch.Generator().manual_seed(4), run_dir=tmp_path)
+    rows = [r for p in ps for r in p(model, 12)]
+    assert rows and all(set(r) == {"step", "layer", "head", "metric", "value"} for r in rows)
+    assert all(r["step"] == 12 and (r["value"] is None or isinstance(r["value"], float)) for r in rows)
+    assert all(r["layer"] is None or r["layer"] in (0, 1) for r in rows)
+    assert all(r["head"] is None or (r["head"] in (0, 1) and r["layer"] is not None) for r in rows)
+    assert {"probe_entropy_mae_bits", "advantage_abs_mean", "key_ortho_abs_cos"} <= {r["metric"] for r in rows}
+    assert (tmp_path / "manifold" / "step_12.json").exists()
+    saved = torch.load(tmp_path / "snapshots" / "step_12.pt", weights_only=False)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    again = [r for p in ps for r in p(model, 12)]
+    r2 = [r["value"] for r in rows if r["metric"] == "manifold_probe_r2"]
+    assert r2 == [r["value"] for r in again if r["metric"] == "manifold_probe_r2"]  # same split every call
+    mlp = PositionwiseMLP(PositionwiseMLPConfig(vocab_size=TASK.vocab_size, n_positions=TASK.seq_len, n_layers=1, d_model=8, d_mlp=16), generator=torch.Generator().manual_seed(0))
+    assert [m for p in ps for m in (r["metric"] for r in p(mlp, 0))] == ["probe_entropy_mae_bits", "probe_kl_bits", "probe_accuracy"]
+
+
+def _manual(model, edit):
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        edit(clone)
+    return clone
+
+
+def test_ablation_table_matches_manual_ablations():
+    model, batches = tiny_model(), [batch_of(n=32)]
+    table = probes.ablation_table(model, TASK, batches)
+    assert len(table.rows) == 2 * 2 + 3 * 2
+    by = {(r["kind"], r["layer"], r["head"]): r for r in table.rows}
+
+    def mae(m):
+        return probes.calibrate(m, TASK, batches).scalars()["entropy_mae_bits"]
+
+    for layer in range(2):
+        for h in range(2):  # zeroing the head's rows of W_O removes exactly its output (no bias)
+            manual = _manual(model, lambda m: m.blocks[layer].attn.W_O[h].zero_())
+            assert by[("head", layer, h)]["entropy_mae_bits"] == pytest.approx(mae(manual), abs=1e-9)
+            assert by[("head", layer, h)]["delta_mae_bits"] != 0.0  # a head with nonzero output matters
+        manual = _manual(model, lambda m: m.blocks[layer].attn.W_O.zero_())
+        assert by[("zero_attn_out", layer, None)]["entropy_mae_bits"] == pytest.approx(mae(manual), abs=1e-9)
+
+        def kill_mlp(m):
+            m.blocks[layer].mlp.W_out.zero_()
+            m.blocks[layer].mlp.b_out.zero_()
+
+        assert by[("zero_mlp_out", layer, None)]["entropy_mae_bits"] == pytest.approx(mae(_manual(model, kill_mlp)), abs=1e-9)
+        assert by[("bypass", layer, None)]["delta_mae_bits"] != 0.0
+    assert table.intact["entropy_mae_bits"] == pytest.approx(mae(model))
+
+
+def test_errors():
+    mlp = PositionwiseMLP(PositionwiseMLPConfig(vocab_size=TASK.vocab_size, n_positions=TASK.seq_len, n_layers=1, d_model=8, d_mlp=16), generator=torch.Generator().manual_seed(0))
+    batch = batch_of()
+    for fn in (probes.collect_states, probes.geometry_snapshot, probes.routing_law_stats, probes.ablation_table):
+        with pytest.raises(ValueError, match="model must be a TinyGPT"):
+            fn(mlp, TASK, batch if fn is not probes.ablation_table else [batch])
+    model = tiny_model()
+    with model.ablated(heads=[(0, 1)]), pytest.raises(ValueError, match="free of head ablations"):
+        probes.routing_law_stats(model, TASK, batch)
