@@ -115,16 +115,6 @@ def test_routing_law_stats_agree_with_autograd():
     assert all(set(r) == {"step", "layer", "head", "metric", "value"} for r in rows)
 
 
-def test_site_loss_matches_the_trainer():
-    model, batch = tiny_model(), batch_of()
-    logits = model(batch.tokens)
-    torch.testing.assert_close(probes.site_loss_nats(logits, batch, TASK), site_loss(logits, batch, TASK))
-    hmm = HMMFiltering(n_steps=3)
-    hb = batch_of(hmm)
-    hl = tiny_model(hmm, n_out=hmm.n_classes, tie_embeddings=False)(hb.tokens)
-    torch.testing.assert_close(probes.site_loss_nats(hl, hb, hmm), site_loss(hl, hb, hmm))
-
-
 def test_make_probes_rows_schema_and_files(tmp_path):
     model, batch = tiny_model(), batch_of()
     ps = probes.make_probes(TASK, eval_batch=batch, baseline_model=tiny_model(seed=9), generator=torch.Generator().manual_seed(4), run_dir=tmp_path)

@@ -148,3 +148,25 @@ def test_a_run_directory_refuses_a_different_config(tmp_path):
     Trainer(_tiny(), tmp_path / "run")
     with pytest.raises(ValueError, match="holds a different run"):
         Trainer(_tiny(steps=99), tmp_path / "run")
+
+
+def test_site_loss_against_a_hand_computation():
+    from windtunnel.tasks import Bijection, HMMFiltering
+
+    gen = torch.Generator().manual_seed(0)
+    bij = Bijection(n_values=4, n_pairs=3)
+    batch = bij.sample(3, generator=gen)
+    logits = torch.randn(3, bij.seq_len, bij.vocab_size, generator=gen, dtype=torch.float64)
+    by_hand = sum(
+        -torch.log_softmax(logits[n, s], -1)[bij.class_offset + batch.labels[n, i]]
+        for n in range(3) for i, s in enumerate(batch.sites.tolist())
+    ) / (3 * len(batch.sites))
+    assert torch.allclose(train_mod.site_loss(logits, batch, bij), by_hand)
+    hmm = HMMFiltering(n_steps=3)
+    hb = hmm.sample(2, generator=gen)
+    hl = torch.randn(2, hmm.seq_len, hmm.n_classes, generator=gen, dtype=torch.float64)
+    soft = sum(
+        -(hb.posterior[n, i] * torch.log_softmax(hl[n, s], -1)).sum()
+        for n in range(2) for i, s in enumerate(hb.sites.tolist())
+    ) / (2 * len(hb.sites))
+    assert torch.allclose(train_mod.site_loss(hl, hb, hmm), soft)

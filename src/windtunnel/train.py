@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from windtunnel._checks import Problems, check_choice, check_number, check_positive_int, close_matches
-from windtunnel.metrics import Calibration, select_sites, site_metrics, summarize
+from windtunnel.metrics import Calibration
 from windtunnel.models import (
     LSTMConfig,
     LSTMModel,
@@ -32,6 +32,8 @@ from windtunnel.models import (
     TinyGPT,
     TinyGPTConfig,
 )
+from windtunnel.probes import calibrate as evaluate
+from windtunnel.probes import site_loss_nats as site_loss
 from windtunnel.runs import RunDir
 from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
 
@@ -263,45 +265,6 @@ def telemetry_steps(total_steps: int) -> list[int]:
     return sorted(s for s in steps if s <= total_steps)
 
 
-def site_loss(logits: torch.Tensor, batch: Batch, task: Any) -> torch.Tensor:
-    """Training loss in nats at the prediction sites.
-
-    Hard-label tasks: mean cross-entropy over the model's full output (SPEC §6.2) with target
-    ``class_offset + label``. Soft-target tasks (HMM): mean soft cross-entropy
-    -sum_s p_bayes(s) log p_model(s) over the slice, i.e. KL + the posterior entropy.
-
-    Shapes: logits [batch, seq_len, n_outputs].
-    """
-    at_sites = logits[:, batch.sites]  # [batch, n_sites, n_outputs]
-    if task.soft_targets:
-        slice_logits = at_sites[..., task.class_offset : task.class_offset + task.n_classes]
-        log_p = torch.log_softmax(slice_logits, dim=-1)
-        return -(batch.posterior.to(log_p.dtype) * log_p).sum(-1).mean()
-    targets = batch.labels + task.class_offset
-    return nn.functional.cross_entropy(at_sites.reshape(-1, at_sites.shape[-1]), targets.reshape(-1))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Any, batches: Sequence[Batch], *, device: torch.device | None = None) -> Calibration:
-    """Calibration of ``model`` on fixed batches: ONE causal pass per sequence (SPEC §7).
-
-    A causal model's logits at position t depend only on tokens <= t, so one pass gives the
-    predictions of every prefix at once (tested against per-prefix passes).
-    """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    parts = []
-    try:
-        for batch in batches:
-            logits = model(batch.tokens.to(device))
-            sl = select_sites(logits, batch.sites.to(device), class_offset=task.class_offset, n_classes=task.n_classes)
-            parts.append(site_metrics(sl.cpu(), batch.posterior, batch.labels))
-    finally:
-        model.train(was_training)
-    return summarize(type(parts[0]).cat(parts))
-
-
 @dataclass(frozen=True)
 class TrainResult:
     """What a finished (or stopped) run reached.
@@ -411,7 +374,7 @@ class Trainer:
         out = {}
         for name, sets in self.eval_sets.items():
             for task, batches in sets:
-                out[name] = evaluate(self.model, task, batches, device=self.device)
+                out[name] = evaluate(self.model, task, batches)
         return out
 
     def _save(self) -> None:
