@@ -30,7 +30,7 @@ def _bijection(model_name: str, model: dict[str, Any], train: dict[str, Any], na
 
 
 _BIJ_PAPER_TRAIN = dict(steps=50_000, batch_size=256, lr=3e-4, weight_decay=0.1, warmup_steps=2000, grad_clip=1.0, eval_every=2500, checkpoint_every=2500)
-_BIJ_CPU_TRAIN = dict(steps=8000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=300, grad_clip=1.0, eval_every=500, checkpoint_every=1000)
+_BIJ_CPU_TRAIN = dict(steps=12_000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=300, grad_clip=1.0, eval_every=1000, checkpoint_every=1000)
 _TINY_BIJ_CPU = dict(n_layers=2, n_heads=4, d_model=64, d_mlp=256)
 
 
@@ -40,7 +40,7 @@ def bijection_transformer_paper() -> ExperimentConfig:
 
 
 def bijection_transformer_cpu() -> ExperimentConfig:
-    """TinyGPT 2L/4H/64, FFN 256; AdamW 2e-3, batch 128, 8k steps (ours, for 2 CPU cores)."""
+    """TinyGPT 2L/4H/64, FFN 256; AdamW 2e-3, wd 0.1, batch 128, 12k steps (ours, for 2 CPU cores)."""
     return _bijection("transformer", _TINY_BIJ_CPU, _BIJ_CPU_TRAIN, "bijection/transformer/cpu")
 
 
@@ -65,8 +65,8 @@ def bijection_lstm_paper() -> ExperimentConfig:
 
 
 def bijection_lstm_cpu() -> ExperimentConfig:
-    """LSTM 2×128 (ours, for 2 CPU cores)."""
-    return _bijection("lstm", dict(n_layers=2, d_model=128), {**_BIJ_CPU_TRAIN, "lr": 3e-3}, "bijection/lstm/cpu")
+    """LSTM 2×128 (ours, for 2 CPU cores), 4k steps."""
+    return _bijection("lstm", dict(n_layers=2, d_model=128), {**_BIJ_CPU_TRAIN, "lr": 3e-3, "steps": 4000}, "bijection/lstm/cpu")
 
 
 def _hmm(model_name: str, model: dict[str, Any], train: dict[str, Any], name: str) -> ExperimentConfig:
@@ -74,7 +74,7 @@ def _hmm(model_name: str, model: dict[str, Any], train: dict[str, Any], name: st
 
 
 _HMM_PAPER_TRAIN = dict(steps=78_000, batch_size=64, lr=3e-4, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0, eval_every=2000, checkpoint_every=2000)
-_HMM_CPU_TRAIN = dict(steps=6000, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=300, grad_clip=1.0, eval_every=500, checkpoint_every=1000)
+_HMM_CPU_TRAIN = dict(steps=4000, batch_size=32, lr=1e-3, weight_decay=0.01, warmup_steps=200, grad_clip=1.0, eval_every=1000, eval_size=1000, checkpoint_every=1000)
 
 
 def hmm_transformer_paper() -> ExperimentConfig:
@@ -88,8 +88,8 @@ def hmm_transformer_paper() -> ExperimentConfig:
 
 
 def hmm_transformer_cpu() -> ExperimentConfig:
-    """TinyGPT 4L/4H/128 pre-LayerNorm, no dropout; 6k steps at batch 64 (ours)."""
-    return _hmm("transformer", dict(n_layers=4, n_heads=4, d_model=128, d_mlp=512, norm="layernorm", head_bias=True), _HMM_CPU_TRAIN, "hmm/transformer/cpu")
+    """TinyGPT 3L/4H/64 pre-LayerNorm, no dropout; 4k steps at batch 32 (ours; far below the paper's budget)."""
+    return _hmm("transformer", dict(n_layers=3, n_heads=4, d_model=64, d_mlp=256, norm="layernorm", head_bias=True), _HMM_CPU_TRAIN, "hmm/transformer/cpu")
 
 
 def hmm_lstm_paper() -> ExperimentConfig:
@@ -98,8 +98,8 @@ def hmm_lstm_paper() -> ExperimentConfig:
 
 
 def hmm_lstm_cpu() -> ExperimentConfig:
-    """LSTM 2×128, token embedding only (ours)."""
-    return _hmm("lstm", dict(n_layers=2, d_model=128, n_positions=None, head_bias=True), {**_HMM_CPU_TRAIN, "steps": 2000}, "hmm/lstm/cpu")
+    """LSTM 2×64, token embedding only (ours)."""
+    return _hmm("lstm", dict(n_layers=2, d_model=64, n_positions=None, head_bias=True), {**_HMM_CPU_TRAIN, "steps": 2000}, "hmm/lstm/cpu")
 
 
 def hmm_mlp_cpu() -> ExperimentConfig:
