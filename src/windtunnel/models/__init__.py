@@ -1,0 +1,19 @@
+"""Models: the single attention head of Paper II and the deep sticky-chain transformer."""
+
+from windtunnel.models.single_head import (
+    PARAMETER_NAMES,
+    SingleHeadAttention,
+    SingleHeadConfig,
+    SingleHeadForward,
+    SingleHeadGradients,
+    single_head_gradients,
+)
+
+__all__ = [
+    "PARAMETER_NAMES",
+    "SingleHeadAttention",
+    "SingleHeadConfig",
+    "SingleHeadForward",
+    "SingleHeadGradients",
+    "single_head_gradients",
+]
