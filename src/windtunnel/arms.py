@@ -36,6 +36,7 @@ __all__ = [
     "ArmOptimizer",
     "em_value_update",
     "ridge_factor",
+    "train_adamw_cosine",
     "train_steps",
 ]
 
@@ -302,4 +303,43 @@ def train_steps(
             on_step(step, grads, before, deltas)
         if not math.isfinite(float(grads.loss_nats.sum())):
             raise FloatingPointError(f"loss is not finite at step {step}; lower the arm's lr.")
+    return losses
+
+
+def train_adamw_cosine(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    n_steps: int,
+    *,
+    lr: float = 3e-4,
+    weight_decay: float = 0.01,
+    clip: float = 1.0,
+    dropout_generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The deep variant's recipe (SPEC §4.5): full-batch AdamW, cosine annealing over ``n_steps``,
+    gradient-norm clipping; returns the pre-update losses [n_steps] (nats).
+
+    Shapes: x [batch, pos, d_x]; targets long [batch, pos]; ``model(x, generator=...)`` gives
+    logits [batch, pos, n_classes].
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps)
+    losses = torch.empty(n_steps, dtype=torch.float64)
+    model.train()
+    for step in range(n_steps):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x, generator=dropout_generator)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        schedule.step()
+        losses[step] = loss.item()
+        if not math.isfinite(losses[step].item()):
+            raise FloatingPointError(f"loss is not finite at step {step}; lower lr.")
+        if on_step is not None:
+            on_step(step)
+    model.eval()
     return losses

@@ -7,7 +7,9 @@ from windtunnel.models.single_head import (
     SingleHeadForward,
     SingleHeadGradients,
     single_head_gradients,
+    single_head_output,
 )
+from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
 
 __all__ = [
     "PARAMETER_NAMES",
@@ -15,5 +17,8 @@ __all__ = [
     "SingleHeadConfig",
     "SingleHeadForward",
     "SingleHeadGradients",
+    "StickyTransformer",
+    "StickyTransformerConfig",
     "single_head_gradients",
+    "single_head_output",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "SingleHeadForward",
     "SingleHeadGradients",
     "single_head_gradients",
+    "single_head_output",
 ]
 
 #: Parameter names in the reference draw order (RNG step 5 of SPEC §4.1).
@@ -245,6 +246,32 @@ def single_head_gradients(
     )
 
 
+@torch.no_grad()
+def single_head_output(weights: dict[str, torch.Tensor], x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
+    """The head output z = alpha v without autograd, block by block over query rows.
+
+    Memory stays at [replica, batch, block_size, pos]; logits are ``z @ W_O``.
+
+    Shapes: weights as in :func:`single_head_gradients`; x [replica or 1, batch, pos, d_x] ->
+    z [replica, batch, pos, d_v].
+
+    Raises:
+        ValueError: when ``x`` does not fit.
+    """
+    _check_inputs("single_head_output", weights, x, None)
+    w = {name: p.unsqueeze(1) for name, p in weights.items()}
+    q, k, v = x @ w["W_Q"], x @ w["W_K"], x @ w["W_V"]
+    q = q / math.sqrt(q.shape[-1])
+    n_pos = x.shape[2]
+    z = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for i0 in range(0, n_pos, block_size):
+        i1 = min(n_pos, i0 + block_size)
+        s = q[..., i0:i1, :] @ k[..., :i1, :].transpose(-1, -2)
+        allowed = torch.arange(i1, device=x.device) <= torch.arange(i0, i1, device=x.device)[:, None]
+        z[..., i0:i1, :] = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v[..., :i1, :]
+    return z
+
+
 class SingleHeadAttention(nn.Module):
     """A batch of independent single attention heads with a linear readout (SPEC §4.2).
 
@@ -315,6 +342,15 @@ class SingleHeadAttention(nn.Module):
         pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
         z = pattern @ v
         return SingleHeadForward(q=q, k=k, v=v, pattern=pattern, z=z, logits=z @ w["W_O"])
+
+    def head_output(self, x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
+        """The head output z = alpha v without autograd; see :func:`single_head_output`."""
+        return single_head_output({n: p.detach() for n, p in self.weights.items()}, x, block_size=block_size)
+
+    @torch.no_grad()
+    def predict_logits(self, x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
+        """Logits z W_O without autograd, [replica, batch, pos, n_classes]; see :meth:`head_output`."""
+        return self.head_output(x, block_size=block_size) @ self.W_O.detach().unsqueeze(1)
 
     def exact_gradients(
         self,

@@ -1,0 +1,1 @@
+"""One reproduction per module; only the CLI imports these."""

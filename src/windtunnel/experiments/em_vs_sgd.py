@@ -1,0 +1,294 @@
+"""Paper II, sticky Markov chain: EM-like (two-timescale) vs SGD over several seeds (SPEC §4).
+
+Every seed x arm is one replica of a batched :class:`SingleHeadAttention`; all replicas of a
+seed share its data and initial weights, and one closed-form gradient pass per step serves them
+all. ``rng="reference"`` reproduces the authors' data and initialisation streams (SPEC §4.1 RNG)
+with private generators; the held-out sequence is drawn the same way from seed + 10000.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy
+import scipy.stats
+import torch
+
+from windtunnel import __version__
+from windtunnel._checks import Problems, check_choice, check_number, check_positive_int
+from windtunnel.arms import ARM_NAMES, ArmConfig, ArmOptimizer, train_adamw_cosine, train_steps
+from windtunnel.models.single_head import SingleHeadAttention, single_head_output
+from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
+from windtunnel.tasks.sticky_markov import PredictionScores, StickyMarkov, score_predictions
+from windtunnel.telemetry import causal_routing_telemetry, routing_law_residual
+
+__all__ = ["EmVsSgdConfig", "PAPER_SEEDS", "run_em_vs_sgd", "steps_to_threshold", "total_steps"]
+
+PAPER_SEEDS = (42, 2024, 1337, 7777, 9999)
+MODELS = ("single", "deep")
+RNG_MODES = ("reference", "independent")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmVsSgdConfig:
+    """The sticky-chain comparison; defaults are the paper's (reference script) settings.
+
+    Attributes:
+        seeds: run seeds; each gives one training sequence, one held-out sequence and one init.
+        n_steps: full-batch optimiser steps per arm.
+        arms: optimiser arms (:data:`windtunnel.arms.ARM_NAMES`) for ``model="single"``.
+        model: ``"single"`` (the reference single head) or ``"deep"`` (SPEC §4.5, AdamW).
+        rng: ``"reference"`` (the authors' draw order, bit-exact on CPU) or ``"independent"``
+            (vectorised sampling; data, init and held-out generators derived from the seed).
+        lr: routing learning rate eta_r.
+        value_lr_ratio: rho of ``two_timescale`` and ``alternating``.
+        em_step: eta_v of ``em``.
+        deep_lr: AdamW learning rate of the deep variant.
+        telemetry_every: log routing telemetry every this many steps (0 = never).
+        law_check_len: positions of the per-log exactness check against autograd.
+        block_size: query rows per block in the closed-form gradient pass.
+        heldout_offset: the held-out sequence uses seed + heldout_offset (reference: 10000).
+        task: the chain (reference normalisation by default).
+    """
+
+    seeds: tuple[int, ...] = PAPER_SEEDS
+    n_steps: int = 1000
+    arms: tuple[str, ...] = ("sgd", "two_timescale")
+    model: str = "single"
+    rng: str = "reference"
+    lr: float = 0.01
+    value_lr_ratio: float = 10.0
+    em_step: float = 1.0
+    deep_lr: float = 3e-4
+    telemetry_every: int = 100
+    law_check_len: int = 256
+    block_size: int = 64
+    heldout_offset: int = 10000
+    task: StickyMarkov = field(default_factory=StickyMarkov)
+
+    def __post_init__(self) -> None:
+        owner = "EmVsSgdConfig"
+        p = Problems(owner)
+        if not (isinstance(self.seeds, tuple) and self.seeds and len(set(self.seeds)) == len(self.seeds)
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):
+            p.add("seeds", "a non-empty tuple of distinct ints >= 0", self.seeds)
+        bad_arms = not (isinstance(self.arms, tuple) and self.arms and len(set(self.arms)) == len(self.arms))
+        if bad_arms or any(check_choice(owner, "arms", a, ARM_NAMES) for a in self.arms):
+            p.add("arms", f"a non-empty tuple of distinct names from {ARM_NAMES}", self.arms)
+        texts = [
+            check_positive_int(owner, "n_steps", self.n_steps),
+            *(check_number(owner, f, getattr(self, f), low=0.0, low_open=True)
+              for f in ("lr", "value_lr_ratio", "em_step", "deep_lr")),
+            check_choice(owner, "model", self.model, MODELS),
+            check_choice(owner, "rng", self.rng, RNG_MODES),
+            check_positive_int(owner, "telemetry_every", self.telemetry_every, minimum=0),
+            check_positive_int(owner, "law_check_len", self.law_check_len, minimum=2),
+            check_positive_int(owner, "block_size", self.block_size),
+            check_positive_int(owner, "heldout_offset", self.heldout_offset),
+        ]
+        p.items.extend(t for t in texts if t)
+        if not isinstance(self.task, StickyMarkov):
+            p.add("task", "a StickyMarkov", self.task)
+        p.raise_if_any()
+
+    def arm_configs(self) -> list[ArmConfig]:
+        """One :class:`ArmConfig` per name in ``arms``, sharing lr, ratio and em_step."""
+        return [ArmConfig(name=a, lr=self.lr, value_lr_ratio=self.value_lr_ratio, em_step=self.em_step) for a in self.arms]
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        out = dataclasses.asdict(self)
+        out["seeds"], out["arms"] = list(self.seeds), list(self.arms)
+        return out
+
+
+def total_steps(config: EmVsSgdConfig) -> int:
+    """Progress-bar length: optimiser steps of the run (all arms of a step count once)."""
+    return config.n_steps * (len(config.seeds) if config.model == "deep" else 1)
+
+
+def steps_to_threshold(losses: np.ndarray, threshold: float) -> int:
+    """First step whose pre-update loss is below ``threshold``; len(losses) if none is."""
+    below = np.flatnonzero(np.asarray(losses) < threshold)
+    return int(below[0]) if below.size else len(losses)
+
+
+def _generators(config: EmVsSgdConfig, seed: int) -> tuple[dict[str, torch.Generator], str]:
+    if config.rng == "reference":
+        seeds = {"data": seed, "init": seed, "heldout": seed + config.heldout_offset}
+        return {k: torch.Generator().manual_seed(v) for k, v in seeds.items()}, "reference"
+    children = np.random.SeedSequence(seed).spawn(3)
+    gens = {k: torch.Generator().manual_seed(int(c.generate_state(1)[0])) for k, c in zip(("data", "init", "heldout"), children)}
+    return gens, "vectorized"
+
+
+def _scores(s: PredictionScores) -> dict[str, float]:
+    return {"loss_nats": s.loss_nats, "loss_bits": s.loss_bits, "entropy_nats": s.entropy_nats,
+            "entropy_bits": s.entropy_bits, "accuracy": s.accuracy}
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | None = None) -> dict:
+    """Train every seed x arm, evaluate, compare; return the JSON-ready results (see the CLI docs).
+
+    ``progress(n)`` is called with the number of steps just completed.
+    """
+    start = time.perf_counter()
+    task, h_min = config.task, config.task.conditional_entropy_nats()
+    data = []
+    for seed in config.seeds:
+        gens, order = _generators(config, seed)
+        train = task.sample(1, generator=gens["data"], draw_order=order)
+        heldout = task.sample(1, generator=gens["heldout"], draw_order=order)
+        data.append({"seed": seed, "gens": gens, "train": train, "heldout": heldout})
+    per_seed = [{"seed": d["seed"], "bayes": {"train": _scores(task.bayes_scores(d["train"])),
+                                              "heldout": _scores(task.bayes_scores(d["heldout"]))},
+                 "arms": {}, "curves": {}, "telemetry": {}} for d in data]
+    runner = _run_deep if config.model == "deep" else _run_single
+    law_checks = runner(config, data, per_seed, progress)
+    names = ["deep_adamw"] if config.model == "deep" else list(config.arms)
+    aggregate = _aggregate(config, per_seed, names, h_min)
+    return {
+        "experiment": "em_vs_sgd",
+        "config": config.to_dict(),
+        "versions": {"windtunnel": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "scipy": scipy.__version__, "python": platform.python_version()},
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "bayes_loss_nats": float(np.mean([s["bayes"]["train"]["loss_nats"] for s in per_seed])),
+        "bayes_heldout_loss_nats": float(np.mean([s["bayes"]["heldout"]["loss_nats"] for s in per_seed])),
+        "bayes_accuracy": float(np.mean([s["bayes"]["train"]["accuracy"] for s in per_seed])),
+        "conditional_entropy_nats": h_min,
+        "conditional_entropy_bits": task.conditional_entropy_bits(),
+        "law_checks": law_checks,
+        "per_seed": per_seed,
+        "aggregate": aggregate,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], progress) -> list[dict]:
+    arms, n_seeds = config.arm_configs(), len(data)
+    model = SingleHeadAttention(n_replicas=len(arms) * n_seeds)  # replica r = arm * n_seeds + seed
+    for a in range(len(arms)):
+        for s, d in enumerate(data):
+            init = torch.Generator()
+            init.set_state(d["gens"]["init"].get_state())  # a copy: every arm starts from the same draw
+            model.reset_parameters(init, replicas=slice(a * n_seeds + s, a * n_seeds + s + 1))
+    x = torch.stack([d["train"].inputs for d in data]).repeat(len(arms), 1, 1, 1)  # [replica, 1, pos, d_x]
+    y = torch.stack([d["train"].targets for d in data]).repeat(len(arms), 1, 1)
+    optimizer = ArmOptimizer(model, [arm for arm in arms for _ in range(n_seeds)], x, y, block_size=config.block_size)
+    records: list[dict] = []
+    law_checks: list[dict] = []
+
+    def on_step(step: int, grads, before: dict, deltas: dict) -> None:
+        if progress is not None:
+            progress(1)
+        every = config.telemetry_every
+        if every and (step % every == 0 or step == config.n_steps - 1):
+            records.append(_telemetry(x, y, before, deltas, step))
+            r = len(law_checks) % model.n_replicas
+            law_checks.append({"step": step, "arm": arms[r // n_seeds].name, "seed": data[r % n_seeds]["seed"],
+                               "residual": _law_check(x, y, before, r, config.law_check_len)})
+
+    losses = train_steps(optimizer, config.n_steps, on_step=on_step).numpy()
+    train_logits = model.predict_logits(x)
+    heldout_x = torch.stack([d["heldout"].inputs for d in data]).repeat(len(arms), 1, 1, 1)
+    heldout_logits = model.predict_logits(heldout_x)
+    for a, arm in enumerate(arms):
+        for s, d in enumerate(data):
+            r = a * n_seeds + s
+            per_seed[s]["arms"][arm.name] = {
+                "train": _scores(score_predictions(train_logits[r], d["train"].targets)),
+                "heldout": _scores(score_predictions(heldout_logits[r], d["heldout"].targets)),
+            }
+            per_seed[s]["curves"][arm.name] = losses[r].tolist()
+            per_seed[s]["telemetry"][arm.name] = {
+                "step": [rec["step"] for rec in records],
+                **{k: [rec[k][r] for rec in records] for k in (records[0] if records else {}) if k != "step"},
+            }
+    return law_checks
+
+
+def _telemetry(x: torch.Tensor, y: torch.Tensor, before: dict, deltas: dict, step: int) -> dict:
+    q, k, v = (x @ before[n].unsqueeze(1) for n in ("W_Q", "W_K", "W_V"))
+    z = single_head_output(before, x)
+    w_out = before["W_O"].unsqueeze(1)
+    d_logits = torch.softmax(z @ w_out, -1) - torch.nn.functional.one_hot(y, w_out.shape[-1]).to(z)
+    u = d_logits / (y.shape[1] * y.shape[2]) @ w_out.transpose(-1, -2)  # dL/dz of the mean loss
+    tel = causal_routing_telemetry(q, k, v, u, x @ deltas["W_V"].unsqueeze(1))  # fields [replica, batch]
+    return {"step": step, **{name: getattr(tel, name).mean(-1).tolist() for name in tel.__dataclass_fields__}}
+
+
+def _law_check(x: torch.Tensor, y: torch.Tensor, before: dict, r: int, n_pos: int) -> float:
+    xs = x[r, :, :n_pos]
+    q, k, v = (xs @ before[n][r] for n in ("W_Q", "W_K", "W_V"))
+    return routing_law_residual(q, k, v, before["W_O"][r], y[r, :, :n_pos])
+
+
+def _run_deep(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], progress) -> list[dict]:
+    for s, d in enumerate(data):
+        model = StickyTransformer(StickyTransformerConfig(d_x=config.task.d_embed, n_classes=config.task.n_symbols),
+                                  generator=d["gens"]["init"])
+        losses = train_adamw_cosine(model, d["train"].inputs, d["train"].targets, config.n_steps, lr=config.deep_lr,
+                                    on_step=(lambda _step: progress(1)) if progress else None)
+        with torch.no_grad():
+            per_seed[s]["arms"]["deep_adamw"] = {
+                split: _scores(score_predictions(model(d[split].inputs), d[split].targets)) for split in ("train", "heldout")
+            }
+        per_seed[s]["curves"]["deep_adamw"] = losses.tolist()
+    return []
+
+
+def _aggregate(config: EmVsSgdConfig, per_seed: list[dict], names: list[str], h_min: float) -> dict:
+    def column(name: str, split: str, key: str) -> np.ndarray:
+        return np.array([s["arms"][name][split][key] for s in per_seed])
+
+    bayes = np.array([s["bayes"]["train"]["loss_nats"] for s in per_seed])
+    has_sgd = "sgd" in names
+    sgd_final = column("sgd", "train", "loss_nats") if has_sgd else None
+    out = {}
+    for name in names:
+        final = column(name, "train", "loss_nats")
+        entropy = column(name, "train", "entropy_nats")
+        curves = np.array([s["curves"][name] for s in per_seed])
+        agg = {
+            "final_loss_mean": final.mean(), "final_loss_std": final.std(),
+            "final_entropy_mean": entropy.mean(), "final_entropy_std": entropy.std(),
+            "final_accuracy_mean": column(name, "train", "accuracy").mean(),
+            "final_accuracy_std": column(name, "train", "accuracy").std(),
+            "heldout_loss_mean": column(name, "heldout", "loss_nats").mean(),
+            "heldout_loss_std": column(name, "heldout", "loss_nats").std(),
+            "heldout_entropy_mean": column(name, "heldout", "entropy_nats").mean(),
+            "heldout_accuracy_mean": column(name, "heldout", "accuracy").mean(),
+            "gap_to_bayes_nats_mean": (final - bayes).mean(),
+            "entropy_gap_to_h_min_nats_mean": entropy.mean() - h_min,
+            "curve_mean": curves.mean(0).tolist(), "curve_std": curves.std(0).tolist(),
+        }
+        if has_sgd:
+            steps_mean = [steps_to_threshold(c, sgd_final.mean()) for c in curves]
+            steps_own = [steps_to_threshold(c, t) for c, t in zip(curves, sgd_final)]
+            test = scipy.stats.ttest_rel(final, sgd_final) if name != "sgd" and len(final) > 1 else None
+            agg.update({
+                "steps_to_sgd_mean_final": float(np.mean(steps_mean)),
+                "steps_to_sgd_mean_final_std": float(np.std(steps_mean)),
+                "steps_to_sgd_mean_final_per_seed": steps_mean,
+                "steps_to_own_sgd_final_mean": float(np.mean(steps_own)),
+                "steps_to_own_sgd_final_per_seed": steps_own,
+                "speedup_vs_sgd": config.n_steps / max(float(np.mean(steps_mean)), 1.0),
+                "speedup_vs_sgd_per_seed_threshold": config.n_steps / max(float(np.mean(steps_own)), 1.0),
+                "beats_sgd_every_seed": bool(np.all(final < sgd_final)),
+                "ttest_t_vs_sgd": _finite(test.statistic) if test is not None else None,
+                "ttest_p_vs_sgd": _finite(test.pvalue) if test is not None else None,
+            })
+        out[name] = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in agg.items()}
+    return out
