@@ -135,14 +135,9 @@ def check_mask(owner: str, mask: Any, shape: Sequence[int], shape_text: str) -> 
             f"got {describe_tensor(mask)}."
         )
     try:
-        return mask.expand(*target) if mask.dim() <= len(target) else _raise()
+        return mask.expand(*target)
     except RuntimeError:
-        pass
-    raise ValueError(
-        f"{owner}: mask must be bool and broadcastable to {shape_text} = {target}; "
-        f"got {describe_tensor(mask)}."
-    )
-
-
-def _raise() -> torch.Tensor:
-    raise RuntimeError("mask has more dimensions than the scores")
+        raise ValueError(
+            f"{owner}: mask must be bool and broadcastable to {shape_text} = {target}; "
+            f"got {describe_tensor(mask)}."
+        ) from None

@@ -1,5 +1,13 @@
-"""Models: the single attention head of Paper II and the deep sticky-chain transformer."""
+"""Models for the wind tunnels (SPEC §4.2, §4.5, §6.1): TinyGPT, the position-wise MLP control,
+the LSTM, and the single attention head and deep transformer of the Paper II sticky chain.
 
+The token models map tokens [batch, seq_len] to logits [batch, seq_len, n_outputs], take a
+keyword ``generator`` for their initialisation (None: zero weights, for loading a state dict) and
+expose named hook points (``windtunnel.hooks``). The sticky-chain models read continuous inputs.
+"""
+
+from windtunnel.models.lstm import LSTMConfig, LSTMLayer, LSTMModel
+from windtunnel.models.mlp import MLPBlock, PositionwiseMLP, PositionwiseMLPConfig
 from windtunnel.models.single_head import (
     PARAMETER_NAMES,
     SingleHeadAttention,
@@ -10,15 +18,25 @@ from windtunnel.models.single_head import (
     single_head_output,
 )
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
+from windtunnel.models.tinygpt import TinyGPT, TinyGPTConfig, TransformerBlock
 
 __all__ = [
+    "LSTMConfig",
+    "LSTMLayer",
+    "LSTMModel",
+    "MLPBlock",
     "PARAMETER_NAMES",
+    "PositionwiseMLP",
+    "PositionwiseMLPConfig",
     "SingleHeadAttention",
     "SingleHeadConfig",
     "SingleHeadForward",
     "SingleHeadGradients",
     "StickyTransformer",
     "StickyTransformerConfig",
+    "TinyGPT",
+    "TinyGPTConfig",
+    "TransformerBlock",
     "single_head_gradients",
     "single_head_output",
 ]

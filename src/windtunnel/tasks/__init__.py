@@ -1,7 +1,10 @@
 """Wind tunnels: tasks whose Bayes posterior is exact at every prediction site (SPEC §4–§5)."""
 
 from windtunnel.tasks.base import Batch, Task
+from windtunnel.tasks.bijection import Bijection
 from windtunnel.tasks.filtering import FilterResult, entropy_bits, forward_filter
+from windtunnel.tasks.hmm import HMMBatch, HMMFiltering, HMMPosterior, hmm_posterior, quantise_rows
+from windtunnel.tasks.recall import AssociativeRecall
 from windtunnel.tasks.sticky_markov import (
     PredictionScores,
     StickyBatch,
@@ -13,8 +16,13 @@ from windtunnel.tasks.sticky_markov import (
 )
 
 __all__ = [
+    "AssociativeRecall",
     "Batch",
+    "Bijection",
     "FilterResult",
+    "HMMBatch",
+    "HMMFiltering",
+    "HMMPosterior",
     "PredictionScores",
     "StickyBatch",
     "StickyFilterResult",
@@ -22,6 +30,8 @@ __all__ = [
     "Task",
     "entropy_bits",
     "forward_filter",
+    "hmm_posterior",
+    "quantise_rows",
     "score_predictions",
     "sticky_bayes_filter",
     "sticky_transition_matrix",

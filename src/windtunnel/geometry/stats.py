@@ -1,0 +1,167 @@
+"""Rank and correlation statistics in torch (ties get average ranks, as scipy's defaults), the
+partial correlation used as the position control of SPEC §8.3, and the participation ratio."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from windtunnel._checks import check_choice, check_float_tensor, describe_tensor, must
+from windtunnel.geometry._common import _pearson, _spectrum_stats, _zscore
+
+__all__ = [
+    "average_ranks",
+    "participation_ratio",
+    "partial_correlation",
+    "pearson_correlation",
+    "spearman_correlation",
+]
+
+
+def _check_paired(owner: str, x: Any, y: Any, *, names: tuple[str, str] = ("x", "y")) -> None:
+    for name, v in zip(names, (x, y)):
+        if (
+            not isinstance(v, torch.Tensor)
+            or v.dim() != 1
+            or v.is_complex()
+            or v.dtype == torch.bool
+        ):
+            raise ValueError(must(owner, name, "a real 1-D tensor [n]", describe_tensor(v)))
+    if x.shape != y.shape or x.numel() < 2:
+        raise ValueError(
+            f"{owner}: {names[0]} and {names[1]} must be 1-D tensors of one length n >= 2; got "
+            f"{describe_tensor(x)} and {describe_tensor(y)}."
+        )
+    for name, v in zip(names, (x, y)):
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(must(owner, name, "finite", "a tensor with NaN or inf"))
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_floating_point() else x.to(torch.float64)
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of a 1-D tensor, ties given their average rank (scipy's ``rankdata`` default).
+
+    Shapes: x [n] -> [n], floating (x's dtype, or float64 for integer input).
+
+    Raises:
+        ValueError: when x is not a real 1-D tensor.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.dtype == torch.bool or x.is_complex():
+        raise ValueError(must("average_ranks", "x", "a real 1-D tensor [n]", describe_tensor(x)))
+    n = x.numel()
+    out_dtype = x.dtype if x.is_floating_point() else torch.float64
+    if n == 0:
+        return torch.empty(0, dtype=out_dtype, device=x.device)
+    sorted_x, order = torch.sort(x, stable=True)
+    new_group = torch.ones(n, dtype=torch.bool, device=x.device)
+    new_group[1:] = sorted_x[1:] != sorted_x[:-1]
+    group = torch.cumsum(new_group.long(), 0) - 1  # [n] group id in sorted order
+    counts = torch.bincount(group)
+    starts = torch.cumsum(counts, 0) - counts  # 0-based first index of each tie group
+    group_rank = starts.to(out_dtype) + (counts.to(out_dtype) + 1) / 2
+    ranks = torch.empty(n, dtype=out_dtype, device=x.device)
+    ranks[order] = group_rank[group]
+    return ranks
+
+
+def pearson_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson's r = Σ(x-x̄)(y-ȳ) / sqrt(Σ(x-x̄)² Σ(y-ȳ)²), a 0-d tensor; NaN if x or y is constant.
+
+    Raises:
+        ValueError: unless x and y are finite real 1-D tensors of one length n >= 2.
+    """
+    _check_paired("pearson_correlation", x, y)
+    x, y = _as_float(x), _as_float(y)
+    return _pearson(x, y.to(x.dtype))
+
+
+def spearman_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's ρ: Pearson's r of the average ranks (ties share their mean rank), 0-d tensor.
+
+    NaN when x or y is constant.
+
+    Raises:
+        ValueError: unless x and y are finite real 1-D tensors of one length n >= 2.
+    """
+    _check_paired("spearman_correlation", x, y)
+    rx, ry = average_ranks(x), average_ranks(y)
+    return _pearson(rx, ry.to(rx.dtype))
+
+
+def _group_ids(labels: torch.Tensor) -> torch.Tensor:
+    """one-hot [n, n_groups] of the distinct values of labels (float64 on labels' device)."""
+    _, inverse = torch.unique(labels, return_inverse=True)
+    return torch.nn.functional.one_hot(inverse).to(torch.float64)
+
+
+def _residualize(v: torch.Tensor, control: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "group":
+        onehot = _group_ids(control).to(v.dtype)  # [n, n_groups]
+        means = (onehot.T @ v) / onehot.sum(0)
+        return v - onehot @ means
+    design = torch.stack([torch.ones_like(v), control.to(v.dtype)], dim=1)  # [n, 2]
+    coef = torch.linalg.pinv(design) @ v
+    return v - design @ coef
+
+
+def partial_correlation(
+    x: torch.Tensor, y: torch.Tensor, control: torch.Tensor, *, kind: str = "group"
+) -> torch.Tensor:
+    """Pearson correlation of x and y after removing what ``control`` explains (SPEC §8.3 Control).
+
+    ``kind="group"`` treats control as categorical (e.g. the position of a site) and subtracts the
+    per-group means from x and y: the within-position correlation. ``kind="linear"`` regresses
+    x and y on [1, control] and correlates the residuals. When y is a function of a categorical
+    control (bijection format B without replacement, SPEC §8.3) the group residual of y is 0 and
+    the result is NaN: position and entropy cannot be separated on such data. A residual whose
+    norm is within 16·sqrt(n)·eps of the input's norm counts as 0.
+
+    Shapes: x, y, control [n] -> 0-d tensor.
+
+    Raises:
+        ValueError: when the shapes differ, n < 3, or kind is unknown.
+    """
+    owner = "partial_correlation"
+    _check_paired(owner, x, y)
+    _check_paired(owner, x, control, names=("x", "control"))
+    problem = check_choice(owner, "kind", kind, ("group", "linear"))
+    if problem:
+        raise ValueError(problem)
+    if x.numel() < 3:
+        raise ValueError(must(owner, "x", "at least 3 points [n >= 3]", describe_tensor(x)))
+    x = _as_float(x)
+    y = _as_float(y).to(x.dtype)
+    rx, ry = _residualize(x, control, kind), _residualize(y, control, kind)
+    # A residual at rounding level means the control explains everything: report NaN, not a
+    # correlation of rounding noise.
+    floor = 16 * math.sqrt(x.numel()) * torch.finfo(x.dtype).eps
+    for r, v in ((rx, x), (ry, y)):
+        if float(torch.linalg.vector_norm(r)) <= floor * float(torch.linalg.vector_norm(v)):
+            return torch.tensor(math.nan, dtype=x.dtype, device=x.device)
+    return _pearson(rx, ry)
+
+
+def participation_ratio(points: torch.Tensor, *, standardize: bool = False) -> torch.Tensor:
+    """Effective dimensionality (Σλ)² / Σλ² of a point cloud, λ = covariance eigenvalues.
+
+    Ranges from 1 (all variance on one axis) to d (isotropic). With ``standardize``, each
+    feature is z-scored first (constant features dropped), as in the §8.3 PCA. NaN when every
+    point is the same.
+
+    Shapes: points [n, d] -> 0-d tensor.
+
+    Raises:
+        ValueError: when points is not a floating tensor [n, d] with n >= 2.
+    """
+    owner = "participation_ratio"
+    check_float_tensor(owner, "points", points, min_dim=2, shape_text="[n, d]")
+    if points.dim() != 2 or points.shape[0] < 2:
+        raise ValueError(must(owner, "points", "a tensor [n >= 2, d]", describe_tensor(points)))
+    z = _zscore(points)[0] if standardize else points - points.mean(0)
+    s = torch.linalg.svdvals(z)
+    return _spectrum_stats(s**2)

@@ -1,0 +1,497 @@
+"""Training wind-tunnel models: configs, the Trainer, evaluation in bits, resume and NaN guard.
+
+One :class:`ExperimentConfig` names a task, a model and a :class:`TrainConfig`; it round-trips
+through ``config.json``. The :class:`Trainer` draws a fresh batch every step from a seeded data
+generator, optimises with AdamW under linear warmup + cosine decay and gradient clipping,
+evaluates on a fixed held-out set drawn from a separate generator, writes ``metrics.jsonl`` and
+checkpoints (model, optimizer, step and every generator state) to a run directory, and resumes
+from a checkpoint to exactly the run it would have been. Randomness never touches the global RNG:
+data, initialisation, evaluation and dropout each get their own generator derived from the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from windtunnel._checks import Problems, check_choice, check_number, check_positive_int, close_matches
+from windtunnel.metrics import Calibration, select_sites, site_metrics, summarize
+from windtunnel.models import (
+    LSTMConfig,
+    LSTMModel,
+    PositionwiseMLP,
+    PositionwiseMLPConfig,
+    TinyGPT,
+    TinyGPTConfig,
+)
+from windtunnel.runs import RunDir
+from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
+
+__all__ = [
+    "MODELS",
+    "TASKS",
+    "ExperimentConfig",
+    "Probe",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "evaluate",
+    "learning_rate",
+    "seed_streams",
+    "site_loss",
+    "telemetry_steps",
+]
+
+TASKS: dict[str, type] = {"bijection": Bijection, "hmm": HMMFiltering, "recall": AssociativeRecall}
+MODELS: dict[str, tuple[type, type]] = {
+    "transformer": (TinyGPTConfig, TinyGPT),
+    "mlp": (PositionwiseMLPConfig, PositionwiseMLP),
+    "lstm": (LSTMConfig, LSTMModel),
+}
+STREAMS = ("data", "init", "eval", "dropout", "probe")
+
+Probe = Callable[[nn.Module, int], list[dict[str, Any]]]
+"""A telemetry probe: ``probe(model, step) -> rows`` of {step, layer, head, metric, value}."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run.
+
+    Attributes:
+        steps: optimizer steps in total.
+        batch_size: fresh sequences per step.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's betas.
+        warmup_steps: linear warmup from 0 to ``lr`` over these steps.
+        schedule: "cosine" (to ``min_lr_ratio * lr`` at ``steps``) or "constant" after warmup.
+        min_lr_ratio: floor of the cosine as a fraction of ``lr`` (0 = decay to 0).
+        grad_clip: max global gradient norm; None disables clipping.
+        eval_every: evaluate every this many steps (and at the end).
+        eval_size: held-out sequences, drawn once from the eval generator.
+        eval_batch_size: sequences per evaluation forward pass.
+        log_every: log the train loss every this many steps.
+        checkpoint_every: save a checkpoint every this many steps (and at the end).
+        seed: the one integer from which every generator is derived (:func:`seed_streams`).
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+    """
+
+    steps: int
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 2000
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    eval_every: int = 1000
+    eval_size: int = 2000
+    eval_batch_size: int = 500
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        owner = "TrainConfig"
+        problems = Problems(owner)
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "eval_batch_size", "log_every", "checkpoint_every"):
+            text = check_positive_int(owner, name, getattr(self, name))
+            if text:
+                problems.add_text(text)
+        text = check_positive_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
+        if text:
+            problems.add_text(text)
+        for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False), ("min_lr_ratio", 0.0, 1.0, False)):
+            text = check_number(owner, name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=math.isinf(high))
+            if text:
+                problems.add_text(text)
+        if self.grad_clip is not None:
+            text = check_number(owner, "grad_clip", self.grad_clip, low=0.0, high=math.inf, low_open=True, high_open=True)
+            if text:
+                problems.add_text(text)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            problems.add("betas", "two numbers in [0, 1)", self.betas)
+        for name, choices in (("schedule", ("cosine", "constant")), ("device", ("auto", "cpu", "cuda"))):
+            text = check_choice(owner, name, getattr(self, name), choices)
+            if text:
+                problems.add_text(text)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            problems.add("seed", "an int >= 0", self.seed)
+        problems.raise_if_any()
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    def resolved_device(self) -> torch.device:
+        """The device this run uses: ``device``, with "auto" resolved."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def _dataclass_from_dict(cls: type, data: dict[str, Any], owner: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(
+            "; ".join(f"{owner}: {k!r} is not a field of {cls.__name__};{close_matches(k, names)}" for k in unknown)
+        )
+    return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A task, a model and how to train it: everything needed to rebuild a run.
+
+    Attributes:
+        task_name: a key of ``TASKS`` ("bijection", "hmm", "recall").
+        task: keyword arguments of the task class.
+        model_name: a key of ``MODELS`` ("transformer", "mlp", "lstm").
+        model: fields of the model config, except ``vocab_size``, ``n_positions`` and ``n_out``,
+            which are derived from the task unless given.
+        train: the :class:`TrainConfig`.
+        eval_lengths: for tasks with a length parameter (HMM ``n_steps``), extra evaluation
+            lengths (length generalisation); empty for none.
+        name: a label (the preset name).
+    """
+
+    task_name: str
+    task: dict[str, Any] = field(default_factory=dict)
+    model_name: str = "transformer"
+    model: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig
+    eval_lengths: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        problems = Problems("ExperimentConfig")
+        for text in (
+            check_choice("ExperimentConfig", "task_name", self.task_name, tuple(TASKS)),
+            check_choice("ExperimentConfig", "model_name", self.model_name, tuple(MODELS)),
+        ):
+            if text:
+                problems.add_text(text)
+        problems.raise_if_any()
+        object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
+        self.build_task()  # validates the task fields
+        self.model_config()  # validates the model fields
+
+    def build_task(self, **overrides: Any) -> Any:
+        """The task object (``overrides`` replace fields, e.g. ``n_steps=50``)."""
+        return _dataclass_from_dict(TASKS[self.task_name], {**self.task, **overrides}, "ExperimentConfig.task")
+
+    def model_config(self) -> Any:
+        """The model's config dataclass, with vocabulary, positions and outputs derived from the task."""
+        task = self.build_task()
+        config_cls, _ = MODELS[self.model_name]
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        derived: dict[str, Any] = {"vocab_size": task.vocab_size}
+        if "n_positions" in names:
+            longest = max([task.seq_len] + [self.build_task(n_steps=n).seq_len for n in self.eval_lengths])
+            derived["n_positions"] = longest
+        if task.soft_targets:
+            derived["n_out"] = task.n_classes
+            if "tie_embeddings" in names:
+                derived["tie_embeddings"] = False
+        return _dataclass_from_dict(config_cls, {**derived, **self.model}, "ExperimentConfig.model")
+
+    def build_model(self, generator: torch.Generator | None) -> nn.Module:
+        """A freshly initialised model (from ``generator``; None leaves it for a state dict)."""
+        _, model_cls = MODELS[self.model_name]
+        return model_cls(self.model_config(), generator=generator)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; inverse of :meth:`from_dict`."""
+        out = dataclasses.asdict(self)
+        out["train"]["betas"] = list(self.train.betas)
+        out["eval_lengths"] = list(self.eval_lengths)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        data = dict(data)
+        data["train"] = _dataclass_from_dict(TrainConfig, dict(data.get("train", {})), "ExperimentConfig.train")
+        return _dataclass_from_dict(cls, data, "ExperimentConfig")
+
+
+def seed_streams(seed: int) -> dict[str, int]:
+    """Independent 63-bit seeds for each random stream (``STREAMS``), derived from one seed.
+
+    numpy's SeedSequence spawns statistically independent children, so adding an evaluation
+    pass or a probe never shifts the training data stream.
+    """
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for name, child in zip(STREAMS, children)}
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.min_lr_ratio * config.lr
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def telemetry_steps(total_steps: int) -> list[int]:
+    """The log-spaced probe schedule of SPEC §8.6, dense early, and always the last step.
+
+    0, 1, 2, 4, ..., 512; then every 100 to 1,000, every 500 to 5,000, every 1,000 to 10,000 and
+    every 5,000 after that.
+    """
+    steps = {0}
+    s = 1
+    while s <= 512:
+        steps.add(s)
+        s *= 2
+    for start, stop, every in ((600, 1000, 100), (1500, 5000, 500), (6000, 10000, 1000)):
+        steps.update(range(start, stop + 1, every))
+    steps.update(range(15000, total_steps + 1, 5000))
+    steps.add(total_steps)
+    return sorted(s for s in steps if s <= total_steps)
+
+
+def site_loss(logits: torch.Tensor, batch: Batch, task: Any) -> torch.Tensor:
+    """Training loss in nats at the prediction sites.
+
+    Hard-label tasks: mean cross-entropy over the model's full output (SPEC §6.2) with target
+    ``class_offset + label``. Soft-target tasks (HMM): mean soft cross-entropy
+    -sum_s p_bayes(s) log p_model(s) over the slice, i.e. KL + the posterior entropy.
+
+    Shapes: logits [batch, seq_len, n_outputs].
+    """
+    at_sites = logits[:, batch.sites]  # [batch, n_sites, n_outputs]
+    if task.soft_targets:
+        slice_logits = at_sites[..., task.class_offset : task.class_offset + task.n_classes]
+        log_p = torch.log_softmax(slice_logits, dim=-1)
+        return -(batch.posterior.to(log_p.dtype) * log_p).sum(-1).mean()
+    targets = batch.labels + task.class_offset
+    return nn.functional.cross_entropy(at_sites.reshape(-1, at_sites.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Any, batches: Sequence[Batch], *, device: torch.device | None = None) -> Calibration:
+    """Calibration of ``model`` on fixed batches: ONE causal pass per sequence (SPEC §7).
+
+    A causal model's logits at position t depend only on tokens <= t, so one pass gives the
+    predictions of every prefix at once (tested against per-prefix passes).
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    parts = []
+    try:
+        for batch in batches:
+            logits = model(batch.tokens.to(device))
+            sl = select_sites(logits, batch.sites.to(device), class_offset=task.class_offset, n_classes=task.n_classes)
+            parts.append(site_metrics(sl.cpu(), batch.posterior, batch.labels))
+    finally:
+        model.train(was_training)
+    return summarize(type(parts[0]).cat(parts))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) run reached.
+
+    Attributes:
+        step: the last completed step.
+        final_loss_nats: the last training loss.
+        calibration: evaluation at ``step`` on the held-out set.
+        wall_s: wall time of this call of :meth:`Trainer.fit`.
+    """
+
+    step: int
+    final_loss_nats: float
+    calibration: Calibration
+    wall_s: float
+
+
+class Trainer:
+    """Trains one model on one wind tunnel (see the module docstring).
+
+    Args:
+        experiment: what to train.
+        run_dir: where to write config, metrics and checkpoints; None keeps everything in memory.
+        probes: telemetry probes called at :func:`telemetry_steps`; their rows go to telemetry.jsonl.
+    """
+
+    def __init__(self, experiment: ExperimentConfig, run_dir: str | RunDir | None = None, *, probes: Sequence[Probe] = ()) -> None:
+        self.experiment = experiment
+        self.config = experiment.train
+        self.run = RunDir(run_dir) if isinstance(run_dir, str) or hasattr(run_dir, "__fspath__") else run_dir
+        self.probes = list(probes)
+        self.device = self.config.resolved_device()
+        self.task = experiment.build_task()
+        seeds = seed_streams(self.config.seed)
+        self.model = experiment.build_model(torch.Generator().manual_seed(seeds["init"])).to(self.device)
+        self.data_generator = torch.Generator().manual_seed(seeds["data"])
+        self.dropout_generator = torch.Generator(device=self.device).manual_seed(seeds["dropout"])
+        eval_generator = torch.Generator().manual_seed(seeds["eval"])
+        self.eval_sets = {"eval": self._eval_batches(self.task, eval_generator)}
+        for n in experiment.eval_lengths:
+            self.eval_sets[f"eval_len{n}"] = self._eval_batches(experiment.build_task(n_steps=n), eval_generator)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=learning_rate(0, self.config),
+            betas=self.config.betas,
+        )
+        self.step = 0
+        self.last_loss = math.nan
+        if self.run is not None:
+            if self.run.exists() and self.run.read_config() != experiment.to_dict():
+                raise ValueError(f"Trainer: {self.run.path} holds a different run; use Trainer.resume or another --out.")
+            self.run.write_config(experiment.to_dict())
+
+    def _eval_batches(self, task: Any, generator: torch.Generator) -> list[tuple[Any, list[Batch]]]:
+        n, size = self.config.eval_size, self.config.eval_batch_size
+        batches = [task.sample(min(size, n - i), generator=generator) for i in range(0, n, size)]
+        return [(task, batches)]
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "last_loss": self.last_loss,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_generator": self.data_generator.get_state(),
+            "dropout_generator": self.dropout_generator.get_state(),
+            "experiment": self.experiment.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.last_loss = float(state["last_loss"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data_generator.set_state(state["data_generator"])
+        self.dropout_generator.set_state(state["dropout_generator"])
+
+    @classmethod
+    def resume(cls, run_dir: str | RunDir, *, probes: Sequence[Probe] = ()) -> Trainer:
+        """Rebuild a run from its directory and its latest checkpoint.
+
+        Rows logged after that checkpoint (a run killed between checkpoints) are dropped from
+        metrics.jsonl and telemetry.jsonl, so the resumed run writes them again exactly once.
+        """
+        run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
+        experiment = ExperimentConfig.from_dict(run.read_config())
+        trainer = cls(experiment, run, probes=probes)
+        state = run.load_checkpoint()
+        trainer.load_state_dict(state)
+        from windtunnel.runs import append_jsonl, write_text_atomic
+
+        for path, rows in ((run.metrics_path, run.metrics()), (run.telemetry_path, run.telemetry())):
+            kept = [r for r in rows if r.get("step", 0) <= trainer.step]
+            write_text_atomic(path, "")
+            append_jsonl(path, kept)
+        return trainer
+
+    # --- training ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Calibration]:
+        """Calibration on every held-out set (the training length, then each extra length)."""
+        out = {}
+        for name, sets in self.eval_sets.items():
+            for task, batches in sets:
+                out[name] = evaluate(self.model, task, batches, device=self.device)
+        return out
+
+    def _save(self) -> None:
+        if self.run is not None:
+            self.run.save_checkpoint(self.step, self.state_dict())
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log_metrics(row)
+
+    def _run_probes(self) -> None:
+        if not self.probes:
+            return
+        rows = []
+        for probe in self.probes:
+            rows.extend(probe(self.model, self.step))
+        if self.run is not None:
+            self.run.log_telemetry(rows)
+
+    def fit(self, *, stop_at: int | None = None, progress: bool = False) -> TrainResult:
+        """Train from the current step to ``config.steps`` (or to ``stop_at``, then checkpoint).
+
+        Raises:
+            FloatingPointError: when the loss or the gradient norm is not finite; the last good
+                checkpoint is kept and named in the message.
+        """
+        cfg = self.config
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        probe_steps = set(telemetry_steps(cfg.steps)) if self.probes else set()
+        start_time = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc=self.experiment.name or self.experiment.task_name, unit="step")
+        last_eval: dict[str, Calibration] | None = None
+        self.model.train()
+        last_good_step = self.step
+        while self.step < end:
+            if self.step in probe_steps:
+                self._run_probes()
+            lr = learning_rate(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = self.task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
+            logits = self.model(batch.tokens, generator=self.dropout_generator)
+            loss = site_loss(logits, batch, self.task)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
+            loss_value = float(loss)
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                kept = self.run.latest_checkpoint() if self.run is not None else None
+                raise FloatingPointError(
+                    f"loss is {loss_value} (gradient norm {float(grad_norm)}) at step {self.step} "
+                    f"(last finite {self.last_loss:.4g} nats at step {last_good_step}); "
+                    f"kept checkpoint {kept if kept is not None else '(none: no run directory)'}; "
+                    "try a lower --train.lr."
+                )
+            self.optimizer.step()
+            self.step += 1
+            self.last_loss, last_good_step = loss_value, self.step
+            if self.step % cfg.log_every == 0:
+                self._log({"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr, "grad_norm": float(grad_norm), "elapsed_s": time.perf_counter() - start_time})
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                last_eval = self.evaluate()
+                for name, cal in last_eval.items():
+                    self._log({"step": self.step, "split": name, **cal.scalars()})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", mae_bits=f"{float(last_eval['eval'].entropy_mae_bits):.4f}")
+            elif bar is not None and self.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self._save()
+            if bar is not None:
+                bar.update(1)
+        if self.step in probe_steps and self.step == cfg.steps:
+            self._run_probes()
+        if bar is not None:
+            bar.close()
+        if last_eval is None:
+            last_eval = self.evaluate()
+        return TrainResult(step=self.step, final_loss_nats=self.last_loss, calibration=last_eval["eval"], wall_s=time.perf_counter() - start_time)

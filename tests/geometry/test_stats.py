@@ -1,0 +1,122 @@
+"""Ranks, Spearman, Pearson, partial correlation and participation ratio against scipy/numpy."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.spatial.distance
+import scipy.stats
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from windtunnel import geometry as g
+
+F64 = torch.float64
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed), dtype=F64)
+
+
+# ----------------------------------------------------------------------------- rank statistics
+
+
+@given(
+    xs=st.lists(st.integers(-3, 3), min_size=3, max_size=30),
+    seed=st.integers(0, 10_000),
+)
+def test_ranks_spearman_pearson_match_scipy_with_ties(xs, seed):
+    x = torch.tensor(xs, dtype=F64)
+    y = torch.randint(-2, 3, (len(xs),), generator=gen(seed)).to(F64)
+    np.testing.assert_allclose(g.average_ranks(x).numpy(), scipy.stats.rankdata(xs), rtol=0, atol=0)
+    if np.ptp(xs) == 0 or float(y.max() - y.min()) == 0:
+        assert math.isnan(float(g.spearman_correlation(x, y)))
+        assert math.isnan(float(g.pearson_correlation(x, y)))
+        return
+    rho = scipy.stats.spearmanr(x.numpy(), y.numpy()).statistic
+    r = scipy.stats.pearsonr(x.numpy(), y.numpy()).statistic
+    assert float(g.spearman_correlation(x, y)) == pytest.approx(rho, abs=1e-12)
+    assert float(g.pearson_correlation(x, y)) == pytest.approx(r, abs=1e-12)
+
+
+def test_average_ranks_integer_and_empty():
+    torch.testing.assert_close(
+        g.average_ranks(torch.tensor([10, 10, 5])), torch.tensor([2.5, 2.5, 1.0], dtype=F64)
+    )
+    assert g.average_ranks(torch.tensor([], dtype=F64)).numel() == 0
+
+
+def test_spearman_monotone_transform():
+    x = randn(50, seed=12)
+    assert float(g.spearman_correlation(x, torch.exp(3 * x))) == pytest.approx(1.0)
+    assert float(g.spearman_correlation(x, -(x**3))) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [g.pearson_correlation, g.spearman_correlation],
+)
+@pytest.mark.parametrize(
+    "x,y,field",
+    [
+        (torch.zeros(3, 1, dtype=F64), torch.zeros(3, dtype=F64), "x must be a real 1-D"),
+        (torch.zeros(3, dtype=F64), torch.zeros(3, dtype=torch.bool), "y must be a real 1-D"),
+        (torch.zeros(3, dtype=F64), torch.zeros(4, dtype=F64), "one length"),
+        (torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), "one length"),
+        (torch.tensor([0.0, math.nan], dtype=F64), torch.zeros(2, dtype=F64), "x must be finite"),
+    ],
+)
+def test_correlations_reject(fn, x, y, field):
+    with pytest.raises(ValueError, match=f"{fn.__name__}.*{field}"):
+        fn(x, y)
+
+
+def test_average_ranks_rejects():
+    with pytest.raises(ValueError, match="average_ranks.x must be a real 1-D"):
+        g.average_ranks(torch.zeros(2, 2))
+
+
+def test_partial_correlation_against_numpy():
+    n = 60
+    pos = torch.randint(0, 5, (n,), generator=gen(13))
+    x = randn(n, seed=14) + pos
+    y = 0.5 * x + randn(n, seed=15) - 2 * pos
+    # linear: residuals of least squares on [1, pos]
+    design = np.stack([np.ones(n), pos.numpy()], 1)
+    rx = x.numpy() - design @ np.linalg.lstsq(design, x.numpy(), rcond=None)[0]
+    ry = y.numpy() - design @ np.linalg.lstsq(design, y.numpy(), rcond=None)[0]
+    got = float(g.partial_correlation(x, y, pos, kind="linear"))
+    assert got == pytest.approx(np.corrcoef(rx, ry)[0, 1], abs=1e-12)
+    # group: subtract per-position means (plain loop)
+    gx, gy = x.numpy().copy(), y.numpy().copy()
+    for p in range(5):
+        sel = pos.numpy() == p
+        gx[sel] -= gx[sel].mean()
+        gy[sel] -= gy[sel].mean()
+    assert float(g.partial_correlation(x, y, pos)) == pytest.approx(
+        np.corrcoef(gx, gy)[0, 1], abs=1e-12
+    )
+    # y a function of position: nothing left to correlate
+    assert math.isnan(float(g.partial_correlation(x, pos.to(F64) ** 2, pos)))
+
+
+def test_partial_correlation_rejects():
+    x = torch.arange(4, dtype=F64)
+    with pytest.raises(ValueError, match="partial_correlation.kind must be one of"):
+        g.partial_correlation(x, x, x, kind="rank")
+    with pytest.raises(ValueError, match="partial_correlation: x and control"):
+        g.partial_correlation(x, x, x[:3])
+    with pytest.raises(ValueError, match=r"partial_correlation.x must be at least 3 points"):
+        g.partial_correlation(x[:2], x[:2], x[:2])
+
+
+def test_participation_ratio_rejects():
+    with pytest.raises(ValueError, match="participation_ratio.points must be a tensor"):
+        g.participation_ratio(torch.zeros(1, 3, dtype=F64))
+    with pytest.raises(ValueError, match="participation_ratio: points"):
+        g.participation_ratio(torch.zeros(3, dtype=F64))

@@ -1,0 +1,290 @@
+"""HMM wind tunnel: grid, token layout and exact beliefs against enumeration of all state paths."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from windtunnel.tasks import HMMBatch, HMMFiltering, Task, hmm_posterior, quantise_rows
+
+
+def _path_marginal(transition, emission, observations, n_steps, units=100):
+    """p(s_n_steps | o_1:len(observations)) by summing the joint over all S^n_steps state paths.
+
+    transition, emission: nested lists in grid units; observations: the o's that are conditioned
+    on (at most n_steps of them). Plain Python floats: independent of the library's filter.
+    """
+    n_states = len(transition)
+    marginal = [0.0] * n_states
+    for path in itertools.product(range(n_states), repeat=n_steps):
+        weight = 1.0 / n_states
+        for t, s in enumerate(path):
+            if t > 0:
+                weight *= transition[path[t - 1]][s] / units
+            if t < len(observations):
+                weight *= emission[s][observations[t]] / units
+        marginal[path[-1]] += weight
+    total = sum(marginal)
+    return [m / total for m in marginal]
+
+
+def _rows(width, floor_units=5, units=100):
+    """Integer rows on the grid: every entry >= floor, summing exactly to ``units``."""
+    free = units - floor_units * width
+    return st.lists(st.integers(0, free), min_size=width - 1, max_size=width - 1).map(
+        lambda cuts: [
+            hi - lo + floor_units for lo, hi in zip([0, *sorted(cuts)], [*sorted(cuts), free])
+        ]
+    )
+
+
+@st.composite
+def _hmms(draw):
+    n_states = draw(st.integers(1, 4))
+    n_symbols = draw(st.integers(1, 4))
+    transition = [draw(_rows(n_states)) for _ in range(n_states)]
+    emission = [draw(_rows(n_symbols)) for _ in range(n_states)]
+    observations = draw(st.lists(st.integers(0, n_symbols - 1), min_size=1, max_size=6))
+    return transition, emission, observations
+
+
+@given(hmm=_hmms())
+@settings(max_examples=40)
+def test_beliefs_equal_path_enumeration(hmm):
+    transition, emission, observations = hmm
+    beliefs = hmm_posterior(
+        torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations])
+    )
+    n_obs = len(observations)
+    for t in range(1, n_obs + 1):
+        filtered = _path_marginal(transition, emission, observations[:t], t)
+        predicted = _path_marginal(transition, emission, observations[: t - 1], t)
+        next_state = _path_marginal(transition, emission, observations[:t], t + 1)
+        for name, expected in (
+            ("filtered_probs", filtered),
+            ("predicted_probs", predicted),
+            ("next_state_probs", next_state),
+        ):
+            # float64 throughout; six steps of products and sums lose a few ulps at most.
+            torch.testing.assert_close(
+                getattr(beliefs, name)[0, t - 1],
+                torch.tensor(expected, dtype=torch.float64),
+                rtol=0,
+                atol=1e-12,
+                msg=lambda m, name=name, t=t: f"{name} at t={t}: {m}",
+            )
+
+
+@pytest.mark.parametrize("n_states,n_symbols", [(5, 5), (3, 2), (2, 4)])
+def test_sampled_batch_equals_enumeration(n_states, n_symbols):
+    task = HMMFiltering(n_states=n_states, n_symbols=n_symbols, n_steps=5)
+    batch = task.sample(3, generator=torch.Generator().manual_seed(n_states + 7 * n_symbols))
+    for row in range(3):
+        transition = batch.transition_cents[row].tolist()
+        emission = batch.emission_cents[row].tolist()
+        observations = batch.observations[row].tolist()
+        for t in range(1, 6):
+            expected = _path_marginal(transition, emission, observations[:t], t)
+            torch.testing.assert_close(
+                batch.posterior[row, t - 1], torch.tensor(expected, dtype=torch.float64),
+                rtol=0, atol=1e-12,
+            )
+    assert not batch.posterior.isnan().any()
+    torch.testing.assert_close(
+        batch.entropy_bits,
+        -(batch.posterior * batch.posterior.log2()).sum(-1),
+    )
+
+
+def test_default_grid_and_integer_rows():
+    task = HMMFiltering()
+    batch = task.sample(500, generator=torch.Generator().manual_seed(0))
+    for cents in (batch.transition_cents, batch.emission_cents):
+        assert cents.dtype == torch.long
+        assert torch.all(cents.sum(-1) == 100)
+        # Floor 5 cents; a row's largest entry is at most 100 - 4 * 5 = 80.
+        assert cents.min() >= 5 and cents.max() <= 80
+    assert batch.transition_cents.shape == (500, 5, 5)
+    assert batch.emission_cents.shape == (500, 5, 5)
+
+
+def test_default_token_layout():
+    task = HMMFiltering()
+    assert (task.vocab_size, task.header_len, task.seq_len) == (105, 53, 93)
+    assert task.sites.tolist() == [54 + 2 * t for t in range(20)]
+    batch = task.sample(16, generator=torch.Generator().manual_seed(1))
+    assert isinstance(task, Task) and isinstance(batch, HMMBatch)
+    tokens = batch.tokens
+    assert tokens.shape == (16, 93)
+    assert torch.all(tokens[:, 0] == 96)  # [TRANS]
+    assert torch.all(tokens[:, 26] == 97)  # [EMIT]
+    assert torch.all(tokens[:, 52] == 98)  # [SEP]
+    assert torch.all(tokens[:, 53::2] == 99)  # [OBS]
+    for row in range(16):
+        for i in range(5):
+            for j in range(5):
+                # id = 100 p - 5, row-major
+                assert tokens[row, 1 + 5 * i + j] == batch.transition_cents[row, i, j] - 5
+                assert tokens[row, 27 + 5 * i + j] == batch.emission_cents[row, i, j] - 5
+        for t in range(20):
+            assert tokens[row, 54 + 2 * t] == 100 + batch.observations[row, t]
+    assert tokens[:, 1:26].max() <= 95 and tokens[:, 27:52].max() <= 95
+    assert torch.equal(batch.labels, batch.states)
+    assert torch.equal(batch.sites, task.sites)
+
+
+@pytest.mark.parametrize("n_states,n_symbols", [(4, 6), (2, 3), (6, 2)])
+def test_other_sizes_layout(n_states, n_symbols):
+    task = HMMFiltering(n_states=n_states, n_symbols=n_symbols, n_steps=7)
+    header = n_states**2 + n_states * n_symbols + 3
+    assert task.header_len == header
+    assert task.vocab_size == 100 + n_symbols
+    assert task.sites.tolist() == [header + 1 + 2 * t for t in range(7)]
+    batch = task.sample(8, generator=torch.Generator().manual_seed(2))
+    assert batch.tokens.shape == (8, header + 14)
+    assert torch.all(batch.tokens[:, 0] == 96)
+    assert torch.all(batch.tokens[:, 1 + n_states**2] == 97)
+    assert torch.all(batch.tokens[:, header - 1] == 98)
+    assert torch.all(batch.tokens[:, header::2] == 99)
+    assert torch.equal(batch.tokens[:, task.sites], batch.observations + 100)
+    assert batch.posterior.shape == (8, 7, n_states)
+    assert batch.transition_cents.shape == (8, n_states, n_states)
+    assert batch.emission_cents.shape == (8, n_states, n_symbols)
+    assert torch.all(batch.emission_cents.sum(-1) == 100)
+    assert batch.tokens.max() < task.vocab_size
+
+
+def test_length_generalisation_shares_format():
+    long_task = HMMFiltering(n_steps=50)
+    short_task = HMMFiltering(n_steps=20)
+    batch = long_task.sample(32, generator=torch.Generator().manual_seed(4))
+    assert long_task.seq_len == 153 and long_task.sites[-1] == 54 + 2 * 49
+    # The first 20 steps of a K = 50 sequence are a valid K = 20 sequence with the same beliefs.
+    short_tokens = short_task.encode(
+        batch.transition_cents, batch.emission_cents, batch.observations[:, :20]
+    )
+    assert torch.equal(short_tokens, batch.tokens[:, : short_task.seq_len])
+    short = hmm_posterior(batch.transition_cents, batch.emission_cents, batch.observations[:, :20])
+    torch.testing.assert_close(short.filtered_probs, batch.posterior[:, :20], rtol=0, atol=0)
+
+
+def test_generator_matches_its_model():
+    """s_1 is uniform, o_t ~ E[s_t], s_t+1 ~ T[s_t]: unbiased residuals average to zero."""
+    task = HMMFiltering(n_steps=2)
+    n = 10000
+    batch = task.sample(n, generator=torch.Generator().manual_seed(5))
+    rows = torch.arange(n)
+    s1, s2, o1 = batch.states[:, 0], batch.states[:, 1], batch.observations[:, 0]
+    first = torch.bincount(s1, minlength=5).double() / n
+    emit = (torch.nn.functional.one_hot(o1, 5) - batch.emission_cents[rows, s1].double() / 100).mean(0)
+    move = (torch.nn.functional.one_hot(s2, 5) - batch.transition_cents[rows, s1].double() / 100).mean(0)
+    # Each residual has sd <= 0.5, so 4 sd of the mean is 4 * 0.5 / sqrt(10000) = 0.02.
+    torch.testing.assert_close(first, torch.full((5,), 0.2, dtype=torch.float64), rtol=0, atol=0.02)
+    torch.testing.assert_close(emit, torch.zeros(5, dtype=torch.float64), rtol=0, atol=0.02)
+    torch.testing.assert_close(move, torch.zeros(5, dtype=torch.float64), rtol=0, atol=0.02)
+
+
+def test_reference_entropy_statistics():
+    """SPEC §5.2 [D]: mean filtered entropy ≈ 2.02 bits at t = 1 and 1.907 overall."""
+    batch = HMMFiltering().sample(2000, generator=torch.Generator().manual_seed(6))
+    # Per-site sd is 0.25; sequence means are averages of 20 correlated sites, so the overall
+    # mean's standard error is below 0.25 / sqrt(2000) ≈ 0.006; 0.03 is a 5-sigma tolerance.
+    assert batch.entropy_bits.mean().item() == pytest.approx(1.907, abs=0.03)
+    assert batch.entropy_bits[:, 0].mean().item() == pytest.approx(2.02, abs=0.03)
+    assert batch.entropy_bits.max() <= math.log2(5) + 1e-12
+
+
+def _reference_quantise(row, floor_units=5, units=100):
+    """SPEC §5.2's repair rule, written as a plain loop over Python ints."""
+    cents = [max(round(p * units), floor_units) for p in row]
+    while sum(cents) < units:
+        i = min(range(len(cents)), key=lambda j: (cents[j], j))
+        cents[i] += 1
+    while sum(cents) > units:
+        i = max(range(len(cents)), key=lambda j: (cents[j], -j))
+        cents[i] -= 1
+    return cents
+
+
+@given(
+    weights=st.lists(
+        st.lists(st.floats(0.0, 1.0), min_size=5, max_size=5).filter(lambda w: sum(w) > 1e-3),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_quantise_matches_reference_loop(weights):
+    probs = torch.tensor(weights, dtype=torch.float64)
+    probs = probs / probs.sum(-1, keepdim=True)
+    probs = probs.clamp_min(0.05)
+    probs = probs / probs.sum(-1, keepdim=True)
+    cents = quantise_rows(probs)
+    assert torch.all(cents.sum(-1) == 100)
+    assert cents.min() >= 5
+    # Rounding with ties is the only place the two could differ; ties are measure-zero here.
+    assert cents.tolist() == [_reference_quantise(row) for row in probs.tolist()]
+
+
+def test_quantise_hand_examples():
+    # 33 + 33 + 33 = 99: add 1 to the smallest, first index on ties.
+    assert quantise_rows(torch.tensor([[0.333, 0.333, 0.334]])).tolist() == [[34, 33, 33]]
+    # 0 is raised to 5, so 5 + 100 = 105: take 5 from the largest.
+    assert quantise_rows(torch.tensor([[0.004, 0.996]])).tolist() == [[5, 95]]
+    # 26 + 26 + 26 + 23 = 101: take 1 from the largest, first index on ties.
+    assert quantise_rows(torch.tensor([[0.256, 0.256, 0.256, 0.232]])).tolist() == [[25, 26, 26, 23]]
+    # A coarser grid: quarters, floor 0.25 on a width of 4 forces the uniform row.
+    assert quantise_rows(torch.tensor([[0.7, 0.1, 0.1, 0.1]]), floor=0.25, grid=0.25).tolist() == [
+        [1, 1, 1, 1]
+    ]
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=10)
+def test_generator_determinism(seed):
+    task = HMMFiltering(n_states=3, n_symbols=4, n_steps=6)
+    first = task.sample(8, generator=torch.Generator().manual_seed(seed))
+    second = task.sample(8, generator=torch.Generator().manual_seed(seed))
+    for name in ("tokens", "labels", "posterior", "transition_cents", "predicted_probs"):
+        assert torch.equal(getattr(first, name), getattr(second, name))
+
+
+def test_to_keeps_every_field():
+    batch = HMMFiltering(n_steps=3).sample(2, generator=torch.Generator().manual_seed(0))
+    moved = batch.to("cpu")
+    assert isinstance(moved, HMMBatch)
+    assert torch.equal(moved.emission_cents, batch.emission_cents)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_states": 0}, r"HMMFiltering\.n_states must be an int >= 1"),
+        ({"n_symbols": 1.0}, r"HMMFiltering\.n_symbols must be an int >= 1"),
+        ({"n_steps": -1}, r"HMMFiltering\.n_steps must be an int >= 1"),
+        ({"floor": 0.0}, r"HMMFiltering\.floor must be a number in \(0\.0, 1\.0\]"),
+        ({"grid": 1.5}, r"HMMFiltering\.grid must be a number in \(0\.0, 1\.0\]"),
+        ({"grid": 0.03}, r"HMMFiltering\.grid must be 1/n for an integer n"),
+        ({"floor": 0.055}, r"HMMFiltering\.floor must be a multiple of grid=0\.01"),
+        ({"floor": 0.3}, r"HMMFiltering\.floor must be <= 1/max\(n_states, n_symbols\) = 1/5"),
+        ({"n_states": 3, "n_symbols": 21}, r"HMMFiltering\.floor must be <= .* = 1/21"),
+        ({"n_states": 0, "floor": 2.0}, r"2 problems in HMMFiltering"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HMMFiltering(**kwargs)
+
+
+def test_floor_times_width_equal_to_one_is_allowed():
+    batch = HMMFiltering(n_states=20, n_symbols=2, n_steps=2).sample(
+        3, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.all(batch.transition_cents == 5)
+
+
+def test_batch_size_error():
+    with pytest.raises(ValueError, match=r"HMMFiltering\.sample\.batch_size must be an int >= 1"):
+        HMMFiltering().sample(0, generator=torch.Generator())

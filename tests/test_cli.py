@@ -1,0 +1,39 @@
+"""The command line: exit codes and messages of each command."""
+
+from click.testing import CliRunner
+
+from windtunnel import dynamics
+from windtunnel.cli import main
+
+
+def test_help_lists_the_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "verify-law" in result.output and "reproduce" in result.output
+
+
+def test_verify_law_passes_and_prints_a_table():
+    result = CliRunner().invoke(main, ["verify-law", "--trials", "12", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "float64: 12 random heads" in result.output and "float32: 12 random heads" in result.output
+    assert "d_w_query" in result.output and "All closed forms agree" in result.output
+
+
+def test_verify_law_exits_nonzero_when_a_formula_is_wrong(monkeypatch):
+    real = dynamics.attention_gradients
+
+    def wrong(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return dynamics.AttentionGradients(**{**out.__dict__, "d_keys": 2 * out.d_keys})
+
+    monkeypatch.setattr(dynamics, "attention_gradients", wrong)
+    result = CliRunner().invoke(main, ["verify-law", "--trials", "6", "--dtype", "float64"])
+    assert result.exit_code == 1
+    assert "FAILED" in result.output
+
+
+def test_verify_law_rejects_bad_options():
+    result = CliRunner().invoke(main, ["verify-law", "--dtype", "float16"])
+    assert result.exit_code == 2 and "'float16' is not one of 'float64', 'float32'" in result.output
+    result = CliRunner().invoke(main, ["verify-law", "--trials", "0"])
+    assert result.exit_code == 2 and "--trials" in result.output
