@@ -1,0 +1,1 @@
+"""Figures and reports built from run directories (never from the training stack)."""
