@@ -9,6 +9,7 @@ with private generators; the held-out sequence is drawn the same way from seed +
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import platform
 import time
@@ -20,7 +21,6 @@ import scipy
 import scipy.stats
 import torch
 
-from windtunnel import __version__
 from windtunnel._checks import Problems, check_choice, check_number, check_positive_int
 from windtunnel.arms import ARM_NAMES, ArmConfig, ArmOptimizer, train_adamw_cosine, train_steps
 from windtunnel.models.single_head import SingleHeadAttention, single_head_output
@@ -160,7 +160,7 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
     return {
         "experiment": "em_vs_sgd",
         "config": config.to_dict(),
-        "versions": {"windtunnel": __version__, "torch": torch.__version__, "numpy": np.__version__,
+        "versions": {"windtunnel": importlib.metadata.version("windtunnel"), "torch": torch.__version__, "numpy": np.__version__,
                      "scipy": scipy.__version__, "python": platform.python_version()},
         "device": "cpu",
         "threads": torch.get_num_threads(),

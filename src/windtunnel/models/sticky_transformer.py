@@ -70,6 +70,11 @@ class StickyTransformerConfig:
         problems.raise_if_any()
 
 
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    # nn.Linear's constructor would initialise from the global RNG; skip it, reset_parameters draws.
+    return nn.utils.skip_init(nn.Linear, d_in, d_out)
+
+
 def _dropout(x: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
     if rate == 0.0 or generator is None:
         return x
@@ -83,11 +88,11 @@ class _Block(nn.Module):
         d = config.d_model
         self.config = config
         self.ln_1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
+        self.qkv = _linear(d, 3 * d)
+        self.out = _linear(d, d)
         self.ln_2 = nn.LayerNorm(d)
-        self.mlp_in = nn.Linear(d, config.d_mlp)
-        self.mlp_out = nn.Linear(config.d_mlp, d)
+        self.mlp_in = _linear(d, config.d_mlp)
+        self.mlp_out = _linear(config.d_mlp, d)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         batch, n_pos, d = x.shape
@@ -116,10 +121,10 @@ class StickyTransformer(nn.Module):
     def __init__(self, config: StickyTransformerConfig | None = None, *, generator: torch.Generator) -> None:
         super().__init__()
         self.config = config or StickyTransformerConfig()
-        self.embed = nn.Linear(self.config.d_x, self.config.d_model)
+        self.embed = _linear(self.config.d_x, self.config.d_model)
         self.blocks = nn.ModuleList(_Block(self.config) for _ in range(self.config.n_layers))
         self.ln_final = nn.LayerNorm(self.config.d_model)
-        self.unembed = nn.Linear(self.config.d_model, self.config.n_classes)
+        self.unembed = _linear(self.config.d_model, self.config.n_classes)
         self.reset_parameters(generator)
 
     @torch.no_grad()
