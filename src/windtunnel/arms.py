@@ -182,7 +182,7 @@ class ArmOptimizer:
         x: torch.Tensor,
         targets: torch.Tensor,
         *,
-        block_size: int = 128,
+        block_size: int = 64,
     ) -> None:
         if len(arms) != model.n_replicas:
             raise ValueError(

@@ -144,7 +144,7 @@ def single_head_gradients(
     x: torch.Tensor,
     targets: torch.Tensor,
     *,
-    block_size: int = 128,
+    block_size: int = 64,
     with_responsibility: bool = False,
 ) -> SingleHeadGradients:
     """Closed-form gradients of the mean CE of a batch of single heads, no autograd.
@@ -200,27 +200,35 @@ def single_head_gradients(
     d_logits_all = torch.empty(rb, n_pos, n_classes, dtype=x.dtype, device=x.device)
     loss = torch.zeros(rb, dtype=x.dtype, device=x.device)
     future = torch.ones(block_size, block_size, dtype=torch.bool, device=x.device).triu(1)
+    # Two reused workspaces hold the [rb, block, keys] scores/dS and pattern: fresh tensors of a
+    # new size every block would cost a page fault per 4 KiB on first touch (about half the time).
+    workspace = torch.empty(2, rb * min(block_size, n_pos) * n_pos, dtype=x.dtype, device=x.device)
+    pull = torch.empty(rb * max(d_k, d_v) * n_pos, dtype=x.dtype, device=x.device)
+    neg_one = torch.full((rb, block_size, 1), -1.0, dtype=x.dtype, device=x.device)
     for i0 in range(0, n_pos, block_size):
         i1 = min(n_pos, i0 + block_size)
         m = i1 - i0
-        s = torch.bmm(q_scaled[:, i0:i1], k_t[:, :, :i1])  # [rb, m, i1]
+        s = workspace[0, : rb * m * i1].view(rb, m, i1)
+        alpha = workspace[1, : rb * m * i1].view(rb, m, i1)
+        torch.bmm(q_scaled[:, i0:i1], k_t[:, :, :i1], out=s)
         s[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
-        alpha = torch.softmax(s, dim=-1)
-        del s
+        torch.softmax(s, dim=-1, out=alpha)
         z = torch.bmm(v_t[:, :, :i1], alpha.transpose(1, 2)).transpose(1, 2)  # [rb, m, d_v]
         log_p = torch.log_softmax(torch.bmm(z, w_o_rb), dim=-1)  # [rb, m, n_classes]
         y_blk = y[:, i0:i1].unsqueeze(-1)
         loss -= log_p.gather(-1, y_blk).squeeze(-1).sum(-1)
         d_logits = log_p.exp_()
-        d_logits.scatter_add_(-1, y_blk, torch.full_like(y_blk, -1.0, dtype=x.dtype))
+        d_logits.scatter_add_(-1, y_blk, neg_one[:, :m])
         d_logits /= n_lab
         u = torch.bmm(d_logits, w_o_t)  # [rb, m, d_v]
-        # dL/ds = alpha * (b - E_alpha[b]) with b_ij = u_i·v_j and E_alpha[b]_i = u_i·z_i
-        d_s = torch.bmm(u, v_t[:, :, :i1])
-        d_s.sub_((u * z).sum(-1, keepdim=True)).mul_(alpha)
-        d_v_t[:, :, :i1] += torch.bmm(u.transpose(1, 2), alpha)
+        # dL/ds = alpha * (b - E_alpha[b]) with b_ij = u_i·v_j and E_alpha[b]_i = u_i·z_i;
+        # the scores are no longer needed, so dL/ds overwrites them.
+        d_s = torch.baddbmm(-(u * z).sum(-1, keepdim=True), u, v_t[:, :, :i1], out=s)
+        d_s.mul_(alpha)
+        # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
+        d_v_t[:, :, :i1] += torch.bmm(u.transpose(1, 2), alpha, out=pull[: rb * d_v * i1].view(rb, d_v, i1))
         d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
-        d_k_t[:, :, :i1] += torch.bmm(q_scaled_t[:, :, i0:i1], d_s)
+        d_k_t[:, :, :i1] += torch.bmm(q_scaled_t[:, :, i0:i1], d_s, out=pull[: rb * d_k * i1].view(rb, d_k, i1))
         if resp is not None:
             resp[:, :i1] += alpha.sum(1)
         z_all[:, i0:i1] = z
@@ -357,7 +365,7 @@ class SingleHeadAttention(nn.Module):
         x: torch.Tensor,
         targets: torch.Tensor,
         *,
-        block_size: int = 128,
+        block_size: int = 64,
         with_responsibility: bool = False,
     ) -> SingleHeadGradients:
         """Closed-form gradients of each replica's mean CE; see :func:`single_head_gradients`."""
