@@ -170,6 +170,8 @@ class ArmOptimizer:
         x: training inputs [replica or 1, batch, pos, d_x] (needed by ``em`` and ``alternating``).
         targets: training labels long [replica or 1, batch, pos].
         block_size: query block of the closed-form gradient pass.
+        n_workers: threads over replica groups in the gradient pass (see
+            :func:`windtunnel.models.single_head.single_head_gradients`).
 
     Raises:
         ValueError: when the number of arms is not the number of replicas.
@@ -183,12 +185,13 @@ class ArmOptimizer:
         targets: torch.Tensor,
         *,
         block_size: int = 64,
+        n_workers: int = 1,
     ) -> None:
         if len(arms) != model.n_replicas:
             raise ValueError(
                 f"ArmOptimizer.arms must have one arm per replica ({model.n_replicas}); got {len(arms)}."
             )
-        self.model, self.arms, self.block_size = model, list(arms), block_size
+        self.model, self.arms, self.block_size, self.n_workers = model, list(arms), block_size, n_workers
         self.x = x.expand(model.n_replicas, -1, -1, -1)
         self.targets = targets.expand(model.n_replicas, -1, -1)
         members: dict[ArmConfig, list[int]] = {}
@@ -215,7 +218,11 @@ class ArmOptimizer:
     def gradients(self) -> SingleHeadGradients:
         """Closed-form gradients of every replica at the current weights."""
         return self.model.exact_gradients(
-            self.x, self.targets, block_size=self.block_size, with_responsibility=self.needs_responsibility
+            self.x,
+            self.targets,
+            block_size=self.block_size,
+            with_responsibility=self.needs_responsibility,
+            n_workers=self.n_workers,
         )
 
     @torch.no_grad()
@@ -263,7 +270,9 @@ class ArmOptimizer:
         # E-step: routing moves first; M-step: values move against a fresh gradient at the new routing.
         out = {n: -arm.lr * g[n] for n in PARAMETER_NAMES if n not in arm.value_params}
         moved = {n: p[idx] + out.get(n, 0.0) for n, p in self.model.weights.items()}
-        fresh = single_head_gradients(moved, self.x[idx], self.targets[idx], block_size=self.block_size)
+        fresh = single_head_gradients(
+            moved, self.x[idx], self.targets[idx], block_size=self.block_size, n_workers=self.n_workers
+        )
         for n in arm.value_params:
             out[n] = -arm.value_lr_ratio * arm.lr * fresh.grads[n]
         return out

@@ -152,3 +152,18 @@ def test_bad_arguments_raise():
         model.exact_gradients(x, torch.zeros(2, 1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"single_head_gradients.block_size must be an int >= 1; got 0"):
         single_head_gradients(model.weights, x, torch.zeros(2, 1, 4, dtype=torch.long), block_size=0)
+
+
+@pytest.mark.parametrize("n_workers,shared_x", [(2, False), (3, True), (7, False)])
+def test_worker_threads_give_bit_identical_gradients(n_workers, shared_x):
+    model = _model(5, 4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1 if shared_x else 5, 2, 50, 20, generator=gen)
+    y = torch.randint(8, (1 if shared_x else 5, 2, 50), generator=gen)
+    serial = model.exact_gradients(x, y, block_size=16, with_responsibility=True)
+    threaded = model.exact_gradients(x, y, block_size=16, with_responsibility=True, n_workers=n_workers)
+    assert torch.equal(serial.loss_nats, threaded.loss_nats)
+    assert torch.equal(serial.d_values, threaded.d_values) and torch.equal(serial.responsibility, threaded.responsibility)
+    assert all(torch.equal(serial.grads[n], threaded.grads[n]) for n in PARAMETER_NAMES)
+    with pytest.raises(ValueError, match=r"single_head_gradients.n_workers must be an int >= 1; got 0"):
+        model.exact_gradients(x, y, n_workers=0)

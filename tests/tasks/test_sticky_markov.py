@@ -212,3 +212,17 @@ def test_bad_sample_and_filter_arguments_raise():
         sticky_bayes_filter(torch.zeros(1, 4, 20), task.means, task.transition, noise_std=-1.0)
     with pytest.raises(ValueError, match=r"score_predictions: log_probs must be"):
         score_predictions(torch.zeros(3, 8), torch.zeros(4, dtype=torch.long))
+
+
+def test_sample_each_stacks_one_chain_per_generator():
+    task = StickyMarkov(seq_len=40)
+    for order in ("reference", "vectorized"):
+        both = task.sample_each([torch.Generator().manual_seed(s) for s in (3, 4)], draw_order=order)
+        for i, s in enumerate((3, 4)):
+            one = task.sample(1, generator=torch.Generator().manual_seed(s), draw_order=order)
+            assert torch.equal(both.inputs[i], one.inputs[0]) and torch.equal(both.targets[i], one.targets[0])
+            torch.testing.assert_close(both.posterior[i], one.posterior[0], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match=r"StickyMarkov.sample_each.generators must be a non-empty sequence"):
+        task.sample_each([])
+    with pytest.raises(ValueError, match=r"StickyMarkov.sample_each.draw_order must be one of"):
+        task.sample_each([torch.Generator()], draw_order="x")

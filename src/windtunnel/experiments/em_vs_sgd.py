@@ -14,6 +14,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from windtunnel._checks import Problems, check_choice, check_number, check_posit
 from windtunnel.arms import ARM_NAMES, ArmConfig, ArmOptimizer, train_adamw_cosine, train_steps
 from windtunnel.models.single_head import SingleHeadAttention, single_head_output
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
-from windtunnel.tasks.sticky_markov import PredictionScores, StickyMarkov, score_predictions
+from windtunnel.tasks.sticky_markov import PredictionScores, StickyBatch, StickyMarkov, score_predictions
 from windtunnel.telemetry import causal_routing_telemetry, routing_law_residual
 
 __all__ = ["EmVsSgdConfig", "PAPER_SEEDS", "run_em_vs_sgd", "steps_to_threshold", "total_steps"]
@@ -54,6 +55,8 @@ class EmVsSgdConfig:
         law_check_len: positions of the per-log exactness check against autograd.
         block_size: query rows per block in the closed-form gradient pass.
         heldout_offset: the held-out sequence uses seed + heldout_offset (reference: 10000).
+        n_workers: threads over replica groups for gradients and telemetry (speed only; use
+            with ``torch.set_num_threads(1)``).
         task: the chain (reference normalisation by default).
     """
 
@@ -70,6 +73,7 @@ class EmVsSgdConfig:
     law_check_len: int = 256
     block_size: int = 64
     heldout_offset: int = 10000
+    n_workers: int = 1
     task: StickyMarkov = field(default_factory=StickyMarkov)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,7 @@ class EmVsSgdConfig:
             check_positive_int(owner, "law_check_len", self.law_check_len, minimum=2),
             check_positive_int(owner, "block_size", self.block_size),
             check_positive_int(owner, "heldout_offset", self.heldout_offset),
+            check_positive_int(owner, "n_workers", self.n_workers),
         ]
         p.items.extend(t for t in texts if t)
         if not isinstance(self.task, StickyMarkov):
@@ -128,6 +133,10 @@ def _generators(config: EmVsSgdConfig, seed: int) -> tuple[dict[str, torch.Gener
     return gens, "vectorized"
 
 
+def _row(batch: StickyBatch, i: int) -> StickyBatch:
+    return StickyBatch(**{f: getattr(batch, f)[i : i + 1] for f in ("inputs", "targets", "previous", "posterior")})
+
+
 def _scores(s: PredictionScores) -> dict[str, float]:
     return {"loss_nats": s.loss_nats, "loss_bits": s.loss_bits, "entropy_nats": s.entropy_nats,
             "entropy_bits": s.entropy_bits, "accuracy": s.accuracy}
@@ -144,12 +153,12 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
     """
     start = time.perf_counter()
     task, h_min = config.task, config.task.conditional_entropy_nats()
-    data = []
-    for seed in config.seeds:
-        gens, order = _generators(config, seed)
-        train = task.sample(1, generator=gens["data"], draw_order=order)
-        heldout = task.sample(1, generator=gens["heldout"], draw_order=order)
-        data.append({"seed": seed, "gens": gens, "train": train, "heldout": heldout})
+    gens = [_generators(config, seed) for seed in config.seeds]
+    order = gens[0][1]
+    train = task.sample_each([g["data"] for g, _ in gens], draw_order=order)  # one filter pass for all
+    heldout = task.sample_each([g["heldout"] for g, _ in gens], draw_order=order)
+    data = [{"seed": seed, "gens": g, "train": _row(train, i), "heldout": _row(heldout, i)}
+            for i, (seed, (g, _)) in enumerate(zip(config.seeds, gens))]
     per_seed = [{"seed": d["seed"], "bayes": {"train": _scores(task.bayes_scores(d["train"])),
                                               "heldout": _scores(task.bayes_scores(d["heldout"]))},
                  "arms": {}, "curves": {}, "telemetry": {}} for d in data]
@@ -163,7 +172,7 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
         "versions": {"windtunnel": importlib.metadata.version("windtunnel"), "torch": torch.__version__, "numpy": np.__version__,
                      "scipy": scipy.__version__, "python": platform.python_version()},
         "device": "cpu",
-        "threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "bayes_loss_nats": float(np.mean([s["bayes"]["train"]["loss_nats"] for s in per_seed])),
         "bayes_heldout_loss_nats": float(np.mean([s["bayes"]["heldout"]["loss_nats"] for s in per_seed])),
         "bayes_accuracy": float(np.mean([s["bayes"]["train"]["accuracy"] for s in per_seed])),
@@ -186,7 +195,8 @@ def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], p
             model.reset_parameters(init, replicas=slice(a * n_seeds + s, a * n_seeds + s + 1))
     x = torch.stack([d["train"].inputs for d in data]).repeat(len(arms), 1, 1, 1)  # [replica, 1, pos, d_x]
     y = torch.stack([d["train"].targets for d in data]).repeat(len(arms), 1, 1)
-    optimizer = ArmOptimizer(model, [arm for arm in arms for _ in range(n_seeds)], x, y, block_size=config.block_size)
+    optimizer = ArmOptimizer(model, [arm for arm in arms for _ in range(n_seeds)], x, y,
+                             block_size=config.block_size, n_workers=config.n_workers)
     records: list[dict] = []
     law_checks: list[dict] = []
 
@@ -195,7 +205,7 @@ def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], p
             progress(1)
         every = config.telemetry_every
         if every and (step % every == 0 or step == config.n_steps - 1):
-            records.append(_telemetry(x, y, before, deltas, step))
+            records.append(_telemetry(x, y, before, deltas, step, config.n_workers))
             r = len(law_checks) % model.n_replicas
             law_checks.append({"step": step, "arm": arms[r // n_seeds].name, "seed": data[r % n_seeds]["seed"],
                                "residual": _law_check(x, y, before, r, config.law_check_len)})
@@ -219,14 +229,21 @@ def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], p
     return law_checks
 
 
-def _telemetry(x: torch.Tensor, y: torch.Tensor, before: dict, deltas: dict, step: int) -> dict:
-    q, k, v = (x @ before[n].unsqueeze(1) for n in ("W_Q", "W_K", "W_V"))
-    z = single_head_output(before, x)
-    w_out = before["W_O"].unsqueeze(1)
-    d_logits = torch.softmax(z @ w_out, -1) - torch.nn.functional.one_hot(y, w_out.shape[-1]).to(z)
-    u = d_logits / (y.shape[1] * y.shape[2]) @ w_out.transpose(-1, -2)  # dL/dz of the mean loss
-    tel = causal_routing_telemetry(q, k, v, u, x @ deltas["W_V"].unsqueeze(1))  # fields [replica, batch]
-    return {"step": step, **{name: getattr(tel, name).mean(-1).tolist() for name in tel.__dataclass_fields__}}
+def _telemetry(x: torch.Tensor, y: torch.Tensor, before: dict, deltas: dict, step: int, n_workers: int) -> dict:
+    def part(r: slice) -> dict[str, list[float]]:
+        w = {n: t[r] for n, t in before.items()}
+        q, k, v = (x[r] @ w[n].unsqueeze(1) for n in ("W_Q", "W_K", "W_V"))
+        z, w_out = single_head_output(w, x[r]), w["W_O"].unsqueeze(1)
+        d_logits = torch.softmax(z @ w_out, -1) - torch.nn.functional.one_hot(y[r], w_out.shape[-1]).to(z)
+        u = d_logits / (y.shape[1] * y.shape[2]) @ w_out.transpose(-1, -2)  # dL/dz of the mean loss
+        tel = causal_routing_telemetry(q, k, v, u, x[r] @ deltas["W_V"][r].unsqueeze(1))  # [replica, batch]
+        return {name: getattr(tel, name).mean(-1).tolist() for name in tel.__dataclass_fields__}
+
+    n_rep = x.shape[0]
+    bounds = [round(i * n_rep / min(n_workers, n_rep)) for i in range(min(n_workers, n_rep) + 1)]
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        parts = list(pool.map(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+    return {"step": step, **{name: sum((p[name] for p in parts), []) for name in parts[0]}}
 
 
 def _law_check(x: torch.Tensor, y: torch.Tensor, before: dict, r: int, n_pos: int) -> float:

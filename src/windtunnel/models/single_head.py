@@ -15,6 +15,7 @@ EM-style arm needs.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,7 @@ def single_head_gradients(
     *,
     block_size: int = 64,
     with_responsibility: bool = False,
+    n_workers: int = 1,
 ) -> SingleHeadGradients:
     """Closed-form gradients of the mean CE of a batch of single heads, no autograd.
 
@@ -161,17 +163,50 @@ def single_head_gradients(
     so one pass over blocks of ``block_size`` query rows (keys 0..end of block only) gives all
     gradients with [block, key_pos] temporaries.
 
+    ``n_workers > 1`` splits the replicas into that many contiguous groups and computes them on
+    concurrent Python threads (torch ops release the GIL). Pair it with
+    ``torch.set_num_threads(1)``: intra-op threads inside each worker would oversubscribe the
+    cores, and one synchronisation per step (instead of one per op) degrades gracefully when
+    other processes share the machine.
+
     Shapes: weights maps each of :data:`PARAMETER_NAMES` to [replica, *shape]; x
     [replica or 1, batch, pos, d_x]; targets long [replica or 1, batch, pos].
 
     Raises:
-        ValueError: when shapes do not fit or ``block_size`` is not a positive int.
+        ValueError: when shapes do not fit or ``block_size`` or ``n_workers`` is not a positive int.
     """
     owner = "single_head_gradients"
     _check_inputs(owner, weights, x, targets)
-    text = check_positive_int(owner, "block_size", block_size)
-    if text:
-        raise ValueError(text)
+    for name, value in (("block_size", block_size), ("n_workers", n_workers)):
+        text = check_positive_int(owner, name, value)
+        if text:
+            raise ValueError(text)
+    n_rep = weights["W_Q"].shape[0]
+    if n_workers == 1 or n_rep == 1:
+        return _gradients(weights, x, targets, block_size, with_responsibility)
+    bounds = [round(i * n_rep / min(n_workers, n_rep)) for i in range(min(n_workers, n_rep) + 1)]
+
+    def part(lo_hi: tuple[int, int]) -> SingleHeadGradients:
+        lo, hi = lo_hi
+        pick = (lambda t: t) if x.shape[0] == 1 else (lambda t: t[lo:hi])
+        sub = {n: w[lo:hi] for n, w in weights.items()}
+        sub_y = targets if targets.shape[0] == 1 else targets[lo:hi]
+        return _gradients(sub, pick(x), sub_y, block_size, with_responsibility)
+
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        parts = list(pool.map(part, zip(bounds[:-1], bounds[1:])))
+    return SingleHeadGradients(
+        loss_nats=torch.cat([p.loss_nats for p in parts]),
+        grads={n: torch.cat([p.grads[n] for p in parts]) for n in PARAMETER_NAMES},
+        d_values=torch.cat([p.d_values for p in parts]),
+        responsibility=None if not with_responsibility else torch.cat([p.responsibility for p in parts]),
+        n_labelled=parts[0].n_labelled,
+    )
+
+
+def _gradients(
+    weights: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor, block_size: int, with_responsibility: bool
+) -> SingleHeadGradients:
     w_q, w_k, w_v, w_o = (weights[name] for name in PARAMETER_NAMES)
     n_rep, d_x, d_k = w_q.shape
     d_v, n_classes = w_o.shape[1:]
@@ -367,6 +402,7 @@ class SingleHeadAttention(nn.Module):
         *,
         block_size: int = 64,
         with_responsibility: bool = False,
+        n_workers: int = 1,
     ) -> SingleHeadGradients:
         """Closed-form gradients of each replica's mean CE; see :func:`single_head_gradients`."""
         with torch.no_grad():
@@ -376,4 +412,5 @@ class SingleHeadAttention(nn.Module):
                 targets,
                 block_size=block_size,
                 with_responsibility=with_responsibility,
+                n_workers=n_workers,
             )

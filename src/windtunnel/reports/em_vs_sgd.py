@@ -138,7 +138,8 @@ def report_markdown(results: dict) -> str:
         f"Setting: {len(cfg['seeds'])} seeds {cfg['seeds']}, {cfg['n_steps']} full-batch steps, model `{cfg['model']}`, "
         f"T = {cfg['task']['seq_len']}, normalisation `{cfg['task']['normalization']}`, RNG `{cfg['rng']}`, "
         f"routing lr {cfg['lr']}, value-lr ratio {cfg['value_lr_ratio']}. Wall time {results['wall_s']:.1f} s "
-        f"on {results['device']} ({results['threads']} threads), torch {results['versions']['torch']}.",
+        f"on {results['device']} ({cfg['n_workers']} worker threads x {results['torch_threads']} torch threads), "
+        f"torch {results['versions']['torch']}.",
         "",
         "Reference lines: exact Bayes CE on the training sequences "
         f"**{results['bayes_loss_nats']:.4f} nats** (held-out {results['bayes_heldout_loss_nats']:.4f}; "

@@ -9,13 +9,14 @@ and Gaussian emissions, followed by one transition step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Literal
 
 import torch
 
-from windtunnel._checks import Problems, check_choice, check_number, check_positive_int
+from windtunnel._checks import Problems, check_choice, check_number, check_positive_int, must
 from windtunnel.tasks.filtering import forward_filter
 
 __all__ = [
@@ -342,6 +343,27 @@ class StickyMarkov:
             if text:
                 problems.add_text(text)
         problems.raise_if_any()
+        return self._with_posterior(*self._draw(batch_size, generator, draw_order))
+
+    def sample_each(
+        self, generators: Sequence[torch.Generator], *, draw_order: DrawOrder = "vectorized"
+    ) -> StickyBatch:
+        """One chain per generator, as ``sample(1, generator=g)`` for each g, stacked.
+
+        The exact posteriors of all chains come from one batched filter pass.
+
+        Raises:
+            ValueError: when ``generators`` is empty or ``draw_order`` is bad.
+        """
+        owner = f"{self._owner}.sample_each"
+        text = check_choice(owner, "draw_order", draw_order, DRAW_ORDERS)
+        if text or not generators:
+            raise ValueError(text or must(owner, "generators", "a non-empty sequence of torch.Generator", generators))
+        draws = [self._draw(1, g, draw_order) for g in generators]
+        return self._with_posterior(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]))
+
+    def _draw(self, batch_size: int, generator: torch.Generator, draw_order: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symbols y_0..y_{T-1} [batch, seq_len] and standard-normal noise [batch, n_inputs, d_embed]."""
         device = generator.device
         if draw_order == "reference":
             chains, noise = [], []
@@ -354,22 +376,22 @@ class StickyMarkov:
                     chain.append(int(torch.multinomial(p32[chain[-1]], 1, generator=generator)))
                 chains.append(chain)
                 noise.append(torch.randn(self.n_inputs, self.d_embed, generator=generator, device=device))
-            symbols = torch.tensor(chains, device=device)
-            eps = torch.stack(noise)
-        else:
-            cdf = self.transition.to(device).cumsum(-1)
-            cdf[:, -1] = 1.0  # guard against rounding: a uniform draw must land in some bin
-            current = torch.randint(self.n_symbols, (batch_size,), generator=generator, device=device)
-            uniforms = torch.rand(
-                batch_size, self.seq_len - 1, generator=generator, device=device, dtype=torch.float64
-            ).T.contiguous()  # [seq_len - 1, batch]: one contiguous row per step
-            steps = [current]
-            for t in range(self.seq_len - 1):
-                current = torch.searchsorted(cdf[current], uniforms[t].unsqueeze(-1), right=True).squeeze(-1)
-                steps.append(current.clamp_max(self.n_symbols - 1))
-            symbols = torch.stack(steps, dim=1)
-            eps = torch.randn(batch_size, self.n_inputs, self.d_embed, generator=generator, device=device)
+            return torch.tensor(chains, device=device), torch.stack(noise)
+        cdf = self.transition.to(device).cumsum(-1)
+        cdf[:, -1] = 1.0  # guard against rounding: a uniform draw must land in some bin
+        current = torch.randint(self.n_symbols, (batch_size,), generator=generator, device=device)
+        uniforms = torch.rand(
+            batch_size, self.seq_len - 1, generator=generator, device=device, dtype=torch.float64
+        ).T.contiguous()  # [seq_len - 1, batch]: one contiguous row per step
+        steps = [current]
+        for t in range(self.seq_len - 1):
+            current = torch.searchsorted(cdf[current], uniforms[t].unsqueeze(-1), right=True).squeeze(-1)
+            steps.append(current.clamp_max(self.n_symbols - 1))
+        noise = torch.randn(batch_size, self.n_inputs, self.d_embed, generator=generator, device=device)
+        return torch.stack(steps, dim=1), noise
+
+    def _with_posterior(self, symbols: torch.Tensor, noise: torch.Tensor) -> StickyBatch:
         previous, targets = symbols[:, :-1], symbols[:, 1:]
-        inputs = self.means.to(device)[previous] + eps * self.noise_std
+        inputs = self.means.to(noise.device)[previous] + noise * self.noise_std
         posterior = self.bayes_filter(inputs).predictive_probs
         return StickyBatch(inputs=inputs, targets=targets, previous=previous, posterior=posterior)
