@@ -12,7 +12,13 @@ from windtunnel.arms import (
     train_adamw_cosine,
     train_steps,
 )
-from windtunnel.models import PARAMETER_NAMES, SingleHeadAttention, SingleHeadConfig, StickyTransformer, StickyTransformerConfig
+from windtunnel.models import (
+    PARAMETER_NAMES,
+    SingleHeadAttention,
+    SingleHeadConfig,
+    StickyTransformer,
+    StickyTransformerConfig,
+)
 
 CONFIG = SingleHeadConfig(d_x=6, d_k=4, d_v=5, n_classes=3)
 
@@ -36,7 +42,9 @@ def _autograd(weights, x, y):
     v.retain_grad()
     n_pos = x.shape[-2]
     s = q @ k.transpose(-1, -2) / CONFIG.d_k**0.5
-    alpha = torch.softmax(s.masked_fill(~torch.ones(n_pos, n_pos, dtype=torch.bool).tril(), float("-inf")), -1)
+    alpha = torch.softmax(
+        s.masked_fill(~torch.ones(n_pos, n_pos, dtype=torch.bool).tril(), float("-inf")), -1
+    )
     loss = torch.nn.functional.cross_entropy((alpha @ v @ w["W_O"]).reshape(-1, 3), y.reshape(-1))
     loss.backward()
     return loss.detach(), {n: t.grad for n, t in w.items()}, v.grad, alpha.detach()
@@ -54,7 +62,10 @@ def _step(arm, model, x, y):
     return before, {n: after[n] - before[n] for n in PARAMETER_NAMES}
 
 
-@pytest.mark.parametrize("name,value_params", [("sgd", ("W_V",)), ("two_timescale", ("W_V",)), ("two_timescale", ("W_V", "W_O"))])
+@pytest.mark.parametrize(
+    "name,value_params",
+    [("sgd", ("W_V",)), ("two_timescale", ("W_V",)), ("two_timescale", ("W_V", "W_O"))],
+)
 def test_gradient_arms_take_the_documented_steps(name, value_params):
     model, x, y = _problem()
     arm = ArmConfig(name=name, lr=0.05, value_lr_ratio=7.0, value_params=value_params)
@@ -90,7 +101,9 @@ def test_em_with_free_values_moves_each_value_to_its_target():
     d_values = torch.randn(1, 4, 3, generator=gen, dtype=torch.float64)
     resp = torch.tensor([[4.0, 2.0, 1e-9, 0.5]], dtype=torch.float64)
     delta = em_value_update(x, d_values, resp, ridge_factor(x, 0.0), step=0.5, eps=1e-3)
-    expected = -0.5 * 4 * d_values[0] / torch.tensor([4.0, 2.0, 1e-3, 0.5], dtype=torch.float64)[:, None]
+    expected = (
+        -0.5 * 4 * d_values[0] / torch.tensor([4.0, 2.0, 1e-3, 0.5], dtype=torch.float64)[:, None]
+    )
     torch.testing.assert_close(delta[0], expected, rtol=1e-12, atol=1e-12)
 
 
@@ -121,7 +134,9 @@ def test_adam_matches_torch_adam():
             t.grad = grads[n]
         torch_adam.step()
     for n in PARAMETER_NAMES:
-        torch.testing.assert_close(model.weights[n].detach()[0], reference[n].detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            model.weights[n].detach()[0], reference[n].detach(), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_replicas_with_different_arms_update_independently_and_report_pre_update_losses():
@@ -143,7 +158,10 @@ def test_replicas_with_different_arms_update_independently_and_report_pre_update
 
 def test_train_adamw_cosine_lowers_the_loss():
     gen = torch.Generator().manual_seed(0)
-    model = StickyTransformer(StickyTransformerConfig(d_x=3, d_model=8, n_layers=1, n_heads=2, d_mlp=16, n_classes=3), generator=gen)
+    model = StickyTransformer(
+        StickyTransformerConfig(d_x=3, d_model=8, n_layers=1, n_heads=2, d_mlp=16, n_classes=3),
+        generator=gen,
+    )
     model.double()
     x = torch.randn(2, 10, 3, generator=gen, dtype=torch.float64)
     y = torch.randint(3, (2, 10), generator=gen)
@@ -154,17 +172,28 @@ def test_train_adamw_cosine_lowers_the_loss():
 
 
 def test_bad_arm_configs_raise():
-    with pytest.raises(ValueError, match=r"ArmConfig.name must be one of 'sgd', 'two_timescale'.* did you mean 'sgd'"):
+    with pytest.raises(
+        ValueError,
+        match=r"ArmConfig.name must be one of 'sgd', 'two_timescale'.* did you mean 'sgd'",
+    ):
         ArmConfig(name="sdg")
-    with pytest.raises(ValueError, match=r"ArmConfig.lr must be a number in \(0.0, inf\]; got -1.0"):
+    with pytest.raises(
+        ValueError, match=r"ArmConfig.lr must be a number in \(0.0, inf\]; got -1.0"
+    ):
         ArmConfig(name="sgd", lr=-1.0)
     with pytest.raises(ValueError, match=r"ArmConfig.value_params must be a tuple of names"):
         ArmConfig(name="two_timescale", value_params=("W_X",))
-    with pytest.raises(ValueError, match=r"ArmConfig.value_params must be a tuple containing 'W_V' for the em arm"):
+    with pytest.raises(
+        ValueError, match=r"ArmConfig.value_params must be a tuple containing 'W_V' for the em arm"
+    ):
         ArmConfig(name="em", value_params=("W_O",))
     with pytest.raises(ConfigError, match=r"2 problems in ArmConfig"):
         ArmConfig(name="adam", adam_betas=(0.9, 1.5), em_eps=0.0)
-    assert ArmConfig.from_dict(ArmConfig(name="em", em_step=3.0).to_dict()) == ArmConfig(name="em", em_step=3.0)
+    assert ArmConfig.from_dict(ArmConfig(name="em", em_step=3.0).to_dict()) == ArmConfig(
+        name="em", em_step=3.0
+    )
     model, x, y = _problem(n_replicas=2)
-    with pytest.raises(ValueError, match=r"ArmOptimizer.arms must have one arm per replica \(2\); got 1"):
+    with pytest.raises(
+        ValueError, match=r"ArmOptimizer.arms must have one arm per replica \(2\); got 1"
+    ):
         ArmOptimizer(model, [ArmConfig(name="sgd")], x, y)

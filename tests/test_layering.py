@@ -26,6 +26,7 @@ LAYERS = {
     "presets": 7,
     "experiments": 8,
     "reports": 2,
+    "comparison": 2,
     "cli": 9,
 }
 

@@ -31,7 +31,8 @@ def _full(q, k, v, u, delta):
             (alpha * (adv > 1e-12)).sum((-1, -2)) / n,
             (alpha * (adv > -1e-12)).sum((-1, -2)) / n,
         ),
-        "attention_entropy_nats": -(alpha * torch.where(alpha > 0, alpha.log(), 0.0)).sum((-1, -2)) / n,
+        "attention_entropy_nats": -(alpha * torch.where(alpha > 0, alpha.log(), 0.0)).sum((-1, -2))
+        / n,
         "d_scores_norm": (-alpha * adv).pow(2).sum((-1, -2)).sqrt(),
         "value_specialization": cos.mean(-1),
         "responsibility_weighted_specialization": (cos * resp).sum(-1) / resp.sum(-1),
@@ -48,7 +49,9 @@ def test_blockwise_telemetry_equals_the_full_matrix_definitions(n_pos, block_siz
     for name, expected in _full(q, k, v, u, delta).items():
         if name == "positive_advantage_mass":
             low, high = expected
-            assert (getattr(tel, name) >= low - 1e-12).all() and (getattr(tel, name) <= high + 1e-12).all()
+            assert (getattr(tel, name) >= low - 1e-12).all() and (
+                getattr(tel, name) <= high + 1e-12
+            ).all()
             continue
         torch.testing.assert_close(getattr(tel, name), expected, rtol=1e-10, atol=1e-12, msg=name)
     assert set(tel.to_dict()) == set(_full(q, k, v, u, delta))
@@ -58,7 +61,9 @@ def test_value_specialization_is_one_along_the_pull_and_minus_one_against_it():
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(6, 3, generator=gen, dtype=torch.float64) for _ in range(2))
     v, u = (torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in range(2))
-    pull = -_full(q, k, v, u, torch.ones(6, 4, dtype=torch.float64))["value_specialization"]  # any delta
+    pull = -_full(q, k, v, u, torch.ones(6, 4, dtype=torch.float64))[
+        "value_specialization"
+    ]  # any delta
     allowed = torch.ones(6, 6, dtype=torch.bool).tril()
     alpha = torch.softmax((q @ k.T / math.sqrt(3)).masked_fill(~allowed, float("-inf")), -1)
     d_values = alpha.T @ u

@@ -87,12 +87,22 @@ class ArmConfig:
             check_number(owner, "adam_eps", self.adam_eps, low=0.0, low_open=True),
         ]
         problems.items.extend(t for t in texts if t)
-        if not isinstance(self.value_params, tuple) or not set(self.value_params) <= set(PARAMETER_NAMES):
-            problems.add("value_params", f"a tuple of names from {PARAMETER_NAMES}", self.value_params)
+        if not isinstance(self.value_params, tuple) or not set(self.value_params) <= set(
+            PARAMETER_NAMES
+        ):
+            problems.add(
+                "value_params", f"a tuple of names from {PARAMETER_NAMES}", self.value_params
+            )
         elif self.name == "em" and "W_V" not in self.value_params:
-            problems.add("value_params", "a tuple containing 'W_V' for the em arm", self.value_params)
+            problems.add(
+                "value_params", "a tuple containing 'W_V' for the em arm", self.value_params
+            )
         betas = self.adam_betas
-        if not (isinstance(betas, tuple) and len(betas) == 2 and all(isinstance(b, float) and 0.0 <= b < 1.0 for b in betas)):
+        if not (
+            isinstance(betas, tuple)
+            and len(betas) == 2
+            and all(isinstance(b, float) and 0.0 <= b < 1.0 for b in betas)
+        ):
             problems.add("adam_betas", "a pair of floats in [0, 1)", betas)
         problems.raise_if_any()
 
@@ -191,7 +201,12 @@ class ArmOptimizer:
             raise ValueError(
                 f"ArmOptimizer.arms must have one arm per replica ({model.n_replicas}); got {len(arms)}."
             )
-        self.model, self.arms, self.block_size, self.n_workers = model, list(arms), block_size, n_workers
+        self.model, self.arms, self.block_size, self.n_workers = (
+            model,
+            list(arms),
+            block_size,
+            n_workers,
+        )
         self.x = x.expand(model.n_replicas, -1, -1, -1)
         self.targets = targets.expand(model.n_replicas, -1, -1)
         members: dict[ArmConfig, list[int]] = {}
@@ -207,7 +222,8 @@ class ArmOptimizer:
                 self._ridge[arm] = ridge_factor(self._flat_x(idx), arm.em_ridge)
             if arm.name == "adam":
                 self._adam[arm] = {
-                    n: [torch.zeros_like(p[idx]), torch.zeros_like(p[idx])] for n, p in model.weights.items()
+                    n: [torch.zeros_like(p[idx]), torch.zeros_like(p[idx])]
+                    for n, p in model.weights.items()
                 }
                 self._adam_steps[arm] = 0
 
@@ -243,15 +259,23 @@ class ArmOptimizer:
         return deltas
 
     def _arm_deltas(
-        self, arm: ArmConfig, idx: torch.Tensor, g: dict[str, torch.Tensor], grads: SingleHeadGradients
+        self,
+        arm: ArmConfig,
+        idx: torch.Tensor,
+        g: dict[str, torch.Tensor],
+        grads: SingleHeadGradients,
     ) -> dict[str, torch.Tensor]:
         value_lr = arm.value_lr_ratio * arm.lr
         if arm.name == "sgd":
             return {n: -arm.lr * g[n] for n in PARAMETER_NAMES}
         if arm.name == "two_timescale":
-            return {n: -(value_lr if n in arm.value_params else arm.lr) * g[n] for n in PARAMETER_NAMES}
+            return {
+                n: -(value_lr if n in arm.value_params else arm.lr) * g[n] for n in PARAMETER_NAMES
+            }
         if arm.name == "em":
-            out = {n: -(value_lr if n in arm.value_params else arm.lr) * g[n] for n in PARAMETER_NAMES}
+            out = {
+                n: -(value_lr if n in arm.value_params else arm.lr) * g[n] for n in PARAMETER_NAMES
+            }
             batch_pos = grads.d_values.shape[1] * grads.d_values.shape[2]
             out["W_V"] = em_value_update(
                 self._flat_x(idx),
@@ -266,12 +290,18 @@ class ArmOptimizer:
             return self._alternating(arm, idx, g)
         return self._adam_deltas(arm, g)
 
-    def _alternating(self, arm: ArmConfig, idx: torch.Tensor, g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _alternating(
+        self, arm: ArmConfig, idx: torch.Tensor, g: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         # E-step: routing moves first; M-step: values move against a fresh gradient at the new routing.
         out = {n: -arm.lr * g[n] for n in PARAMETER_NAMES if n not in arm.value_params}
         moved = {n: p[idx] + out.get(n, 0.0) for n, p in self.model.weights.items()}
         fresh = single_head_gradients(
-            moved, self.x[idx], self.targets[idx], block_size=self.block_size, n_workers=self.n_workers
+            moved,
+            self.x[idx],
+            self.targets[idx],
+            block_size=self.block_size,
+            n_workers=self.n_workers,
         )
         for n in arm.value_params:
             out[n] = -arm.value_lr_ratio * arm.lr * fresh.grads[n]
@@ -295,7 +325,10 @@ def train_steps(
     optimizer: ArmOptimizer,
     n_steps: int,
     *,
-    on_step: Callable[[int, SingleHeadGradients, dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None,
+    on_step: Callable[
+        [int, SingleHeadGradients, dict[str, torch.Tensor], dict[str, torch.Tensor]], None
+    ]
+    | None = None,
 ) -> torch.Tensor:
     """Run ``n_steps`` simultaneous updates; return the pre-update losses [replica, n_steps] (nats).
 
@@ -306,7 +339,9 @@ def train_steps(
     for step in range(n_steps):
         grads = optimizer.gradients()
         losses[:, step] = grads.loss_nats.double()
-        before = {n: p.detach().clone() for n, p in optimizer.model.weights.items()} if on_step else {}
+        before = (
+            {n: p.detach().clone() for n, p in optimizer.model.weights.items()} if on_step else {}
+        )
         deltas = optimizer.step(grads)
         if on_step is not None:
             on_step(step, grads, before, deltas)
@@ -340,7 +375,9 @@ def train_adamw_cosine(
     for step in range(n_steps):
         optimizer.zero_grad(set_to_none=True)
         logits = model(x, generator=dropout_generator)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()

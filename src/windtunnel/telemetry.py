@@ -46,7 +46,9 @@ class RoutingTelemetry:
 
     def to_dict(self) -> dict[str, list[float]]:
         """Each field as a plain list (one entry per leading index)."""
-        return {name: getattr(self, name).reshape(-1).tolist() for name in self.__dataclass_fields__}
+        return {
+            name: getattr(self, name).reshape(-1).tolist() for name in self.__dataclass_fields__
+        }
 
 
 @torch.no_grad()
@@ -82,7 +84,12 @@ def causal_routing_telemetry(
         rows = torch.arange(i0, i1, device=device)
         mask = torch.arange(i1, device=device) <= rows[:, None]  # [block, i1], True = may attend
         grads = attention_gradients(
-            q[..., i0:i1, :], k[..., :i1, :], v[..., :i1, :], u[..., i0:i1, :], mask=mask, scale=scale
+            q[..., i0:i1, :],
+            k[..., :i1, :],
+            v[..., :i1, :],
+            u[..., i0:i1, :],
+            mask=mask,
+            scale=scale,
         )
         alpha, adv = grads.alpha, grads.advantage
         abs_adv += adv.abs().sum((-1, -2))
@@ -136,9 +143,13 @@ def routing_law_residual(
         z = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v64
         z.retain_grad()
         logits = z @ w_out.detach().double()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        )
         loss.backward()
-    law = attention_gradients(q64.detach(), k64.detach(), v64.detach(), z.grad, mask=allowed, scale=scale)
+    law = attention_gradients(
+        q64.detach(), k64.detach(), v64.detach(), z.grad, mask=allowed, scale=scale
+    )
     reference = scores.grad
     denom = reference.abs().max()
     err = (law.d_scores - reference).abs().max()

@@ -30,7 +30,11 @@ def _model(n_replicas, seed, dtype=torch.float64, config=None, scale=1.0):
 def _autograd(model, x, y):
     out = model(x)
     n_rep = model.n_replicas
-    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.expand(n_rep, -1, -1).reshape(-1), reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        out.logits.reshape(-1, out.logits.shape[-1]),
+        y.expand(n_rep, -1, -1).reshape(-1),
+        reduction="none",
+    )
     loss = ce.view(n_rep, -1).mean(1)
     grads = torch.autograd.grad(loss.sum(), [model.weights[n] for n in PARAMETER_NAMES])
     return loss.detach(), dict(zip(PARAMETER_NAMES, grads))
@@ -49,7 +53,9 @@ def test_exact_gradients_equal_autograd(n_replicas, batch, n_pos, block_size, sh
     config = SingleHeadConfig(d_x=5, d_k=3, d_v=4, n_classes=6)
     model = _model(n_replicas, seed, config=config, scale=20.0)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1 if shared_x else n_replicas, batch, n_pos, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(
+        1 if shared_x else n_replicas, batch, n_pos, 5, generator=gen, dtype=torch.float64
+    )
     y = torch.randint(6, (1 if shared_x else n_replicas, batch, n_pos), generator=gen)
     loss, grads = _autograd(model, x, y)
     exact = model.exact_gradients(x, y, block_size=block_size, with_responsibility=True)
@@ -69,7 +75,13 @@ def test_d_values_are_the_autograd_value_gradient():
     x = torch.randn(2, 1, 30, 20, generator=gen, dtype=torch.float64)
     y = torch.randint(8, (2, 1, 30), generator=gen)
     out = model(x)
-    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 8), y.reshape(-1), reduction="none").view(2, -1).mean(1)
+    ce = (
+        torch.nn.functional.cross_entropy(
+            out.logits.reshape(-1, 8), y.reshape(-1), reduction="none"
+        )
+        .view(2, -1)
+        .mean(1)
+    )
     (d_v,) = torch.autograd.grad(ce.sum(), [out.v])
     exact = model.exact_gradients(x, y, block_size=7)
     torch.testing.assert_close(exact.d_values, d_v, rtol=0, atol=1e-14)
@@ -79,11 +91,19 @@ def test_forward_pattern_is_causal_and_normalised():
     model = _model(2, 0)
     x = torch.randn(2, 3, 12, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out = model(x)
-    assert out.pattern.shape == (2, 3, 12, 12) and out.q.shape == (2, 3, 12, 10) and out.z.shape == (2, 3, 12, 15)
+    assert (
+        out.pattern.shape == (2, 3, 12, 12)
+        and out.q.shape == (2, 3, 12, 10)
+        and out.z.shape == (2, 3, 12, 15)
+    )
     torch.testing.assert_close(out.pattern.sum(-1), torch.ones(2, 3, 12, dtype=torch.float64))
     assert (out.pattern.triu(1) == 0).all()
-    torch.testing.assert_close(model.head_output(x, block_size=5), out.z.detach(), rtol=0, atol=1e-14)
-    torch.testing.assert_close(model.predict_logits(x, block_size=4), out.logits.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        model.head_output(x, block_size=5), out.z.detach(), rtol=0, atol=1e-14
+    )
+    torch.testing.assert_close(
+        model.predict_logits(x, block_size=4), out.logits.detach(), rtol=0, atol=1e-14
+    )
     # the first query can only attend to itself
     torch.testing.assert_close(out.z[..., 0, :], out.v[..., 0, :])
 
@@ -93,7 +113,12 @@ def test_reset_parameters_is_the_reference_draw_order():
     model.reset_parameters(torch.Generator().manual_seed(42))
     gen = torch.Generator().manual_seed(42)
     for r in range(2):
-        for name, shape in (("W_Q", (20, 10)), ("W_K", (20, 10)), ("W_V", (20, 15)), ("W_O", (15, 8))):
+        for name, shape in (
+            ("W_Q", (20, 10)),
+            ("W_K", (20, 10)),
+            ("W_V", (20, 15)),
+            ("W_O", (15, 8)),
+        ):
             assert torch.equal(model.weights[name][r], torch.randn(shape, generator=gen) * 0.1)
     again = SingleHeadAttention(n_replicas=2)
     again.reset_parameters(torch.Generator().manual_seed(42))
@@ -140,18 +165,26 @@ def test_bad_arguments_raise():
         SingleHeadConfig(d_k=0)
     with pytest.raises(ConfigError, match=r"2 problems in SingleHeadConfig"):
         SingleHeadConfig(n_classes=1, init_std=0.0)
-    with pytest.raises(ValueError, match=r"SingleHeadAttention.n_replicas must be an int >= 1; got 0"):
+    with pytest.raises(
+        ValueError, match=r"SingleHeadAttention.n_replicas must be an int >= 1; got 0"
+    ):
         SingleHeadAttention(n_replicas=0)
     model = _model(2, 0)
-    with pytest.raises(ValueError, match=r"x must be \[replica, batch, pos, d_x\] with replica in \(1, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"x must be \[replica, batch, pos, d_x\] with replica in \(1, 2\)"
+    ):
         model(torch.zeros(3, 1, 4, 20, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"d_x = 20; got \[1, 4, 20\]"):
         model.head_output(torch.zeros(1, 4, 20, dtype=torch.float64))
     x = torch.zeros(2, 1, 4, 20, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"targets must be long \[replica, batch, pos\]"):
         model.exact_gradients(x, torch.zeros(2, 1, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"single_head_gradients.block_size must be an int >= 1; got 0"):
-        single_head_gradients(model.weights, x, torch.zeros(2, 1, 4, dtype=torch.long), block_size=0)
+    with pytest.raises(
+        ValueError, match=r"single_head_gradients.block_size must be an int >= 1; got 0"
+    ):
+        single_head_gradients(
+            model.weights, x, torch.zeros(2, 1, 4, dtype=torch.long), block_size=0
+        )
 
 
 @pytest.mark.parametrize("n_workers,shared_x", [(2, False), (3, True), (7, False)])
@@ -161,9 +194,15 @@ def test_worker_threads_give_bit_identical_gradients(n_workers, shared_x):
     x = torch.randn(1 if shared_x else 5, 2, 50, 20, generator=gen)
     y = torch.randint(8, (1 if shared_x else 5, 2, 50), generator=gen)
     serial = model.exact_gradients(x, y, block_size=16, with_responsibility=True)
-    threaded = model.exact_gradients(x, y, block_size=16, with_responsibility=True, n_workers=n_workers)
+    threaded = model.exact_gradients(
+        x, y, block_size=16, with_responsibility=True, n_workers=n_workers
+    )
     assert torch.equal(serial.loss_nats, threaded.loss_nats)
-    assert torch.equal(serial.d_values, threaded.d_values) and torch.equal(serial.responsibility, threaded.responsibility)
+    assert torch.equal(serial.d_values, threaded.d_values) and torch.equal(
+        serial.responsibility, threaded.responsibility
+    )
     assert all(torch.equal(serial.grads[n], threaded.grads[n]) for n in PARAMETER_NAMES)
-    with pytest.raises(ValueError, match=r"single_head_gradients.n_workers must be an int >= 1; got 0"):
+    with pytest.raises(
+        ValueError, match=r"single_head_gradients.n_workers must be an int >= 1; got 0"
+    ):
         model.exact_gradients(x, y, n_workers=0)

@@ -43,7 +43,9 @@ def test_init_is_a_function_of_the_generator():
 
 
 def test_dropout_uses_only_the_given_generator():
-    config = StickyTransformerConfig(d_x=4, d_model=8, n_layers=1, n_heads=2, d_mlp=16, n_classes=3, dropout=0.5)
+    config = StickyTransformerConfig(
+        d_x=4, d_model=8, n_layers=1, n_heads=2, d_mlp=16, n_classes=3, dropout=0.5
+    )
     model = _model(config)
     x = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     one = model(x, generator=torch.Generator().manual_seed(9))
@@ -56,9 +58,14 @@ def test_dropout_uses_only_the_given_generator():
 
 
 def test_bad_config_and_inputs_raise():
-    with pytest.raises(ValueError, match=r"StickyTransformerConfig.n_heads must divide d_model; got n_heads=3, d_model=64"):
+    with pytest.raises(
+        ValueError,
+        match=r"StickyTransformerConfig.n_heads must divide d_model; got n_heads=3, d_model=64",
+    ):
         StickyTransformerConfig(n_heads=3)
     with pytest.raises(ConfigError, match=r"2 problems in StickyTransformerConfig"):
         StickyTransformerConfig(n_layers=0, dropout=1.0)
-    with pytest.raises(ValueError, match=r"StickyTransformer.forward: x must be \[batch, pos, d_x=4\]"):
+    with pytest.raises(
+        ValueError, match=r"StickyTransformer.forward: x must be \[batch, pos, d_x=4\]"
+    ):
         _model()(torch.zeros(3, 5, dtype=torch.float64))

@@ -10,26 +10,32 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import math
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy
-import scipy.stats
 import torch
 
 from windtunnel._checks import Problems, check_choice, check_number, check_positive_int
 from windtunnel.arms import ARM_NAMES, ArmConfig, ArmOptimizer, train_adamw_cosine, train_steps
-from windtunnel.models.single_head import SingleHeadAttention, single_head_output
+from windtunnel.comparison import summarize_arms
+from windtunnel.models.single_head import (
+    SingleHeadAttention,
+    single_head_law_residual,
+    single_head_telemetry,
+)
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
-from windtunnel.tasks.sticky_markov import PredictionScores, StickyBatch, StickyMarkov, score_predictions
-from windtunnel.telemetry import causal_routing_telemetry, routing_law_residual
+from windtunnel.tasks.sticky_markov import (
+    PredictionScores,
+    StickyBatch,
+    StickyMarkov,
+    score_predictions,
+)
 
-__all__ = ["EmVsSgdConfig", "PAPER_SEEDS", "run_em_vs_sgd", "steps_to_threshold", "total_steps"]
+__all__ = ["EmVsSgdConfig", "PAPER_SEEDS", "run_em_vs_sgd", "total_steps"]
 
 PAPER_SEEDS = (42, 2024, 1337, 7777, 9999)
 MODELS = ("single", "deep")
@@ -79,16 +85,24 @@ class EmVsSgdConfig:
     def __post_init__(self) -> None:
         owner = "EmVsSgdConfig"
         p = Problems(owner)
-        if not (isinstance(self.seeds, tuple) and self.seeds and len(set(self.seeds)) == len(self.seeds)
-                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):
+        if not (
+            isinstance(self.seeds, tuple)
+            and self.seeds
+            and len(set(self.seeds)) == len(self.seeds)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)
+        ):
             p.add("seeds", "a non-empty tuple of distinct ints >= 0", self.seeds)
-        bad_arms = not (isinstance(self.arms, tuple) and self.arms and len(set(self.arms)) == len(self.arms))
+        bad_arms = not (
+            isinstance(self.arms, tuple) and self.arms and len(set(self.arms)) == len(self.arms)
+        )
         if bad_arms or any(check_choice(owner, "arms", a, ARM_NAMES) for a in self.arms):
             p.add("arms", f"a non-empty tuple of distinct names from {ARM_NAMES}", self.arms)
         texts = [
             check_positive_int(owner, "n_steps", self.n_steps),
-            *(check_number(owner, f, getattr(self, f), low=0.0, low_open=True)
-              for f in ("lr", "value_lr_ratio", "em_step", "deep_lr")),
+            *(
+                check_number(owner, f, getattr(self, f), low=0.0, low_open=True)
+                for f in ("lr", "value_lr_ratio", "em_step", "deep_lr")
+            ),
             check_choice(owner, "model", self.model, MODELS),
             check_choice(owner, "rng", self.rng, RNG_MODES),
             check_positive_int(owner, "telemetry_every", self.telemetry_every, minimum=0),
@@ -104,7 +118,10 @@ class EmVsSgdConfig:
 
     def arm_configs(self) -> list[ArmConfig]:
         """One :class:`ArmConfig` per name in ``arms``, sharing lr, ratio and em_step."""
-        return [ArmConfig(name=a, lr=self.lr, value_lr_ratio=self.value_lr_ratio, em_step=self.em_step) for a in self.arms]
+        return [
+            ArmConfig(name=a, lr=self.lr, value_lr_ratio=self.value_lr_ratio, em_step=self.em_step)
+            for a in self.arms
+        ]
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
@@ -118,32 +135,32 @@ def total_steps(config: EmVsSgdConfig) -> int:
     return config.n_steps * (len(config.seeds) if config.model == "deep" else 1)
 
 
-def steps_to_threshold(losses: np.ndarray, threshold: float) -> int:
-    """First step whose pre-update loss is below ``threshold``; len(losses) if none is."""
-    below = np.flatnonzero(np.asarray(losses) < threshold)
-    return int(below[0]) if below.size else len(losses)
-
-
 def _generators(config: EmVsSgdConfig, seed: int) -> tuple[dict[str, torch.Generator], str]:
     if config.rng == "reference":
         seeds = {"data": seed, "init": seed, "heldout": seed + config.heldout_offset}
         return {k: torch.Generator().manual_seed(v) for k, v in seeds.items()}, "reference"
     children = np.random.SeedSequence(seed).spawn(3)
-    gens = {k: torch.Generator().manual_seed(int(c.generate_state(1)[0])) for k, c in zip(("data", "init", "heldout"), children)}
+    gens = {
+        k: torch.Generator().manual_seed(int(c.generate_state(1)[0]))
+        for k, c in zip(("data", "init", "heldout"), children)
+    }
     return gens, "vectorized"
 
 
 def _row(batch: StickyBatch, i: int) -> StickyBatch:
-    return StickyBatch(**{f: getattr(batch, f)[i : i + 1] for f in ("inputs", "targets", "previous", "posterior")})
+    return StickyBatch(
+        **{f: getattr(batch, f)[i : i + 1] for f in ("inputs", "targets", "previous", "posterior")}
+    )
 
 
 def _scores(s: PredictionScores) -> dict[str, float]:
-    return {"loss_nats": s.loss_nats, "loss_bits": s.loss_bits, "entropy_nats": s.entropy_nats,
-            "entropy_bits": s.entropy_bits, "accuracy": s.accuracy}
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+    return {
+        "loss_nats": s.loss_nats,
+        "loss_bits": s.loss_bits,
+        "entropy_nats": s.entropy_nats,
+        "entropy_bits": s.entropy_bits,
+        "accuracy": s.accuracy,
+    }
 
 
 def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | None = None) -> dict:
@@ -155,26 +172,47 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
     task, h_min = config.task, config.task.conditional_entropy_nats()
     gens = [_generators(config, seed) for seed in config.seeds]
     order = gens[0][1]
-    train = task.sample_each([g["data"] for g, _ in gens], draw_order=order)  # one filter pass for all
+    train = task.sample_each(
+        [g["data"] for g, _ in gens], draw_order=order
+    )  # one filter pass for all
     heldout = task.sample_each([g["heldout"] for g, _ in gens], draw_order=order)
-    data = [{"seed": seed, "gens": g, "train": _row(train, i), "heldout": _row(heldout, i)}
-            for i, (seed, (g, _)) in enumerate(zip(config.seeds, gens))]
-    per_seed = [{"seed": d["seed"], "bayes": {"train": _scores(task.bayes_scores(d["train"])),
-                                              "heldout": _scores(task.bayes_scores(d["heldout"]))},
-                 "arms": {}, "curves": {}, "telemetry": {}} for d in data]
+    data = [
+        {"seed": seed, "gens": g, "train": _row(train, i), "heldout": _row(heldout, i)}
+        for i, (seed, (g, _)) in enumerate(zip(config.seeds, gens))
+    ]
+    per_seed = [
+        {
+            "seed": d["seed"],
+            "bayes": {
+                "train": _scores(task.bayes_scores(d["train"])),
+                "heldout": _scores(task.bayes_scores(d["heldout"])),
+            },
+            "arms": {},
+            "curves": {},
+            "telemetry": {},
+        }
+        for d in data
+    ]
     runner = _run_deep if config.model == "deep" else _run_single
     law_checks = runner(config, data, per_seed, progress)
     names = ["deep_adamw"] if config.model == "deep" else list(config.arms)
-    aggregate = _aggregate(config, per_seed, names, h_min)
+    aggregate = summarize_arms(per_seed, names, n_steps=config.n_steps, h_min_nats=h_min)
     return {
         "experiment": "em_vs_sgd",
         "config": config.to_dict(),
-        "versions": {"windtunnel": importlib.metadata.version("windtunnel"), "torch": torch.__version__, "numpy": np.__version__,
-                     "scipy": scipy.__version__, "python": platform.python_version()},
+        "versions": {
+            "windtunnel": importlib.metadata.version("windtunnel"),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "python": platform.python_version(),
+        },
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "bayes_loss_nats": float(np.mean([s["bayes"]["train"]["loss_nats"] for s in per_seed])),
-        "bayes_heldout_loss_nats": float(np.mean([s["bayes"]["heldout"]["loss_nats"] for s in per_seed])),
+        "bayes_heldout_loss_nats": float(
+            np.mean([s["bayes"]["heldout"]["loss_nats"] for s in per_seed])
+        ),
         "bayes_accuracy": float(np.mean([s["bayes"]["train"]["accuracy"] for s in per_seed])),
         "conditional_entropy_nats": h_min,
         "conditional_entropy_bits": task.conditional_entropy_bits(),
@@ -185,18 +223,30 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
     }
 
 
-def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], progress) -> list[dict]:
+def _run_single(
+    config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], progress
+) -> list[dict]:
     arms, n_seeds = config.arm_configs(), len(data)
     model = SingleHeadAttention(n_replicas=len(arms) * n_seeds)  # replica r = arm * n_seeds + seed
     for a in range(len(arms)):
         for s, d in enumerate(data):
             init = torch.Generator()
-            init.set_state(d["gens"]["init"].get_state())  # a copy: every arm starts from the same draw
+            init.set_state(
+                d["gens"]["init"].get_state()
+            )  # a copy: every arm starts from the same draw
             model.reset_parameters(init, replicas=slice(a * n_seeds + s, a * n_seeds + s + 1))
-    x = torch.stack([d["train"].inputs for d in data]).repeat(len(arms), 1, 1, 1)  # [replica, 1, pos, d_x]
+    x = torch.stack([d["train"].inputs for d in data]).repeat(
+        len(arms), 1, 1, 1
+    )  # [replica, 1, pos, d_x]
     y = torch.stack([d["train"].targets for d in data]).repeat(len(arms), 1, 1)
-    optimizer = ArmOptimizer(model, [arm for arm in arms for _ in range(n_seeds)], x, y,
-                             block_size=config.block_size, n_workers=config.n_workers)
+    optimizer = ArmOptimizer(
+        model,
+        [arm for arm in arms for _ in range(n_seeds)],
+        x,
+        y,
+        block_size=config.block_size,
+        n_workers=config.n_workers,
+    )
     records: list[dict] = []
     law_checks: list[dict] = []
 
@@ -205,10 +255,19 @@ def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], p
             progress(1)
         every = config.telemetry_every
         if every and (step % every == 0 or step == config.n_steps - 1):
-            records.append(_telemetry(x, y, before, deltas, step, config.n_workers))
+            tel = single_head_telemetry(before, x, y, deltas["W_V"], n_workers=config.n_workers)
+            records.append({"step": step, **{k: v.mean(-1).tolist() for k, v in vars(tel).items()}})
             r = len(law_checks) % model.n_replicas
-            law_checks.append({"step": step, "arm": arms[r // n_seeds].name, "seed": data[r % n_seeds]["seed"],
-                               "residual": _law_check(x, y, before, r, config.law_check_len)})
+            law_checks.append(
+                {
+                    "step": step,
+                    "arm": arms[r // n_seeds].name,
+                    "seed": data[r % n_seeds]["seed"],
+                    "residual": single_head_law_residual(
+                        before, x, y, replica=r, n_pos=config.law_check_len
+                    ),
+                }
+            )
 
     losses = train_steps(optimizer, config.n_steps, on_step=on_step).numpy()
     train_logits = model.predict_logits(x)
@@ -224,88 +283,35 @@ def _run_single(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], p
             per_seed[s]["curves"][arm.name] = losses[r].tolist()
             per_seed[s]["telemetry"][arm.name] = {
                 "step": [rec["step"] for rec in records],
-                **{k: [rec[k][r] for rec in records] for k in (records[0] if records else {}) if k != "step"},
+                **{
+                    k: [rec[k][r] for rec in records]
+                    for k in (records[0] if records else {})
+                    if k != "step"
+                },
             }
     return law_checks
 
 
-def _telemetry(x: torch.Tensor, y: torch.Tensor, before: dict, deltas: dict, step: int, n_workers: int) -> dict:
-    def part(r: slice) -> dict[str, list[float]]:
-        w = {n: t[r] for n, t in before.items()}
-        q, k, v = (x[r] @ w[n].unsqueeze(1) for n in ("W_Q", "W_K", "W_V"))
-        z, w_out = single_head_output(w, x[r]), w["W_O"].unsqueeze(1)
-        d_logits = torch.softmax(z @ w_out, -1) - torch.nn.functional.one_hot(y[r], w_out.shape[-1]).to(z)
-        u = d_logits / (y.shape[1] * y.shape[2]) @ w_out.transpose(-1, -2)  # dL/dz of the mean loss
-        tel = causal_routing_telemetry(q, k, v, u, x[r] @ deltas["W_V"][r].unsqueeze(1))  # [replica, batch]
-        return {name: getattr(tel, name).mean(-1).tolist() for name in tel.__dataclass_fields__}
-
-    n_rep = x.shape[0]
-    bounds = [round(i * n_rep / min(n_workers, n_rep)) for i in range(min(n_workers, n_rep) + 1)]
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        parts = list(pool.map(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
-    return {"step": step, **{name: sum((p[name] for p in parts), []) for name in parts[0]}}
-
-
-def _law_check(x: torch.Tensor, y: torch.Tensor, before: dict, r: int, n_pos: int) -> float:
-    xs = x[r, :, :n_pos]
-    q, k, v = (xs @ before[n][r] for n in ("W_Q", "W_K", "W_V"))
-    return routing_law_residual(q, k, v, before["W_O"][r], y[r, :, :n_pos])
-
-
-def _run_deep(config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], progress) -> list[dict]:
+def _run_deep(
+    config: EmVsSgdConfig, data: list[dict], per_seed: list[dict], progress
+) -> list[dict]:
     for s, d in enumerate(data):
-        model = StickyTransformer(StickyTransformerConfig(d_x=config.task.d_embed, n_classes=config.task.n_symbols),
-                                  generator=d["gens"]["init"])
-        losses = train_adamw_cosine(model, d["train"].inputs, d["train"].targets, config.n_steps, lr=config.deep_lr,
-                                    on_step=(lambda _step: progress(1)) if progress else None)
+        model = StickyTransformer(
+            StickyTransformerConfig(d_x=config.task.d_embed, n_classes=config.task.n_symbols),
+            generator=d["gens"]["init"],
+        )
+        losses = train_adamw_cosine(
+            model,
+            d["train"].inputs,
+            d["train"].targets,
+            config.n_steps,
+            lr=config.deep_lr,
+            on_step=(lambda _step: progress(1)) if progress else None,
+        )
         with torch.no_grad():
             per_seed[s]["arms"]["deep_adamw"] = {
-                split: _scores(score_predictions(model(d[split].inputs), d[split].targets)) for split in ("train", "heldout")
+                split: _scores(score_predictions(model(d[split].inputs), d[split].targets))
+                for split in ("train", "heldout")
             }
         per_seed[s]["curves"]["deep_adamw"] = losses.tolist()
     return []
-
-
-def _aggregate(config: EmVsSgdConfig, per_seed: list[dict], names: list[str], h_min: float) -> dict:
-    def column(name: str, split: str, key: str) -> np.ndarray:
-        return np.array([s["arms"][name][split][key] for s in per_seed])
-
-    bayes = np.array([s["bayes"]["train"]["loss_nats"] for s in per_seed])
-    has_sgd = "sgd" in names
-    sgd_final = column("sgd", "train", "loss_nats") if has_sgd else None
-    out = {}
-    for name in names:
-        final = column(name, "train", "loss_nats")
-        entropy = column(name, "train", "entropy_nats")
-        curves = np.array([s["curves"][name] for s in per_seed])
-        agg = {
-            "final_loss_mean": final.mean(), "final_loss_std": final.std(),
-            "final_entropy_mean": entropy.mean(), "final_entropy_std": entropy.std(),
-            "final_accuracy_mean": column(name, "train", "accuracy").mean(),
-            "final_accuracy_std": column(name, "train", "accuracy").std(),
-            "heldout_loss_mean": column(name, "heldout", "loss_nats").mean(),
-            "heldout_loss_std": column(name, "heldout", "loss_nats").std(),
-            "heldout_entropy_mean": column(name, "heldout", "entropy_nats").mean(),
-            "heldout_accuracy_mean": column(name, "heldout", "accuracy").mean(),
-            "gap_to_bayes_nats_mean": (final - bayes).mean(),
-            "entropy_gap_to_h_min_nats_mean": entropy.mean() - h_min,
-            "curve_mean": curves.mean(0).tolist(), "curve_std": curves.std(0).tolist(),
-        }
-        if has_sgd:
-            steps_mean = [steps_to_threshold(c, sgd_final.mean()) for c in curves]
-            steps_own = [steps_to_threshold(c, t) for c, t in zip(curves, sgd_final)]
-            test = scipy.stats.ttest_rel(final, sgd_final) if name != "sgd" and len(final) > 1 else None
-            agg.update({
-                "steps_to_sgd_mean_final": float(np.mean(steps_mean)),
-                "steps_to_sgd_mean_final_std": float(np.std(steps_mean)),
-                "steps_to_sgd_mean_final_per_seed": steps_mean,
-                "steps_to_own_sgd_final_mean": float(np.mean(steps_own)),
-                "steps_to_own_sgd_final_per_seed": steps_own,
-                "speedup_vs_sgd": config.n_steps / max(float(np.mean(steps_mean)), 1.0),
-                "speedup_vs_sgd_per_seed_threshold": config.n_steps / max(float(np.mean(steps_own)), 1.0),
-                "beats_sgd_every_seed": bool(np.all(final < sgd_final)),
-                "ttest_t_vs_sgd": _finite(test.statistic) if test is not None else None,
-                "ttest_p_vs_sgd": _finite(test.pvalue) if test is not None else None,
-            })
-        out[name] = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in agg.items()}
-    return out

@@ -15,7 +15,9 @@ from windtunnel.models.single_head import (
     SingleHeadForward,
     SingleHeadGradients,
     single_head_gradients,
+    single_head_law_residual,
     single_head_output,
+    single_head_telemetry,
 )
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
 from windtunnel.models.tinygpt import TinyGPT, TinyGPTConfig, TransformerBlock
@@ -38,5 +40,7 @@ __all__ = [
     "TinyGPTConfig",
     "TransformerBlock",
     "single_head_gradients",
+    "single_head_law_residual",
     "single_head_output",
+    "single_head_telemetry",
 ]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from windtunnel._checks import Problems, check_number, check_positive_int
+from windtunnel.telemetry import RoutingTelemetry, causal_routing_telemetry, routing_law_residual
 
 __all__ = [
     "PARAMETER_NAMES",
@@ -30,7 +31,9 @@ __all__ = [
     "SingleHeadForward",
     "SingleHeadGradients",
     "single_head_gradients",
+    "single_head_law_residual",
     "single_head_output",
+    "single_head_telemetry",
 ]
 
 #: Parameter names in the reference draw order (RNG step 5 of SPEC §4.1).
@@ -125,15 +128,26 @@ class SingleHeadGradients:
     n_labelled: int
 
 
-def _check_inputs(owner: str, weights: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor | None):
+def _check_inputs(
+    owner: str, weights: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor | None
+):
     n_replicas = weights["W_Q"].shape[0]
     d_x = weights["W_Q"].shape[1]
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] not in (1, n_replicas) or x.shape[-1] != d_x:
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dim() != 4
+        or x.shape[0] not in (1, n_replicas)
+        or x.shape[-1] != d_x
+    ):
         raise ValueError(
             f"{owner}: x must be [replica, batch, pos, d_x] with replica in (1, {n_replicas}) and "
             f"d_x = {d_x}; got {list(getattr(x, 'shape', []))}."
         )
-    if targets is not None and (targets.dim() != 3 or targets.shape[0] not in (1, n_replicas) or targets.shape[1:] != x.shape[1:3]):
+    if targets is not None and (
+        targets.dim() != 3
+        or targets.shape[0] not in (1, n_replicas)
+        or targets.shape[1:] != x.shape[1:3]
+    ):
         raise ValueError(
             f"{owner}: targets must be long [replica, batch, pos] = [{n_replicas} or 1, "
             f"{x.shape[1]}, {x.shape[2]}]; got {list(targets.shape)}."
@@ -184,28 +198,32 @@ def single_head_gradients(
     n_rep = weights["W_Q"].shape[0]
     if n_workers == 1 or n_rep == 1:
         return _gradients(weights, x, targets, block_size, with_responsibility)
-    bounds = [round(i * n_rep / min(n_workers, n_rep)) for i in range(min(n_workers, n_rep) + 1)]
 
-    def part(lo_hi: tuple[int, int]) -> SingleHeadGradients:
-        lo, hi = lo_hi
-        pick = (lambda t: t) if x.shape[0] == 1 else (lambda t: t[lo:hi])
-        sub = {n: w[lo:hi] for n, w in weights.items()}
-        sub_y = targets if targets.shape[0] == 1 else targets[lo:hi]
-        return _gradients(sub, pick(x), sub_y, block_size, with_responsibility)
+    def part(r: slice) -> SingleHeadGradients:
+        sub = {n: w[r] for n, w in weights.items()}
+        sub_x = x if x.shape[0] == 1 else x[r]
+        sub_y = targets if targets.shape[0] == 1 else targets[r]
+        return _gradients(sub, sub_x, sub_y, block_size, with_responsibility)
 
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        parts = list(pool.map(part, zip(bounds[:-1], bounds[1:])))
+    with ThreadPoolExecutor(min(n_workers, n_rep)) as pool:
+        parts = list(pool.map(part, _replica_groups(n_rep, n_workers)))
     return SingleHeadGradients(
         loss_nats=torch.cat([p.loss_nats for p in parts]),
         grads={n: torch.cat([p.grads[n] for p in parts]) for n in PARAMETER_NAMES},
         d_values=torch.cat([p.d_values for p in parts]),
-        responsibility=None if not with_responsibility else torch.cat([p.responsibility for p in parts]),
+        responsibility=None
+        if not with_responsibility
+        else torch.cat([p.responsibility for p in parts]),
         n_labelled=parts[0].n_labelled,
     )
 
 
 def _gradients(
-    weights: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor, block_size: int, with_responsibility: bool
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    block_size: int,
+    with_responsibility: bool,
 ) -> SingleHeadGradients:
     w_q, w_k, w_v, w_o = (weights[name] for name in PARAMETER_NAMES)
     n_rep, d_x, d_k = w_q.shape
@@ -261,9 +279,13 @@ def _gradients(
         d_s = torch.baddbmm(-(u * z).sum(-1, keepdim=True), u, v_t[:, :, :i1], out=s)
         d_s.mul_(alpha)
         # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
-        d_v_t[:, :, :i1] += torch.bmm(u.transpose(1, 2), alpha, out=pull[: rb * d_v * i1].view(rb, d_v, i1))
+        d_v_t[:, :, :i1] += torch.bmm(
+            u.transpose(1, 2), alpha, out=pull[: rb * d_v * i1].view(rb, d_v, i1)
+        )
         d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
-        d_k_t[:, :, :i1] += torch.bmm(q_scaled_t[:, :, i0:i1], d_s, out=pull[: rb * d_k * i1].view(rb, d_k, i1))
+        d_k_t[:, :, :i1] += torch.bmm(
+            q_scaled_t[:, :, i0:i1], d_s, out=pull[: rb * d_k * i1].view(rb, d_k, i1)
+        )
         if resp is not None:
             resp[:, :i1] += alpha.sum(1)
         z_all[:, i0:i1] = z
@@ -278,7 +300,8 @@ def _gradients(
         "W_Q": x_flat_t @ per_replica(d_q_t) * scale,
         "W_K": x_flat_t @ per_replica(d_k_t),
         "W_V": x_flat_t @ per_replica(d_v_t),
-        "W_O": z_all.reshape(n_rep, n_lab, d_v).transpose(1, 2) @ d_logits_all.reshape(n_rep, n_lab, n_classes),
+        "W_O": z_all.reshape(n_rep, n_lab, d_v).transpose(1, 2)
+        @ d_logits_all.reshape(n_rep, n_lab, n_classes),
     }
     return SingleHeadGradients(
         loss_nats=loss.view(n_rep, batch).sum(1) / n_lab,
@@ -290,7 +313,9 @@ def _gradients(
 
 
 @torch.no_grad()
-def single_head_output(weights: dict[str, torch.Tensor], x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
+def single_head_output(
+    weights: dict[str, torch.Tensor], x: torch.Tensor, *, block_size: int = 256
+) -> torch.Tensor:
     """The head output z = alpha v without autograd, block by block over query rows.
 
     Memory stays at [replica, batch, block_size, pos]; logits are ``z @ W_O``.
@@ -310,9 +335,76 @@ def single_head_output(weights: dict[str, torch.Tensor], x: torch.Tensor, *, blo
     for i0 in range(0, n_pos, block_size):
         i1 = min(n_pos, i0 + block_size)
         s = q[..., i0:i1, :] @ k[..., :i1, :].transpose(-1, -2)
-        allowed = torch.arange(i1, device=x.device) <= torch.arange(i0, i1, device=x.device)[:, None]
-        z[..., i0:i1, :] = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v[..., :i1, :]
+        allowed = (
+            torch.arange(i1, device=x.device) <= torch.arange(i0, i1, device=x.device)[:, None]
+        )
+        z[..., i0:i1, :] = (
+            torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v[..., :i1, :]
+        )
     return z
+
+
+def _replica_groups(n_replicas: int, n_workers: int) -> list[slice]:
+    n_groups = min(n_workers, n_replicas)
+    bounds = [round(i * n_replicas / n_groups) for i in range(n_groups + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def single_head_telemetry(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    delta_w_value: torch.Tensor,
+    *,
+    n_workers: int = 1,
+) -> RoutingTelemetry:
+    """Routing telemetry (SPEC §8.4) of every replica at ``weights``, for one optimiser step.
+
+    Rebuilds q, k, v and u = dL/dz of the mean CE from the weights, and compares each value's
+    realised change Delta v_j = x_j Delta W_V with its pull -dL/dv_j; see
+    :func:`windtunnel.telemetry.causal_routing_telemetry`. Replica groups run on ``n_workers``
+    threads.
+
+    Shapes: weights {name: [replica, *shape]}; x [replica, batch, pos, d_x]; targets long
+    [replica, batch, pos]; delta_w_value [replica, d_x, d_v]. Fields of the result are
+    [replica, batch].
+    """
+
+    def part(r: slice) -> RoutingTelemetry:
+        w = {n: t[r].unsqueeze(1) for n, t in weights.items()}
+        q, k, v = (x[r] @ w[n] for n in ("W_Q", "W_K", "W_V"))
+        z = single_head_output({n: t[r] for n, t in weights.items()}, x[r])
+        one_hot = torch.nn.functional.one_hot(targets[r], w["W_O"].shape[-1]).to(z)
+        d_logits = (torch.softmax(z @ w["W_O"], -1) - one_hot) / (x.shape[1] * x.shape[2])
+        u = d_logits @ w["W_O"].transpose(-1, -2)  # dL/dz of the mean loss
+        return causal_routing_telemetry(q, k, v, u, x[r] @ delta_w_value[r].unsqueeze(1))
+
+    with ThreadPoolExecutor(min(n_workers, x.shape[0])) as pool:
+        parts = list(pool.map(part, _replica_groups(x.shape[0], n_workers)))
+    return RoutingTelemetry(
+        **{
+            f: torch.cat([getattr(p, f) for p in parts])
+            for f in RoutingTelemetry.__dataclass_fields__
+        }
+    )
+
+
+def single_head_law_residual(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    replica: int,
+    n_pos: int,
+) -> float:
+    """The advantage law against autograd for one replica on its first ``n_pos`` positions.
+
+    See :func:`windtunnel.telemetry.routing_law_residual` (float64, relative max error).
+    """
+    xs = x[replica, :, :n_pos]
+    q, k, v = (xs @ weights[n][replica] for n in ("W_Q", "W_K", "W_V"))
+    return routing_law_residual(q, k, v, weights["W_O"][replica], targets[replica, :, :n_pos])
 
 
 class SingleHeadAttention(nn.Module):
@@ -343,7 +435,11 @@ class SingleHeadAttention(nn.Module):
         self.config = config or SingleHeadConfig()
         self.n_replicas = n_replicas
         for name, shape in self.config.parameter_shapes().items():
-            setattr(self, name, nn.Parameter(torch.zeros(n_replicas, *shape, dtype=dtype, device=device)))
+            setattr(
+                self,
+                name,
+                nn.Parameter(torch.zeros(n_replicas, *shape, dtype=dtype, device=device)),
+            )
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -351,7 +447,9 @@ class SingleHeadAttention(nn.Module):
         return {name: getattr(self, name) for name in PARAMETER_NAMES}
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator, *, replicas: slice | None = None) -> None:
+    def reset_parameters(
+        self, generator: torch.Generator, *, replicas: slice | None = None
+    ) -> None:
         """Draw every weight i.i.d. N(0, init_std^2), replica by replica, in reference order.
 
         For each replica in turn: W_Q, W_K, W_V, W_O, each as ``randn(shape) * init_std`` from
@@ -388,7 +486,9 @@ class SingleHeadAttention(nn.Module):
 
     def head_output(self, x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
         """The head output z = alpha v without autograd; see :func:`single_head_output`."""
-        return single_head_output({n: p.detach() for n, p in self.weights.items()}, x, block_size=block_size)
+        return single_head_output(
+            {n: p.detach() for n, p in self.weights.items()}, x, block_size=block_size
+        )
 
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:

@@ -98,16 +98,26 @@ class _Block(nn.Module):
         batch, n_pos, d = x.shape
         n_heads, rate = self.config.n_heads, self.config.dropout
         # [batch, pos, 3 d] -> 3 x [batch, head, pos, d_head]
-        q, k, v = self.qkv(self.ln_1(x)).view(batch, n_pos, 3, n_heads, d // n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.ln_1(x))
+            .view(batch, n_pos, 3, n_heads, d // n_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         if rate > 0.0 and generator is not None:
             scores = q @ k.transpose(-1, -2) / math.sqrt(d // n_heads)
             causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
-            pattern = _dropout(torch.softmax(scores.masked_fill(~causal, float("-inf")), -1), rate, generator)
+            pattern = _dropout(
+                torch.softmax(scores.masked_fill(~causal, float("-inf")), -1), rate, generator
+            )
             heads = pattern @ v
         else:
             heads = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.out(heads.transpose(1, 2).reshape(batch, n_pos, d))
-        return x + _dropout(self.mlp_out(_dropout(F.gelu(self.mlp_in(self.ln_2(x))), rate, generator)), rate, generator)
+        return x + _dropout(
+            self.mlp_out(_dropout(F.gelu(self.mlp_in(self.ln_2(x))), rate, generator)),
+            rate,
+            generator,
+        )
 
 
 class StickyTransformer(nn.Module):
@@ -118,7 +128,9 @@ class StickyTransformer(nn.Module):
         generator: draws the initial weights (see :meth:`reset_parameters`).
     """
 
-    def __init__(self, config: StickyTransformerConfig | None = None, *, generator: torch.Generator) -> None:
+    def __init__(
+        self, config: StickyTransformerConfig | None = None, *, generator: torch.Generator
+    ) -> None:
         super().__init__()
         self.config = config or StickyTransformerConfig()
         self.embed = _linear(self.config.d_x, self.config.d_model)

@@ -18,12 +18,23 @@ __all__ = ["PAPER", "render_em_vs_sgd", "write_em_vs_sgd_outputs"]
 
 #: Reference numbers (SPEC §4.4, §10, §3.3): the authors' script rerun on CPU, 5 seeds x 1000 steps.
 PAPER = {
-    "sgd": {"final_loss": (2.0310, 0.0214), "final_entropy": (2.0612, 0.0161), "final_accuracy": (0.202, 0.029),
-            "per_seed": [2.0647, 2.0037, 2.0166, 2.0256, 2.0443]},
-    "two_timescale": {"final_loss": (1.9319, 0.0258), "final_entropy": (1.9525, 0.0343),
-                      "final_accuracy": (0.264, 0.018), "per_seed": [1.9802, 1.9113, 1.9088, 1.9254, 1.9339],
-                      "steps_to_sgd_mean_final": (458, 164), "speedup_vs_sgd": 2.2,
-                      "steps_to_own_sgd_final_mean": 421, "speedup_per_seed": 2.4, "ttest_t": -20.6},
+    "sgd": {
+        "final_loss": (2.0310, 0.0214),
+        "final_entropy": (2.0612, 0.0161),
+        "final_accuracy": (0.202, 0.029),
+        "per_seed": [2.0647, 2.0037, 2.0166, 2.0256, 2.0443],
+    },
+    "two_timescale": {
+        "final_loss": (1.9319, 0.0258),
+        "final_entropy": (1.9525, 0.0343),
+        "final_accuracy": (0.264, 0.018),
+        "per_seed": [1.9802, 1.9113, 1.9088, 1.9254, 1.9339],
+        "steps_to_sgd_mean_final": (458, 164),
+        "speedup_vs_sgd": 2.2,
+        "steps_to_own_sgd_final_mean": 421,
+        "speedup_per_seed": 2.4,
+        "ttest_t": -20.6,
+    },
     "em": {"final_loss": (1.9027, 0.0129), "final_accuracy": (0.292, None)},
     "claims": "README: 'EM converges 2.3x faster'; REPRODUCE: '430 vs 1000 steps'",
     "h_min_nats": 1.8292,
@@ -76,14 +87,27 @@ def _curves_png(results: dict) -> bytes:
         mean, std = agg["curve_mean"], agg["curve_std"]
         steps = range(len(mean))
         ax.plot(steps, mean, label=f"{name} (final {agg['final_loss_mean']:.4f})", linewidth=1.8)
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-    ax.axhline(results["bayes_loss_nats"], color="k", linestyle="--",
-               label=f"exact Bayes CE, training sequences ({results['bayes_loss_nats']:.4f})")
-    ax.axhline(results["conditional_entropy_nats"], color="g", linestyle=":",
-               label=f"H_min = H(Y_t | Y_t-1) ({results['conditional_entropy_nats']:.4f})")
+        ax.fill_between(
+            steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2
+        )
+    ax.axhline(
+        results["bayes_loss_nats"],
+        color="k",
+        linestyle="--",
+        label=f"exact Bayes CE, training sequences ({results['bayes_loss_nats']:.4f})",
+    )
+    ax.axhline(
+        results["conditional_entropy_nats"],
+        color="g",
+        linestyle=":",
+        label=f"H_min = H(Y_t | Y_t-1) ({results['conditional_entropy_nats']:.4f})",
+    )
     n_seeds = len(results["per_seed"])
-    ax.set(xlabel="step", ylabel="training cross-entropy before the update (nats)",
-           title=f"Sticky chain, single head: mean ± std over {n_seeds} seed{'s' * (n_seeds > 1)}")
+    ax.set(
+        xlabel="step",
+        ylabel="training cross-entropy before the update (nats)",
+        title=f"Sticky chain, single head: mean ± std over {n_seeds} seed{'s' * (n_seeds > 1)}",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -105,7 +129,9 @@ def _telemetry_png(results: dict) -> bytes:
     first = results["per_seed"][0]["telemetry"]
     for ax, (key, title) in zip(axes.flat, TELEMETRY_PANELS):
         for name in first:
-            rows = [s["telemetry"][name] for s in results["per_seed"] if s["telemetry"][name].get(key)]
+            rows = [
+                s["telemetry"][name] for s in results["per_seed"] if s["telemetry"][name].get(key)
+            ]
             if rows:
                 steps = rows[0]["step"]
                 mean = [sum(r[key][i] for r in rows) / len(rows) for i in range(len(steps))]
@@ -175,8 +201,14 @@ def report_markdown(results: dict) -> str:
                 continue
             p = PAPER.get(name, {})
             ref_steps = p.get("steps_to_sgd_mean_final")
-            ref_mean = f"{ref_steps[0]} ± {ref_steps[1]} → {p['speedup_vs_sgd']}×" if ref_steps else "n/a"
-            ref_own = f"{p['steps_to_own_sgd_final_mean']} → {p['speedup_per_seed']}×" if ref_steps else "n/a"
+            ref_mean = (
+                f"{ref_steps[0]} ± {ref_steps[1]} → {p['speedup_vs_sgd']}×" if ref_steps else "n/a"
+            )
+            ref_own = (
+                f"{p['steps_to_own_sgd_final_mean']} → {p['speedup_per_seed']}×"
+                if ref_steps
+                else "n/a"
+            )
             p_value = "n/a" if a["ttest_p_vs_sgd"] is None else f"{a['ttest_p_vs_sgd']:.2e}"
             lines.append(
                 f"| `{name}` | {a['steps_to_sgd_mean_final']:.0f} ± {a['steps_to_sgd_mean_final_std']:.0f} | "
@@ -186,25 +218,46 @@ def report_markdown(results: dict) -> str:
                 f"{a['beats_sgd_every_seed']} | {_pm(a['ttest_t_vs_sgd'], digits=2)} | "
                 f"{p_value} |"
             )
-        lines += ["", f"Paper claims: {PAPER['claims']}; rerun of the reference: 458 ± 164 steps (2.2×), t = −20.6."]
-    lines += ["", "## Per seed (final training CE, nats)", "",
-              "| seed | Bayes CE | " + " | ".join(f"`{n}` | paper" for n in agg) + " |",
-              "|---|---|" + "---|---|" * len(agg)]
+        lines += [
+            "",
+            f"Paper claims: {PAPER['claims']}; rerun of the reference: 458 ± 164 steps (2.2×), t = −20.6.",
+        ]
+    lines += [
+        "",
+        "## Per seed (final training CE, nats)",
+        "",
+        "| seed | Bayes CE | " + " | ".join(f"`{n}` | paper" for n in agg) + " |",
+        "|---|---|" + "---|---|" * len(agg),
+    ]
     paper_seeds = [42, 2024, 1337, 7777, 9999]
     for s in results["per_seed"]:
         cells = []
         for n in agg:
             ref = PAPER.get(n, {}).get("per_seed")
-            ref_val = ref[paper_seeds.index(s["seed"])] if ref and s["seed"] in paper_seeds else None
+            ref_val = (
+                ref[paper_seeds.index(s["seed"])] if ref and s["seed"] in paper_seeds else None
+            )
             cells += [f"{s['arms'][n]['train']['loss_nats']:.4f}", _pm(ref_val)]
-        lines.append(f"| {s['seed']} | {s['bayes']['train']['loss_nats']:.4f} | " + " | ".join(cells) + " |")
-    if cfg["rng"] != "reference" or cfg["task"]["normalization"] != "reference" or cfg["n_steps"] != 1000:
-        lines += ["", "Paper columns are for the reference setting (reference RNG and normalisation, 1000 steps); "
-                  "this run differs, so compare trends, not digits."]
+        lines.append(
+            f"| {s['seed']} | {s['bayes']['train']['loss_nats']:.4f} | " + " | ".join(cells) + " |"
+        )
+    if (
+        cfg["rng"] != "reference"
+        or cfg["task"]["normalization"] != "reference"
+        or cfg["n_steps"] != 1000
+    ):
+        lines += [
+            "",
+            "Paper columns are for the reference setting (reference RNG and normalisation, 1000 steps); "
+            "this run differs, so compare trends, not digits.",
+        ]
     checks = results.get("law_checks") or []
     if checks:
-        lines += ["", f"Routing-law exactness: {len(checks)} checks against autograd (float64, first "
-                  f"{cfg['law_check_len']} positions), max relative residual {max(c['residual'] for c in checks):.1e}."]
+        lines += [
+            "",
+            f"Routing-law exactness: {len(checks)} checks against autograd (float64, first "
+            f"{cfg['law_check_len']} positions), max relative residual {max(c['residual'] for c in checks):.1e}.",
+        ]
     lines += ["", "## What the `em` arm means", "", _em_paragraph(agg), ""]
     return "\n".join(lines)
 

@@ -65,7 +65,9 @@ def sticky_transition_matrix(
     problems = Problems("sticky_transition_matrix")
     for text in (
         check_positive_int("sticky_transition_matrix", "n_symbols", n_symbols, minimum=2),
-        check_number("sticky_transition_matrix", "self_prob", self_prob, low=0.0, high=1.0, high_open=True),
+        check_number(
+            "sticky_transition_matrix", "self_prob", self_prob, low=0.0, high=1.0, high_open=True
+        ),
         check_choice("sticky_transition_matrix", "normalization", normalization, NORMALIZATIONS),
     ):
         if text:
@@ -127,7 +129,9 @@ def score_predictions(log_probs: torch.Tensor, targets: torch.Tensor) -> Predict
     entropy = -(probs * torch.where(probs > 0, logp, 0.0)).sum(-1)
     accuracy = (logp.argmax(-1) == targets).double()
     return PredictionScores(
-        loss_nats=loss.mean().item(), entropy_nats=entropy.mean().item(), accuracy=accuracy.mean().item()
+        loss_nats=loss.mean().item(),
+        entropy_nats=entropy.mean().item(),
+        accuracy=accuracy.mean().item(),
     )
 
 
@@ -190,7 +194,9 @@ def sticky_bayes_filter(
     mu = means.to(device=x.device, dtype=torch.float64)
     log_trans = transition.to(device=x.device, dtype=torch.float64).log()
     if initial is None:
-        log_init = torch.full((n_symbols,), -math.log(n_symbols), dtype=torch.float64, device=x.device)
+        log_init = torch.full(
+            (n_symbols,), -math.log(n_symbols), dtype=torch.float64, device=x.device
+        )
     else:
         log_init = initial.to(device=x.device, dtype=torch.float64).log()
     # ||x_t - mu_z||^2 for every t and z: [batch, n_inputs, n_symbols]
@@ -358,11 +364,18 @@ class StickyMarkov:
         owner = f"{self._owner}.sample_each"
         text = check_choice(owner, "draw_order", draw_order, DRAW_ORDERS)
         if text or not generators:
-            raise ValueError(text or must(owner, "generators", "a non-empty sequence of torch.Generator", generators))
+            raise ValueError(
+                text
+                or must(owner, "generators", "a non-empty sequence of torch.Generator", generators)
+            )
         draws = [self._draw(1, g, draw_order) for g in generators]
-        return self._with_posterior(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]))
+        return self._with_posterior(
+            torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+        )
 
-    def _draw(self, batch_size: int, generator: torch.Generator, draw_order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(
+        self, batch_size: int, generator: torch.Generator, draw_order: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Symbols y_0..y_{T-1} [batch, seq_len] and standard-normal noise [batch, n_inputs, d_embed]."""
         device = generator.device
         if draw_order == "reference":
@@ -371,11 +384,15 @@ class StickyMarkov:
                 self.n_symbols, self.self_prob, self.normalization, dtype=torch.float32
             ).to(device)
             for _ in range(batch_size):
-                chain = [int(torch.randint(self.n_symbols, (1,), generator=generator, device=device))]
+                chain = [
+                    int(torch.randint(self.n_symbols, (1,), generator=generator, device=device))
+                ]
                 for _ in range(self.seq_len - 1):
                     chain.append(int(torch.multinomial(p32[chain[-1]], 1, generator=generator)))
                 chains.append(chain)
-                noise.append(torch.randn(self.n_inputs, self.d_embed, generator=generator, device=device))
+                noise.append(
+                    torch.randn(self.n_inputs, self.d_embed, generator=generator, device=device)
+                )
             return torch.tensor(chains, device=device), torch.stack(noise)
         cdf = self.transition.to(device).cumsum(-1)
         cdf[:, -1] = 1.0  # guard against rounding: a uniform draw must land in some bin
@@ -385,9 +402,13 @@ class StickyMarkov:
         ).T.contiguous()  # [seq_len - 1, batch]: one contiguous row per step
         steps = [current]
         for t in range(self.seq_len - 1):
-            current = torch.searchsorted(cdf[current], uniforms[t].unsqueeze(-1), right=True).squeeze(-1)
+            current = torch.searchsorted(
+                cdf[current], uniforms[t].unsqueeze(-1), right=True
+            ).squeeze(-1)
             steps.append(current.clamp_max(self.n_symbols - 1))
-        noise = torch.randn(batch_size, self.n_inputs, self.d_embed, generator=generator, device=device)
+        noise = torch.randn(
+            batch_size, self.n_inputs, self.d_embed, generator=generator, device=device
+        )
         return torch.stack(steps, dim=1), noise
 
     def _with_posterior(self, symbols: torch.Tensor, noise: torch.Tensor) -> StickyBatch:
