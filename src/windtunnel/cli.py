@@ -17,20 +17,10 @@ def main() -> None:
 
 
 @main.command("verify-law")
-@click.option(
-    "--trials",
-    default=200,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Random heads per dtype.",
-)
-@click.option(
-    "--dtype",
-    "dtypes",
-    type=click.Choice(["float64", "float32"]),
-    multiple=True,
-    help="Dtype to check (repeatable); default: both.",
-)
+@click.option("--trials", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Random heads per dtype.")
+@click.option("--dtype", "dtypes", type=click.Choice(["float64", "float32"]), multiple=True,
+              help="Dtype to check (repeatable); default: both.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random heads.")
 def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
     """Check the closed-form routing law against autograd on random heads.
@@ -53,13 +43,12 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
         click.echo(f"  {'quantity':<24}{'max abs error':>16}{'max rel error':>16}  ok")
         for quantity, rel in report.max_rel_error.items():
             ok = "yes" if rel <= report.rel_tol else "NO"
-            click.echo(f"  {quantity:<24}{report.max_abs_error[quantity]:>16.3e}{rel:>16.3e}  {ok}")
+            click.echo(
+                f"  {quantity:<24}{report.max_abs_error[quantity]:>16.3e}{rel:>16.3e}  {ok}"
+            )
         failed |= not report.passed
-    click.echo(
-        "\nFAILED: some closed form disagrees with autograd."
-        if failed
-        else "\nAll closed forms agree with autograd."
-    )
+    click.echo("\nFAILED: some closed form disagrees with autograd." if failed
+               else "\nAll closed forms agree with autograd.")
     if failed:
         raise SystemExit(1)
 
