@@ -47,6 +47,7 @@ def test_summary_of_two_hand_made_seeds():
         scipy.stats.ttest_rel([1.9, 2.0], [2.0, 2.2]).pvalue
     )
     assert fast["gap_to_bayes_nats_mean"] == pytest.approx(0.1)
+    assert fast["gap_to_h_min_nats_mean"] == pytest.approx(1.95 - 1.5)
     assert fast["entropy_gap_to_h_min_nats_mean"] == pytest.approx(1.96 - 1.5)
     assert fast["curve_mean"] == pytest.approx([2.3, 2.025, 1.985, 1.95])
     assert out["sgd"]["ttest_p_vs_sgd"] is None and out["sgd"]["steps_to_sgd_mean_final"] == 3.0

@@ -74,6 +74,7 @@ def summarize_arms(
             "heldout_entropy_mean": column(name, "heldout", "entropy_nats").mean(),
             "heldout_accuracy_mean": column(name, "heldout", "accuracy").mean(),
             "gap_to_bayes_nats_mean": (final - bayes).mean(),
+            "gap_to_h_min_nats_mean": final.mean() - h_min_nats,
             "entropy_gap_to_h_min_nats_mean": entropy.mean() - h_min_nats,
             "curve_mean": curves.mean(0).tolist(),
             "curve_std": curves.std(0).tolist(),

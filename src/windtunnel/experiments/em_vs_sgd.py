@@ -29,13 +29,12 @@ from windtunnel.models.single_head import (
 )
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
 from windtunnel.tasks.sticky_markov import (
-    PredictionScores,
     StickyBatch,
     StickyMarkov,
     score_predictions,
 )
 
-__all__ = ["EmVsSgdConfig", "PAPER_SEEDS", "run_em_vs_sgd", "total_steps"]
+__all__ = ["PAPER_SEEDS", "EmVsSgdConfig", "run_em_vs_sgd", "total_steps"]
 
 PAPER_SEEDS = (42, 2024, 1337, 7777, 9999)
 MODELS = ("single", "deep")
@@ -153,16 +152,6 @@ def _row(batch: StickyBatch, i: int) -> StickyBatch:
     )
 
 
-def _scores(s: PredictionScores) -> dict[str, float]:
-    return {
-        "loss_nats": s.loss_nats,
-        "loss_bits": s.loss_bits,
-        "entropy_nats": s.entropy_nats,
-        "entropy_bits": s.entropy_bits,
-        "accuracy": s.accuracy,
-    }
-
-
 def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | None = None) -> dict:
     """Train every seed x arm, evaluate, compare; return the JSON-ready results (see the CLI docs).
 
@@ -172,9 +161,8 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
     task, h_min = config.task, config.task.conditional_entropy_nats()
     gens = [_generators(config, seed) for seed in config.seeds]
     order = gens[0][1]
-    train = task.sample_each(
-        [g["data"] for g, _ in gens], draw_order=order
-    )  # one filter pass for all
+    # one chain per seed; one batched filter pass gives all exact posteriors
+    train = task.sample_each([g["data"] for g, _ in gens], draw_order=order)
     heldout = task.sample_each([g["heldout"] for g, _ in gens], draw_order=order)
     data = [
         {"seed": seed, "gens": g, "train": _row(train, i), "heldout": _row(heldout, i)}
@@ -184,8 +172,8 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
         {
             "seed": d["seed"],
             "bayes": {
-                "train": _scores(task.bayes_scores(d["train"])),
-                "heldout": _scores(task.bayes_scores(d["heldout"])),
+                "train": task.bayes_scores(d["train"]).to_dict(),
+                "heldout": task.bayes_scores(d["heldout"]).to_dict(),
             },
             "arms": {},
             "curves": {},
@@ -230,14 +218,11 @@ def _run_single(
     model = SingleHeadAttention(n_replicas=len(arms) * n_seeds)  # replica r = arm * n_seeds + seed
     for a in range(len(arms)):
         for s, d in enumerate(data):
-            init = torch.Generator()
-            init.set_state(
-                d["gens"]["init"].get_state()
-            )  # a copy: every arm starts from the same draw
+            init = torch.Generator()  # a copy of the seed's init stream: every arm draws the same
+            init.set_state(d["gens"]["init"].get_state())
             model.reset_parameters(init, replicas=slice(a * n_seeds + s, a * n_seeds + s + 1))
-    x = torch.stack([d["train"].inputs for d in data]).repeat(
-        len(arms), 1, 1, 1
-    )  # [replica, 1, pos, d_x]
+    # [replica, 1, pos, d_x] and [replica, 1, pos]: every arm sees its seed's sequence
+    x = torch.stack([d["train"].inputs for d in data]).repeat(len(arms), 1, 1, 1)
     y = torch.stack([d["train"].targets for d in data]).repeat(len(arms), 1, 1)
     optimizer = ArmOptimizer(
         model,
@@ -277,8 +262,8 @@ def _run_single(
         for s, d in enumerate(data):
             r = a * n_seeds + s
             per_seed[s]["arms"][arm.name] = {
-                "train": _scores(score_predictions(train_logits[r], d["train"].targets)),
-                "heldout": _scores(score_predictions(heldout_logits[r], d["heldout"].targets)),
+                "train": score_predictions(train_logits[r], d["train"].targets).to_dict(),
+                "heldout": score_predictions(heldout_logits[r], d["heldout"].targets).to_dict(),
             }
             per_seed[s]["curves"][arm.name] = losses[r].tolist()
             per_seed[s]["telemetry"][arm.name] = {
@@ -310,7 +295,7 @@ def _run_deep(
         )
         with torch.no_grad():
             per_seed[s]["arms"]["deep_adamw"] = {
-                split: _scores(score_predictions(model(d[split].inputs), d[split].targets))
+                split: score_predictions(model(d[split].inputs), d[split].targets).to_dict()
                 for split in ("train", "heldout")
             }
         per_seed[s]["curves"]["deep_adamw"] = losses.tolist()

@@ -175,8 +175,8 @@ def report_markdown(results: dict) -> str:
         "## Final metrics (training sequence; std over seeds, ddof = 0 as in the reference)",
         "",
         "| arm | final CE (nats) | paper | entropy (nats) | paper | accuracy | paper | held-out CE | "
-        "CE − Bayes | entropy − H_min |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "CE − Bayes | CE − H_min | entropy − H_min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in agg.items():
         p = PAPER.get(name, {})
@@ -185,8 +185,15 @@ def report_markdown(results: dict) -> str:
             f"{_pm(a['final_entropy_mean'], a['final_entropy_std'])} | {_pm(*p.get('final_entropy', (None,)))} | "
             f"{_pm(a['final_accuracy_mean'], a['final_accuracy_std'], 3)} | "
             f"{_pm(*p.get('final_accuracy', (None,)), digits=3)} | {_pm(a['heldout_loss_mean'], a['heldout_loss_std'])} | "
-            f"{a['gap_to_bayes_nats_mean']:.3f} | {a['entropy_gap_to_h_min_nats_mean']:.3f} |"
+            f"{a['gap_to_bayes_nats_mean']:.3f} | {a['gap_to_h_min_nats_mean']:.3f} | "
+            f"{a['entropy_gap_to_h_min_nats_mean']:.3f} |"
         )
+    lines += [
+        "",
+        "The paper's rerun (SPEC §4.4) at step 1000: CE − Bayes 0.10 (`two_timescale`) and 0.20 (`sgd`); "
+        "entropy − H_min 0.12 and 0.23 nats. 'Close to minimum Bayesian entropy' is therefore not "
+        "reproduced at the default length; these gaps are metrics, not pass/fail checks.",
+    ]
     if "sgd" in agg:
         lines += [
             "",

@@ -108,6 +108,16 @@ class PredictionScores:
         """Mean predictive entropy in bits."""
         return self.entropy_nats / LOG2
 
+    def to_dict(self) -> dict[str, float]:
+        """Loss and entropy in nats and bits, and accuracy, as plain floats."""
+        return {
+            "loss_nats": self.loss_nats,
+            "loss_bits": self.loss_bits,
+            "entropy_nats": self.entropy_nats,
+            "entropy_bits": self.entropy_bits,
+            "accuracy": self.accuracy,
+        }
+
 
 def score_predictions(log_probs: torch.Tensor, targets: torch.Tensor) -> PredictionScores:
     """Mean cross-entropy, predictive entropy and top-1 accuracy of log-probabilities.
