@@ -61,6 +61,10 @@ def test_results_have_the_documented_fields_and_serialise(small_results):
     tel = r["per_seed"][0]["telemetry"]["em"]
     assert tel["step"] == [0, 3, 5] and len(tel["mean_abs_advantage"]) == 3
     assert len(r["law_checks"]) == 3 and max(c["residual"] for c in r["law_checks"]) < 1e-12
+    # attention entropy can never exceed that of uniform causal attention, mean_i ln(i)
+    uniform = sum(np.log(i) for i in range(1, 48)) / 47
+    assert r["per_seed"][0]["uniform_attention_entropy_nats"] == pytest.approx(uniform)
+    assert max(tel["attention_entropy_nats"]) <= uniform + 1e-6
 
 
 def test_arms_of_a_seed_start_from_identical_weights_and_data(small_results):

@@ -50,3 +50,5 @@ def test_report_puts_our_numbers_beside_the_papers(results):
     assert "## What the `em` arm means" in text and "ridge least squares" in text
     assert "compare trends, not digits" in text  # not the reference setting
     assert "1.8292" in text
+    uniform = results["per_seed"][0]["uniform_attention_entropy_nats"]
+    assert f"against {uniform:.3f} for uniform causal attention" in text

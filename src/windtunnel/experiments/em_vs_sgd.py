@@ -175,6 +175,10 @@ def run_em_vs_sgd(config: EmVsSgdConfig, *, progress: Callable[[int], None] | No
                 "train": task.bayes_scores(d["train"]).to_dict(),
                 "heldout": task.bayes_scores(d["heldout"]).to_dict(),
             },
+            # mean over queries of ln(number of visible keys): the entropy of uniform attention
+            "uniform_attention_entropy_nats": float(
+                np.mean(np.log(np.arange(1, d["train"].inputs.shape[1] + 1)))
+            ),
             "arms": {},
             "curves": {},
             "telemetry": {},
