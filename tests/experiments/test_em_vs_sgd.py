@@ -134,7 +134,12 @@ def test_reference_data_and_init_give_the_spec_step_zero_loss():
 
 @pytest.mark.slow
 def test_seed_42_reproduces_the_reference_final_losses():
-    r = run_em_vs_sgd(EmVsSgdConfig(seeds=(42,), telemetry_every=0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CLI's layout: one torch thread per replica-group worker
+    try:
+        r = run_em_vs_sgd(EmVsSgdConfig(seeds=(42,), telemetry_every=0, n_workers=2))
+    finally:
+        torch.set_num_threads(threads)
     assert round(r["per_seed"][0]["arms"]["sgd"]["train"]["loss_nats"], 4) == 2.0647
     assert round(r["per_seed"][0]["arms"]["two_timescale"]["train"]["loss_nats"], 4) == 1.9802
 
