@@ -52,3 +52,12 @@ def test_report_puts_our_numbers_beside_the_papers(results):
     assert "1.8292" in text
     uniform = results["per_seed"][0]["uniform_attention_entropy_nats"]
     assert f"against {uniform:.3f} for uniform causal attention" in text
+
+
+def test_deep_run_without_telemetry_renders_without_warnings(tmp_path):
+    config = EmVsSgdConfig(seeds=(3,), n_steps=2, model="deep", task=StickyMarkov(seq_len=24))
+    deep = run_em_vs_sgd(config)
+    paths = write_em_vs_sgd_outputs(deep, tmp_path)  # warnings are errors in this suite
+    text = paths["report"].read_text()
+    assert text.startswith("# Sticky Markov chain: deep transformer") and "AdamW lr 0.0003" in text
+    assert "What the `em` arm means" not in text and "no reference numbers" in text
