@@ -37,3 +37,31 @@ def test_verify_law_rejects_bad_options():
     assert result.exit_code == 2 and "'float16' is not one of 'float64', 'float32'" in result.output
     result = CliRunner().invoke(main, ["verify-law", "--trials", "0"])
     assert result.exit_code == 2 and "--trials" in result.output
+
+
+def test_em_vs_sgd_writes_results_figures_and_report(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = ["reproduce", "em-vs-sgd", "--seeds", "1", "--steps", "2", "--telemetry-every", "1",
+            "--arms", "sgd,em", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.md", "results.json", "telemetry.png"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["n_steps"] == 2 and results["config"]["seeds"] == [42]
+    assert list(results["aggregate"]) == ["sgd", "em"]
+    assert "final CE" in result.output and "H_min 1.8292" in result.output
+
+
+def test_em_vs_sgd_rejects_bad_options():
+    runner = CliRunner()
+    result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--arms", "sgd,newton"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--arms'" in result.output and "sgd, two_timescale, em, alternating, adam" in result.output
+    result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--model", "wide"])
+    assert result.exit_code == 2 and "'wide' is not one of 'single', 'deep'" in result.output
+    result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--seeds", "0"])
+    assert result.exit_code == 2 and "--seeds" in result.output
+    result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--model", "deep", "--arms", "sgd"])
+    assert result.exit_code == 2 and "--arms applies to --model single only" in result.output

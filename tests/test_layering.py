@@ -18,6 +18,7 @@ LAYERS = {
     "metrics": 2,
     "geometry": 2,
     "attention": 3,
+    "telemetry": 3,
     "models": 4,
     "probes": 5,
     "arms": 5,
@@ -25,6 +26,7 @@ LAYERS = {
     "presets": 7,
     "experiments": 8,
     "reports": 2,
+    "comparison": 2,
     "cli": 9,
 }
 

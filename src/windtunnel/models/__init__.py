@@ -1,12 +1,25 @@
-"""Models for the wind tunnels (SPEC §6.1): TinyGPT, the position-wise MLP control and the LSTM.
+"""Models for the wind tunnels (SPEC §4.2, §4.5, §6.1): TinyGPT, the position-wise MLP control,
+the LSTM, and the single attention head and deep transformer of the Paper II sticky chain.
 
-Every model maps tokens [batch, seq_len] to logits [batch, seq_len, n_outputs], takes a keyword
-``generator`` for its initialisation (None: zero weights, for loading a state dict) and exposes
-named hook points (``windtunnel.hooks``).
+The token models map tokens [batch, seq_len] to logits [batch, seq_len, n_outputs], take a
+keyword ``generator`` for their initialisation (None: zero weights, for loading a state dict) and
+expose named hook points (``windtunnel.hooks``). The sticky-chain models read continuous inputs.
 """
 
 from windtunnel.models.lstm import LSTMConfig, LSTMLayer, LSTMModel
 from windtunnel.models.mlp import MLPBlock, PositionwiseMLP, PositionwiseMLPConfig
+from windtunnel.models.single_head import (
+    PARAMETER_NAMES,
+    SingleHeadAttention,
+    SingleHeadConfig,
+    SingleHeadForward,
+    SingleHeadGradients,
+    single_head_gradients,
+    single_head_law_residual,
+    single_head_output,
+    single_head_telemetry,
+)
+from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
 from windtunnel.models.tinygpt import TinyGPT, TinyGPTConfig, TransformerBlock
 
 __all__ = [
@@ -14,9 +27,20 @@ __all__ = [
     "LSTMLayer",
     "LSTMModel",
     "MLPBlock",
+    "PARAMETER_NAMES",
     "PositionwiseMLP",
     "PositionwiseMLPConfig",
+    "SingleHeadAttention",
+    "SingleHeadConfig",
+    "SingleHeadForward",
+    "SingleHeadGradients",
+    "StickyTransformer",
+    "StickyTransformerConfig",
     "TinyGPT",
     "TinyGPTConfig",
     "TransformerBlock",
+    "single_head_gradients",
+    "single_head_law_residual",
+    "single_head_output",
+    "single_head_telemetry",
 ]

@@ -5,6 +5,15 @@ from windtunnel.tasks.bijection import Bijection
 from windtunnel.tasks.filtering import FilterResult, entropy_bits, forward_filter
 from windtunnel.tasks.hmm import HMMBatch, HMMFiltering, HMMPosterior, hmm_posterior, quantise_rows
 from windtunnel.tasks.recall import AssociativeRecall
+from windtunnel.tasks.sticky_markov import (
+    PredictionScores,
+    StickyBatch,
+    StickyFilterResult,
+    StickyMarkov,
+    score_predictions,
+    sticky_bayes_filter,
+    sticky_transition_matrix,
+)
 
 __all__ = [
     "AssociativeRecall",
@@ -14,9 +23,16 @@ __all__ = [
     "HMMBatch",
     "HMMFiltering",
     "HMMPosterior",
+    "PredictionScores",
+    "StickyBatch",
+    "StickyFilterResult",
+    "StickyMarkov",
     "Task",
     "entropy_bits",
     "forward_filter",
     "hmm_posterior",
     "quantise_rows",
+    "score_predictions",
+    "sticky_bayes_filter",
+    "sticky_transition_matrix",
 ]

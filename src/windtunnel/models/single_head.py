@@ -1,0 +1,516 @@
+"""The single softmax attention head of the Paper II sticky-chain experiment (SPEC §4.2).
+
+One head reads the inputs directly: q = x W_Q, k = x W_K, v = x W_V, a causal softmax over
+q k^T / sqrt(d_k), z = alpha v and logits = z W_O. No bias, residual, normalisation or position
+information. Several independent copies ("replicas": seeds x optimiser arms) live in one module
+along a leading dimension, so they train in one batched computation.
+
+Besides the autograd ``forward`` the module has a closed-form gradient pass,
+:meth:`SingleHeadAttention.exact_gradients`, that applies the routing law of SPEC §2 block by
+block over query rows. It never materialises a full [query_pos, key_pos] matrix, skips the
+masked upper triangle, and returns the per-value quantities (dL/dV, responsibilities) that the
+EM-style arm needs.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from windtunnel._checks import Problems, check_number, check_positive_int
+from windtunnel.telemetry import RoutingTelemetry, causal_routing_telemetry, routing_law_residual
+
+__all__ = [
+    "PARAMETER_NAMES",
+    "SingleHeadAttention",
+    "SingleHeadConfig",
+    "SingleHeadForward",
+    "SingleHeadGradients",
+    "single_head_gradients",
+    "single_head_law_residual",
+    "single_head_output",
+    "single_head_telemetry",
+]
+
+#: Parameter names in the reference draw order (RNG step 5 of SPEC §4.1).
+PARAMETER_NAMES = ("W_Q", "W_K", "W_V", "W_O")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SingleHeadConfig:
+    """Shapes and initialisation of the single head (reference values).
+
+    Attributes:
+        d_x: input dimension (20, the sticky chain's ``d_embed``).
+        d_k: query/key dimension (10); scores are scaled by 1/sqrt(d_k).
+        d_v: value dimension (15).
+        n_classes: output classes (8, the chain's ``n_symbols``).
+        init_std: every weight is i.i.d. N(0, init_std^2) (0.1).
+
+    Raises:
+        ValueError: naming every bad field at once.
+    """
+
+    d_x: int = 20
+    d_k: int = 10
+    d_v: int = 15
+    n_classes: int = 8
+    init_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        owner = "SingleHeadConfig"
+        problems = Problems(owner)
+        for name in ("d_x", "d_k", "d_v"):
+            text = check_positive_int(owner, name, getattr(self, name))
+            if text:
+                problems.add_text(text)
+        for text in (
+            check_positive_int(owner, "n_classes", self.n_classes, minimum=2),
+            check_number(owner, "init_std", self.init_std, low=0.0, low_open=True),
+        ):
+            if text:
+                problems.add_text(text)
+        problems.raise_if_any()
+
+    def parameter_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per-replica shape of each weight, in the reference draw order."""
+        return {
+            "W_Q": (self.d_x, self.d_k),
+            "W_K": (self.d_x, self.d_k),
+            "W_V": (self.d_x, self.d_v),
+            "W_O": (self.d_v, self.n_classes),
+        }
+
+
+@dataclass(frozen=True)
+class SingleHeadForward:
+    """Everything the head computes on one input, with autograd history.
+
+    Attributes:
+        q: queries x W_Q, [replica, batch, pos, d_k].
+        k: keys x W_K, [replica, batch, pos, d_k].
+        v: values x W_V, [replica, batch, pos, d_v].
+        pattern: attention alpha, [replica, batch, query_pos, key_pos]; rows sum to 1 over the
+            causal keys j <= i.
+        z: head output alpha v (before W_O), [replica, batch, pos, d_v].
+        logits: z W_O, [replica, batch, pos, n_classes].
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: torch.Tensor
+    z: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SingleHeadGradients:
+    """Exact gradients of the mean cross-entropy of each replica.
+
+    Attributes:
+        loss_nats: mean CE over the batch's positions, per replica, [replica].
+        grads: dL/dW for each name in :data:`PARAMETER_NAMES`, each [replica, *shape].
+        d_values: dL/dv_j = sum_i alpha_ij u_i, the responsibility-weighted pull on each value,
+            [replica, batch, key_pos, d_v], with u_i = dL/dz_i of the mean loss.
+        responsibility: R_j = sum_i alpha_ij, [replica, batch, key_pos] (None unless requested).
+        n_labelled: positions per replica that enter the mean (batch * pos).
+    """
+
+    loss_nats: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    d_values: torch.Tensor
+    responsibility: torch.Tensor | None
+    n_labelled: int
+
+
+def _check_inputs(
+    owner: str, weights: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor | None
+):
+    n_replicas = weights["W_Q"].shape[0]
+    d_x = weights["W_Q"].shape[1]
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dim() != 4
+        or x.shape[0] not in (1, n_replicas)
+        or x.shape[-1] != d_x
+    ):
+        raise ValueError(
+            f"{owner}: x must be [replica, batch, pos, d_x] with replica in (1, {n_replicas}) and "
+            f"d_x = {d_x}; got {list(getattr(x, 'shape', []))}."
+        )
+    if targets is not None and (
+        targets.dim() != 3
+        or targets.shape[0] not in (1, n_replicas)
+        or targets.shape[1:] != x.shape[1:3]
+    ):
+        raise ValueError(
+            f"{owner}: targets must be long [replica, batch, pos] = [{n_replicas} or 1, "
+            f"{x.shape[1]}, {x.shape[2]}]; got {list(targets.shape)}."
+        )
+
+
+def single_head_gradients(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    block_size: int = 64,
+    with_responsibility: bool = False,
+    n_workers: int = 1,
+) -> SingleHeadGradients:
+    """Closed-form gradients of the mean CE of a batch of single heads, no autograd.
+
+    For each query row i (s_ij = q_i·k_j / sqrt(d_k), causal j <= i):
+
+        alpha_ij = softmax_j(s_ij),  z_i = sum_j alpha_ij v_j,  p_i = softmax(z_i W_O),
+        dL/dlogits_i = (p_i - e_{y_i}) / N,  u_i = dL/dz_i = dL/dlogits_i W_O^T,
+        dL/ds_ij = alpha_ij (u_i·v_j - u_i·z_i)        (the advantage law, SPEC §2.2),
+        dL/dv_j = sum_i alpha_ij u_i,  dL/dq_i = sum_j dL/ds_ij k_j / sqrt(d_k),
+        dL/dk_j = sum_i dL/ds_ij q_i / sqrt(d_k),  dL/dW_O = sum_i z_i^T dL/dlogits_i,
+
+    and dL/dW_Q = x^T dL/dq etc. Everything about query row i is known once its row of alpha is,
+    so one pass over blocks of ``block_size`` query rows (keys 0..end of block only) gives all
+    gradients with [block, key_pos] temporaries.
+
+    ``n_workers > 1`` splits the replicas into that many contiguous groups and computes them on
+    concurrent Python threads (torch ops release the GIL). Pair it with
+    ``torch.set_num_threads(1)``: intra-op threads inside each worker would oversubscribe the
+    cores, and one synchronisation per step (instead of one per op) degrades gracefully when
+    other processes share the machine.
+
+    Shapes: weights maps each of :data:`PARAMETER_NAMES` to [replica, *shape]; x
+    [replica or 1, batch, pos, d_x]; targets long [replica or 1, batch, pos].
+
+    Raises:
+        ValueError: when shapes do not fit or ``block_size`` or ``n_workers`` is not a positive int.
+    """
+    owner = "single_head_gradients"
+    _check_inputs(owner, weights, x, targets)
+    for name, value in (("block_size", block_size), ("n_workers", n_workers)):
+        text = check_positive_int(owner, name, value)
+        if text:
+            raise ValueError(text)
+    n_rep = weights["W_Q"].shape[0]
+    if n_workers == 1 or n_rep == 1:
+        return _gradients(weights, x, targets, block_size, with_responsibility)
+
+    def part(r: slice) -> SingleHeadGradients:
+        sub = {n: w[r] for n, w in weights.items()}
+        sub_x = x if x.shape[0] == 1 else x[r]
+        sub_y = targets if targets.shape[0] == 1 else targets[r]
+        return _gradients(sub, sub_x, sub_y, block_size, with_responsibility)
+
+    with ThreadPoolExecutor(min(n_workers, n_rep)) as pool:
+        parts = list(pool.map(part, _replica_groups(n_rep, n_workers)))
+    return SingleHeadGradients(
+        loss_nats=torch.cat([p.loss_nats for p in parts]),
+        grads={n: torch.cat([p.grads[n] for p in parts]) for n in PARAMETER_NAMES},
+        d_values=torch.cat([p.d_values for p in parts]),
+        responsibility=None
+        if not with_responsibility
+        else torch.cat([p.responsibility for p in parts]),
+        n_labelled=parts[0].n_labelled,
+    )
+
+
+def _gradients(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    block_size: int,
+    with_responsibility: bool,
+) -> SingleHeadGradients:
+    w_q, w_k, w_v, w_o = (weights[name] for name in PARAMETER_NAMES)
+    n_rep, d_x, d_k = w_q.shape
+    d_v, n_classes = w_o.shape[1:]
+    batch, n_pos = x.shape[1], x.shape[2]
+    rb = n_rep * batch
+    n_lab = batch * n_pos
+    scale = 1.0 / math.sqrt(d_k)
+    xe = x.expand(n_rep, -1, -1, -1)
+    # [replica, batch, pos, d] -> [replica * batch, pos, d]
+    q = (xe @ w_q.unsqueeze(1)).reshape(rb, n_pos, d_k)
+    k = (xe @ w_k.unsqueeze(1)).reshape(rb, n_pos, d_k)
+    v = (xe @ w_v.unsqueeze(1)).reshape(rb, n_pos, d_v)
+    w_o_rb = w_o.unsqueeze(1).expand(n_rep, batch, d_v, n_classes).reshape(rb, d_v, n_classes)
+    y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos)
+    # Transposed copies keep every bmm's long dimension contiguous (2-4x faster on CPU).
+    q_scaled = q * scale
+    q_scaled_t = q_scaled.transpose(1, 2).contiguous()  # [rb, d_k, pos]
+    k_t = k.transpose(1, 2).contiguous()  # [rb, d_k, pos]
+    v_t = v.transpose(1, 2).contiguous()  # [rb, d_v, pos]
+    w_o_t = w_o_rb.transpose(1, 2)
+    d_q_t = torch.empty_like(k_t)
+    d_k_t = torch.zeros_like(k_t)
+    d_v_t = torch.zeros_like(v_t)
+    resp = torch.zeros(rb, n_pos, dtype=x.dtype, device=x.device) if with_responsibility else None
+    z_all = torch.empty(rb, n_pos, d_v, dtype=x.dtype, device=x.device)
+    d_logits_all = torch.empty(rb, n_pos, n_classes, dtype=x.dtype, device=x.device)
+    loss = torch.zeros(rb, dtype=x.dtype, device=x.device)
+    future = torch.ones(block_size, block_size, dtype=torch.bool, device=x.device).triu(1)
+    # Two reused workspaces hold the [rb, block, keys] scores/dS and pattern: fresh tensors of a
+    # new size every block would cost a page fault per 4 KiB on first touch (about half the time).
+    workspace = torch.empty(2, rb * min(block_size, n_pos) * n_pos, dtype=x.dtype, device=x.device)
+    pull = torch.empty(rb * max(d_k, d_v) * n_pos, dtype=x.dtype, device=x.device)
+    neg_one = torch.full((rb, block_size, 1), -1.0, dtype=x.dtype, device=x.device)
+    for i0 in range(0, n_pos, block_size):
+        i1 = min(n_pos, i0 + block_size)
+        m = i1 - i0
+        s = workspace[0, : rb * m * i1].view(rb, m, i1)
+        alpha = workspace[1, : rb * m * i1].view(rb, m, i1)
+        torch.bmm(q_scaled[:, i0:i1], k_t[:, :, :i1], out=s)
+        s[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
+        torch.softmax(s, dim=-1, out=alpha)
+        z = torch.bmm(v_t[:, :, :i1], alpha.transpose(1, 2)).transpose(1, 2)  # [rb, m, d_v]
+        log_p = torch.log_softmax(torch.bmm(z, w_o_rb), dim=-1)  # [rb, m, n_classes]
+        y_blk = y[:, i0:i1].unsqueeze(-1)
+        loss -= log_p.gather(-1, y_blk).squeeze(-1).sum(-1)
+        d_logits = log_p.exp_()
+        d_logits.scatter_add_(-1, y_blk, neg_one[:, :m])
+        d_logits /= n_lab
+        u = torch.bmm(d_logits, w_o_t)  # [rb, m, d_v]
+        # dL/ds = alpha * (b - E_alpha[b]) with b_ij = u_i·v_j and E_alpha[b]_i = u_i·z_i;
+        # the scores are no longer needed, so dL/ds overwrites them.
+        d_s = torch.baddbmm(-(u * z).sum(-1, keepdim=True), u, v_t[:, :, :i1], out=s)
+        d_s.mul_(alpha)
+        # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
+        d_v_t[:, :, :i1] += torch.bmm(
+            u.transpose(1, 2), alpha, out=pull[: rb * d_v * i1].view(rb, d_v, i1)
+        )
+        d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
+        d_k_t[:, :, :i1] += torch.bmm(
+            q_scaled_t[:, :, i0:i1], d_s, out=pull[: rb * d_k * i1].view(rb, d_k, i1)
+        )
+        if resp is not None:
+            resp[:, :i1] += alpha.sum(1)
+        z_all[:, i0:i1] = z
+        d_logits_all[:, i0:i1] = d_logits
+    x_flat_t = xe.reshape(n_rep, n_lab, d_x).transpose(1, 2)  # [replica, d_x, batch * pos]
+
+    def per_replica(t: torch.Tensor) -> torch.Tensor:
+        # [rb, d, pos] -> [replica, batch * pos, d]
+        return t.transpose(1, 2).reshape(n_rep, n_lab, t.shape[1])
+
+    grads = {
+        "W_Q": x_flat_t @ per_replica(d_q_t) * scale,
+        "W_K": x_flat_t @ per_replica(d_k_t),
+        "W_V": x_flat_t @ per_replica(d_v_t),
+        "W_O": z_all.reshape(n_rep, n_lab, d_v).transpose(1, 2)
+        @ d_logits_all.reshape(n_rep, n_lab, n_classes),
+    }
+    return SingleHeadGradients(
+        loss_nats=loss.view(n_rep, batch).sum(1) / n_lab,
+        grads=grads,
+        d_values=d_v_t.transpose(1, 2).reshape(n_rep, batch, n_pos, d_v),
+        responsibility=None if resp is None else resp.view(n_rep, batch, n_pos),
+        n_labelled=n_lab,
+    )
+
+
+@torch.no_grad()
+def single_head_output(
+    weights: dict[str, torch.Tensor], x: torch.Tensor, *, block_size: int = 256
+) -> torch.Tensor:
+    """The head output z = alpha v without autograd, block by block over query rows.
+
+    Memory stays at [replica, batch, block_size, pos]; logits are ``z @ W_O``.
+
+    Shapes: weights as in :func:`single_head_gradients`; x [replica or 1, batch, pos, d_x] ->
+    z [replica, batch, pos, d_v].
+
+    Raises:
+        ValueError: when ``x`` does not fit.
+    """
+    _check_inputs("single_head_output", weights, x, None)
+    w = {name: p.unsqueeze(1) for name, p in weights.items()}
+    q, k, v = x @ w["W_Q"], x @ w["W_K"], x @ w["W_V"]
+    q = q / math.sqrt(q.shape[-1])
+    n_pos = x.shape[2]
+    z = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for i0 in range(0, n_pos, block_size):
+        i1 = min(n_pos, i0 + block_size)
+        s = q[..., i0:i1, :] @ k[..., :i1, :].transpose(-1, -2)
+        allowed = (
+            torch.arange(i1, device=x.device) <= torch.arange(i0, i1, device=x.device)[:, None]
+        )
+        z[..., i0:i1, :] = (
+            torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v[..., :i1, :]
+        )
+    return z
+
+
+def _replica_groups(n_replicas: int, n_workers: int) -> list[slice]:
+    n_groups = min(n_workers, n_replicas)
+    bounds = [round(i * n_replicas / n_groups) for i in range(n_groups + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def single_head_telemetry(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    delta_w_value: torch.Tensor,
+    *,
+    n_workers: int = 1,
+) -> RoutingTelemetry:
+    """Routing telemetry (SPEC §8.4) of every replica at ``weights``, for one optimiser step.
+
+    Rebuilds q, k, v and u = dL/dz of the mean CE from the weights, and compares each value's
+    realised change Delta v_j = x_j Delta W_V with its pull -dL/dv_j; see
+    :func:`windtunnel.telemetry.causal_routing_telemetry`. Replica groups run on ``n_workers``
+    threads.
+
+    Shapes: weights {name: [replica, *shape]}; x [replica, batch, pos, d_x]; targets long
+    [replica, batch, pos]; delta_w_value [replica, d_x, d_v]. Fields of the result are
+    [replica, batch].
+    """
+
+    def part(r: slice) -> RoutingTelemetry:
+        w = {n: t[r].unsqueeze(1) for n, t in weights.items()}
+        q, k, v = (x[r] @ w[n] for n in ("W_Q", "W_K", "W_V"))
+        z = single_head_output({n: t[r] for n, t in weights.items()}, x[r])
+        one_hot = torch.nn.functional.one_hot(targets[r], w["W_O"].shape[-1]).to(z)
+        d_logits = (torch.softmax(z @ w["W_O"], -1) - one_hot) / (x.shape[1] * x.shape[2])
+        u = d_logits @ w["W_O"].transpose(-1, -2)  # dL/dz of the mean loss
+        return causal_routing_telemetry(q, k, v, u, x[r] @ delta_w_value[r].unsqueeze(1))
+
+    with ThreadPoolExecutor(min(n_workers, x.shape[0])) as pool:
+        parts = list(pool.map(part, _replica_groups(x.shape[0], n_workers)))
+    return RoutingTelemetry(
+        **{
+            f: torch.cat([getattr(p, f) for p in parts])
+            for f in RoutingTelemetry.__dataclass_fields__
+        }
+    )
+
+
+def single_head_law_residual(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    replica: int,
+    n_pos: int,
+) -> float:
+    """The advantage law against autograd for one replica on its first ``n_pos`` positions.
+
+    See :func:`windtunnel.telemetry.routing_law_residual` (float64, relative max error).
+    """
+    xs = x[replica, :, :n_pos]
+    q, k, v = (xs @ weights[n][replica] for n in ("W_Q", "W_K", "W_V"))
+    return routing_law_residual(q, k, v, weights["W_O"][replica], targets[replica, :, :n_pos])
+
+
+class SingleHeadAttention(nn.Module):
+    """A batch of independent single attention heads with a linear readout (SPEC §4.2).
+
+    logits = softmax_causal(x W_Q (x W_K)^T / sqrt(d_k)) (x W_V) W_O, one set of weights per
+    replica. Weights are used as x @ W, so W_Q is [d_x, d_k] per replica.
+
+    Args:
+        config: shapes and init scale.
+        n_replicas: independent copies along the leading dimension of every weight.
+        dtype: parameter dtype (float32 for reference runs, float64 for exactness checks).
+        device: parameter device.
+    """
+
+    def __init__(
+        self,
+        config: SingleHeadConfig | None = None,
+        *,
+        n_replicas: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        text = check_positive_int("SingleHeadAttention", "n_replicas", n_replicas)
+        if text:
+            raise ValueError(text)
+        self.config = config or SingleHeadConfig()
+        self.n_replicas = n_replicas
+        for name, shape in self.config.parameter_shapes().items():
+            setattr(
+                self,
+                name,
+                nn.Parameter(torch.zeros(n_replicas, *shape, dtype=dtype, device=device)),
+            )
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The parameters by name, in the reference draw order."""
+        return {name: getattr(self, name) for name in PARAMETER_NAMES}
+
+    @torch.no_grad()
+    def reset_parameters(
+        self, generator: torch.Generator, *, replicas: slice | None = None
+    ) -> None:
+        """Draw every weight i.i.d. N(0, init_std^2), replica by replica, in reference order.
+
+        For each replica in turn: W_Q, W_K, W_V, W_O, each as ``randn(shape) * init_std`` from
+        ``generator``. A CPU generator seeded s therefore gives one replica exactly the reference
+        initialisation of seed s (RNG step 5 of SPEC §4.1).
+
+        Args:
+            generator: the source of randomness.
+            replicas: which replicas to draw (all by default).
+        """
+        indices = range(self.n_replicas)[replicas or slice(None)]
+        for r in indices:
+            for name, shape in self.config.parameter_shapes().items():
+                draw = torch.randn(shape, generator=generator, device=generator.device)
+                getattr(self, name)[r] = (draw * self.config.init_std).to(getattr(self, name))
+
+    def forward(self, x: torch.Tensor) -> SingleHeadForward:
+        """Run every replica on ``x`` with autograd; see :class:`SingleHeadForward`.
+
+        Shapes: x [replica or 1, batch, pos, d_x].
+
+        Raises:
+            ValueError: when ``x`` does not fit.
+        """
+        _check_inputs("SingleHeadAttention.forward", self.weights, x, None)
+        w = {name: p.unsqueeze(1) for name, p in self.weights.items()}  # broadcast over batch
+        q, k, v = x @ w["W_Q"], x @ w["W_K"], x @ w["W_V"]
+        n_pos = x.shape[2]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.config.d_k)
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
+        pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        z = pattern @ v
+        return SingleHeadForward(q=q, k=k, v=v, pattern=pattern, z=z, logits=z @ w["W_O"])
+
+    def head_output(self, x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
+        """The head output z = alpha v without autograd; see :func:`single_head_output`."""
+        return single_head_output(
+            {n: p.detach() for n, p in self.weights.items()}, x, block_size=block_size
+        )
+
+    @torch.no_grad()
+    def predict_logits(self, x: torch.Tensor, *, block_size: int = 256) -> torch.Tensor:
+        """Logits z W_O without autograd, [replica, batch, pos, n_classes]; see :meth:`head_output`."""
+        return self.head_output(x, block_size=block_size) @ self.W_O.detach().unsqueeze(1)
+
+    def exact_gradients(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        block_size: int = 64,
+        with_responsibility: bool = False,
+        n_workers: int = 1,
+    ) -> SingleHeadGradients:
+        """Closed-form gradients of each replica's mean CE; see :func:`single_head_gradients`."""
+        with torch.no_grad():
+            return single_head_gradients(
+                {n: p.detach() for n, p in self.weights.items()},
+                x,
+                targets,
+                block_size=block_size,
+                with_responsibility=with_responsibility,
+                n_workers=n_workers,
+            )
