@@ -116,14 +116,18 @@ def recall_transformer_paper() -> ExperimentConfig:
     return _recall("transformer", {}, dict(n_layers=4, n_heads=4, d_model=128, d_mlp=512), dict(steps=20_000, batch_size=64, lr=1e-3, warmup_steps=1000, eval_every=1000, checkpoint_every=2000, eval_size=1000), "recall/transformer/paper")
 
 
+_RECALL_CPU_TASK = dict(n_pairs=16, n_keys=64, n_values=64, n_gap_filler=8, n_query_filler=4)
+_RECALL_CPU_TRAIN = dict(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=500, checkpoint_every=1000, eval_size=1000)
+
+
 def recall_transformer_cpu() -> ExperimentConfig:
-    """16 pairs, 3 queries (ours); TinyGPT 2L/4H/64."""
-    return _recall("transformer", dict(n_pairs=16), dict(n_layers=2, n_heads=4, d_model=64, d_mlp=256), dict(steps=3000, batch_size=64, lr=2e-3, warmup_steps=200, eval_every=500, checkpoint_every=1000, eval_size=1000), "recall/transformer/cpu")
+    """16 pairs over 64 keys / 64 values, shorter fillers (ours, for 2 CPU cores); TinyGPT 2L/4H/128."""
+    return _recall("transformer", _RECALL_CPU_TASK, dict(n_layers=2, n_heads=4, d_model=128, d_mlp=512), _RECALL_CPU_TRAIN, "recall/transformer/cpu")
 
 
 def recall_lstm_cpu() -> ExperimentConfig:
-    """16 pairs; LSTM 2×128 (ours)."""
-    return _recall("lstm", dict(n_pairs=16), dict(n_layers=2, d_model=128), dict(steps=3000, batch_size=64, lr=2e-3, warmup_steps=200, eval_every=500, checkpoint_every=1000, eval_size=1000), "recall/lstm/cpu")
+    """The same cpu-sized recall task; LSTM 2×128 (ours)."""
+    return _recall("lstm", _RECALL_CPU_TASK, dict(n_layers=2, d_model=128), {**_RECALL_CPU_TRAIN, "steps": 2000}, "recall/lstm/cpu")
 
 
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
