@@ -5,7 +5,7 @@ at train.telemetry_steps(--steps)) twice per repeat, once plain and once with
 experiments.telemetry.attach_probes (geometry, routing law, calibration, weight snapshots and
 manifold projections written to a temporary run directory), and reports the median wall time of
 --repeats runs of each. Because a short run has a much denser probe schedule than the full
-8,000-step preset, it also measures the mean cost of one probe call and extrapolates the overhead
+full-length preset, it also measures the mean cost of one probe call and extrapolates the overhead
 to the full preset: n_calls(8000) x probe_s / (8000 x step_s). Single-threaded
 (torch.set_num_threads(1)) to reduce noise from other jobs on the machine.
 
@@ -65,13 +65,14 @@ def main() -> None:
     base, tel = statistics.median(plain), statistics.median(probed)
     step_s = base / args.steps
     call_s = statistics.median(inside) / n_calls
-    full_calls = len(telemetry_steps(8000))
+    full_steps = get_preset("bijection", "transformer", "cpu").train.steps
+    full_calls = len(telemetry_steps(full_steps))
     print(f"| steps | probe calls | plain (s) | with probes (s) | overhead | per probe call (s) | per step (s) |")
     print(f"|---|---|---|---|---|---|---|")
     print(f"| {args.steps} | {n_calls} | {base:.1f} | {tel:.1f} | {100 * (tel - base) / base:+.1f} % | {call_s:.3f} | {step_s:.4f} |")
     print(f"\nplain runs: {[round(t, 1) for t in plain]}; with probes: {[round(t, 1) for t in probed]}")
-    print(f"extrapolated to the full 8,000-step preset: {full_calls} probe calls x {call_s:.3f} s / "
-          f"(8000 x {step_s:.4f} s) = {100 * full_calls * call_s / (8000 * step_s):.1f} % overhead")
+    print(f"extrapolated to the full {full_steps}-step preset: {full_calls} probe calls x {call_s:.3f} s / "
+          f"({full_steps} x {step_s:.4f} s) = {100 * full_calls * call_s / (full_steps * step_s):.1f} % overhead")
 
 
 if __name__ == "__main__":
