@@ -6,7 +6,7 @@ experiments.telemetry.attach_probes (geometry, routing law, calibration, weight 
 manifold projections written to a temporary run directory), and reports the median wall time of
 --repeats runs of each. Because a short run has a much denser probe schedule than the full
 full-length preset, it also measures the mean cost of one probe call and extrapolates the overhead
-to the full preset: n_calls(8000) x probe_s / (8000 x step_s). Single-threaded
+to the full preset: n_calls(N) x probe_s / (N x step_s) for the preset's N steps. Single-threaded
 (torch.set_num_threads(1)) to reduce noise from other jobs on the machine.
 
 Usage: python benchmarks/telemetry_overhead.py [--steps 200] [--repeats 3]
