@@ -4,7 +4,7 @@ Trains the `bijection/transformer/cpu` preset for --steps steps (default cadence
 at train.telemetry_steps(--steps)) twice per repeat, once plain and once with
 experiments.telemetry.attach_probes (geometry, routing law, calibration, weight snapshots and
 manifold projections written to a temporary run directory), and reports the median wall time of
---repeats runs of each. Because a short run has a much denser probe schedule than the full
+--repeats runs of each. Because a short run has a much denser probe schedule than the
 full-length preset, it also measures the mean cost of one probe call and extrapolates the overhead
 to the full preset: n_calls(N) x probe_s / (N x step_s) for the preset's N steps. Single-threaded
 (torch.set_num_threads(1)) to reduce noise from other jobs on the machine.
