@@ -319,6 +319,16 @@ def config_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
     return cls(**data)
 
 
+def make_readout(
+    d_model: int, n_outputs: int, *, tie_embeddings: bool, head_bias: bool, std: float
+) -> tuple[Unembed | None, nn.Parameter | None]:
+    """(unembed, b_U) for :func:`read_out`: an untied :class:`Unembed`, or for a tied head an
+    optional bias ``b_U`` [n_outputs] (zeros); the other slot is None."""
+    if not tie_embeddings:
+        return Unembed(d_model, n_outputs, bias=head_bias, std=std, generator=None), None
+    return None, (nn.Parameter(torch.zeros(n_outputs)) if head_bias else None)
+
+
 def read_out(
     x: torch.Tensor, *, embed: Embed, unembed: Unembed | None, b_U: torch.Tensor | None
 ) -> torch.Tensor:

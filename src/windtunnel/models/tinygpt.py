@@ -23,13 +23,13 @@ from windtunnel.models._layers import (
     Embed,
     FeedForward,
     PosEmbed,
-    Unembed,
     check_common_fields,
     check_tokens,
     config_from_dict,
     config_to_dict,
     dropout,
     make_norm,
+    make_readout,
     read_out,
 )
 
@@ -249,17 +249,9 @@ class TinyGPT(nn.Module):
             TransformerBlock(config, generator=None) for _ in range(config.n_layers)
         )
         self.ln_final = make_norm(config.norm, config.d_model, eps=config.norm_eps)
-        self.unembed = (
-            None
-            if config.tie_embeddings
-            else Unembed(
-                config.d_model, config.n_outputs, bias=config.head_bias, std=std, generator=None
-            )
-        )
-        self.b_U = (
-            nn.Parameter(torch.zeros(config.n_outputs))
-            if config.tie_embeddings and config.head_bias
-            else None
+        self.unembed, self.b_U = make_readout(
+            config.d_model, config.n_outputs, tie_embeddings=config.tie_embeddings,
+            head_bias=config.head_bias, std=std,
         )
         name_hook_points(self)
         if generator is not None:
