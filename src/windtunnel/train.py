@@ -34,7 +34,7 @@ from windtunnel.models import (
 )
 from windtunnel.probes import calibrate as evaluate
 from windtunnel.probes import site_loss_nats as site_loss
-from windtunnel.runs import RunDir
+from windtunnel.runs import RunDir, append_jsonl, write_text_atomic
 from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
 
 __all__ = [
@@ -321,10 +321,9 @@ class Trainer:
                 raise ValueError(f"Trainer: {self.run.path} holds a different run; use Trainer.resume or another --out.")
             self.run.write_config(experiment.to_dict())
 
-    def _eval_batches(self, task: Any, generator: torch.Generator) -> list[tuple[Any, list[Batch]]]:
+    def _eval_batches(self, task: Any, generator: torch.Generator) -> tuple[Any, list[Batch]]:
         n, size = self.config.eval_size, self.config.eval_batch_size
-        batches = [task.sample(min(size, n - i), generator=generator) for i in range(0, n, size)]
-        return [(task, batches)]
+        return task, [task.sample(min(size, n - i), generator=generator) for i in range(0, n, size)]
 
     # --- state ------------------------------------------------------------------------------
 
@@ -359,8 +358,6 @@ class Trainer:
         trainer = cls(experiment, run, probes=probes)
         state = run.load_checkpoint()
         trainer.load_state_dict(state)
-        from windtunnel.runs import append_jsonl, write_text_atomic
-
         for path, rows in ((run.metrics_path, run.metrics()), (run.telemetry_path, run.telemetry())):
             kept = [r for r in rows if r.get("step", 0) <= trainer.step]
             write_text_atomic(path, "")
@@ -372,9 +369,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Calibration]:
         """Calibration on every held-out set (the training length, then each extra length)."""
         out = {}
-        for name, sets in self.eval_sets.items():
-            for task, batches in sets:
-                out[name] = evaluate(self.model, task, batches)
+        for name, (task, batches) in self.eval_sets.items():
+            out[name] = evaluate(self.model, task, batches)
         return out
 
     def _save(self) -> None:
