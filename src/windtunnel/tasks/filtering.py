@@ -162,6 +162,7 @@ def _probability_filter(
     scales = torch.ones(seq_len, 1, batch, dtype=dtype, device=device)
     # Views made once: indexing inside the loop costs about as much as a small kernel.
     predicted_t, joint_t = predicted.unbind(0), joint.unbind(0)
+    joint_by_source_t = joint.unsqueeze(2).unbind(0)  # [n_states (from), 1, batch] each
     broadcast = n_states <= _BROADCAST_STATES
     if broadcast:
         products = torch.empty(n_states, n_states, batch, dtype=dtype, device=device)
@@ -176,7 +177,7 @@ def _probability_filter(
         if t + 1 < n_predicted:
             # unnormalised predicted_{t+1}(z') = sum_z joint_t(z) T(z, z')
             if broadcast:
-                torch.mul(now.unsqueeze(1), transition, out=products)
+                torch.mul(joint_by_source_t[t], transition, out=products)
                 torch.sum(products, dim=0, out=predicted_t[t + 1])
             else:
                 predicted_t[t + 1].copy_(torch.einsum("zb,bzy->yb", now, transition_by_batch))
