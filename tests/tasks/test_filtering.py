@@ -157,6 +157,15 @@ def test_structural_zeros_fall_back_to_log_space():
     assert result.log_evidence_nats.item() == pytest.approx(log_evidence, rel=1e-14)
 
 
+def _assert_same_filter(scaled, exact, *, atol):
+    """The scaled path ran (not None) and agrees with the log-space recursion in every field."""
+    assert scaled is not None
+    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
+        torch.testing.assert_close(
+            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=atol
+        )
+
+
 @given(seed=st.integers(0, 2**31 - 1), n_states=st.integers(1, 40), n_steps=st.integers(1, 8))
 @settings(max_examples=25)
 def test_scaled_and_log_space_recursions_agree(seed, n_states, n_steps):
@@ -169,11 +178,7 @@ def test_scaled_and_log_space_recursions_agree(seed, n_states, n_steps):
     log_lik = 4 * torch.randn(3, n_steps, n_states, generator=gen, dtype=torch.float64)
     scaled = _scaled_filter(log_init.expand(3, n_states), log_trans, log_lik)
     exact = _log_space_filter(log_init.expand(3, n_states), log_trans, log_lik)
-    assert scaled is not None
-    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
-        torch.testing.assert_close(
-            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=1e-12
-        )
+    _assert_same_filter(scaled, exact, atol=1e-12)
 
 
 def test_gradients_use_the_log_space_recursion():
@@ -236,12 +241,8 @@ def test_long_sequences_rescale_instead_of_underflowing():
     log_lik = torch.tensor([[0.0, math.log(1e-3)]], dtype=torch.float64).expand(n_steps, 2)
     scaled = _scaled_filter(log_init, log_trans, log_lik)
     exact = _log_space_filter(log_init, log_trans, log_lik)
-    assert scaled is not None
     assert exact.log_evidence_nats.item() < -9000
-    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
-        torch.testing.assert_close(
-            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=1e-11
-        )
+    _assert_same_filter(scaled, exact, atol=1e-11)
 
 
 @given(
@@ -260,11 +261,7 @@ def test_unnormalised_inputs_keep_their_semantics(seed, init_scale, trans_scale)
     log_lik = 3 * torch.randn(2, 12, 4, generator=gen, dtype=torch.float64)
     scaled = _scaled_filter(log_init.expand(2, 4), log_trans, log_lik)
     exact = _log_space_filter(log_init.expand(2, 4), log_trans, log_lik)
-    assert scaled is not None
-    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
-        torch.testing.assert_close(
-            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=1e-12
-        )
+    _assert_same_filter(scaled, exact, atol=1e-12)
 
 
 def test_inputs_are_not_modified():
