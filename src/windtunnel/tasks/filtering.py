@@ -159,7 +159,8 @@ def _probability_filter(
     predicted = torch.empty(n_predicted, n_states, batch, dtype=dtype, device=device)
     predicted[0] = initial
     joint = likelihoods
-    scales = torch.ones(seq_len, 1, batch, dtype=dtype, device=device)
+    # The sums that joint_t is divided by at steps R - 1, 2R - 1, ... (R = _RESCALE_EVERY_STEPS).
+    rescales = torch.empty(seq_len // _RESCALE_EVERY_STEPS, 1, batch, dtype=dtype, device=device)
     # Views made once: indexing inside the loop costs about as much as a small kernel.
     predicted_t, joint_t = predicted.unbind(0), joint.unbind(0)
     joint_by_source_t = joint.unsqueeze(2).unbind(0)  # [n_states (from), 1, batch] each
@@ -172,8 +173,9 @@ def _probability_filter(
         now = joint_t[t]
         now.mul_(predicted_t[t])
         if t % _RESCALE_EVERY_STEPS == _RESCALE_EVERY_STEPS - 1:
-            torch.sum(now, dim=0, keepdim=True, out=scales[t])
-            now.div_(scales[t])
+            rescale = rescales[t // _RESCALE_EVERY_STEPS]
+            torch.sum(now, dim=0, keepdim=True, out=rescale)
+            now.div_(rescale)
         if t + 1 < n_predicted:
             # unnormalised predicted_{t+1}(z') = sum_z joint_t(z) T(z, z')
             if broadcast:
@@ -184,20 +186,23 @@ def _probability_filter(
     if not (_all_normal(joint) and _all_normal(predicted)):
         return None
     sums = joint.sum(1, keepdim=True)  # [seq_len, 1, batch]; each >= its largest term: normal
-    inverse = sums.reciprocal()
+    sums_above_one = bool(sums.max() > 1)
+    norms = None
+    if with_norms:
+        # norm_t = (sum of joint_t before its rescale) / (sum of joint_{t-1} as stored)
+        norms = sums.clone()
+        norms[_RESCALE_EVERY_STEPS - 1 :: _RESCALE_EVERY_STEPS] *= rescales
+    inverse = sums.reciprocal_()  # in place: every buffer here is a page-faulting allocation
+    if norms is not None:
+        norms[1:] *= inverse[:-1]
+        if not _all_normal(norms):
+            return None
     # filtered_t = joint_t / sum(joint_t); predicted_{t+1} / sum(joint_t) = filtered_t @ T.
     predicted[1:] *= inverse[: n_predicted - 1]
     filtered = joint.mul_(inverse)
     # Where every sum is <= 1, normalising only raises the (checked) values; otherwise check.
-    if bool(sums.max() > 1) and not (_all_normal(filtered) and _all_normal(predicted)):
+    if sums_above_one and not (_all_normal(filtered) and _all_normal(predicted)):
         return None
-    norms = None
-    if with_norms:
-        # norm_t = (sum of joint_t before its rescale) / (sum of joint_{t-1} as stored)
-        norms = sums.mul_(scales)
-        norms[1:] *= inverse[:-1]
-        if not _all_normal(norms):
-            return None
     return _ProbabilityFilter(predicted_probs=predicted, filtered_probs=filtered, norms=norms)
 
 
