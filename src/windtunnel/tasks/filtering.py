@@ -1,8 +1,10 @@
-"""Batched log-space forward filtering for discrete hidden-state models (SPEC §4.3, §5.2).
+"""Batched forward filtering for discrete hidden-state models (SPEC §4.3, §5.2).
 
-Shared by the sticky Markov chain (hidden state z_t = y_{t-1}, Gaussian emissions) and the HMM
-wind tunnel (categorical emissions). The recursion is over time only; every batch and state
-dimension is vectorised.
+Shared by the sticky Markov chain (hidden state z_t = y_{t-1}, Gaussian emissions, through the
+log-space API :func:`forward_filter`) and the HMM wind tunnel (categorical emissions, straight
+from probabilities through ``_probability_filter``). The recursion is over time only; every
+batch and state dimension is vectorised. One probability-space recursion serves both; the exact
+log-space recursion takes over where probabilities would underflow, and for gradients.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ def forward_filter(
     log_likelihoods [..., seq_len, n_states] with log_likelihoods[..., t, z] = log p(x_t | z_t = z)
     (up to a constant per step, which only shifts the evidence). Leading dimensions broadcast.
 
-    Computed by the scaled recursion in probability space (renormalised every step; a handful of
-    kernels per step) unless an input requires grad or some probability would fall below the
-    smallest normal float; then the recursion runs in log space throughout. Both agree to
-    rounding (tests/tasks/test_filtering.py checks each against path enumeration).
+    Computed by the probability-space recursion (unnormalised, rescaled every few steps and
+    normalised once after the loop; three kernels per step), the one ``hmm_posterior`` uses,
+    unless an input requires grad or some value would fall below the smallest normal float; then
+    the recursion runs in log space throughout. Both agree to rounding
+    (tests/tasks/test_filtering.py checks each against path enumeration). The outputs are
+    permuted views of time-major buffers, not contiguous tensors.
 
     Raises:
         ValueError: when an argument is not a floating tensor or the state sizes disagree.
