@@ -157,6 +157,15 @@ def test_structural_zeros_fall_back_to_log_space():
     assert result.log_evidence_nats.item() == pytest.approx(log_evidence, rel=1e-14)
 
 
+def _assert_same_filter(scaled, exact, *, atol):
+    """The scaled path ran (not None) and agrees with the log-space recursion in every field."""
+    assert scaled is not None
+    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
+        torch.testing.assert_close(
+            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=atol
+        )
+
+
 @given(seed=st.integers(0, 2**31 - 1), n_states=st.integers(1, 40), n_steps=st.integers(1, 8))
 @settings(max_examples=25)
 def test_scaled_and_log_space_recursions_agree(seed, n_states, n_steps):
@@ -169,11 +178,7 @@ def test_scaled_and_log_space_recursions_agree(seed, n_states, n_steps):
     log_lik = 4 * torch.randn(3, n_steps, n_states, generator=gen, dtype=torch.float64)
     scaled = _scaled_filter(log_init.expand(3, n_states), log_trans, log_lik)
     exact = _log_space_filter(log_init.expand(3, n_states), log_trans, log_lik)
-    assert scaled is not None
-    for name in ("log_filtered_probs", "log_predicted_probs", "log_evidence_nats"):
-        torch.testing.assert_close(
-            getattr(scaled, name), getattr(exact, name), rtol=1e-12, atol=1e-12
-        )
+    _assert_same_filter(scaled, exact, atol=1e-12)
 
 
 def test_gradients_use_the_log_space_recursion():
@@ -224,3 +229,50 @@ def test_entropy_bits_hand_values():
 def test_errors(args, match):
     with pytest.raises(ValueError, match=match):
         forward_filter(*args)
+
+
+def test_long_sequences_rescale_instead_of_underflowing():
+    # The joint probability of the observations shrinks ~100x per step, to ~1e-4000 after 2,000
+    # steps: far below float64 without the periodic rescaling. The filtered beliefs themselves
+    # stay near (0.9, 0.1), so the probability-space path must accept and match the log space.
+    n_steps = 2000
+    log_init = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
+    log_trans = torch.tensor([[0.01, 0.99], [0.01, 0.99]], dtype=torch.float64).log()
+    log_lik = torch.tensor([[0.0, math.log(1e-3)]], dtype=torch.float64).expand(n_steps, 2)
+    scaled = _scaled_filter(log_init, log_trans, log_lik)
+    exact = _log_space_filter(log_init, log_trans, log_lik)
+    assert exact.log_evidence_nats.item() < -9000
+    _assert_same_filter(scaled, exact, atol=1e-11)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    init_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    trans_scale=st.sampled_from([0.5, 1.0, 3.0]),
+)
+@settings(max_examples=20)
+def test_unnormalised_inputs_keep_their_semantics(seed, init_scale, trans_scale):
+    # Initial vectors and transition rows that do not sum to 1 are used as given, as in the
+    # log-space recursion: predicted_1 is the initial vector, predicted_t+1 = filtered_t @ T.
+    gen = torch.Generator().manual_seed(seed)
+    log_init = torch.randn(4, generator=gen, dtype=torch.float64) + math.log(init_scale)
+    log_trans = torch.log_softmax(torch.randn(2, 4, 4, generator=gen, dtype=torch.float64), -1)
+    log_trans = log_trans + math.log(trans_scale)
+    log_lik = 3 * torch.randn(2, 12, 4, generator=gen, dtype=torch.float64)
+    scaled = _scaled_filter(log_init.expand(2, 4), log_trans, log_lik)
+    exact = _log_space_filter(log_init.expand(2, 4), log_trans, log_lik)
+    _assert_same_filter(scaled, exact, atol=1e-12)
+
+
+def test_inputs_are_not_modified():
+    # With one sequence the time-major layouts are views of the inputs; nothing may write there.
+    gen = torch.Generator().manual_seed(3)
+    args = (
+        torch.log_softmax(torch.randn(1, 3, generator=gen, dtype=torch.float64), -1),
+        torch.log_softmax(torch.randn(1, 3, 3, generator=gen, dtype=torch.float64), -1),
+        torch.randn(1, 6, 3, generator=gen, dtype=torch.float64),
+    )
+    copies = [x.clone() for x in args]
+    forward_filter(*args)
+    for x, copy in zip(args, copies):
+        assert torch.equal(x, copy)

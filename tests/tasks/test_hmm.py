@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from windtunnel.tasks import HMMBatch, HMMFiltering, Task, hmm_posterior, quantise_rows
+from windtunnel.tasks.filtering import _probability_filter
+from windtunnel.tasks.hmm import _log_space_posterior
 
 
 def _path_marginal(transition, emission, observations, n_steps, units=100):
@@ -329,3 +331,44 @@ def test_quantise_errors():
         quantise_rows(torch.tensor([[1, 0]]))
     with pytest.raises(ValueError, match=r"quantise_rows\.floor must be <= 1/width = 1/25"):
         quantise_rows(torch.full((1, 25), 0.04))
+
+
+def test_zero_cents_fall_back_to_log_space():
+    # No transition enters state 1, so after the first step every belief in it is exactly 0:
+    # the probability-space recursion declines and the log-space one gives the exact zeros.
+    transition = [[100, 0], [100, 0]]
+    emission = [[20, 80], [60, 40]]
+    observations = [1, 0, 0, 1]
+    args = (torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations]))
+    trans_probs = args[0].double().permute(1, 2, 0) / 100
+    lik = (args[1].double() / 100)[0].T[args[2][0]].unsqueeze(-1)  # [n_steps, S, 1]
+    assert _probability_filter(0.5, trans_probs, lik, n_predicted=5, with_norms=False) is None
+    beliefs = hmm_posterior(*args)
+    for t in range(1, 5):
+        expected = _path_marginal(transition, emission, observations[:t], t)
+        torch.testing.assert_close(
+            beliefs.filtered_probs[0, t - 1],
+            torch.tensor(expected, dtype=torch.float64),
+            rtol=0,
+            atol=1e-15,
+        )
+    assert torch.all(beliefs.next_state_probs[0, :, 1] == 0)
+    assert torch.all(beliefs.filtered_probs[0, 1:, 1] == 0)
+
+
+def test_long_sequences_match_the_log_space_posterior():
+    # 1,000 steps: the joint probability of the observations is ~1e-600, far below float64,
+    # so this exercises the rescaling of the probability-space recursion.
+    task = HMMFiltering(n_steps=1000)
+    batch = task.sample(4, generator=torch.Generator().manual_seed(5))
+    args = (batch.transition_cents, batch.emission_cents, batch.observations)
+    # The time-major inputs hmm_posterior builds: the probability path must accept them.
+    trans_probs = args[0].double().permute(1, 2, 0) / 100  # [from, to, batch]
+    index = args[2].T.unsqueeze(1).expand(1000, 5, 4)
+    lik = (args[1].double() / 100).permute(2, 1, 0).gather(0, index)  # [n_steps, S, batch]
+    result = _probability_filter(0.2, trans_probs, lik, n_predicted=1001, with_norms=False)
+    assert result is not None
+    fast = hmm_posterior(*args)
+    exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
+    for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
+        torch.testing.assert_close(getattr(fast, name), getattr(exact, name), rtol=0, atol=1e-12)

@@ -16,7 +16,7 @@ import torch
 
 from windtunnel._checks import Problems, check_number, check_positive_int, describe_tensor, must
 from windtunnel.tasks.base import Batch
-from windtunnel.tasks.filtering import entropy_bits, forward_filter
+from windtunnel.tasks.filtering import _probability_filter, entropy_bits, forward_filter
 
 __all__ = ["HMMBatch", "HMMFiltering", "HMMPosterior", "hmm_posterior", "quantise_rows"]
 
@@ -348,19 +348,60 @@ def hmm_posterior(
     Shapes: transition_cents [batch, S, S], emission_cents [batch, S, O] (integers or floats in
     grid units; rows sum to ``units``), observations long [batch, n_steps] in 0..O-1.
 
+    The grid probabilities need no logs: the recursion runs in probability space (the filter
+    module's ``_probability_filter``, one pass for all three beliefs). Where some belief would
+    fall below the smallest normal float64 (zero cents, say), it runs in log space instead
+    (:func:`forward_filter`); both agree with path enumeration to rounding.
+
     Returns:
-        An :class:`HMMPosterior` with float64 [batch, n_steps, S] tensors.
+        An :class:`HMMPosterior` with float64 [batch, n_steps, S] tensors. They are permuted views
+        of time-major buffers (not contiguous), and ``predicted_probs`` and ``next_state_probs``
+        share one buffer (offset by a step): clone before writing into either.
 
     Raises:
         ValueError: naming the argument whose shape, dtype or symbol range does not fit.
     """
     _check_hmm("hmm_posterior", transition_cents, emission_cents, observations)
-    n_states = transition_cents.shape[-1]
-    log_t = torch.log(transition_cents.to(torch.float64) / units)
-    log_e = torch.log(emission_cents.to(torch.float64) / units)
+    batch, n_states = transition_cents.shape[:2]
+    n_steps = observations.shape[-1]
+    trans_probs = transition_cents.to(torch.float64) / units  # [batch, S, S]
+    emit_probs = emission_cents.to(torch.float64) / units  # [batch, S, O]
+    # Time-major, batch-last layouts for the recursion. p(o_t | s) for every t: gather the
+    # observed column of E, lik[t, s, b] = E[b, s, o_bt], [n_steps, S, batch].
+    index = observations.T.unsqueeze(1).expand(n_steps, n_states, batch)
+    lik = emit_probs.permute(2, 1, 0).gather(0, index)
+    result = _probability_filter(
+        torch.tensor(1.0 / n_states, dtype=torch.float64, device=trans_probs.device),
+        trans_probs.permute(1, 2, 0).contiguous(),  # [from, to, batch]
+        lik,
+        n_predicted=n_steps + 1,
+        with_norms=False,
+    )
+    if result is None:  # zero or extreme probabilities: the exact log-space recursion
+        return _log_space_posterior(trans_probs, emit_probs, observations)
+    # [n_steps (+ 1), S, batch] -> [batch, n_steps, S], permuted views. Row t + 1 of the
+    # predicted beliefs, filtered_t @ T, is both predicted_{t+1} and next_state_t.
+    predicted = result.predicted_probs.permute(2, 0, 1)
+    return HMMPosterior(
+        filtered_probs=result.filtered_probs.permute(2, 0, 1),
+        predicted_probs=predicted[:, :n_steps],
+        next_state_probs=predicted[:, 1:],
+    )
+
+
+def _log_space_posterior(
+    trans_probs: torch.Tensor, emit_probs: torch.Tensor, observations: torch.Tensor
+) -> HMMPosterior:
+    """:func:`hmm_posterior` by :func:`forward_filter` on logs, for zero or extreme probabilities.
+
+    Shapes: trans_probs float64 [batch, S, S], emit_probs float64 [batch, S, O], observations
+    long [batch, n_steps].
+    """
+    n_states = trans_probs.shape[-1]
+    log_t = trans_probs.log()
     # log p(o_t | s) for each t: gather the observed column of E, [batch, n_steps, S].
     index = observations.unsqueeze(-2).expand(*observations.shape[:-1], n_states, -1)
-    log_lik = log_e.gather(-1, index).transpose(-1, -2)
+    log_lik = emit_probs.log().gather(-1, index).transpose(-1, -2)
     log_init = torch.full(
         (n_states,), -math.log(n_states), dtype=torch.float64, device=log_t.device
     )
@@ -370,7 +411,7 @@ def hmm_posterior(
         filtered_probs=filtered,
         predicted_probs=result.log_predicted_probs.exp(),
         # p(s_t+1 | o_1:t) = sum_s p(s_t = s | o_1:t) T[s, :]; [batch, n_steps, S] @ [batch, S, S]
-        next_state_probs=filtered @ log_t.exp(),
+        next_state_probs=filtered @ trans_probs,
     )
 
 
