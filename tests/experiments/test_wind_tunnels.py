@@ -34,6 +34,7 @@ def test_reproduce_bijection_writes_the_comparison_and_does_not_retrain(tmp_path
     data = json.loads((out / "comparison.json").read_text())
     assert {row["model"] for row in data["models"]} == {"transformer", "mlp", "lstm"}
     assert 0 < data["floors"]["uniform_entropy_mae_bits"] < 3
+    assert data["chance_accuracy"] == {}  # uncertain posteriors: the entropy MAE is the headline
     assert (out / "comparison.png").stat().st_size > 1000
     assert "| transformer |" in (out / "comparison.md").read_text()
     before = RunDir(out / "transformer").metrics()
@@ -51,3 +52,19 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     row = json.loads((out / "comparison.json").read_text())["models"][0]
     assert set(row["eval"]) == {"n_steps=4", "n_steps=6"}
+
+
+def test_reproduce_recall_reports_accuracy_against_both_chances(tmp_path, monkeypatch):
+    task = dict(n_pairs=3, n_queries=2, n_keys=5, n_values=8, n_gap_filler=1, n_query_filler=0)
+    monkeypatch.setitem(
+        presets.PRESETS, "recall/transformer/cpu",
+        _tiny("recall", "transformer", task, dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32)),
+    )
+    out = tmp_path / "recall"
+    result = CliRunner().invoke(main, ["reproduce", "recall", "--out", str(out), "--models", "transformer"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["floors"]["bayes_entropy_bits"] == 0.0
+    assert data["chance_accuracy"] == {"uniform over all values": 1 / 8, "uniform over the stored values": 1 / 3}
+    assert "uniform over the stored values 33.33%" in (out / "comparison.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 1000

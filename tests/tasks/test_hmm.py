@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from windtunnel.tasks import HMMBatch, HMMFiltering, Task, hmm_posterior, quantise_rows
+from windtunnel.tasks import (
+    HMMBatch,
+    HMMFiltering,
+    Task,
+    hmm_posterior,
+    quantise_rows,
+    windowed_posterior,
+)
 from windtunnel.tasks.filtering import _probability_filter
 from windtunnel.tasks.hmm import _log_space_posterior
 
@@ -372,3 +379,49 @@ def test_long_sequences_match_the_log_space_posterior():
     exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
     for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
         torch.testing.assert_close(getattr(fast, name), getattr(exact, name), rtol=0, atol=1e-12)
+
+
+@given(hmm=_hmms(), window=st.integers(1, 7))
+@settings(max_examples=40)
+def test_windowed_posterior_equals_enumeration_over_the_window(hmm, window):
+    # At step t the belief conditions on o_{t-w+1..t} only, from a uniform state at the window's
+    # first observation: enumerate the state paths of the window alone.
+    transition, emission, observations = hmm
+    beliefs = windowed_posterior(
+        torch.tensor([transition]),
+        torch.tensor([emission]),
+        torch.tensor([observations]),
+        window=window,
+    )
+    assert beliefs.shape == (1, len(observations), len(transition))
+    for t in range(len(observations)):
+        seen = observations[max(0, t - window + 1) : t + 1]
+        expected = _path_marginal(transition, emission, seen, len(seen))
+        assert beliefs[0, t].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_windowed_posterior_ends_of_the_ladder():
+    batch = HMMFiltering(n_steps=12).sample(64, generator=torch.Generator().manual_seed(5))
+    args = (batch.transition_cents, batch.emission_cents, batch.observations)
+    exact = hmm_posterior(*args).filtered_probs
+    # A window as long as the sequence is the exact filter.
+    torch.testing.assert_close(windowed_posterior(*args, window=12), exact, rtol=0, atol=1e-15)
+    # Window 1: the normalised observed column of E.
+    column = batch.emission_cents.double().gather(
+        -1, batch.observations.unsqueeze(1).expand(-1, 5, -1)
+    ).transpose(1, 2)
+    torch.testing.assert_close(
+        windowed_posterior(*args, window=1), column / column.sum(-1, keepdim=True),
+        rtol=0, atol=1e-15,
+    )
+    # A shorter memory is a different belief past the window.
+    assert (windowed_posterior(*args, window=3)[:, 3:] - exact[:, 3:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window", [0, -1, 2.0, True])
+def test_windowed_posterior_window_error(window):
+    batch = HMMFiltering(n_steps=4).sample(2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="window"):
+        windowed_posterior(
+            batch.transition_cents, batch.emission_cents, batch.observations, window=window
+        )

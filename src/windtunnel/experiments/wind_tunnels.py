@@ -83,12 +83,29 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
         wall_s = max((r.get("elapsed_s") or 0.0 for r in metrics if r.get("split") == "train"), default=None)
         n_params = sum(p.numel() for p in experiment.build_model(None).parameters())
         rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report["summary"], "paper": PAPER.get(task, {}).get(model_name, [])})
-    floors = trivial_floors(get_preset(task, chosen[0], preset).build_task(), generator=torch.Generator().manual_seed(0))
-    result = {"task": task, "preset": preset, "floors": vars(floors), "models": rows}
+    task_object = get_preset(task, chosen[0], preset).build_task()
+    floors = trivial_floors(task_object, generator=torch.Generator().manual_seed(0))
+    result = {"task": task, "preset": preset, "floors": vars(floors), "models": rows, "chance_accuracy": _chance_accuracy(task_object, floors)}
     write_json_atomic(out / "comparison.json", result)
     write_text_atomic(out / "comparison.md", _markdown(result))
     _plot(result, out / "comparison.png")
     return result
+
+
+def _chance_accuracy(task: Any, floors: Any) -> dict[str, float]:
+    """Chance accuracies of a task whose posterior is a delta at every site (recall), by name.
+
+    {} for tasks with uncertain posteriors (their mean Bayes entropy is above 0), where the
+    entropy MAE is the headline.
+    Guessing uniformly over the whole value slice scores 1 / n_classes; a model that has learned
+    only that the answer is one of the values stored in the prompt scores 1 / n_pairs.
+    """
+    if floors.bayes_entropy_bits > 0:
+        return {}
+    chance = {"uniform over all values": 1.0 / task.n_classes}
+    if hasattr(task, "n_pairs"):
+        chance["uniform over the stored values"] = 1.0 / task.n_pairs
+    return chance
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -112,6 +129,9 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"{ev['entropy_mae_bits']:.5f} | {ev['kl_bits']:.5f} | {ev['accuracy']:.4f} | {paper if first else ''} |"
             )
     lines += ["", "Every metric is per sample over 2,000 fresh held-out sequences (SPEC §7); KL is KL(Bayes ‖ model)."]
+    chance = result.get("chance_accuracy") or {}
+    if chance:
+        lines += ["", "Chance accuracy: " + "; ".join(f"{text} {value:.2%}" for text, value in chance.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -120,16 +140,24 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
 
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.subplots()
+    # A delta posterior (recall) makes accuracy the metric that matters (SPEC §5.3); otherwise the
+    # per-sample entropy MAE against the exact posterior.
+    chance = result.get("chance_accuracy") or {}
     labels, values = [], []
     for row in result["models"]:
         for name, ev in row["eval"].items():
             labels.append(f"{row['model']}\n{name}" if len(row["eval"]) > 1 else row["model"])
-            values.append(max(ev["entropy_mae_bits"], 1e-6))
+            values.append(ev["accuracy"] if chance else max(ev["entropy_mae_bits"], 1e-6))
     ax.bar(range(len(values)), values, color="tab:blue")
     ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.axhline(result["floors"]["uniform_entropy_mae_bits"], color="tab:red", ls="--", label="uniform floor")
-    ax.set(ylabel="per-sample entropy MAE (bits)", title=f"{result['task']}: calibration against the exact posterior")
+    if chance:
+        for (text, value), colour in zip(chance.items(), ("tab:red", "tab:orange")):
+            ax.axhline(value, color=colour, ls="--", label=f"chance, {text} ({value:.1%})")
+        ax.set(ylim=(0, 1.05), ylabel="accuracy at the query sites", title=f"{result['task']}: accuracy (the posterior is a delta)")
+    else:
+        ax.set_yscale("log")
+        ax.axhline(result["floors"]["uniform_entropy_mae_bits"], color="tab:red", ls="--", label="uniform floor")
+        ax.set(ylabel="per-sample entropy MAE (bits)", title=f"{result['task']}: calibration against the exact posterior")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     buffer = io.BytesIO()

@@ -3,7 +3,14 @@
 from windtunnel.tasks.base import Batch, Task
 from windtunnel.tasks.bijection import Bijection
 from windtunnel.tasks.filtering import FilterResult, entropy_bits, forward_filter
-from windtunnel.tasks.hmm import HMMBatch, HMMFiltering, HMMPosterior, hmm_posterior, quantise_rows
+from windtunnel.tasks.hmm import (
+    HMMBatch,
+    HMMFiltering,
+    HMMPosterior,
+    hmm_posterior,
+    quantise_rows,
+    windowed_posterior,
+)
 from windtunnel.tasks.recall import AssociativeRecall
 from windtunnel.tasks.sticky_markov import (
     PredictionScores,
@@ -35,4 +42,5 @@ __all__ = [
     "score_predictions",
     "sticky_bayes_filter",
     "sticky_transition_matrix",
+    "windowed_posterior",
 ]
