@@ -121,7 +121,8 @@ def recall_transformer_paper() -> ExperimentConfig:
 # "uniform over the stored values" plateau (cross-entropy ln N) for its whole budget: near-uniform
 # attention makes the routing advantages, and so the QK gradients, vanishingly small (a saddle of
 # the bilinear QK product). init_std 0.1 makes the initial patterns uneven; 4 pairs then escape
-# the plateau within ~600 steps, while 8 pairs still had not after 2,400 (RESULTS.md).
+# the plateau after 500 to 4,000 steps depending on the seed, while 8 pairs still had not after
+# thousands of steps (RESULTS.md).
 _RECALL_CPU_TASK = dict(n_pairs=4, n_queries=4, n_keys=16, n_values=16, n_gap_filler=2, n_query_filler=0)
 _RECALL_CPU_TRAIN = dict(steps=6000, batch_size=64, lr=2e-3, warmup_steps=100, eval_every=500, checkpoint_every=1000, eval_size=2000)
 

@@ -95,10 +95,10 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
 def _chance_accuracy(task: Any, floors: Any) -> dict[str, float]:
     """Chance accuracies of a task whose posterior is a delta at every site (recall), by name.
 
-    {} for tasks with uncertain posteriors (their mean Bayes entropy is above 0), where the
-    entropy MAE is the headline.
     Guessing uniformly over the whole value slice scores 1 / n_classes; a model that has learned
-    only that the answer is one of the values stored in the prompt scores 1 / n_pairs.
+    only that the answer is one of the values stored in the prompt scores 1 / n_pairs. {} for
+    tasks with uncertain posteriors (mean Bayes entropy above 0), where the entropy MAE is the
+    headline.
     """
     if floors.bayes_entropy_bits > 0:
         return {}
