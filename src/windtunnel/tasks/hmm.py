@@ -32,6 +32,10 @@ __all__ = [
 class HMMPosterior:
     """Exact beliefs of an HMM with a uniform initial state, conditioned as named.
 
+    :func:`hmm_posterior` returns the three as views of its buffers: ``predicted_probs[:, 1:]``
+    and ``next_state_probs[:, :-1]`` are the same memory (predicted_t+1 = next_state_t). Clone
+    before writing into either.
+
     Attributes:
         filtered_probs: p(s_t | o_1:t), float64 [batch, n_steps, n_states]. The training target.
         predicted_probs: p(s_t | o_1:t-1), float64 [batch, n_steps, n_states]; uniform at t = 1
