@@ -125,6 +125,11 @@ def eval_command(run_dir, lengths, n_sequences, seed):
     for name, row in report["summary"].items():
         click.echo(f"{name}: entropy MAE {row['entropy_mae_bits']:.5f} bits, KL {row['kl_bits']:.5f} bits, "
                    f"accuracy {row['accuracy']:.3f}")
+        if "windowed_filter_mae_bits" in row:
+            ladder = ", ".join(f"w={w}: {mae:.4f}" for w, mae in row["windowed_filter_mae_bits"].items())
+            matched = row["matched_memory_steps"]
+            click.echo(f"  exact filters with a w-step memory: {ladder} bits; the model matches "
+                       + (f"w = {matched}" if matched is not None else "none of them"))
     click.echo(f"wrote {report['paths']['json']} and {report['paths']['figure']}")
 
 

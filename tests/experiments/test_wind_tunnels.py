@@ -52,6 +52,12 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     row = json.loads((out / "comparison.json").read_text())["models"][0]
     assert set(row["eval"]) == {"n_steps=4", "n_steps=6"}
+    for summary in row["eval"].values():
+        assert set(summary["windowed_filter_mae_bits"]) == {"1", "2", "3", "4", "6", "8"}  # JSON keys
+        assert summary["matched_memory_steps"] in (None, 1, 2, 3, 4, 6, 8)
+    printed = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "40"])
+    assert printed.exit_code == 0, printed.output
+    assert "exact filters with a w-step memory: w=1:" in printed.output
 
 
 def test_reproduce_recall_reports_accuracy_against_both_chances(tmp_path, monkeypatch):
@@ -68,3 +74,25 @@ def test_reproduce_recall_reports_accuracy_against_both_chances(tmp_path, monkey
     assert data["chance_accuracy"] == {"uniform over all values": 1 / 8, "uniform over the stored values": 1 / 3}
     assert "uniform over the stored values 33.33%" in (out / "comparison.md").read_text()
     assert (out / "comparison.png").stat().st_size > 1000
+
+
+def test_memory_ladder_places_a_finite_memory_filter_on_its_own_rung():
+    import torch
+
+    from windtunnel.experiments.evaluation import memory_ladder
+    from windtunnel.tasks import HMMFiltering, entropy_bits, windowed_posterior
+
+    batches = [HMMFiltering(n_steps=12).sample(50, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    # The "model" is the exact 3-step-memory filter itself: its MAE is the ladder's w = 3 rung.
+    errors = [
+        (entropy_bits(windowed_posterior(b.transition_cents, b.emission_cents, b.observations, window=3))
+         - entropy_bits(b.posterior)).abs().flatten()
+        for b in batches
+    ]
+    model_mae = torch.cat(errors).mean().item()
+    out = memory_ladder(batches, model_mae_bits=model_mae, windows=(1, 2, 3, 4, 12))
+    ladder = out["windowed_filter_mae_bits"]
+    assert ladder[3] == model_mae and out["matched_memory_steps"] == 3
+    assert ladder[1] > ladder[2] > ladder[3] > ladder[4] > 0
+    assert ladder[12] < 1e-12  # a window as long as the sequence is the exact filter
+    assert memory_ladder(batches, model_mae_bits=0.0, windows=(1, 2))["matched_memory_steps"] is None
