@@ -127,9 +127,14 @@ def eval_command(run_dir, lengths, n_sequences, seed):
                    f"accuracy {row['accuracy']:.3f}")
         if "windowed_filter_mae_bits" in row:
             ladder = ", ".join(f"w={w}: {mae:.4f}" for w, mae in row["windowed_filter_mae_bits"].items())
-            matched = row["matched_memory_steps"]
-            click.echo(f"  exact filters with a w-step memory: {ladder} bits; the model matches "
-                       + (f"w = {matched}" if matched is not None else "none of them"))
+            beats, beaten_by = row["beats_memory_steps"], row["beaten_by_memory_steps"]
+            place = " and ".join(
+                text for text in (
+                    f"better than w = {beats}" if beats is not None else "",
+                    f"worse than w = {beaten_by}" if beaten_by is not None else "",
+                ) if text
+            )
+            click.echo(f"  exact filters with a w-step memory: {ladder} bits; the model is {place}")
     click.echo(f"wrote {report['paths']['json']} and {report['paths']['figure']}")
 
 

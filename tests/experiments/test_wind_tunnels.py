@@ -54,10 +54,15 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert set(row["eval"]) == {"n_steps=4", "n_steps=6"}
     for summary in row["eval"].values():
         assert set(summary["windowed_filter_mae_bits"]) == {"1", "2", "3", "4", "6", "8"}  # JSON keys
-        assert summary["matched_memory_steps"] in (None, 1, 2, 3, 4, 6, 8)
+        ladder = {int(w): mae for w, mae in summary["windowed_filter_mae_bits"].items()}
+        beats, beaten_by = summary["beats_memory_steps"], summary["beaten_by_memory_steps"]
+        assert beats is not None or beaten_by is not None
+        assert beats is None or ladder[beats] > summary["entropy_mae_bits"]
+        assert beaten_by is None or ladder[beaten_by] <= summary["entropy_mae_bits"]
     printed = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "40"])
     assert printed.exit_code == 0, printed.output
     assert "exact filters with a w-step memory: w=1:" in printed.output
+    assert "the model is " in printed.output
 
 
 def test_reproduce_recall_reports_accuracy_against_both_chances(tmp_path, monkeypatch):
@@ -92,7 +97,11 @@ def test_memory_ladder_places_a_finite_memory_filter_on_its_own_rung():
     model_mae = torch.cat(errors).mean().item()
     out = memory_ladder(batches, model_mae_bits=model_mae, windows=(1, 2, 3, 4, 12))
     ladder = out["windowed_filter_mae_bits"]
-    assert ladder[3] == model_mae and out["matched_memory_steps"] == 3
+    assert ladder[3] == model_mae
+    assert (out["beats_memory_steps"], out["beaten_by_memory_steps"]) == (2, 3)
     assert ladder[1] > ladder[2] > ladder[3] > ladder[4] > 0
     assert ladder[12] < 1e-12  # a window as long as the sequence is the exact filter
-    assert memory_ladder(batches, model_mae_bits=0.0, windows=(1, 2))["matched_memory_steps"] is None
+    perfect = memory_ladder(batches, model_mae_bits=0.0, windows=(1, 2))  # beats every rung
+    assert (perfect["beats_memory_steps"], perfect["beaten_by_memory_steps"]) == (2, None)
+    useless = memory_ladder(batches, model_mae_bits=10.0, windows=(1, 2))  # beaten by every rung
+    assert (useless["beats_memory_steps"], useless["beaten_by_memory_steps"]) == (None, 1)

@@ -35,8 +35,7 @@ def evaluate_run(
     ``lengths`` applies to tasks with a length parameter (HMM ``n_steps``); an empty list
     evaluates the training length only. Every metric is per sample (SPEC §7). For the HMM each
     summary also holds the memory ladder (:func:`memory_ladder`): the entropy MAE of exact
-    filters that remember only the last w observations, and the smallest such w that the model
-    matches.
+    filters that remember only the last w observations, and the rungs the model falls between.
 
     Raises:
         ValueError: when lengths are given for a task without ``n_steps`` or exceed the model's
@@ -77,12 +76,13 @@ def memory_ladder(
 
     For each w in ``windows``, the per-sample entropy MAE (bits) of
     :func:`~windtunnel.tasks.windowed_posterior` against the exact posterior of the same
-    sequences; then the smallest w whose MAE is at most ``model_mae_bits`` (None when even the
-    longest window is worse than the model). On K = 20 HMMs the ladder is about 0.16, 0.047,
-    0.014, 0.005, 0.0006, 0.0001 bits for w = 1, 2, 3, 4, 6, 8.
+    sequences; then the rungs around the model: the longest memory the model beats (MAE above
+    ``model_mae_bits``) and the shortest memory that beats or ties it. On K = 20 HMMs the ladder
+    is about 0.16, 0.047, 0.014, 0.005, 0.0006, 0.0001 bits for w = 1, 2, 3, 4, 6, 8.
 
     Returns:
-        ``{"windowed_filter_mae_bits": {w: mae}, "matched_memory_steps": w or None}``.
+        ``{"windowed_filter_mae_bits": {w: mae}, "beats_memory_steps": w or None,
+        "beaten_by_memory_steps": w or None}`` (None: the model beats no rung / every rung).
     """
     errors = {w: [] for w in windows}
     for batch in batches:
@@ -91,8 +91,13 @@ def memory_ladder(
         for w in windows:
             errors[w].append((entropy_bits(windowed_posterior(*args, window=w)) - exact_bits).abs().flatten())
     ladder = {w: torch.cat(e).mean().item() for w, e in errors.items()}
-    matched = next((w for w in windows if ladder[w] <= model_mae_bits), None)
-    return {"windowed_filter_mae_bits": ladder, "matched_memory_steps": matched}
+    beats = [w for w in windows if ladder[w] > model_mae_bits]
+    beaten_by = [w for w in windows if ladder[w] <= model_mae_bits]
+    return {
+        "windowed_filter_mae_bits": ladder,
+        "beats_memory_steps": max(beats) if beats else None,
+        "beaten_by_memory_steps": min(beaten_by) if beaten_by else None,
+    }
 
 
 def _plot(curves: dict[str, dict[str, list[float]]], path: Path, *, title: str) -> Path:
