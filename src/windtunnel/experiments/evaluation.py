@@ -86,10 +86,9 @@ def memory_ladder(
     """
     errors = {w: [] for w in windows}
     for batch in batches:
-        exact_bits = entropy_bits(batch.posterior)  # [batch, n_steps]
         args = (batch.transition_cents, batch.emission_cents, batch.observations)
         for w in windows:
-            errors[w].append((entropy_bits(windowed_posterior(*args, window=w)) - exact_bits).abs().flatten())
+            errors[w].append((entropy_bits(windowed_posterior(*args, window=w)) - batch.entropy_bits).abs().flatten())
     ladder = {w: torch.cat(e).mean().item() for w, e in errors.items()}
     beats = [w for w in windows if ladder[w] > model_mae_bits]
     beaten_by = [w for w in windows if ladder[w] <= model_mae_bits]
