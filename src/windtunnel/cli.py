@@ -135,6 +135,15 @@ def eval_command(run_dir, lengths, n_sequences, seed):
                 ) if text
             )
             click.echo(f"  exact filters with a w-step memory: {ladder} bits; the model is {place}")
+    if "circuit" in report:
+        circuit = report["circuit"]
+        click.echo("held-out R² of linear probes at the read positions (steps 2..K), per layer:")
+        click.echo("  " + " ".join(f"{q:>22}" for q in ["layer", *circuit["r2"]]))
+        for i, layer in enumerate(circuit["layers"]):
+            click.echo("  " + " ".join(f"{v:>22}" for v in [layer, *(f"{r[i]:.3f}" for r in circuit["r2"].values())]))
+        click.echo("attention mass from the read positions (steps 2..K), the largest head in each layer:")
+        for block, per_layer in circuit["attention"].items():
+            click.echo(f"  {block:>14}: " + ", ".join(f"{max(heads):.2f}" for heads in per_layer))
     click.echo(f"wrote {report['paths']['json']} and {report['paths']['figure']}")
 
 

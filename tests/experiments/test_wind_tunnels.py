@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from windtunnel import presets
@@ -63,6 +64,85 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert printed.exit_code == 0, printed.output
     assert "exact filters with a w-step memory: w=1:" in printed.output
     assert "the model is " in printed.output
+    assert "held-out R² of linear probes at the read positions" in printed.output
+    circuit = json.loads((out / "transformer" / "eval.json").read_text())["circuit"]
+    assert circuit["layers"] == ["embed", "block 0"]
+    assert set(circuit["r2"]) == {"emission_column", "transition", "memoryless_prediction", "previous_belief", "predicted_belief", "belief"}
+    assert set(circuit["attention"]) == {"transition", "emission", "earlier_reads", "self"}
+
+
+def _layout_masses(task, tokens, pattern):
+    """Brute force for hmm_attention_mass: classify every key position by the tokens themselves."""
+    import torch
+
+    out = {k: torch.zeros(pattern.shape[1], dtype=torch.float64) for k in ("transition", "emission", "earlier_reads", "self")}
+    count = 0
+    for b in range(tokens.shape[0]):
+        row = tokens[b].tolist()
+        t0, e0, sep = row.index(task.trans_id), row.index(task.emit_id), row.index(task.sep_id)
+        reads = [i for i, tok in enumerate(row) if tok >= task.symbol_offset]
+        for j, q in enumerate(reads[1:], start=1):
+            count += 1
+            for h in range(pattern.shape[1]):
+                for k in range(q + 1):
+                    w = float(pattern[b, h, q, k])
+                    if t0 < k < e0:
+                        out["transition"][h] += w
+                    elif e0 < k < sep:
+                        out["emission"][h] += w
+                    elif k in reads[:j]:
+                        out["earlier_reads"][h] += w
+                    elif k == q:
+                        out["self"][h] += w
+    return {k: v / count for k, v in out.items()}
+
+
+def test_hmm_attention_mass_matches_a_brute_force_over_the_token_layout():
+    import torch
+
+    from windtunnel.experiments.evaluation import hmm_attention_mass
+    from windtunnel.tasks import HMMFiltering
+
+    task = HMMFiltering(n_states=2, n_symbols=3, n_steps=4)
+    batch = task.sample(3, generator=torch.Generator().manual_seed(0))
+    n = task.seq_len
+    scores = torch.randn(3, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pattern = torch.softmax(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf), -1)
+    got = hmm_attention_mass(pattern, task)
+    want = _layout_masses(task, batch.tokens, pattern)
+    for block in want:
+        torch.testing.assert_close(got[block], want[block], rtol=0, atol=1e-12)
+    assert bool((sum(got.values()) <= 1 + 1e-12).all())
+    with pytest.raises(ValueError, match="pattern must be"):
+        hmm_attention_mass(pattern[:, :, :-1], task)
+
+
+def test_hmm_circuit_probe_on_an_untrained_model():
+    import torch
+
+    from windtunnel.experiments.evaluation import CIRCUIT_QUANTITIES, hmm_attention_mass, hmm_circuit_probe
+    from windtunnel.hooks import record
+    from windtunnel.models import TinyGPT, TinyGPTConfig
+    from windtunnel.tasks import HMMFiltering
+
+    task = HMMFiltering(n_steps=6)
+    config = TinyGPTConfig(vocab_size=task.vocab_size, n_positions=task.seq_len, n_layers=2, n_heads=2, d_model=16,
+                           d_mlp=32, tie_embeddings=False, n_out=task.n_classes, head_bias=True)
+    model = TinyGPT(config, generator=torch.Generator().manual_seed(0)).train()
+    batch = task.sample(300, generator=torch.Generator().manual_seed(1))
+    out = hmm_circuit_probe(model, task, batch, generator=torch.Generator().manual_seed(2))
+    assert model.training  # the mode is restored
+    assert out["layers"] == ["embed", "block 0", "block 1"] and out["n_sequences"] == 300
+    assert tuple(out["r2"]) == CIRCUIT_QUANTITIES
+    # The token and position of a read site say nothing about this sequence's HMM or beliefs:
+    # every held-out R² at the embedding is about 0.
+    for quantity, per_layer in out["r2"].items():
+        assert len(per_layer) == 3
+        assert abs(per_layer[0]) < 0.05, (quantity, per_layer)
+    with torch.no_grad(), record(model.eval(), names="blocks.1.attn.hook_pattern") as cache:
+        model(batch.tokens)
+    for block, mass in hmm_attention_mass(cache["blocks.1.attn.hook_pattern"], task).items():
+        assert out["attention"][block][1] == pytest.approx(mass.tolist(), abs=1e-6)
 
 
 def test_reproduce_recall_reports_accuracy_against_both_chances(tmp_path, monkeypatch):

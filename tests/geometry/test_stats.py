@@ -120,3 +120,42 @@ def test_participation_ratio_rejects():
         g.participation_ratio(torch.zeros(1, 3, dtype=F64))
     with pytest.raises(ValueError, match="participation_ratio: points"):
         g.participation_ratio(torch.zeros(3, dtype=F64))
+
+
+def test_linear_probe_r2_reads_a_linear_map_and_not_noise():
+    x = torch.randn(2000, 8, generator=gen(1), dtype=F64)
+    w = torch.randn(8, 3, generator=gen(2), dtype=F64)
+    noise = torch.randn(2000, 1, generator=gen(3), dtype=F64)
+    y = torch.cat([x @ w, x[:, :1] ** 2, noise], dim=1)  # exact, nonlinear (not in the span), independent
+    r2 = g.linear_probe_r2(x, y, generator=gen(4), ridge=0.0)
+    assert r2.shape == (5,)
+    assert torch.all(r2[:3] > 1 - 1e-10)
+    assert abs(float(r2[3])) < 0.05 and abs(float(r2[4])) < 0.05
+    # against an explicit least-squares fit on the same split (sklearn-style R² with the train mean)
+    assert float(g.linear_probe_r2(x, y[:, 0], generator=gen(4), ridge=0.0)) == pytest.approx(float(r2[0]), abs=1e-12)
+
+
+def test_linear_probe_r2_groups_stop_a_per_group_constant_from_leaking():
+    # 100 groups of 10 rows; each group has a random constant target and a random feature vector
+    # shared by its rows (a per-sequence latent). Split by row, the probe memorises the groups;
+    # split by group it cannot, because a fresh group's feature says nothing about its target.
+    n_groups, per = 100, 10
+    groups = torch.arange(n_groups).repeat_interleave(per)
+    features = torch.randn(n_groups, 256, generator=gen(5), dtype=F64)[groups]
+    target = torch.randn(n_groups, generator=gen(6), dtype=F64)[groups]
+    leaky = g.linear_probe_r2(features, target, generator=gen(7), ridge=1e-6)
+    honest = g.linear_probe_r2(features, target, groups=groups, generator=gen(7), ridge=1e-6)
+    assert float(leaky) > 0.5
+    assert float(honest) < 0.1
+
+
+def test_linear_probe_r2_rejects_bad_input():
+    x = torch.randn(10, 2, generator=gen(0), dtype=F64)
+    with pytest.raises(ValueError, match="targets"):
+        g.linear_probe_r2(x, torch.zeros(9, 1, dtype=F64), generator=gen(0))
+    with pytest.raises(ValueError, match="test_fraction"):
+        g.linear_probe_r2(x, x, generator=gen(0), test_fraction=1.0)
+    with pytest.raises(ValueError, match="groups"):
+        g.linear_probe_r2(x, x, groups=torch.zeros(3), generator=gen(0))
+    with pytest.raises(ValueError, match="fewer than 2 rows"):
+        g.linear_probe_r2(x, x, groups=torch.zeros(10), generator=gen(0))

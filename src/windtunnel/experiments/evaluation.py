@@ -9,11 +9,14 @@ from typing import Any
 
 import torch
 
+from windtunnel.geometry import linear_probe_r2
+from windtunnel.hooks import record
+from windtunnel.models import TinyGPT
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
-from windtunnel.tasks import HMMBatch, entropy_bits, windowed_posterior
+from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
 from windtunnel.train import ExperimentConfig, evaluate
 
-__all__ = ["MEMORY_WINDOWS", "evaluate_run", "load_model", "memory_ladder"]
+__all__ = ["CIRCUIT_QUANTITIES", "MEMORY_WINDOWS", "evaluate_run", "hmm_attention_mass", "hmm_circuit_probe", "load_model", "memory_ladder"]
 
 
 def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[ExperimentConfig, torch.nn.Module, int]:
@@ -37,6 +40,10 @@ def evaluate_run(
     summary also holds the memory ladder (:func:`memory_ladder`): the entropy MAE of exact
     filters that remember only the last w observations, and the rungs the model falls between.
 
+    For an HMM TinyGPT, eval.json also holds ``circuit`` (:func:`hmm_circuit_probe`, on up to
+    1,000 further sequences of the training length): what each layer's residual stream encodes
+    at the read positions, and where each head attends.
+
     Raises:
         ValueError: when lengths are given for a task without ``n_steps`` or exceed the model's
             position table.
@@ -59,8 +66,11 @@ def evaluate_run(
         if all(isinstance(b, HMMBatch) for b in batches):
             summary[name].update(memory_ladder(batches, model_mae_bits=summary[name]["entropy_mae_bits"]))
         curves[name] = {k: v.tolist() for k, v in vars(cal.per_site).items()}
-    run = RunDir(run_dir)
     out = {"step": step, "n_sequences": n_sequences, "seed": seed, "summary": summary, "per_position": curves}
+    if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT):
+        probe_batch = base.sample(min(n_sequences, 1000), generator=generator)
+        out["circuit"] = hmm_circuit_probe(model, base, probe_batch, generator=torch.Generator().manual_seed(seed))
+    run = RunDir(run_dir)
     json_path = write_json_atomic(run.path / "eval.json", out)
     figure_path = _plot(curves, run.path / "eval_curves.png", title=f"{experiment.name or experiment.task_name} at step {step}")
     return {**out, "paths": {"json": str(json_path), "figure": str(figure_path)}}
@@ -97,6 +107,107 @@ def memory_ladder(
         "beats_memory_steps": max(beats) if beats else None,
         "beaten_by_memory_steps": min(beaten_by) if beaten_by else None,
     }
+
+
+CIRCUIT_QUANTITIES = ("emission_column", "transition", "memoryless_prediction", "previous_belief", "predicted_belief", "belief")
+
+
+def hmm_attention_mass(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, torch.Tensor]:
+    """Mean attention mass from the read positions of steps 2..K to each part of an HMM sequence.
+
+    Blocks: ``transition`` (the S² entries of T), ``emission`` (the S·O entries of E),
+    ``earlier_reads`` (the read positions of steps 1..t-1, i.e. the earlier observations) and
+    ``self`` (the read position itself). What is left goes to the markers and [OBS] tokens.
+
+    Shapes: pattern [batch, head, seq, seq] (rows = queries, a layer's ``hook_pattern``) -> each
+    block [head], averaged over sequences and over steps 2..K.
+
+    Raises:
+        ValueError: when the pattern does not fit the task's sequence length.
+    """
+    seq_len = task.seq_len
+    if pattern.dim() != 4 or pattern.shape[-2:] != (seq_len, seq_len):
+        raise ValueError(f"hmm_attention_mass: pattern must be [batch, head, {seq_len}, {seq_len}]; got {tuple(pattern.shape)}.")
+    s2, so = task.n_states**2, task.n_states * task.n_symbols
+    sites = task.sites.to(pattern.device)
+    rows = pattern[:, :, sites[1:]]  # [batch, head, K-1, seq]
+    earlier = torch.zeros(sites.numel() - 1, seq_len, dtype=pattern.dtype, device=pattern.device)
+    for j in range(1, sites.numel()):
+        earlier[j - 1, sites[:j]] = 1.0
+    own = torch.zeros_like(earlier)
+    own[torch.arange(sites.numel() - 1), sites[1:]] = 1.0
+    return {
+        "transition": rows[..., 1 : 1 + s2].sum(-1).mean((0, 2)),
+        "emission": rows[..., 2 + s2 : 2 + s2 + so].sum(-1).mean((0, 2)),
+        "earlier_reads": (rows * earlier).sum(-1).mean((0, 2)),
+        "self": (rows * own).sum(-1).mean((0, 2)),
+    }
+
+
+@torch.no_grad()
+def hmm_circuit_probe(model: TinyGPT, task: HMMFiltering, batch: HMMBatch, *, generator: torch.Generator) -> dict[str, Any]:
+    """Which ingredients of the filter a TinyGPT computes, layer by layer, at the read positions.
+
+    The exact update is α_t ∝ (α_{t-1}ᵀ T) ⊙ E[:, o_t]. At the read positions of steps 2..K, a
+    ridge probe (:func:`~windtunnel.geometry.linear_probe_r2`, split by sequence) reads from the
+    token + position embedding and from every block's output:
+
+    * ``emission_column``: E[:, o_t], the current observation's likelihoods;
+    * ``transition``: the S² entries of T;
+    * ``memoryless_prediction``: uᵀT with u uniform, the prediction of a model that forgets the
+      past (the column means of T); ``predicted_belief`` is correlated with it, so compare the two;
+    * ``previous_belief``: α_{t-1}, the belief at the previous observation;
+    * ``predicted_belief``: α_{t-1}ᵀ T = p(s_t | o_1:t-1), the transported belief;
+    * ``belief``: α_t, the answer.
+
+    Each value is the held-out R² averaged over the quantity's entries (1 = linearly present,
+    about 0 = absent). Alongside, :func:`hmm_attention_mass` per layer and head. A model whose
+    ``previous_belief`` stays near 0 in every layer does not carry the past forward, so it can at
+    best be a one-step filter; this is what our small CPU runs showed (RESULTS.md).
+
+    Shapes: batch with B sequences of ``task``'s length; B >= 8.
+
+    Returns:
+        ``{"layers": [name, ...], "r2": {quantity: [per layer]}, "attention": {block:
+        [[per head] per layer]}, "n_sequences": B}``.
+    """
+    n_layers = len(model.blocks)
+    resid_names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+    pattern_names = [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with record(model, names=resid_names + pattern_names) as cache:
+            model(batch.tokens)
+    finally:
+        model.train(was_training)
+    n_seq, n_steps = batch.observations.shape
+    n_s = task.n_states
+    trans = batch.transition_cents.to(torch.float64) / task.units  # [B, S, S]
+    emit = batch.emission_cents.to(torch.float64) / task.units  # [B, S, O]
+    obs = batch.observations[:, 1:]  # [B, K-1]
+    targets = {
+        "emission_column": torch.gather(emit.transpose(1, 2), 1, obs[..., None].expand(-1, -1, n_s)),
+        "transition": trans.reshape(n_seq, 1, n_s * n_s).expand(-1, n_steps - 1, -1),
+        "memoryless_prediction": trans.mean(1, keepdim=True).expand(-1, n_steps - 1, -1),
+        "previous_belief": batch.posterior[:, :-1],
+        "predicted_belief": batch.predicted_probs[:, 1:],
+        "belief": batch.posterior[:, 1:],
+    }
+    groups = torch.arange(n_seq).repeat_interleave(n_steps - 1)
+    sites = task.sites[1:]
+    r2: dict[str, list[float]] = {q: [] for q in CIRCUIT_QUANTITIES}
+    for name in resid_names:
+        states = cache[name][:, sites].reshape(n_seq * (n_steps - 1), -1)
+        for q in CIRCUIT_QUANTITIES:
+            y = targets[q].reshape(n_seq * (n_steps - 1), -1)
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            r2[q].append(linear_probe_r2(states, y, groups=groups, generator=torch.Generator().manual_seed(seed)).mean().item())
+    attention: dict[str, list[list[float]]] = {}
+    for name in pattern_names:
+        for block, mass in hmm_attention_mass(cache[name], task).items():
+            attention.setdefault(block, []).append(mass.tolist())
+    return {"layers": ["embed"] + [f"block {i}" for i in range(n_layers)], "r2": r2, "attention": attention, "n_sequences": n_seq}
 
 
 def _plot(curves: dict[str, dict[str, list[float]]], path: Path, *, title: str) -> Path:

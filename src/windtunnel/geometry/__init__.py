@@ -34,6 +34,7 @@ from windtunnel.geometry.manifold import (
 )
 from windtunnel.geometry.stats import (
     average_ranks,
+    linear_probe_r2,
     partial_correlation,
     participation_ratio,
     pearson_correlation,
@@ -54,6 +55,7 @@ __all__ = [
     "frame_subspace_overlap",
     "key_orthogonality",
     "level_separation",
+    "linear_probe_r2",
     "mean_abs_cosine",
     "participation_ratio",
     "partial_correlation",

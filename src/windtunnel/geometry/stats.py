@@ -13,6 +13,7 @@ from windtunnel.geometry._common import _pearson, _spectrum_stats, _zscore
 
 __all__ = [
     "average_ranks",
+    "linear_probe_r2",
     "participation_ratio",
     "partial_correlation",
     "pearson_correlation",
@@ -165,3 +166,70 @@ def participation_ratio(points: torch.Tensor, *, standardize: bool = False) -> t
     z = _zscore(points)[0] if standardize else points - points.mean(0)
     s = torch.linalg.svdvals(z)
     return _spectrum_stats(s**2)
+
+
+def linear_probe_r2(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    groups: torch.Tensor | None = None,
+    generator: torch.Generator,
+    test_fraction: float = 0.25,
+    ridge: float = 1e-3,
+) -> torch.Tensor:
+    """Held-out R² of a ridge-regularised linear probe states -> each target column.
+
+    The probe is fitted on a random ``1 - test_fraction`` of the rows and scored on the rest:
+    R²_k = 1 - Σ(y_k - ŷ_k)² / Σ(y_k - ȳ_k)² over the test rows (ȳ_k from the training rows), so a
+    probe that only learns the mean scores about 0 and one that fits noise scores below 0.
+    States are z-scored with the training rows' statistics; the penalty is
+    ``ridge * n_train`` on the z-scored coefficients (the intercept is not penalised).
+
+    ``groups`` keeps rows that share a latent out of both splits at once: rows with one group id
+    (e.g. the sites of one sequence, which share its HMM) all land in the same split. Without it a
+    per-sequence constant could be memorised from the training rows of the same sequence.
+
+    Shapes: states [n, d], targets [n, k] (or [n]), groups [n] -> R² [k] (or 0-d), float64.
+
+    Raises:
+        ValueError: when the shapes do not agree, either split would have fewer than 2 rows, or
+            an argument is out of range.
+    """
+    owner = "linear_probe_r2"
+    check_float_tensor(owner, "states", states, min_dim=2, shape_text="[n, d]")
+    if states.dim() != 2:
+        raise ValueError(must(owner, "states", "a 2-D tensor [n, d]", describe_tensor(states)))
+    squeeze = isinstance(targets, torch.Tensor) and targets.dim() == 1
+    if squeeze:
+        targets = targets[:, None]
+    check_float_tensor(owner, "targets", targets, min_dim=2, shape_text="[n, k]")
+    if targets.dim() != 2 or targets.shape[0] != states.shape[0]:
+        raise ValueError(must(owner, "targets", f"a tensor [n={states.shape[0]}, k] (or [n])", describe_tensor(targets)))
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(must(owner, "test_fraction", "in (0, 1)", repr(test_fraction)))
+    if not ridge >= 0.0:
+        raise ValueError(must(owner, "ridge", ">= 0", repr(ridge)))
+    n = states.shape[0]
+    if groups is None:
+        groups = torch.arange(n, device=states.device)
+    elif not isinstance(groups, torch.Tensor) or groups.shape != (n,):
+        raise ValueError(must(owner, "groups", f"a tensor [n={n}] of group ids", describe_tensor(groups)))
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    order = torch.randperm(ids.numel(), generator=generator).to(groups.device)
+    n_test_groups = round(test_fraction * ids.numel())
+    is_test = torch.zeros(ids.numel(), dtype=torch.bool, device=groups.device)
+    is_test[order[:n_test_groups]] = True
+    test = is_test[inverse]
+    if int(test.sum()) < 2 or int((~test).sum()) < 2:
+        raise ValueError(f"{owner}: {ids.numel()} groups give a split with fewer than 2 rows on one side; pass more rows or groups.")
+    x, y = states.to(torch.float64), targets.to(torch.float64)
+    x_train, y_train = x[~test], y[~test]
+    mean, scale = x_train.mean(0), x_train.std(0).clamp_min(1e-12)
+    z_train, z_test = (x_train - mean) / scale, (x[test] - mean) / scale
+    y_mean = y_train.mean(0)
+    gram = z_train.T @ z_train + ridge * z_train.shape[0] * torch.eye(z_train.shape[1], dtype=z_train.dtype, device=z_train.device)
+    coef = torch.linalg.lstsq(gram, z_train.T @ (y_train - y_mean)).solution
+    residual = y[test] - (z_test @ coef + y_mean)
+    total = (y[test] - y_mean).pow(2).sum(0)
+    r2 = 1.0 - residual.pow(2).sum(0) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    return r2[0] if squeeze else r2
