@@ -135,6 +135,7 @@ def eval_command(run_dir, lengths, n_sequences, seed):
                 ) if text
             )
             click.echo(f"  exact filters with a w-step memory: {ladder} bits; the model is {place}")
+            click.echo(f"  the memoryless filter (uᵀT) ⊙ E[:, o_t]: {row['memoryless_filter_mae_bits']:.4f} bits")
     if "circuit" in report:
         circuit = report["circuit"]
         click.echo("held-out R² of linear probes at the read positions (steps 2..K), per layer:")

@@ -55,6 +55,8 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert set(row["eval"]) == {"n_steps=4", "n_steps=6"}
     for summary in row["eval"].values():
         assert set(summary["windowed_filter_mae_bits"]) == {"1", "2", "3", "4", "6", "8"}  # JSON keys
+        # the memoryless filter knows T, so it sits between the 1- and 2-step memories
+        assert summary["windowed_filter_mae_bits"]["2"] < summary["memoryless_filter_mae_bits"] < summary["windowed_filter_mae_bits"]["1"]
         ladder = {int(w): mae for w, mae in summary["windowed_filter_mae_bits"].items()}
         beats, beaten_by = summary["beats_memory_steps"], summary["beaten_by_memory_steps"]
         assert beats is not None or beaten_by is not None
@@ -63,6 +65,7 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     printed = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "40"])
     assert printed.exit_code == 0, printed.output
     assert "exact filters with a w-step memory: w=1:" in printed.output
+    assert "the memoryless filter (uᵀT) ⊙ E[:, o_t]:" in printed.output
     assert "the model is " in printed.output
     assert "held-out R² of linear probes at the read positions" in printed.output
     circuit = json.loads((out / "transformer" / "eval.json").read_text())["circuit"]

@@ -400,6 +400,32 @@ def test_windowed_posterior_equals_enumeration_over_the_window(hmm, window):
         assert beliefs[0, t].tolist() == pytest.approx(expected, abs=1e-12)
 
 
+@given(hmm=_hmms(), window=st.integers(1, 6))
+@settings(max_examples=40)
+def test_transported_windowed_posterior_equals_enumeration(hmm, window):
+    # Past the first `window` steps, the window starts one transition after a uniform state that
+    # emitted nothing: enumerate paths over that hidden state and the window's states.
+    transition, emission, observations = hmm
+    n_states = len(transition)
+    beliefs = windowed_posterior(
+        torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations]),
+        window=window, transported=True,
+    )
+    for t in range(len(observations)):
+        if t < window:
+            expected = _path_marginal(transition, emission, observations[: t + 1], t + 1)
+        else:
+            seen = observations[t - window + 1 : t + 1]
+            expected = [0.0] * n_states
+            for path in itertools.product(range(n_states), repeat=window + 1):
+                weight = 1.0 / n_states
+                for j in range(1, window + 1):
+                    weight *= transition[path[j - 1]][path[j]] / 100 * emission[path[j]][seen[j - 1]] / 100
+                expected[path[-1]] += weight
+            expected = [e / sum(expected) for e in expected]
+        assert beliefs[0, t].tolist() == pytest.approx(expected, abs=1e-12)
+
+
 def test_windowed_posterior_ends_of_the_ladder():
     batch = HMMFiltering(n_steps=12).sample(64, generator=torch.Generator().manual_seed(5))
     args = (batch.transition_cents, batch.emission_cents, batch.observations)
@@ -416,6 +442,13 @@ def test_windowed_posterior_ends_of_the_ladder():
     )
     # A shorter memory is a different belief past the window.
     assert (windowed_posterior(*args, window=3)[:, 3:] - exact[:, 3:]).abs().max() > 1e-3
+    # Transported window 1: (uᵀT) ⊙ E[:, o_t] from step 2 on; the exact filter at step 1.
+    memoryless = batch.transition_cents.double().mean(1, keepdim=True) * column
+    memoryless = memoryless / memoryless.sum(-1, keepdim=True)
+    got = windowed_posterior(*args, window=1, transported=True)
+    torch.testing.assert_close(got[:, 1:], memoryless[:, 1:], rtol=0, atol=1e-15)
+    torch.testing.assert_close(got[:, :1], exact[:, :1], rtol=0, atol=1e-15)
+    torch.testing.assert_close(windowed_posterior(*args, window=12, transported=True), exact, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("window", [0, -1, 2.0, True])
@@ -424,4 +457,8 @@ def test_windowed_posterior_window_error(window):
     with pytest.raises(ValueError, match="window"):
         windowed_posterior(
             batch.transition_cents, batch.emission_cents, batch.observations, window=window
+        )
+    with pytest.raises(ValueError, match="transported"):
+        windowed_posterior(
+            batch.transition_cents, batch.emission_cents, batch.observations, window=2, transported=1
         )

@@ -89,21 +89,28 @@ def memory_ladder(
     sequences; then the rungs around the model: the longest memory the model beats (MAE above
     ``model_mae_bits``) and the shortest memory that beats or ties it. On K = 20 HMMs the ladder
     is about 0.16, 0.047, 0.014, 0.005, 0.0006, 0.0001 bits for w = 1, 2, 3, 4, 6, 8.
+    Beside the ladder, the memoryless filter (uᵀT) ⊙ E[:, o_t] (``windowed_posterior(...,
+    window=1, transported=True)``): it knows T and the current observation but nothing older,
+    about 0.097 bits at K = 20.
 
     Returns:
-        ``{"windowed_filter_mae_bits": {w: mae}, "beats_memory_steps": w or None,
-        "beaten_by_memory_steps": w or None}`` (None: the model beats no rung / every rung).
+        ``{"windowed_filter_mae_bits": {w: mae}, "memoryless_filter_mae_bits": mae,
+        "beats_memory_steps": w or None, "beaten_by_memory_steps": w or None}`` (None: the model
+        beats no rung / every rung).
     """
     errors = {w: [] for w in windows}
+    memoryless = []
     for batch in batches:
         args = (batch.transition_cents, batch.emission_cents, batch.observations)
         for w in windows:
             errors[w].append((entropy_bits(windowed_posterior(*args, window=w)) - batch.entropy_bits).abs().flatten())
+        memoryless.append((entropy_bits(windowed_posterior(*args, window=1, transported=True)) - batch.entropy_bits).abs().flatten())
     ladder = {w: torch.cat(e).mean().item() for w, e in errors.items()}
     beats = [w for w in windows if ladder[w] > model_mae_bits]
     beaten_by = [w for w in windows if ladder[w] <= model_mae_bits]
     return {
         "windowed_filter_mae_bits": ladder,
+        "memoryless_filter_mae_bits": torch.cat(memoryless).mean().item(),
         "beats_memory_steps": max(beats) if beats else None,
         "beaten_by_memory_steps": min(beaten_by) if beaten_by else None,
     }

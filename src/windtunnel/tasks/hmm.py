@@ -433,13 +433,19 @@ def windowed_posterior(
     *,
     window: int,
     units: int = 100,
+    transported: bool = False,
 ) -> torch.Tensor:
     """Filtered beliefs of a filter that remembers only the last ``window`` observations.
 
     At step t the belief is the exact filter run on o_{t-window+1} .. o_t from a uniform state
     (no transition before the window's first observation), so ``window = 1`` is the
     current-observation-only posterior (normalised column E[:, o_t]) and ``window >= n_steps`` is
-    the exact filter. A ladder of reference points between the uniform floor and the exact
+    the exact filter. With ``transported=True`` the forgotten state is one step further back:
+    the window starts from uᵀT (u uniform), the belief of a filter that knows T and that the
+    chain has moved but has forgotten where it was. ``window = 1, transported=True`` is then
+    (uᵀT) ⊙ E[:, o_t], normalised: the best memoryless predictor, where our small CPU models
+    plateau (RESULTS.md). Steps t <= window see the whole prefix and get the exact filter in both
+    modes. A ladder of reference points between the uniform floor and the exact
     posterior: the entropy MAE of the window-w beliefs says how much inference horizon a model's
     calibration corresponds to (RESULTS.md: on K = 20 HMMs, w = 1, 2, 3, 4 give about 0.16,
     0.047, 0.014 and 0.005 bits).
@@ -457,7 +463,11 @@ def windowed_posterior(
     text = check_positive_int(owner, "window", window)
     if text:
         raise ValueError(text)
+    if not isinstance(transported, bool):
+        raise ValueError(f"{owner}: transported must be a bool; got {transported!r}.")
     _check_hmm(owner, transition_cents, emission_cents, observations)
+    if transported:
+        return _transported_windows(transition_cents, emission_cents, observations, window=window, units=units)
     # Steps t < window see the whole prefix: the exact filter (a contiguous copy, no aliasing).
     exact = hmm_posterior(transition_cents, emission_cents, observations, units=units)
     beliefs = exact.filtered_probs.contiguous()
@@ -475,6 +485,30 @@ def windowed_posterior(
         repeat(transition_cents), repeat(emission_cents), windows.reshape(-1, window), units=units
     ).filtered_probs[:, -1]
     beliefs[:, window:] = last.reshape(batch, n_windows, -1)
+    return beliefs
+
+
+def _transported_windows(
+    transition_cents: torch.Tensor, emission_cents: torch.Tensor, observations: torch.Tensor, *, window: int, units: int
+) -> torch.Tensor:
+    """``windowed_posterior(..., transported=True)``: a w-step recursion in probability space,
+    batched over every (sequence, window end); windows are short, so no rescaling is needed
+    beyond the per-step normalisation."""
+    beliefs = hmm_posterior(transition_cents, emission_cents, observations, units=units).filtered_probs.contiguous()
+    batch, n_steps = observations.shape
+    if window >= n_steps:
+        return beliefs
+    trans = transition_cents.to(torch.float64) / units  # [batch, S, S]
+    emit_t = emission_cents.to(torch.float64).transpose(1, 2) / units  # [batch, O, S]
+    windows = observations.unfold(1, window, 1)[:, 1:]  # [batch, n_windows, window]; ends at t >= window + 1
+    belief = trans.mean(1, keepdim=True).expand(-1, windows.shape[1], -1)  # uᵀT [batch, n_windows, S]
+    for j in range(window):
+        if j > 0:
+            belief = belief @ trans  # [batch, n_windows, S]
+        lik = torch.gather(emit_t, 1, windows[..., j, None].expand(-1, -1, emit_t.shape[-1]))  # E[:, o]ᵀ
+        belief = belief * lik
+        belief = belief / belief.sum(-1, keepdim=True)
+    beliefs[:, window:] = belief
     return beliefs
 
 
