@@ -170,3 +170,53 @@ def test_site_loss_against_a_hand_computation():
         for n in range(2) for i, s in enumerate(hb.sites.tolist())
     ) / (2 * len(hb.sites))
     assert torch.allclose(train_mod.site_loss(hl, hb, hmm), soft)
+
+
+def test_hmm_auxiliary_targets_are_the_predicted_beliefs_at_the_obs_tokens():
+    from windtunnel.probes import auxiliary_loss_nats
+    from windtunnel.tasks import Bijection, HMMFiltering
+
+    gen = torch.Generator().manual_seed(0)
+    hmm = HMMFiltering(n_states=3, n_symbols=4, n_steps=5)
+    hb = hmm.sample(2, generator=gen)
+    positions, targets = hmm.auxiliary_targets(hb)
+    assert bool((hb.tokens[:, positions] == hmm.obs_id).all())  # the [OBS] token before each o_t
+    assert bool((hb.tokens[:, positions + 1] >= hmm.symbol_offset).all())
+    assert torch.equal(targets, hb.predicted_probs)
+    torch.testing.assert_close(targets[:, 0], torch.full((2, 3), 1 / 3, dtype=torch.float64))  # no transition before o_1
+    # predicted_t = filtered_{t-1} T, by hand
+    trans = hb.transition_cents.double() / 100
+    torch.testing.assert_close(targets[:, 1:], torch.einsum("bks,bsr->bkr", hb.posterior[:, :-1], trans))
+    logits = torch.randn(2, hmm.seq_len, hmm.n_classes, generator=gen, dtype=torch.float64)
+    by_hand = sum(
+        -(targets[n, i] * torch.log_softmax(logits[n, p], -1)).sum()
+        for n in range(2) for i, p in enumerate(positions.tolist())
+    ) / (2 * len(positions))
+    assert torch.allclose(auxiliary_loss_nats(logits, hb, hmm), by_hand)
+    bij = Bijection(n_values=4, n_pairs=3)
+    with pytest.raises(ValueError, match="no auxiliary targets"):
+        auxiliary_loss_nats(logits, bij.sample(2, generator=gen), bij)
+
+
+def test_aux_loss_weight_trains_on_both_losses_and_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="aux_loss_weight"):
+        TrainConfig(steps=1, aux_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="needs a task with auxiliary targets"):
+        _tiny(aux_loss_weight=1.0)  # the bijection has none
+
+    def hmm(weight):
+        return ExperimentConfig(
+            task_name="hmm", task=dict(n_states=2, n_symbols=2, n_steps=4), model_name="transformer",
+            model=dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32, norm="layernorm", head_bias=True),
+            train=TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=6, eval_size=20,
+                              eval_batch_size=20, log_every=2, checkpoint_every=6, device="cpu", aux_loss_weight=weight),
+        )
+
+    plain, aux = Trainer(hmm(0.0), tmp_path / "plain"), Trainer(hmm(1.0), tmp_path / "aux")
+    plain.fit(), aux.fit()
+    plain_rows = [r for r in RunDir(tmp_path / "plain").metrics() if r["split"] == "train"]
+    aux_rows = [r for r in RunDir(tmp_path / "aux").metrics() if r["split"] == "train"]
+    assert "aux_loss_nats" not in plain_rows[0] and all(r["aux_loss_nats"] > 0 for r in aux_rows)
+    # Same seed and batches: only the extra gradient can take the two runs apart.
+    assert plain_rows[-1]["loss_nats"] != aux_rows[-1]["loss_nats"]
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), aux.model.state_dict().values()))

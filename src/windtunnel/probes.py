@@ -41,6 +41,7 @@ __all__ = [
     "RoutingLawStats",
     "SiteStates",
     "ablation_table",
+    "auxiliary_loss_nats",
     "calibrate",
     "collect_states",
     "geometry_snapshot",
@@ -95,6 +96,23 @@ def site_loss_nats(logits: torch.Tensor, batch: Batch, task: Any) -> torch.Tenso
         return -(batch.posterior.to(log_p.dtype) * log_p).sum(-1).mean()
     targets = batch.labels + task.class_offset
     return nn.functional.cross_entropy(at_sites.reshape(-1, at_sites.shape[-1]), targets.reshape(-1))
+
+
+def auxiliary_loss_nats(logits: torch.Tensor, batch: Batch, task: Any) -> torch.Tensor:
+    """Mean soft CE in nats against the task's auxiliary targets (``task.auxiliary_targets``),
+    over the hypothesis slice; for the HMM, the predicted belief at the ``[OBS]`` tokens.
+
+    Shapes: logits [batch, seq_len, n_outputs] -> [].
+
+    Raises:
+        ValueError: when the task has no auxiliary targets.
+    """
+    if not hasattr(task, "auxiliary_targets"):
+        raise ValueError(f"auxiliary_loss_nats: {type(task).__name__} has no auxiliary targets (only the HMM task has).")
+    positions, targets = task.auxiliary_targets(batch)
+    at = logits[:, positions, task.class_offset : task.class_offset + task.n_classes]
+    log_p = torch.log_softmax(at, dim=-1)
+    return -(targets.to(log_p.dtype) * log_p).sum(-1).mean()
 
 
 @torch.no_grad()

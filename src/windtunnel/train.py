@@ -32,6 +32,7 @@ from windtunnel.models import (
     TinyGPT,
     TinyGPTConfig,
 )
+from windtunnel.probes import auxiliary_loss_nats
 from windtunnel.probes import calibrate as evaluate
 from windtunnel.probes import site_loss_nats as site_loss
 from windtunnel.runs import RunDir, append_jsonl, write_text_atomic
@@ -78,6 +79,10 @@ class TrainConfig:
         schedule: "cosine" (to ``min_lr_ratio * lr`` at ``steps``) or "constant" after warmup.
         min_lr_ratio: floor of the cosine as a fraction of ``lr`` (0 = decay to 0).
         grad_clip: max global gradient norm; None disables clipping.
+        aux_loss_weight: weight of the auxiliary soft CE on the task's auxiliary targets, added
+            to the site loss (0 = off). Only the HMM has them: the predicted belief
+            p(s_t | o_1:t-1) at the [OBS] token before each observation (ours, not the paper's
+            recipe; RESULTS.md shows it lets small models leave the memoryless plateau).
         eval_every: evaluate every this many steps (and at the end).
         eval_size: held-out sequences, drawn once from the eval generator.
         eval_batch_size: sequences per evaluation forward pass.
@@ -96,6 +101,7 @@ class TrainConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
+    aux_loss_weight: float = 0.0
     eval_every: int = 1000
     eval_size: int = 2000
     eval_batch_size: int = 500
@@ -114,7 +120,7 @@ class TrainConfig:
         text = check_positive_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
         if text:
             problems.add_text(text)
-        for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False), ("min_lr_ratio", 0.0, 1.0, False)):
+        for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False), ("min_lr_ratio", 0.0, 1.0, False), ("aux_loss_weight", 0.0, math.inf, False)):
             text = check_number(owner, name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=math.isinf(high))
             if text:
                 problems.add_text(text)
@@ -184,8 +190,13 @@ class ExperimentConfig:
                 problems.add_text(text)
         problems.raise_if_any()
         object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
-        self.build_task()  # validates the task fields
+        task = self.build_task()  # validates the task fields
         self.model_config()  # validates the model fields
+        if self.train.aux_loss_weight > 0 and not hasattr(task, "auxiliary_targets"):
+            raise ValueError(
+                f"ExperimentConfig: train.aux_loss_weight={self.train.aux_loss_weight} needs a task with auxiliary "
+                f"targets (the HMM); {self.task_name} has none. Set it to 0."
+            )
 
     def build_task(self, **overrides: Any) -> Any:
         """The task object (``overrides`` replace fields, e.g. ``n_steps=50``)."""
@@ -418,14 +429,17 @@ class Trainer:
             batch = self.task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
             logits = self.model(batch.tokens, generator=self.dropout_generator)
             loss = site_loss(logits, batch, self.task)
+            aux_loss = auxiliary_loss_nats(logits, batch, self.task) if cfg.aux_loss_weight > 0 else None
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
             loss_value = float(loss.detach())
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            aux_value = float(aux_loss.detach()) if aux_loss is not None else 0.0
+            if not (math.isfinite(loss_value) and math.isfinite(aux_value) and math.isfinite(float(grad_norm))):
                 kept = self.run.latest_checkpoint() if self.run is not None else None
+                aux_text = f"auxiliary loss {aux_value}, " if aux_loss is not None else ""
                 raise FloatingPointError(
-                    f"loss is {loss_value} (gradient norm {float(grad_norm)}) at step {self.step} "
+                    f"loss is {loss_value} ({aux_text}gradient norm {float(grad_norm)}) at step {self.step} "
                     f"(last finite {self.last_loss:.4g} nats at step {last_good_step}); "
                     f"kept checkpoint {kept if kept is not None else '(none: no run directory)'}; "
                     "try a lower --train.lr."
@@ -434,7 +448,10 @@ class Trainer:
             self.step += 1
             self.last_loss, last_good_step = loss_value, self.step
             if self.step % cfg.log_every == 0:
-                self._log({"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr, "grad_norm": float(grad_norm), "elapsed_s": time.perf_counter() - start_time})
+                row = {"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr, "grad_norm": float(grad_norm), "elapsed_s": time.perf_counter() - start_time}
+                if aux_loss is not None:
+                    row["aux_loss_nats"] = aux_value
+                self._log(row)
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 last_eval = self.evaluate()
                 for name, cal in last_eval.items():

@@ -307,6 +307,20 @@ class HMMFiltering:
             next_state_probs=beliefs.next_state_probs,
         )
 
+    def auxiliary_targets(self, batch: HMMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predicted belief p(s_t | o_1:t-1) at the ``[OBS]`` token before each o_t.
+
+        An optional second training target (``TrainConfig.aux_loss_weight``): it supervises the
+        transport half of the filter update, α_{t-1}ᵀ T, at the position just before the
+        observation arrives. At t = 1 the target is uniform (no transition before o_1). Scoring is
+        unchanged: evaluation reads only the read positions.
+
+        Returns:
+            (positions long [K], the ``[OBS]`` tokens at ``sites - 1``; targets float64
+            [batch, K, S], ``batch.predicted_probs``).
+        """
+        return batch.sites - 1, batch.predicted_probs
+
     def encode(
         self,
         transition_cents: torch.Tensor,
