@@ -220,3 +220,19 @@ def test_aux_loss_weight_trains_on_both_losses_and_is_validated(tmp_path):
     # Same seed and batches: only the extra gradient can take the two runs apart.
     assert plain_rows[-1]["loss_nats"] != aux_rows[-1]["loss_nats"]
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), aux.model.state_dict().values()))
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
+    import json
+
+    Trainer(_tiny(steps=12), tmp_path / "old").fit(stop_at=4)
+    path = tmp_path / "old" / "config.json"
+    config = json.loads(path.read_text())
+    del config["train"]["aux_loss_weight"]  # as written before the field was added
+    path.write_text(json.dumps(config))
+    resumed = Trainer.resume(tmp_path / "old")
+    assert resumed.step == 4 and resumed.experiment == _tiny(steps=12)
+    config["train"]["lr"] = 1.0  # a real difference is still refused
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="holds a different run"):
+        Trainer(_tiny(steps=12), tmp_path / "old")

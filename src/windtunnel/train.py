@@ -328,7 +328,9 @@ class Trainer:
         self.step = 0
         self.last_loss = math.nan
         if self.run is not None:
-            if self.run.exists() and self.run.read_config() != experiment.to_dict():
+            # Compare through from_dict so that a config written before a field was added (and
+            # so missing it, at its default) still names the same run.
+            if self.run.exists() and ExperimentConfig.from_dict(self.run.read_config()).to_dict() != experiment.to_dict():
                 raise ValueError(f"Trainer: {self.run.path} holds a different run; use Trainer.resume or another --out.")
             self.run.write_config(experiment.to_dict())
 

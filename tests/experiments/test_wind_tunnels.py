@@ -142,6 +142,8 @@ def test_hmm_circuit_probe_on_an_untrained_model():
     for quantity, per_layer in out["r2"].items():
         assert len(per_layer) == 3
         assert abs(per_layer[0]) < 0.05, (quantity, per_layer)
+    with pytest.raises(ValueError, match=">= 8 sequences"):
+        hmm_circuit_probe(model, task, task.sample(4, generator=torch.Generator().manual_seed(3)), generator=torch.Generator())
     with torch.no_grad(), record(model.eval(), names="blocks.1.attn.hook_pattern") as cache:
         model(batch.tokens)
     for block, mass in hmm_attention_mass(cache["blocks.1.attn.hook_pattern"], task).items():

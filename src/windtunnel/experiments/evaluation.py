@@ -91,7 +91,7 @@ def memory_ladder(
     is about 0.16, 0.047, 0.014, 0.005, 0.0006, 0.0001 bits for w = 1, 2, 3, 4, 6, 8.
     Beside the ladder, the memoryless filter (uᵀT) ⊙ E[:, o_t] (``windowed_posterior(...,
     window=1, transported=True)``): it knows T and the current observation but nothing older,
-    about 0.097 bits at K = 20.
+    about 0.09 bits at K = 20.
 
     Returns:
         ``{"windowed_filter_mae_bits": {w: mae}, "memoryless_filter_mae_bits": mae,
@@ -172,12 +172,20 @@ def hmm_circuit_probe(model: TinyGPT, task: HMMFiltering, batch: HMMBatch, *, ge
     ``previous_belief`` stays near 0 in every layer does not carry the past forward, so it can at
     best be a one-step filter; this is what our small CPU runs showed (RESULTS.md).
 
-    Shapes: batch with B sequences of ``task``'s length; B >= 8.
+    Shapes: batch with B >= 8 sequences of ``task``'s length, K >= 2 steps.
 
     Returns:
         ``{"layers": [name, ...], "r2": {quantity: [per layer]}, "attention": {block:
         [[per head] per layer]}, "n_sequences": B}``.
+
+    Raises:
+        ValueError: when the batch has fewer than 8 sequences or 2 steps, or is not the task's length.
     """
+    if batch.observations.shape[0] < 8 or batch.observations.shape[1] < 2 or batch.tokens.shape[1] != task.seq_len:
+        raise ValueError(
+            f"hmm_circuit_probe: needs a batch of >= 8 sequences with >= 2 steps of the task's length {task.seq_len}; "
+            f"got tokens {tuple(batch.tokens.shape)}."
+        )
     n_layers = len(model.blocks)
     resid_names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
     pattern_names = [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)]

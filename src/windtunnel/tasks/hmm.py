@@ -457,7 +457,7 @@ def windowed_posterior(
     the exact filter. With ``transported=True`` the forgotten state is one step further back:
     the window starts from uᵀT (u uniform), the belief of a filter that knows T and that the
     chain has moved but has forgotten where it was. ``window = 1, transported=True`` is then
-    (uᵀT) ⊙ E[:, o_t], normalised: the best memoryless predictor, where our small CPU models
+    (uᵀT) ⊙ E[:, o_t], normalised: a memoryless filter, near which our small CPU models
     plateau (RESULTS.md). Steps t <= window see the whole prefix and get the exact filter in both
     modes. A ladder of reference points between the uniform floor and the exact
     posterior: the entropy MAE of the window-w beliefs says how much inference horizon a model's
