@@ -16,6 +16,21 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+def _fit_probe(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares y ≈ z @ coef + intercept; the intercept is not penalised.
+
+    Shapes: z [n, d], y [n] or [n, k] -> coef [d] or [d, k], intercept [] or [k].
+    """
+    z_mean, y_mean = z.mean(0), y.mean(0)
+    zc, yc = z - z_mean, y - y_mean
+    if ridge > 0:
+        gram = zc.T @ zc + ridge * torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+        coef = torch.linalg.solve(gram, zc.T @ yc)
+    else:
+        coef = torch.linalg.pinv(zc) @ yc  # minimum-norm solution when d > n
+    return coef, y_mean - z_mean @ coef
+
+
 def _entropy_bits(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in bits over the last axis, 0 log 0 = 0."""
     tiny = torch.finfo(probs.dtype).tiny

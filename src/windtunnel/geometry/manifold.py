@@ -17,7 +17,7 @@ from windtunnel._checks import (
     describe_tensor,
     must,
 )
-from windtunnel.geometry._common import _pearson, _spectrum_stats, _zscore
+from windtunnel.geometry._common import _fit_probe, _pearson, _spectrum_stats, _zscore
 from windtunnel.geometry.stats import partial_correlation, spearman_correlation
 
 __all__ = [
@@ -320,18 +320,6 @@ class ValueManifoldPCA:
                 )
             )
         return ((states - self.mean_) / self.scale_) @ self.components_.T
-
-
-def _fit_probe(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares y ≈ z @ coef + intercept; the intercept is not penalised."""
-    z_mean, y_mean = z.mean(0), y.mean()
-    zc, yc = z - z_mean, y - y_mean
-    if ridge > 0:
-        gram = zc.T @ zc + ridge * torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-        coef = torch.linalg.solve(gram, zc.T @ yc)
-    else:
-        coef = torch.linalg.pinv(zc) @ yc  # minimum-norm solution when d > n
-    return coef, y_mean - z_mean @ coef
 
 
 def _r2(y: torch.Tensor, pred: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from windtunnel._checks import check_choice, check_float_tensor, describe_tensor, must
-from windtunnel.geometry._common import _pearson, _spectrum_stats, _zscore
+from windtunnel.geometry._common import _fit_probe, _pearson, _spectrum_stats, _zscore
 
 __all__ = [
     "average_ranks",
@@ -226,10 +226,8 @@ def linear_probe_r2(
     x_train, y_train = x[~test], y[~test]
     mean, scale = x_train.mean(0), x_train.std(0).clamp_min(1e-12)
     z_train, z_test = (x_train - mean) / scale, (x[test] - mean) / scale
-    y_mean = y_train.mean(0)
-    gram = z_train.T @ z_train + ridge * z_train.shape[0] * torch.eye(z_train.shape[1], dtype=z_train.dtype, device=z_train.device)
-    coef = torch.linalg.lstsq(gram, z_train.T @ (y_train - y_mean)).solution
-    residual = y[test] - (z_test @ coef + y_mean)
-    total = (y[test] - y_mean).pow(2).sum(0)
+    coef, intercept = _fit_probe(z_train, y_train, ridge * z_train.shape[0])
+    residual = y[test] - (z_test @ coef + intercept)
+    total = (y[test] - y_train.mean(0)).pow(2).sum(0)
     r2 = 1.0 - residual.pow(2).sum(0) / total.clamp_min(torch.finfo(torch.float64).tiny)
     return r2[0] if squeeze else r2
