@@ -480,49 +480,34 @@ def windowed_posterior(
     if not isinstance(transported, bool):
         raise ValueError(f"{owner}: transported must be a bool; got {transported!r}.")
     _check_hmm(owner, transition_cents, emission_cents, observations)
-    if transported:
-        return _transported_windows(transition_cents, emission_cents, observations, window=window, units=units)
-    # Steps t < window see the whole prefix: the exact filter (a contiguous copy, no aliasing).
+    # Steps t <= window see the whole prefix: the exact filter (a contiguous copy, no aliasing).
     exact = hmm_posterior(transition_cents, emission_cents, observations, units=units)
     beliefs = exact.filtered_probs.contiguous()
     batch, n_steps = observations.shape
     if window >= n_steps:
         return beliefs
-    # Every later step: one exact filter per (sequence, window end), all in one batched call.
-    windows = observations.unfold(1, window, 1)[:, 1:]  # [batch, n_steps - window, window]
+    # Every later step: one filter per (sequence, window end), batched.
+    windows = observations.unfold(1, window, 1)[:, 1:]  # [batch, n_windows, window]
     n_windows = windows.shape[1]
+    if transported:
+        # A w-step recursion in probability space from uᵀT; windows are short, so the per-step
+        # normalisation is all the rescaling needed.
+        trans = transition_cents.to(torch.float64) / units  # [batch, S, S]
+        emit_t = emission_cents.to(torch.float64).transpose(1, 2) / units  # [batch, O, S]
+        last = trans.mean(1, keepdim=True).expand(-1, n_windows, -1)  # uᵀT [batch, n_windows, S]
+        for j in range(window):
+            if j > 0:
+                last = last @ trans
+            last = last * torch.gather(emit_t, 1, windows[..., j, None].expand(-1, -1, emit_t.shape[-1]))
+            last = last / last.sum(-1, keepdim=True)
+    else:
+        def repeat(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(n_windows, dim=0)
 
-    def repeat(x: torch.Tensor) -> torch.Tensor:
-        return x.repeat_interleave(n_windows, dim=0)
-
-    last = hmm_posterior(
-        repeat(transition_cents), repeat(emission_cents), windows.reshape(-1, window), units=units
-    ).filtered_probs[:, -1]
+        last = hmm_posterior(
+            repeat(transition_cents), repeat(emission_cents), windows.reshape(-1, window), units=units
+        ).filtered_probs[:, -1]
     beliefs[:, window:] = last.reshape(batch, n_windows, -1)
-    return beliefs
-
-
-def _transported_windows(
-    transition_cents: torch.Tensor, emission_cents: torch.Tensor, observations: torch.Tensor, *, window: int, units: int
-) -> torch.Tensor:
-    """``windowed_posterior(..., transported=True)``: a w-step recursion in probability space,
-    batched over every (sequence, window end); windows are short, so no rescaling is needed
-    beyond the per-step normalisation."""
-    beliefs = hmm_posterior(transition_cents, emission_cents, observations, units=units).filtered_probs.contiguous()
-    batch, n_steps = observations.shape
-    if window >= n_steps:
-        return beliefs
-    trans = transition_cents.to(torch.float64) / units  # [batch, S, S]
-    emit_t = emission_cents.to(torch.float64).transpose(1, 2) / units  # [batch, O, S]
-    windows = observations.unfold(1, window, 1)[:, 1:]  # [batch, n_windows, window]; ends at t >= window + 1
-    belief = trans.mean(1, keepdim=True).expand(-1, windows.shape[1], -1)  # uᵀT [batch, n_windows, S]
-    for j in range(window):
-        if j > 0:
-            belief = belief @ trans  # [batch, n_windows, S]
-        lik = torch.gather(emit_t, 1, windows[..., j, None].expand(-1, -1, emit_t.shape[-1]))  # E[:, o]ᵀ
-        belief = belief * lik
-        belief = belief / belief.sum(-1, keepdim=True)
-    beliefs[:, window:] = belief
     return beliefs
 
 
