@@ -72,6 +72,9 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert circuit["layers"] == ["embed", "block 0"]
     assert set(circuit["r2"]) == {"emission_column", "transition", "memoryless_prediction", "previous_belief", "predicted_belief", "belief"}
     assert set(circuit["attention"]) == {"transition", "emission", "earlier_reads", "self"}
+    few = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "3"])  # fewer than the probe's 8
+    assert few.exit_code == 0, few.output
+    assert json.loads((out / "transformer" / "eval.json").read_text())["circuit"]["n_sequences"] == 8
 
 
 def _layout_masses(task, tokens, pattern):

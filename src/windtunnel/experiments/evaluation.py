@@ -40,8 +40,8 @@ def evaluate_run(
     summary also holds the memory ladder (:func:`memory_ladder`): the entropy MAE of exact
     filters that remember only the last w observations, and the rungs the model falls between.
 
-    For an HMM TinyGPT, eval.json also holds ``circuit`` (:func:`hmm_circuit_probe`, on up to
-    1,000 further sequences of the training length): what each layer's residual stream encodes
+    For an HMM TinyGPT trained at K >= 2, eval.json also holds ``circuit``
+    (:func:`hmm_circuit_probe`, on 8 to 1,000 further sequences of the training length): what each layer's residual stream encodes
     at the read positions, and where each head attends.
 
     Raises:
@@ -67,8 +67,9 @@ def evaluate_run(
             summary[name].update(memory_ladder(batches, model_mae_bits=summary[name]["entropy_mae_bits"]))
         curves[name] = {k: v.tolist() for k, v in vars(cal.per_site).items()}
     out = {"step": step, "n_sequences": n_sequences, "seed": seed, "summary": summary, "per_position": curves}
-    if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT):
-        probe_batch = base.sample(min(n_sequences, 1000), generator=generator)
+    if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT) and base.n_steps >= 2:
+        # the probe needs >= 8 sequences for its held-out split, however few --n asks for
+        probe_batch = base.sample(max(8, min(n_sequences, 1000)), generator=generator)
         out["circuit"] = hmm_circuit_probe(model, base, probe_batch, generator=torch.Generator().manual_seed(seed))
     run = RunDir(run_dir)
     json_path = write_json_atomic(run.path / "eval.json", out)
