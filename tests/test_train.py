@@ -1,5 +1,6 @@
 """The trainer: schedule, seeds, resume equality, NaN guard, one-pass evaluation, configs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -222,13 +223,67 @@ def test_aux_loss_weight_trains_on_both_losses_and_is_validated(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), aux.model.state_dict().values()))
 
 
+def _hmm_experiment(steps=6, **train):
+    return ExperimentConfig(
+        task_name="hmm", task=dict(n_states=2, n_symbols=2, n_steps=4), model_name="transformer",
+        model=dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32, norm="layernorm", head_bias=True),
+        train=TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=6, eval_size=20,
+                          eval_batch_size=20, log_every=2, checkpoint_every=4, device="cpu", **train),
+        eval_lengths=(9,),
+    )
+
+
+def test_position_shift_draws_offsets_over_the_whole_table_and_is_validated(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="position_shift.*a bool"):
+        TrainConfig(steps=1, position_shift=1)
+    with pytest.raises(ValueError, match="position_shift needs the transformer"):
+        dataclasses.replace(_hmm_experiment(position_shift=True), model_name="lstm", model={})
+    with pytest.raises(ValueError, match=r"position table longer than the training sequences \(19 tokens\); it has 19 rows"):
+        dataclasses.replace(_hmm_experiment(position_shift=True), eval_lengths=())
+    seen = []
+    forward = train_mod.Trainer._position_offsets
+
+    def spy(self, shape):
+        offsets = forward(self, shape)
+        seen.append(offsets)
+        return offsets
+
+    monkeypatch.setattr(train_mod.Trainer, "_position_offsets", spy)
+    shifted = Trainer(_hmm_experiment(steps=30, position_shift=True), tmp_path / "shift")
+    shifted.fit()
+    offsets = torch.cat(seen)
+    # The header has 2*2 + 2*2 + 3 = 11 tokens: the table has 11 + 2*9 = 29 rows (K = 9), training
+    # sequences 11 + 2*4 = 19 tokens.
+    assert shifted.model.config.n_positions == 29 and len(seen) == 30
+    assert set(offsets.tolist()) == set(range(11)), "every offset in {0, ..., 10} is drawn in 240 draws"
+    plain = Trainer(_hmm_experiment(steps=30), tmp_path / "plain")
+    plain.fit()
+    # Rows past the training length are trained only under the shift (embeddings get no weight
+    # decay, so without it they stay at their initial values).
+    init = Trainer(_hmm_experiment(steps=30), tmp_path / "init").model.pos_embed.W_pos[19:]
+    assert torch.equal(plain.model.pos_embed.W_pos[19:], init)
+    assert (shifted.model.pos_embed.W_pos[19:] - init).abs().amax(dim=1).min() > 1e-3
+
+
+def test_position_shift_run_is_reproducible_and_resumes_exactly(tmp_path):
+    full = Trainer(_hmm_experiment(steps=10, position_shift=True), tmp_path / "full")
+    result_full = full.fit()
+    again = Trainer(_hmm_experiment(steps=10, position_shift=True), tmp_path / "again").fit()
+    assert result_full.final_loss_nats == again.final_loss_nats
+    Trainer(_hmm_experiment(steps=10, position_shift=True), tmp_path / "part").fit(stop_at=4)
+    result = Trainer.resume(tmp_path / "part").fit()
+    assert result.final_loss_nats == result_full.final_loss_nats
+    assert float(result.calibration.entropy_mae_bits) == float(result_full.calibration.entropy_mae_bits)
+
+
 def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
     import json
 
     Trainer(_tiny(steps=12), tmp_path / "old").fit(stop_at=4)
     path = tmp_path / "old" / "config.json"
     config = json.loads(path.read_text())
-    del config["train"]["aux_loss_weight"]  # as written before the field was added
+    del config["train"]["aux_loss_weight"]  # as written before these fields were added
+    del config["train"]["position_shift"]
     path.write_text(json.dumps(config))
     resumed = Trainer.resume(tmp_path / "old")
     assert resumed.step == 4 and resumed.experiment == _tiny(steps=12)

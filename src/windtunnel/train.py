@@ -83,6 +83,10 @@ class TrainConfig:
             to the site loss (0 = off). Only the HMM has them: the predicted belief
             p(s_t | o_1:t-1) at the [OBS] token before each observation (ours, not the paper's
             recipe; RESULTS.md shows it lets small models leave the memoryless plateau).
+        position_shift: shift each training sequence along the position table by an offset drawn
+            uniformly from {0, ..., n_positions - seq_len} (from the data generator), so rows
+            past the training length are trained too; evaluation always uses offset 0. Ours, not
+            the paper's recipe: for length generalisation of the HMM (RESULTS.md). TinyGPT only.
         eval_every: evaluate every this many steps (and at the end).
         eval_size: held-out sequences, drawn once from the eval generator.
         eval_batch_size: sequences per evaluation forward pass.
@@ -102,6 +106,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     aux_loss_weight: float = 0.0
+    position_shift: bool = False
     eval_every: int = 1000
     eval_size: int = 2000
     eval_batch_size: int = 500
@@ -136,6 +141,8 @@ class TrainConfig:
                 problems.add_text(text)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.add("seed", "an int >= 0", self.seed)
+        if not isinstance(self.position_shift, bool):
+            problems.add("position_shift", "a bool", self.position_shift)
         problems.raise_if_any()
         object.__setattr__(self, "betas", tuple(self.betas))
 
@@ -197,6 +204,18 @@ class ExperimentConfig:
                 f"ExperimentConfig: train.aux_loss_weight={self.train.aux_loss_weight} needs a task with auxiliary "
                 f"targets (the HMM); {self.task_name} has none. Set it to 0."
             )
+        if self.train.position_shift:
+            n_positions = getattr(self.model_config(), "n_positions", None)
+            if self.model_name != "transformer":
+                raise ValueError(
+                    f"ExperimentConfig: train.position_shift needs the transformer (TinyGPT); got model {self.model_name!r}."
+                )
+            if n_positions <= task.seq_len:
+                raise ValueError(
+                    f"ExperimentConfig: train.position_shift needs a position table longer than the training "
+                    f"sequences ({task.seq_len} tokens); it has {n_positions} rows. Add longer eval_lengths or "
+                    "set model.n_positions."
+                )
 
     def build_task(self, **overrides: Any) -> Any:
         """The task object (``overrides`` replace fields, e.g. ``n_steps=50``)."""
@@ -394,6 +413,12 @@ class Trainer:
         if self.run is not None:
             self.run.log_metrics(row)
 
+    def _position_offsets(self, shape: torch.Size) -> torch.Tensor:
+        """Random position offsets [batch] in {0, ..., n_positions - seq_len}, from the data stream."""
+        batch, seq_len = shape
+        high = self.model.config.n_positions - seq_len
+        return torch.randint(0, high + 1, (batch,), generator=self.data_generator).to(self.device)
+
     def _run_probes(self) -> None:
         if not self.probes:
             return
@@ -429,7 +454,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = self.task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
-            logits = self.model(batch.tokens, generator=self.dropout_generator)
+            offset = self._position_offsets(batch.tokens.shape) if cfg.position_shift else None
+            logits = self.model(batch.tokens, generator=self.dropout_generator, **({} if offset is None else {"position_offset": offset}))
             loss = site_loss(logits, batch, self.task)
             aux_loss = auxiliary_loss_nats(logits, batch, self.task) if cfg.aux_loss_weight > 0 else None
             self.optimizer.zero_grad(set_to_none=True)

@@ -173,9 +173,12 @@ class PosEmbed(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         init_normal_(self.W_pos, std=self.std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows 0..pos-1, or rows offset[b]..offset[b]+pos-1 for sequence b (offset [batch], int64)."""
         batch, pos = tokens.shape
-        return self.W_pos[:pos].expand(batch, pos, -1)  # a view, no copy
+        if offset is None:
+            return self.W_pos[:pos].expand(batch, pos, -1)  # a view, no copy
+        return self.W_pos[offset[:, None] + torch.arange(pos, device=offset.device)]
 
 
 class Unembed(nn.Module):

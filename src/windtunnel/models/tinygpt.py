@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems, check_positive_int
+from windtunnel._checks import Problems, check_positive_int, describe_tensor
 from windtunnel.attention import MultiHeadAttention
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
@@ -276,6 +276,7 @@ class TinyGPT(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        position_offset: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Logits for every position.
 
@@ -286,17 +287,23 @@ class TinyGPT(nn.Module):
                 ``keep[:, None, None, :]``); always intersected with the causal mask.
             generator: dropout randomness; required in training mode when ``config.dropout > 0``,
                 on the tokens' device.
+            position_offset: sequence b reads position rows offset[b] .. offset[b] + seq_len - 1
+                instead of 0 .. seq_len - 1; an int for the whole batch or an integer tensor
+                [batch]. None (the default) is offset 0. Training with random offsets
+                (``TrainConfig.position_shift``) trains every row of the table.
 
         Returns:
             logits [batch, seq_len, n_outputs].
 
         Raises:
             ValueError: when ``tokens`` is not an integer [batch, seq_len] tensor that fits
-                the position table, or dropout needs a generator that is missing.
+                the position table, ``position_offset`` is negative, has the wrong shape or
+                reaches past the table, or dropout needs a generator that is missing.
         """
         check_tokens("TinyGPT", tokens, self.config.n_positions)
+        offset = self._position_offset(position_offset, tokens)
         embed = self.hook_embed(self.embed(tokens))
-        pos_embed = self.hook_pos_embed(self.pos_embed(tokens))
+        pos_embed = self.hook_pos_embed(self.pos_embed(tokens, offset))
         resid = dropout(
             embed + pos_embed,
             self.config.dropout,
@@ -307,6 +314,33 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             resid = block(resid, mask=mask, generator=generator)
         return read_out(self.ln_final(resid), embed=self.embed, unembed=self.unembed, b_U=self.b_U)
+
+    def _position_offset(self, offset: torch.Tensor | int | None, tokens: torch.Tensor) -> torch.Tensor | None:
+        """``position_offset`` checked and made an int64 tensor [batch] (None stays None)."""
+        if offset is None:
+            return None
+        batch, seq_len = tokens.shape
+        if isinstance(offset, int) and not isinstance(offset, bool):
+            offset = torch.full((batch,), offset, dtype=torch.long, device=tokens.device)
+        ok = (
+            isinstance(offset, torch.Tensor)
+            and not offset.is_floating_point()
+            and not offset.is_complex()
+            and offset.dtype != torch.bool
+            and offset.shape == (batch,)
+        )
+        if not ok:
+            raise ValueError(
+                f"TinyGPT.forward: position_offset must be an int or an integer tensor of shape "
+                f"[batch] = [{batch}]; got {describe_tensor(offset)}."
+            )
+        low, high = int(offset.min()), int(offset.max())
+        if low < 0 or high + seq_len > self.config.n_positions:
+            raise ValueError(
+                f"TinyGPT.forward: position_offset must lie in [0, n_positions - seq_len] = "
+                f"[0, {self.config.n_positions - seq_len}]; got values in [{low}, {high}]."
+            )
+        return offset.to(device=tokens.device, dtype=torch.long)
 
     @contextlib.contextmanager
     def ablated(
