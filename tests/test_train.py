@@ -233,29 +233,33 @@ def _hmm_experiment(steps=6, **train):
     )
 
 
-def test_position_shift_draws_offsets_over_the_whole_table_and_is_validated(tmp_path, monkeypatch):
+def test_position_shift_moves_the_steps_by_whole_steps_and_is_validated(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="position_shift.*a bool"):
         TrainConfig(steps=1, position_shift=1)
     with pytest.raises(ValueError, match="position_shift needs the transformer"):
         dataclasses.replace(_hmm_experiment(position_shift=True), model_name="lstm", model={})
-    with pytest.raises(ValueError, match=r"position table longer than the training sequences \(19 tokens\); it has 19 rows"):
+    with pytest.raises(ValueError, match="position_shift needs a task made of steps"):
+        _tiny(position_shift=True)
+    with pytest.raises(ValueError, match=r"at least one step longer than the training sequences \(19 tokens\); it has 19 rows"):
         dataclasses.replace(_hmm_experiment(position_shift=True), eval_lengths=())
     seen = []
-    forward = train_mod.Trainer._position_offsets
+    make_ids = train_mod.Trainer._shifted_position_ids
 
     def spy(self, shape):
-        offsets = forward(self, shape)
-        seen.append(offsets)
-        return offsets
+        seen.append(make_ids(self, shape))
+        return seen[-1]
 
-    monkeypatch.setattr(train_mod.Trainer, "_position_offsets", spy)
+    monkeypatch.setattr(train_mod.Trainer, "_shifted_position_ids", spy)
     shifted = Trainer(_hmm_experiment(steps=30, position_shift=True), tmp_path / "shift")
     shifted.fit()
-    offsets = torch.cat(seen)
-    # The header has 2*2 + 2*2 + 3 = 11 tokens: the table has 11 + 2*9 = 29 rows (K = 9), training
-    # sequences 11 + 2*4 = 19 tokens.
-    assert shifted.model.config.n_positions == 29 and len(seen) == 30
-    assert set(offsets.tolist()) == set(range(11)), "every offset in {0, ..., 10} is drawn in 240 draws"
+    ids = torch.cat(seen)
+    # The header has 2*2 + 2*2 + 3 = 11 tokens; the table has 11 + 2*9 = 29 rows (K = 9), training
+    # sequences 11 + 2*4 = 19 tokens, so the 4 steps start at step 1..6 of the table: offsets 0, 2, .., 10.
+    assert shifted.model.config.n_positions == 29 and ids.shape == (30 * 8, 19)
+    assert torch.equal(ids[:, :11], torch.arange(11).expand(240, 11)), "the header never moves"
+    offsets = ids[:, 11:] - torch.arange(11, 19)
+    assert torch.equal(offsets, offsets[:, :1].expand(-1, 8)), "the steps move together"
+    assert set(offsets[:, 0].tolist()) == {0, 2, 4, 6, 8, 10}, "every whole-step offset is drawn in 240 draws"
     plain = Trainer(_hmm_experiment(steps=30), tmp_path / "plain")
     plain.fit()
     # Rows past the training length are trained only under the shift (embeddings get no weight

@@ -83,10 +83,13 @@ class TrainConfig:
             to the site loss (0 = off). Only the HMM has them: the predicted belief
             p(s_t | o_1:t-1) at the [OBS] token before each observation (ours, not the paper's
             recipe; RESULTS.md shows it lets small models leave the memoryless plateau).
-        position_shift: shift each training sequence along the position table by an offset drawn
-            uniformly from {0, ..., n_positions - seq_len} (from the data generator), so rows
-            past the training length are trained too; evaluation always uses offset 0. Ours, not
-            the paper's recipe: for length generalisation of the HMM (RESULTS.md). TinyGPT only.
+        position_shift: in training, keep the header's positions but move each sequence's steps
+            along the position table by a whole number of steps, drawn uniformly (from the data
+            generator) so that the last step still fits the table: the K training steps then
+            read the rows of steps s+1..s+K of a longer sequence, and rows past the training
+            length are trained too. Evaluation never shifts. Needs a task with a
+            ``step_layout`` (the HMM) and TinyGPT. Ours, not the paper's recipe: for length
+            generalisation (RESULTS.md).
         eval_every: evaluate every this many steps (and at the end).
         eval_size: held-out sequences, drawn once from the eval generator.
         eval_batch_size: sequences per evaluation forward pass.
@@ -210,11 +213,15 @@ class ExperimentConfig:
                 raise ValueError(
                     f"ExperimentConfig: train.position_shift needs the transformer (TinyGPT); got model {self.model_name!r}."
                 )
-            if n_positions <= task.seq_len:
+            if not hasattr(task, "step_layout"):
                 raise ValueError(
-                    f"ExperimentConfig: train.position_shift needs a position table longer than the training "
-                    f"sequences ({task.seq_len} tokens); it has {n_positions} rows. Add longer eval_lengths or "
-                    "set model.n_positions."
+                    f"ExperimentConfig: train.position_shift needs a task made of steps (the HMM); {self.task_name} is not."
+                )
+            if n_positions < task.seq_len + task.step_layout[1]:
+                raise ValueError(
+                    f"ExperimentConfig: train.position_shift needs a position table at least one step longer "
+                    f"than the training sequences ({task.seq_len} tokens); it has {n_positions} rows. Add longer "
+                    "eval_lengths or set model.n_positions."
                 )
 
     def build_task(self, **overrides: Any) -> Any:
@@ -413,11 +420,15 @@ class Trainer:
         if self.run is not None:
             self.run.log_metrics(row)
 
-    def _position_offsets(self, shape: torch.Size) -> torch.Tensor:
-        """Random position offsets [batch] in {0, ..., n_positions - seq_len}, from the data stream."""
+    def _shifted_position_ids(self, shape: torch.Size) -> torch.Tensor:
+        """Position ids [batch, seq_len] for ``position_shift``: the header at 0..header_len-1, the
+        steps moved by a random whole number of steps (from the data stream)."""
         batch, seq_len = shape
-        high = self.model.config.n_positions - seq_len
-        return torch.randint(0, high + 1, (batch,), generator=self.data_generator).to(self.device)
+        header_len, per_step = self.task.step_layout
+        n_shifts = (self.model.config.n_positions - seq_len) // per_step + 1
+        offset = per_step * torch.randint(0, n_shifts, (batch, 1), generator=self.data_generator)
+        ids = torch.arange(seq_len).expand(batch, seq_len)
+        return torch.where(ids >= header_len, ids + offset, ids).to(self.device)
 
     def _run_probes(self) -> None:
         if not self.probes:
@@ -454,8 +465,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = self.task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
-            offset = self._position_offsets(batch.tokens.shape) if cfg.position_shift else None
-            logits = self.model(batch.tokens, generator=self.dropout_generator, **({} if offset is None else {"position_offset": offset}))
+            shifted = {"position_ids": self._shifted_position_ids(batch.tokens.shape)} if cfg.position_shift else {}
+            logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
             loss = site_loss(logits, batch, self.task)
             aux_loss = auxiliary_loss_nats(logits, batch, self.task) if cfg.aux_loss_weight > 0 else None
             self.optimizer.zero_grad(set_to_none=True)

@@ -323,41 +323,41 @@ def test_no_dropout_needs_no_generator_in_training():
     assert torch.equal(model(_tokens()), model.eval()(_tokens()))
 
 
-def test_position_offset_reads_shifted_rows_of_the_table():
+def test_position_ids_choose_the_rows_of_the_table():
     model = _model().eval()
     tokens = _tokens(batch=2, seq_len=5)
-    assert torch.equal(model(tokens, position_offset=0), model(tokens))
-    # Offset k equals a model whose table starts at row k.
+    assert torch.equal(model(tokens, position_ids=torch.arange(5)), model(tokens))
+    # Ids k..k+4 equal a model whose table starts at row k.
     shifted = _model().eval()
     with torch.no_grad():
         shifted.pos_embed.W_pos.zero_()
         shifted.pos_embed.W_pos[:6] = model.pos_embed.W_pos[3:9]
-    assert torch.allclose(model(tokens, position_offset=3), shifted(tokens), atol=1e-6)
-    assert not torch.allclose(model(tokens, position_offset=3), model(tokens), atol=1e-3)
-    # A tensor gives each sequence its own offset.
-    per_row = model(tokens, position_offset=torch.tensor([4, 1]))
-    assert torch.equal(per_row[0], model(tokens[:1], position_offset=4)[0])
-    assert torch.equal(per_row[1], model(tokens[1:], position_offset=1)[0])
+    assert torch.allclose(model(tokens, position_ids=torch.arange(3, 8)), shifted(tokens), atol=1e-6)
+    assert not torch.allclose(model(tokens, position_ids=torch.arange(3, 8)), model(tokens), atol=1e-3)
+    # A [batch, seq_len] tensor gives each sequence its own ids, gaps allowed.
+    ids = torch.tensor([[0, 1, 6, 7, 8], [4, 5, 6, 7, 8]])
+    per_row = model(tokens, position_ids=ids)
+    assert torch.equal(per_row[0], model(tokens[:1], position_ids=ids[0])[0])
+    assert torch.equal(per_row[1], model(tokens[1:], position_ids=ids[1])[0])
     with record(model, names=["hook_pos_embed"]) as cache:
-        model(tokens, position_offset=torch.tensor([4, 0]))
-    assert torch.equal(cache["hook_pos_embed"][0], model.pos_embed.W_pos[4:9])
-    assert torch.equal(cache["hook_pos_embed"][1], model.pos_embed.W_pos[:5])
+        model(tokens, position_ids=ids)
+    assert torch.equal(cache["hook_pos_embed"], model.pos_embed.W_pos[ids])
 
 
 @pytest.mark.parametrize(
-    "offset, match",
+    "ids, match",
     [
-        (-1, r"position_offset must lie in \[0, n_positions - seq_len\] = \[0, 4\]; got values in \[-1, -1\]"),
-        (5, r"= \[0, 4\]; got values in \[5, 5\]"),
-        (torch.tensor([0, 9]), r"got values in \[0, 9\]"),
-        (torch.tensor([1.0, 2.0]), r"integer tensor of shape \[batch\] = \[2\]; got float32 \[2\]"),
-        (torch.tensor([1, 2, 3]), r"got int64 \[3\]"),
-        (2.0, r"got float"),
+        (torch.arange(-1, 4), r"position_ids must lie in \[0, n_positions\) = \[0, 9\); got values in \[-1, 3\]"),
+        (torch.arange(5, 10), r"got values in \[5, 9\]"),
+        (torch.arange(5.0), r"integer tensor of shape \[batch, seq_len\] = \[2, 5\] or \[seq_len\]; got float32 \[5\]"),
+        (torch.zeros(3, 5, dtype=torch.long), r"got int64 \[3, 5\]"),
+        (torch.arange(4), r"got int64 \[4\]"),
+        (3, r"got int"),
     ],
 )
-def test_bad_position_offset(offset, match):
+def test_bad_position_ids(ids, match):
     with pytest.raises(ValueError, match=match):
-        _model()(_tokens(batch=2, seq_len=5), position_offset=offset)
+        _model()(_tokens(batch=2, seq_len=5), position_ids=ids)
 
 
 def test_bad_tokens():

@@ -161,6 +161,9 @@ def test_other_sizes_layout(n_states, n_symbols):
     assert torch.all(batch.tokens[:, header - 1] == 98)
     assert torch.all(batch.tokens[:, header::2] == 99)
     assert torch.equal(batch.tokens[:, task.sites], batch.observations + 100)
+    # step_layout: the header, then one ([OBS], symbol) pair per step.
+    start, per_step = task.step_layout
+    assert (start, per_step) == (header, 2) and task.seq_len == start + per_step * 7
     assert batch.posterior.shape == (8, 7, n_states)
     assert batch.transition_cents.shape == (8, n_states, n_states)
     assert batch.emission_cents.shape == (8, n_states, n_symbols)

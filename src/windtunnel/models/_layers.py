@@ -173,12 +173,12 @@ class PosEmbed(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         init_normal_(self.W_pos, std=self.std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows 0..pos-1, or rows offset[b]..offset[b]+pos-1 for sequence b (offset [batch], int64)."""
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows 0..pos-1, or the rows ``position_ids`` (int64 [batch, pos]) name."""
         batch, pos = tokens.shape
-        if offset is None:
+        if position_ids is None:
             return self.W_pos[:pos].expand(batch, pos, -1)  # a view, no copy
-        return self.W_pos[offset[:, None] + torch.arange(pos, device=offset.device)]
+        return self.W_pos[position_ids]
 
 
 class Unembed(nn.Module):

@@ -276,7 +276,7 @@ class TinyGPT(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        position_offset: torch.Tensor | int | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position.
 
@@ -287,23 +287,23 @@ class TinyGPT(nn.Module):
                 ``keep[:, None, None, :]``); always intersected with the causal mask.
             generator: dropout randomness; required in training mode when ``config.dropout > 0``,
                 on the tokens' device.
-            position_offset: sequence b reads position rows offset[b] .. offset[b] + seq_len - 1
-                instead of 0 .. seq_len - 1; an int for the whole batch or an integer tensor
-                [batch]. None (the default) is offset 0. Training with random offsets
-                (``TrainConfig.position_shift``) trains every row of the table.
+            position_ids: the row of the position table each token reads, an integer tensor
+                [batch, seq_len] or [seq_len] (shared by the batch); None (the default) is
+                0 .. seq_len - 1. ``TrainConfig.position_shift`` trains with shifted ids so that
+                rows past the training length are trained.
 
         Returns:
             logits [batch, seq_len, n_outputs].
 
         Raises:
             ValueError: when ``tokens`` is not an integer [batch, seq_len] tensor that fits
-                the position table, ``position_offset`` is negative, has the wrong shape or
-                reaches past the table, or dropout needs a generator that is missing.
+                the position table, ``position_ids`` has the wrong shape or names a row outside
+                the table, or dropout needs a generator that is missing.
         """
         check_tokens("TinyGPT", tokens, self.config.n_positions)
-        offset = self._position_offset(position_offset, tokens)
+        position_ids = self._check_position_ids(position_ids, tokens)
         embed = self.hook_embed(self.embed(tokens))
-        pos_embed = self.hook_pos_embed(self.pos_embed(tokens, offset))
+        pos_embed = self.hook_pos_embed(self.pos_embed(tokens, position_ids))
         resid = dropout(
             embed + pos_embed,
             self.config.dropout,
@@ -315,32 +315,30 @@ class TinyGPT(nn.Module):
             resid = block(resid, mask=mask, generator=generator)
         return read_out(self.ln_final(resid), embed=self.embed, unembed=self.unembed, b_U=self.b_U)
 
-    def _position_offset(self, offset: torch.Tensor | int | None, tokens: torch.Tensor) -> torch.Tensor | None:
-        """``position_offset`` checked and made an int64 tensor [batch] (None stays None)."""
-        if offset is None:
+    def _check_position_ids(self, position_ids: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+        """``position_ids`` checked and made int64 [batch, seq_len] (None stays None)."""
+        if position_ids is None:
             return None
         batch, seq_len = tokens.shape
-        if isinstance(offset, int) and not isinstance(offset, bool):
-            offset = torch.full((batch,), offset, dtype=torch.long, device=tokens.device)
         ok = (
-            isinstance(offset, torch.Tensor)
-            and not offset.is_floating_point()
-            and not offset.is_complex()
-            and offset.dtype != torch.bool
-            and offset.shape == (batch,)
+            isinstance(position_ids, torch.Tensor)
+            and not position_ids.is_floating_point()
+            and not position_ids.is_complex()
+            and position_ids.dtype != torch.bool
+            and position_ids.shape in ((batch, seq_len), (seq_len,))
         )
         if not ok:
             raise ValueError(
-                f"TinyGPT.forward: position_offset must be an int or an integer tensor of shape "
-                f"[batch] = [{batch}]; got {describe_tensor(offset)}."
+                f"TinyGPT.forward: position_ids must be an integer tensor of shape [batch, seq_len] = "
+                f"[{batch}, {seq_len}] or [seq_len]; got {describe_tensor(position_ids)}."
             )
-        low, high = int(offset.min()), int(offset.max())
-        if low < 0 or high + seq_len > self.config.n_positions:
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < 0 or high >= self.config.n_positions:
             raise ValueError(
-                f"TinyGPT.forward: position_offset must lie in [0, n_positions - seq_len] = "
-                f"[0, {self.config.n_positions - seq_len}]; got values in [{low}, {high}]."
+                f"TinyGPT.forward: position_ids must lie in [0, n_positions) = [0, {self.config.n_positions}); "
+                f"got values in [{low}, {high}]."
             )
-        return offset.to(device=tokens.device, dtype=torch.long)
+        return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
 
     @contextlib.contextmanager
     def ablated(

@@ -191,6 +191,12 @@ class HMMFiltering:
         """S^2 + SO + 3 (53 by default)."""
         return self.n_states**2 + self.n_states * self.n_symbols + 3
 
+    @property
+    def step_layout(self) -> tuple[int, int]:
+        """(header_len, 2): a fixed header, then 2 tokens ([OBS], symbol) per step; the layout
+        ``TrainConfig.position_shift`` moves along the position table."""
+        return self.header_len, 2
+
     # Task protocol ---------------------------------------------------------------------------
 
     @property
