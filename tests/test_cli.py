@@ -65,3 +65,17 @@ def test_em_vs_sgd_rejects_bad_options():
     assert result.exit_code == 2 and "--seeds" in result.output
     result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--model", "deep", "--arms", "sgd"])
     assert result.exit_code == 2 and "--arms applies to --model single only" in result.output
+
+
+def test_train_fine_tunes_from_a_run_with_init_from(tmp_path):
+    tiny = ["--steps", "2", "--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2",
+            "--set", "model.d_mlp=32", "--set", "train.eval_size=10", "--set", "train.warmup_steps=1",
+            "--set", "task.n_values=5", "--set", "task.n_pairs=4"]
+    first = CliRunner().invoke(main, ["train", "bijection", "--out", str(tmp_path / "a"), *tiny])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(main, ["train", "bijection", "--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"), *tiny])
+    assert second.exit_code == 0, second.output
+    assert f"model weights from {tmp_path / 'a'} (step 2)" in second.output
+    wrong = CliRunner().invoke(main, ["train", "bijection", "--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"),
+                                      *tiny, "--set", "model.d_model=32"])
+    assert wrong.exit_code == 2 and "holds a model of another config" in wrong.output

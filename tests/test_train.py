@@ -295,3 +295,43 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="holds a different run"):
         Trainer(_tiny(steps=12), tmp_path / "old")
+
+
+def test_init_from_starts_from_the_source_weights_and_resumes_without_it(tmp_path):
+    source = Trainer(_tiny(steps=4), tmp_path / "source")
+    source.fit()
+    tuned_experiment = dataclasses.replace(_tiny(steps=8, weight_decay=0.0), init_from=str(tmp_path / "source"))
+    tuned = Trainer(tuned_experiment, tmp_path / "tuned")
+    assert tuned.init_step == 4 and tuned.step == 0
+    for (name, a), (_, b) in zip(source.model.state_dict().items(), tuned.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    fresh = Trainer(_tiny(steps=8, weight_decay=0.0))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(), tuned.model.state_dict().values()))
+    # A checkpoint file works too, and names the step it was saved at.
+    by_file = Trainer(dataclasses.replace(tuned_experiment, init_from=str(tmp_path / "source" / "checkpoints" / "step_4.pt")))
+    assert by_file.init_step == 4 and torch.equal(by_file.model.pos_embed.W_pos, source.model.pos_embed.W_pos)
+    result_full = Trainer(tuned_experiment, tmp_path / "tuned_full").fit()
+    tuned.fit(stop_at=4)
+    (tmp_path / "source").rename(tmp_path / "moved")  # resume reads its own checkpoint, not the source
+    resumed = Trainer.resume(tmp_path / "tuned")
+    assert resumed.init_step is None and resumed.experiment.init_from == str(tmp_path / "source")
+    result = resumed.fit()
+    assert result.final_loss_nats == result_full.final_loss_nats
+    assert float(result.calibration.entropy_mae_bits) == float(result_full.calibration.entropy_mae_bits)
+
+
+def test_init_from_refuses_a_missing_foreign_or_differently_shaped_source(tmp_path):
+    Trainer(_tiny(steps=4), tmp_path / "source").fit()
+    with pytest.raises(ValueError, match="neither a run directory nor a checkpoint file"):
+        Trainer(dataclasses.replace(_tiny(), init_from=str(tmp_path / "nowhere")))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="could not be read as a checkpoint"):
+        Trainer(dataclasses.replace(_tiny(), init_from=str(tmp_path / "empty.pt")))
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="is not a windtunnel checkpoint"):
+        Trainer(dataclasses.replace(_tiny(), init_from=str(tmp_path / "foreign.pt")))
+    wider = dataclasses.replace(_tiny(), model=dict(n_layers=1, n_heads=2, d_model=32, d_mlp=32), init_from=str(tmp_path / "source"))
+    with pytest.raises(ValueError, match="holds a model of another config .d_model: 16 there, 32 here"):
+        Trainer(wider)
+    with pytest.raises(ValueError, match="init_from"):
+        dataclasses.replace(_tiny(), init_from=3)

@@ -5,6 +5,7 @@ Each command lives in its own function below; ``reproduce`` groups the paper rep
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -68,10 +69,13 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Dotted override, e.g. --set train.lr=1e-3 --set model.n_layers=4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--init-from", "init_from", type=click.Path(exists=True), default=None,
+              help="Fine-tune: start from the model weights of this run directory's latest checkpoint "
+                   "(or of a checkpoint file); optimizer, schedule and step start fresh.")
 @click.option("--telemetry", is_flag=True,
               help="Attach the SPEC §8 probes (geometry, routing law, calibration) on the log-spaced "
                    "schedule; also saves weight snapshots for `windtunnel dissociation`.")
-def train_command(task, model_name, preset, steps, seed, out, overrides, resume, telemetry):
+def train_command(task, model_name, preset, steps, seed, out, overrides, resume, init_from, telemetry):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
     from windtunnel.presets import apply_overrides, get_preset
     from windtunnel.train import Trainer
@@ -87,6 +91,8 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
             if seed is not None:
                 extra.append(f"train.seed={seed}")
             experiment = apply_overrides(get_preset(task, model_name, preset), extra)
+            if init_from is not None:
+                experiment = dataclasses.replace(experiment, init_from=init_from)
             trainer = Trainer(experiment, out)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
@@ -95,6 +101,8 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
 
         attach_probes(trainer)
     click.echo(f"run directory: {out}")
+    if trainer.init_step is not None:
+        click.echo(f"model weights from {trainer.experiment.init_from} (step {trainer.init_step})")
     n_params = sum(p.numel() for p in trainer.model.parameters())
     click.echo(f"{trainer.experiment.name or task}: {n_params:,} parameters, "
                f"{trainer.config.steps} steps x batch {trainer.config.batch_size} on {trainer.device}")

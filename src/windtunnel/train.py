@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,10 @@ class ExperimentConfig:
         eval_lengths: for tasks with a length parameter (HMM ``n_steps``), extra evaluation
             lengths (length generalisation); empty for none.
         name: a label (the preset name).
+        init_from: a run directory (its latest checkpoint) or a checkpoint file whose model
+            weights start this run: fine-tuning. The optimizer, schedule, step and generators
+            start fresh. The source's model config must equal this one's. None: a fresh
+            initialisation from the seed.
     """
 
     task_name: str
@@ -189,6 +194,7 @@ class ExperimentConfig:
     train: TrainConfig
     eval_lengths: tuple[int, ...] = ()
     name: str = ""
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         problems = Problems("ExperimentConfig")
@@ -198,6 +204,8 @@ class ExperimentConfig:
         ):
             if text:
                 problems.add_text(text)
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            problems.add("init_from", "a path (str) or None", self.init_from)
         problems.raise_if_any()
         object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
         task = self.build_task()  # validates the task fields
@@ -326,9 +334,17 @@ class Trainer:
         experiment: what to train.
         run_dir: where to write config, metrics and checkpoints; None keeps everything in memory.
         probes: telemetry probes called at :func:`telemetry_steps`; their rows go to telemetry.jsonl.
+        resuming: set by :meth:`resume`, whose checkpoint replaces the weights, so
+            ``experiment.init_from`` is not read.
+
+    Raises:
+        ValueError: when ``experiment.init_from`` has no checkpoint or holds a model of another
+            config.
     """
 
-    def __init__(self, experiment: ExperimentConfig, run_dir: str | RunDir | None = None, *, probes: Sequence[Probe] = ()) -> None:
+    def __init__(
+        self, experiment: ExperimentConfig, run_dir: str | RunDir | None = None, *, probes: Sequence[Probe] = (), resuming: bool = False
+    ) -> None:
         self.experiment = experiment
         self.config = experiment.train
         self.run = RunDir(run_dir) if isinstance(run_dir, str) or hasattr(run_dir, "__fspath__") else run_dir
@@ -337,6 +353,9 @@ class Trainer:
         self.task = experiment.build_task()
         seeds = seed_streams(self.config.seed)
         self.model = experiment.build_model(torch.Generator().manual_seed(seeds["init"])).to(self.device)
+        self.init_step: int | None = None
+        if experiment.init_from is not None and not resuming:
+            self.init_step = self._load_init_weights(experiment)
         self.data_generator = torch.Generator().manual_seed(seeds["data"])
         self.dropout_generator = torch.Generator(device=self.device).manual_seed(seeds["dropout"])
         eval_generator = torch.Generator().manual_seed(seeds["eval"])
@@ -359,6 +378,32 @@ class Trainer:
             if self.run.exists() and ExperimentConfig.from_dict(self.run.read_config()).to_dict() != experiment.to_dict():
                 raise ValueError(f"Trainer: {self.run.path} holds a different run; use Trainer.resume or another --out.")
             self.run.write_config(experiment.to_dict())
+
+    def _load_init_weights(self, experiment: ExperimentConfig) -> int:
+        """Load ``experiment.init_from``'s model weights; returns the step they were saved at."""
+        source = Path(experiment.init_from)
+        if source.is_dir():
+            state = RunDir(source).load_checkpoint()
+        elif source.is_file():
+            try:
+                state = torch.load(source, map_location="cpu", weights_only=False)
+            except Exception as err:  # torch raises several types for files that are not its own
+                raise ValueError(f"Trainer: init_from {str(source)!r} could not be read as a checkpoint ({err}).") from err
+        else:
+            raise ValueError(f"Trainer: init_from {str(source)!r} is neither a run directory nor a checkpoint file.")
+        if not (isinstance(state, dict) and {"model", "experiment", "step"} <= state.keys()):
+            raise ValueError(f"Trainer: init_from {str(source)!r} is not a windtunnel checkpoint.")
+        theirs = ExperimentConfig.from_dict(state["experiment"]).model_config()
+        ours = experiment.model_config()
+        if theirs != ours:
+            diff = ", ".join(
+                f"{f.name}: {getattr(theirs, f.name)!r} there, {getattr(ours, f.name)!r} here"
+                for f in dataclasses.fields(ours)
+                if getattr(theirs, f.name, None) != getattr(ours, f.name)
+            )
+            raise ValueError(f"Trainer: init_from {str(source)!r} holds a model of another config ({diff or type(theirs).__name__}).")
+        self.model.load_state_dict(state["model"], strict=True)
+        return int(state["step"])
 
     def _eval_batches(self, task: Any, generator: torch.Generator) -> tuple[Any, list[Batch]]:
         n, size = self.config.eval_size, self.config.eval_batch_size
@@ -394,7 +439,7 @@ class Trainer:
         """
         run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
         experiment = ExperimentConfig.from_dict(run.read_config())
-        trainer = cls(experiment, run, probes=probes)
+        trainer = cls(experiment, run, probes=probes, resuming=True)
         state = run.load_checkpoint()
         trainer.load_state_dict(state)
         for path, rows in ((run.metrics_path, run.metrics()), (run.telemetry_path, run.telemetry())):
