@@ -71,7 +71,7 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     circuit = json.loads((out / "transformer" / "eval.json").read_text())["circuit"]
     assert circuit["layers"] == ["embed", "block 0"]
     assert set(circuit["r2"]) == {"emission_column", "transition", "memoryless_prediction", "previous_belief", "predicted_belief", "belief"}
-    assert set(circuit["attention"]) == {"transition", "emission", "earlier_reads", "self"}
+    assert set(circuit["attention"]) == {"transition", "emission", "earlier_reads", "self", "obs_markers"}
     few = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "3"])  # fewer than the probe's 8
     assert few.exit_code == 0, few.output
     assert json.loads((out / "transformer" / "eval.json").read_text())["circuit"]["n_sequences"] == 8
@@ -81,7 +81,8 @@ def _layout_masses(task, tokens, pattern):
     """Brute force for hmm_attention_mass: classify every key position by the tokens themselves."""
     import torch
 
-    out = {k: torch.zeros(pattern.shape[1], dtype=torch.float64) for k in ("transition", "emission", "earlier_reads", "self")}
+    blocks = ("transition", "emission", "earlier_reads", "self", "obs_markers", "other_markers")
+    out = {k: torch.zeros(pattern.shape[1], dtype=torch.float64) for k in blocks}
     count = 0
     for b in range(tokens.shape[0]):
         row = tokens[b].tolist()
@@ -100,6 +101,10 @@ def _layout_masses(task, tokens, pattern):
                         out["earlier_reads"][h] += w
                     elif k == q:
                         out["self"][h] += w
+                    elif row[k] == task.obs_id:
+                        out["obs_markers"][h] += w
+                    elif row[k] in (task.trans_id, task.emit_id, task.sep_id):
+                        out["other_markers"][h] += w
     return {k: v / count for k, v in out.items()}
 
 
@@ -116,9 +121,12 @@ def test_hmm_attention_mass_matches_a_brute_force_over_the_token_layout():
     pattern = torch.softmax(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf), -1)
     got = hmm_attention_mass(pattern, task)
     want = _layout_masses(task, batch.tokens, pattern)
+    other = want.pop("other_markers")
+    assert set(got) == set(want)
     for block in want:
         torch.testing.assert_close(got[block], want[block], rtol=0, atol=1e-12)
-    assert bool((sum(got.values()) <= 1 + 1e-12).all())
+    # Every key position is in exactly one block: with the three markers the masses sum to 1.
+    torch.testing.assert_close(sum(got.values()) + other, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="pattern must be"):
         hmm_attention_mass(pattern[:, :, :-1], task)
 

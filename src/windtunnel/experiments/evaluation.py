@@ -124,8 +124,10 @@ def hmm_attention_mass(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, t
     """Mean attention mass from the read positions of steps 2..K to each part of an HMM sequence.
 
     Blocks: ``transition`` (the S² entries of T), ``emission`` (the S·O entries of E),
-    ``earlier_reads`` (the read positions of steps 1..t-1, i.e. the earlier observations) and
-    ``self`` (the read position itself). What is left goes to the markers and [OBS] tokens.
+    ``earlier_reads`` (the read positions of steps 1..t-1, i.e. the earlier observations),
+    ``self`` (the read position itself) and ``obs_markers`` (the [OBS] tokens of steps 1..t,
+    where the auxiliary loss supervises the predicted belief). What is left goes to the
+    [TRANS], [EMIT] and [SEP] markers.
 
     Shapes: pattern [batch, head, seq, seq] (rows = queries, a layer's ``hook_pattern``) -> each
     block [head], averaged over sequences and over steps 2..K.
@@ -144,11 +146,13 @@ def hmm_attention_mass(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, t
         earlier[j - 1, sites[:j]] = 1.0
     own = torch.zeros_like(earlier)
     own[torch.arange(sites.numel() - 1), sites[1:]] = 1.0
+    markers = (earlier + own).roll(-1, dims=1)  # each [OBS] sits just before its read position
     return {
         "transition": rows[..., 1 : 1 + s2].sum(-1).mean((0, 2)),
         "emission": rows[..., 2 + s2 : 2 + s2 + so].sum(-1).mean((0, 2)),
         "earlier_reads": (rows * earlier).sum(-1).mean((0, 2)),
         "self": (rows * own).sum(-1).mean((0, 2)),
+        "obs_markers": (rows * markers).sum(-1).mean((0, 2)),
     }
 
 
