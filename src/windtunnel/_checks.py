@@ -24,6 +24,7 @@ __all__ = [
     "check_positive_int",
     "close_matches",
     "describe_tensor",
+    "is_integer_tensor",
     "must",
 ]
 
@@ -50,6 +51,11 @@ def describe_tensor(x: Any) -> str:
         dtype = str(x.dtype).replace("torch.", "")
         return f"{dtype} {list(x.shape)}"
     return type(x).__name__
+
+
+def is_integer_tensor(x: Any) -> bool:
+    """True for a tensor of an integer dtype (not float, complex or bool)."""
+    return isinstance(x, torch.Tensor) and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
 
 
 class Problems:

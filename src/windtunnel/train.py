@@ -209,14 +209,14 @@ class ExperimentConfig:
         problems.raise_if_any()
         object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
         task = self.build_task()  # validates the task fields
-        self.model_config()  # validates the model fields
+        model_config = self.model_config()  # validates the model fields
         if self.train.aux_loss_weight > 0 and not hasattr(task, "auxiliary_targets"):
             raise ValueError(
                 f"ExperimentConfig: train.aux_loss_weight={self.train.aux_loss_weight} needs a task with auxiliary "
                 f"targets (the HMM); {self.task_name} has none. Set it to 0."
             )
         if self.train.position_shift:
-            n_positions = getattr(self.model_config(), "n_positions", None)
+            n_positions = getattr(model_config, "n_positions", None)
             if self.model_name != "transformer":
                 raise ValueError(
                     f"ExperimentConfig: train.position_shift needs the transformer (TinyGPT); got model {self.model_name!r}."
@@ -386,7 +386,7 @@ class Trainer:
             state = RunDir(source).load_checkpoint()
         elif source.is_file():
             try:
-                state = torch.load(source, map_location="cpu", weights_only=False)
+                state = RunDir(source.parent).load_checkpoint(source)
             except Exception as err:  # torch raises several types for files that are not its own
                 raise ValueError(f"Trainer: init_from {str(source)!r} could not be read as a checkpoint ({err}).") from err
         else:

@@ -22,6 +22,7 @@ from windtunnel._checks import (
     check_positive_int,
     close_matches,
     describe_tensor,
+    is_integer_tensor,
 )
 from windtunnel.attention import init_normal_
 from windtunnel.hooks import HookPoint
@@ -234,15 +235,7 @@ def dropout(
 
 def check_tokens(owner: str, tokens: Any, n_positions: int | None) -> None:
     """Raise ``ValueError`` unless ``tokens`` is an integer tensor [batch, seq_len] that fits."""
-    ok = (
-        isinstance(tokens, torch.Tensor)
-        and not tokens.is_floating_point()
-        and not tokens.is_complex()
-        and tokens.dtype != torch.bool
-        and tokens.dim() == 2
-        and tokens.shape[1] >= 1
-    )
-    if not ok:
+    if not (is_integer_tensor(tokens) and tokens.dim() == 2 and tokens.shape[1] >= 1):
         raise ValueError(
             f"{owner}.forward: tokens must be an integer tensor of shape [batch, seq_len] with "
             f"seq_len >= 1; got {describe_tensor(tokens)}."
@@ -252,6 +245,27 @@ def check_tokens(owner: str, tokens: Any, n_positions: int | None) -> None:
             f"{owner}.forward: tokens must have seq_len <= n_positions = {n_positions}; "
             f"got seq_len={tokens.shape[1]}."
         )
+
+
+def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_positions: int) -> torch.Tensor | None:
+    """``position_ids`` checked against checked ``tokens`` and made int64 [batch, seq_len];
+    None stays None. Raises ``ValueError`` unless it is an integer tensor [batch, seq_len] or
+    [seq_len] with every row in [0, n_positions)."""
+    if position_ids is None:
+        return None
+    batch, seq_len = tokens.shape
+    if not (is_integer_tensor(position_ids) and position_ids.shape in ((batch, seq_len), (seq_len,))):
+        raise ValueError(
+            f"{owner}.forward: position_ids must be an integer tensor of shape [batch, seq_len] = "
+            f"[{batch}, {seq_len}] or [seq_len]; got {describe_tensor(position_ids)}."
+        )
+    low, high = int(position_ids.min()), int(position_ids.max())
+    if low < 0 or high >= n_positions:
+        raise ValueError(
+            f"{owner}.forward: position_ids must lie in [0, n_positions) = [0, {n_positions}); "
+            f"got values in [{low}, {high}]."
+        )
+    return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
 
 
 def check_common_fields(

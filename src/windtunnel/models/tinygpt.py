@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems, check_positive_int, describe_tensor
+from windtunnel._checks import Problems, check_positive_int
 from windtunnel.attention import MultiHeadAttention
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
@@ -24,6 +24,7 @@ from windtunnel.models._layers import (
     FeedForward,
     PosEmbed,
     check_common_fields,
+    check_position_ids,
     check_tokens,
     config_from_dict,
     config_to_dict,
@@ -301,7 +302,7 @@ class TinyGPT(nn.Module):
                 the table, or dropout needs a generator that is missing.
         """
         check_tokens("TinyGPT", tokens, self.config.n_positions)
-        position_ids = self._check_position_ids(position_ids, tokens)
+        position_ids = check_position_ids("TinyGPT", position_ids, tokens, self.config.n_positions)
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.hook_pos_embed(self.pos_embed(tokens, position_ids))
         resid = dropout(
@@ -314,31 +315,6 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             resid = block(resid, mask=mask, generator=generator)
         return read_out(self.ln_final(resid), embed=self.embed, unembed=self.unembed, b_U=self.b_U)
-
-    def _check_position_ids(self, position_ids: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
-        """``position_ids`` checked and made int64 [batch, seq_len] (None stays None)."""
-        if position_ids is None:
-            return None
-        batch, seq_len = tokens.shape
-        ok = (
-            isinstance(position_ids, torch.Tensor)
-            and not position_ids.is_floating_point()
-            and not position_ids.is_complex()
-            and position_ids.dtype != torch.bool
-            and position_ids.shape in ((batch, seq_len), (seq_len,))
-        )
-        if not ok:
-            raise ValueError(
-                f"TinyGPT.forward: position_ids must be an integer tensor of shape [batch, seq_len] = "
-                f"[{batch}, {seq_len}] or [seq_len]; got {describe_tensor(position_ids)}."
-            )
-        low, high = int(position_ids.min()), int(position_ids.max())
-        if low < 0 or high >= self.config.n_positions:
-            raise ValueError(
-                f"TinyGPT.forward: position_ids must lie in [0, n_positions) = [0, {self.config.n_positions}); "
-                f"got values in [{low}, {high}]."
-            )
-        return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
 
     @contextlib.contextmanager
     def ablated(
