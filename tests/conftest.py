@@ -20,6 +20,9 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# cuBLAS is deterministic only with a fixed workspace; without it, deterministic mode makes every
+# CUDA matmul raise. Set before any CUDA context exists (the gpu-marked tests).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 torch.use_deterministic_algorithms(True)
 
 

@@ -335,3 +335,27 @@ def test_init_from_refuses_a_missing_foreign_or_differently_shaped_source(tmp_pa
         Trainer(wider)
     with pytest.raises(ValueError, match="init_from"):
         dataclasses.replace(_tiny(), init_from=3)
+
+
+def test_resume_on_another_device_kind_is_refused_with_dropout_and_allowed_without(tmp_path):
+    # A checkpoint says which device kind wrote it. CPU and CUDA generator states cannot be
+    # exchanged, so a dropout model must resume where it was trained; without dropout the dropout
+    # generator is never drawn from and the run resumes exactly on either kind.
+    def written_on_cuda(run_dir):
+        run = RunDir(run_dir)
+        state = run.load_checkpoint()
+        assert state["device_type"] == "cpu"
+        state["device_type"] = "cuda"
+        state["dropout_generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA state's size
+        run.save_checkpoint(state["step"], state)
+
+    dropped = dataclasses.replace(_tiny(), model=dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32, dropout=0.1))
+    Trainer(dropped, tmp_path / "dropout").fit(stop_at=4)
+    written_on_cuda(tmp_path / "dropout")
+    with pytest.raises(ValueError, match="written on cuda and this run is on cpu; a model with dropout .* --init-from"):
+        Trainer.resume(tmp_path / "dropout")
+    result_full = Trainer(_tiny(), tmp_path / "full").fit()
+    Trainer(_tiny(), tmp_path / "plain").fit(stop_at=4)
+    written_on_cuda(tmp_path / "plain")
+    result = Trainer.resume(tmp_path / "plain").fit()
+    assert result.final_loss_nats == result_full.final_loss_nats

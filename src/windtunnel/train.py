@@ -419,16 +419,35 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "data_generator": self.data_generator.get_state(),
             "dropout_generator": self.dropout_generator.get_state(),
+            "device_type": self.device.type,
             "experiment": self.experiment.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict`.
+
+        Raises:
+            ValueError: when the checkpoint was written on another kind of device (CPU / CUDA) and
+                the model has dropout: the dropout generator's state cannot move between the two,
+                so the run could not continue exactly. Without dropout that generator is never
+                drawn from, and the run resumes on either device.
+        """
+        saved_on = state.get("device_type", "cpu")  # checkpoints before this field were all CPU runs
+        moved = saved_on != self.device.type
+        if moved and getattr(self.model.config, "dropout", 0.0) > 0:
+            raise ValueError(
+                f"Trainer.resume: this checkpoint was written on {saved_on} and this run is on "
+                f"{self.device.type}; a model with dropout resumes exactly only on the device kind it "
+                f"was trained on: resume it on {saved_on}, or start a new run from its weights "
+                f"with --init-from."
+            )
         self.step = int(state["step"])
         self.last_loss = float(state["last_loss"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.data_generator.set_state(state["data_generator"])
-        self.dropout_generator.set_state(state["dropout_generator"])
+        if not moved:
+            self.dropout_generator.set_state(state["dropout_generator"])
 
     @classmethod
     def resume(cls, run_dir: str | RunDir, *, probes: Sequence[Probe] = ()) -> Trainer:
