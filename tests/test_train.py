@@ -288,6 +288,7 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
     config = json.loads(path.read_text())
     del config["train"]["aux_loss_weight"]  # as written before these fields were added
     del config["train"]["position_shift"]
+    del config["train"]["position_shift_ends"]
     path.write_text(json.dumps(config))
     resumed = Trainer.resume(tmp_path / "old")
     assert resumed.step == 4 and resumed.experiment == _tiny(steps=12)
@@ -359,3 +360,30 @@ def test_resume_on_another_device_kind_is_refused_with_dropout_and_allowed_witho
     written_on_cuda(tmp_path / "plain")
     result = Trainer.resume(tmp_path / "plain").fit()
     assert result.final_loss_nats == result_full.final_loss_nats
+
+
+def test_position_shift_ends_put_that_fraction_at_the_first_and_last_offsets(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="position_shift_ends must be 0 unless position_shift is on"):
+        TrainConfig(steps=1, position_shift_ends=0.5)
+    with pytest.raises(ValueError, match="position_shift_ends"):
+        TrainConfig(steps=1, position_shift=True, position_shift_ends=1.5)
+    seen = []
+    make_ids = train_mod.Trainer._shifted_position_ids
+
+    def spy(self, shape):
+        seen.append(make_ids(self, shape))
+        return seen[-1]
+
+    monkeypatch.setattr(train_mod.Trainer, "_shifted_position_ids", spy)
+    offsets = {}
+    for ends in (0.0, 0.5, 1.0):
+        seen.clear()
+        Trainer(_hmm_experiment(steps=100, position_shift=True, position_shift_ends=ends)).fit()
+        # Offsets 0, 2, .., 10 (6 whole steps; see the test above), 800 draws.
+        offsets[ends] = torch.cat(seen)[:, 11] - 11
+    counts = {e: torch.bincount(o, minlength=11)[::2].tolist() for e, o in offsets.items()}
+    assert set(offsets[1.0].tolist()) == {0, 10} and abs(counts[1.0][0] - 400) < 60  # binomial sd 14
+    # Half at the ends, half uniform: each end gets 1/4 + 1/12 = 1/3, each middle offset 1/12.
+    assert all(abs(c - 800 / 3) < 60 for c in (counts[0.5][0], counts[0.5][5]))
+    assert all(abs(c - 800 / 12) < 35 for c in counts[0.5][1:5])  # sd 8
+    assert all(abs(c - 800 / 6) < 45 for c in counts[0.0])  # sd 11

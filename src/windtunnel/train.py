@@ -91,6 +91,11 @@ class TrainConfig:
             length are trained too. Evaluation never shifts. Needs a task with a
             ``step_layout`` (the HMM) and TinyGPT. Ours, not the paper's recipe: for length
             generalisation (RESULTS.md).
+        position_shift_ends: with ``position_shift``, the fraction of sequences placed at the
+            first or the last offset (half each) instead of a uniform one. Uniform offsets train
+            the middle rows of the table most and the last rows least (the last step's row only
+            at the largest offset, 1 in n_offsets sequences); the ends even this out. 0 (the
+            default) draws exactly as before it existed.
         eval_every: evaluate every this many steps (and at the end).
         eval_size: held-out sequences, drawn once from the eval generator.
         eval_batch_size: sequences per evaluation forward pass.
@@ -111,6 +116,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     aux_loss_weight: float = 0.0
     position_shift: bool = False
+    position_shift_ends: float = 0.0
     eval_every: int = 1000
     eval_size: int = 2000
     eval_batch_size: int = 500
@@ -129,7 +135,7 @@ class TrainConfig:
         text = check_positive_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
         if text:
             problems.add_text(text)
-        for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False), ("min_lr_ratio", 0.0, 1.0, False), ("aux_loss_weight", 0.0, math.inf, False)):
+        for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False), ("min_lr_ratio", 0.0, 1.0, False), ("aux_loss_weight", 0.0, math.inf, False), ("position_shift_ends", 0.0, 1.0, False)):
             text = check_number(owner, name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=math.isinf(high))
             if text:
                 problems.add_text(text)
@@ -147,6 +153,8 @@ class TrainConfig:
             problems.add("seed", "an int >= 0", self.seed)
         if not isinstance(self.position_shift, bool):
             problems.add("position_shift", "a bool", self.position_shift)
+        elif self.position_shift_ends and not self.position_shift:
+            problems.add("position_shift_ends", "0 unless position_shift is on", self.position_shift_ends)
         problems.raise_if_any()
         object.__setattr__(self, "betas", tuple(self.betas))
 
@@ -486,11 +494,17 @@ class Trainer:
 
     def _shifted_position_ids(self, shape: torch.Size) -> torch.Tensor:
         """Position ids [batch, seq_len] for ``position_shift``: the header at 0..header_len-1, the
-        steps moved by a random whole number of steps (from the data stream)."""
+        steps moved by a random whole number of steps (from the data stream): uniform, or with
+        probability ``position_shift_ends`` the first or the last offset."""
         batch, seq_len = shape
         header_len, per_step = self.task.step_layout
         n_shifts = (self.model.config.n_positions - seq_len) // per_step + 1
-        offset = per_step * torch.randint(0, n_shifts, (batch, 1), generator=self.data_generator)
+        shift = torch.randint(0, n_shifts, (batch, 1), generator=self.data_generator)
+        ends = self.config.position_shift_ends
+        if ends > 0:
+            u = torch.rand(batch, 1, generator=self.data_generator)
+            shift = torch.where(u < ends / 2, 0, torch.where(u < ends, n_shifts - 1, shift))
+        offset = per_step * shift
         ids = torch.arange(seq_len).expand(batch, seq_len)
         return torch.where(ids >= header_len, ids + offset, ids).to(self.device)
 
