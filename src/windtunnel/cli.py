@@ -153,6 +153,20 @@ def eval_command(run_dir, lengths, n_sequences, seed):
         click.echo("attention mass from the read positions (steps 2..K), the largest head in each layer:")
         for block, per_layer in circuit["attention"].items():
             click.echo(f"  {block:>14}: " + ", ".join(f"{max(heads):.2f}" for heads in per_layer))
+    if "history_attention" in report:
+        name, longest = list(report["history_attention"].items())[-1]
+        steps = longest["steps"]
+        ticks = sorted({steps[0], *(steps[round(f * (len(steps) - 1))] for f in (0.25, 0.5, 0.75)), steps[-1]})
+        click.echo(f"attention to the earlier observations by step t ({name}), the head of each layer "
+                   f"with the most: mass on step t-1 / on all earlier steps / entropy among them (bits)")
+        click.echo("  " + " " * 8 + "".join(f"{f't={t}':>20}" for t in ticks))
+        for i, layer in enumerate(longest["layers"]):
+            head = max(range(len(layer["earlier_reads"])), key=lambda h: sum(layer["earlier_reads"][h]))
+            cells = [
+                f"{layer['previous_read'][head][t - 2]:.2f} / {layer['earlier_reads'][head][t - 2]:.2f} / "
+                f"{layer['earlier_entropy_bits'][head][t - 2]:.1f}" for t in ticks
+            ]
+            click.echo(f"  block {i}:" + "".join(f"{c:>20}" for c in cells) + f"   (head {head})")
     click.echo(f"wrote {report['paths']['json']} and {report['paths']['figure']}")
 
 

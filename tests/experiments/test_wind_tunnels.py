@@ -72,6 +72,11 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert circuit["layers"] == ["embed", "block 0"]
     assert set(circuit["r2"]) == {"emission_column", "transition", "memoryless_prediction", "previous_belief", "predicted_belief", "belief"}
     assert set(circuit["attention"]) == {"transition", "emission", "earlier_reads", "self", "obs_markers"}
+    history = json.loads((out / "transformer" / "eval.json").read_text())["history_attention"]
+    assert list(history) == ["train length"] and history["train length"]["steps"] == [2, 3, 4]
+    (layer,) = history["train length"]["layers"]  # one block, two heads, steps 2..4
+    assert {k: (len(v), len(v[0])) for k, v in layer.items()} == {k: (2, 3) for k in ("earlier_reads", "previous_read", "earlier_entropy_bits")}
+    assert "attention to the earlier observations by step t (train length)" in printed.output
     few = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "3"])  # fewer than the probe's 8
     assert few.exit_code == 0, few.output
     assert json.loads((out / "transformer" / "eval.json").read_text())["circuit"]["n_sequences"] == 8
@@ -129,6 +134,41 @@ def test_hmm_attention_mass_matches_a_brute_force_over_the_token_layout():
     torch.testing.assert_close(sum(got.values()) + other, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="pattern must be"):
         hmm_attention_mass(pattern[:, :, :-1], task)
+
+
+def test_hmm_history_attention_matches_a_loop_over_steps_and_reads():
+    import math
+
+    import torch
+
+    from windtunnel.experiments.evaluation import hmm_history_attention
+    from windtunnel.tasks import HMMFiltering
+
+    task = HMMFiltering(n_states=2, n_symbols=2, n_steps=5)
+    batch = task.sample(3, generator=torch.Generator().manual_seed(0))
+    n = task.seq_len
+    scores = torch.randn(3, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pattern = torch.softmax(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf), -1)
+    got = hmm_history_attention(pattern, task)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: (2, 4) for k in ("earlier_reads", "previous_read", "earlier_entropy_bits")}
+    for b_h in range(2):
+        for t in range(2, 6):
+            masses, prevs, ents = [], [], []
+            for b in range(3):
+                row = batch.tokens[b].tolist()
+                reads = [i for i, tok in enumerate(row) if tok >= task.symbol_offset]
+                q = reads[t - 1]
+                w = [float(pattern[b, b_h, q, k]) for k in reads[: t - 1]]
+                masses.append(sum(w))
+                prevs.append(w[-1])
+                ents.append(-sum(x / sum(w) * math.log2(x / sum(w)) for x in w))
+            for key, vals in (("earlier_reads", masses), ("previous_read", prevs), ("earlier_entropy_bits", ents)):
+                assert float(got[key][b_h, t - 2]) == pytest.approx(sum(vals) / 3, abs=1e-12), (key, b_h, t)
+    # One earlier read at t = 2: its entropy is 0 and the previous read is all of it.
+    torch.testing.assert_close(got["previous_read"][:, 0], got["earlier_reads"][:, 0], rtol=0, atol=1e-15)
+    assert got["earlier_entropy_bits"][:, 0].abs().max() < 1e-12
+    with pytest.raises(ValueError, match="hmm_history_attention: pattern must be"):
+        hmm_history_attention(pattern[:, :, 1:], task)
 
 
 def test_hmm_circuit_probe_on_an_untrained_model():

@@ -40,7 +40,9 @@ def evaluate_run(
     summary also holds the memory ladder (:func:`memory_ladder`): the entropy MAE of exact
     filters that remember only the last w observations, and the rungs the model falls between.
 
-    For an HMM TinyGPT trained at K >= 2, eval.json also holds ``circuit``
+    For an HMM TinyGPT, eval.json also holds ``history_attention`` per length
+    (:func:`hmm_history_attention` per layer and head on up to 200 of the sequences), and, when
+    trained at K >= 2, ``circuit``
     (:func:`hmm_circuit_probe`, on 8 to 1,000 further sequences of the training length): what each layer's residual stream encodes
     at the read positions, and where each head attends.
 
@@ -58,7 +60,7 @@ def evaluate_run(
         if n_positions is not None and task.seq_len > n_positions:
             raise ValueError(f"evaluate_run: {name} needs {task.seq_len} positions; the model has {n_positions}.")
     generator = torch.Generator().manual_seed(seed)
-    summary, curves = {}, {}
+    summary, curves, history = {}, {}, {}
     for name, task in tasks.items():
         batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]
         cal = evaluate(model, task, batches)
@@ -66,7 +68,11 @@ def evaluate_run(
         if all(isinstance(b, HMMBatch) for b in batches):
             summary[name].update(memory_ladder(batches, model_mae_bits=summary[name]["entropy_mae_bits"]))
         curves[name] = {k: v.tolist() for k, v in vars(cal.per_site).items()}
+        if isinstance(task, HMMFiltering) and isinstance(model, TinyGPT) and task.n_steps >= 2:
+            history[name] = _history_attention_by_layer(model, task, batches[0])
     out = {"step": step, "n_sequences": n_sequences, "seed": seed, "summary": summary, "per_position": curves}
+    if history:
+        out["history_attention"] = history
     if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT) and base.n_steps >= 2:
         # the probe needs >= 8 sequences for its held-out split, however few --n asks for
         probe_batch = base.sample(max(8, min(n_sequences, 1000)), generator=generator)
@@ -135,17 +141,8 @@ def hmm_attention_mass(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, t
     Raises:
         ValueError: when the pattern does not fit the task's sequence length.
     """
-    seq_len = task.seq_len
-    if pattern.dim() != 4 or pattern.shape[-2:] != (seq_len, seq_len):
-        raise ValueError(f"hmm_attention_mass: pattern must be [batch, head, {seq_len}, {seq_len}]; got {tuple(pattern.shape)}.")
+    rows, earlier, own = _read_rows(pattern, task, "hmm_attention_mass")
     s2, so = task.n_states**2, task.n_states * task.n_symbols
-    sites = task.sites.to(pattern.device)
-    rows = pattern[:, :, sites[1:]]  # [batch, head, K-1, seq]
-    earlier = torch.zeros(sites.numel() - 1, seq_len, dtype=pattern.dtype, device=pattern.device)
-    for j in range(1, sites.numel()):
-        earlier[j - 1, sites[:j]] = 1.0
-    own = torch.zeros_like(earlier)
-    own[torch.arange(sites.numel() - 1), sites[1:]] = 1.0
     markers = (earlier + own).roll(-1, dims=1)  # each [OBS] sits just before its read position
     return {
         "transition": rows[..., 1 : 1 + s2].sum(-1).mean((0, 2)),
@@ -154,6 +151,63 @@ def hmm_attention_mass(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, t
         "self": (rows * own).sum(-1).mean((0, 2)),
         "obs_markers": (rows * markers).sum(-1).mean((0, 2)),
     }
+
+
+def _read_rows(pattern: torch.Tensor, task: HMMFiltering, owner: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention rows of the read positions of steps 2..K, [batch, head, K-1, seq], and two
+    [K-1, seq] masks: the earlier read positions (steps 1..t-1) and the read position itself."""
+    seq_len = task.seq_len
+    if pattern.dim() != 4 or pattern.shape[-2:] != (seq_len, seq_len):
+        raise ValueError(f"{owner}: pattern must be [batch, head, {seq_len}, {seq_len}]; got {tuple(pattern.shape)}.")
+    sites = task.sites.to(pattern.device)
+    n = sites.numel() - 1
+    step = torch.arange(n + 1, device=pattern.device)
+    earlier = torch.zeros(n, seq_len, dtype=pattern.dtype, device=pattern.device)
+    earlier[:, sites] = (step[None, :] <= step[:n, None]).to(pattern.dtype)  # read j is earlier than step t = i+2 iff j <= i
+    own = torch.zeros_like(earlier)
+    own[torch.arange(n), sites[1:]] = 1.0
+    return pattern[:, :, sites[1:]], earlier, own
+
+
+@torch.no_grad()
+def _history_attention_by_layer(model: TinyGPT, task: HMMFiltering, batch: HMMBatch, max_sequences: int = 200) -> dict[str, Any]:
+    """:func:`hmm_history_attention` of every layer on up to ``max_sequences`` sequences of ``batch``:
+    ``{"steps": [2..K], "layers": [{curve: [[per step] per head]} per layer]}``."""
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(len(model.blocks))]
+    was_training = model.training
+    model.eval()
+    try:
+        with record(model, names=names) as cache:
+            model(batch.tokens[:max_sequences])
+    finally:
+        model.train(was_training)
+    layers = [{k: v.tolist() for k, v in hmm_history_attention(cache[n], task).items()} for n in names]
+    return {"steps": list(range(2, task.n_steps + 1)), "layers": layers}
+
+
+def hmm_history_attention(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, torch.Tensor]:
+    """How each head's attention to the earlier observations changes with the step t.
+
+    For the read positions of steps t = 2..K, averaged over sequences: ``earlier_reads``, the
+    mass on the read positions of steps 1..t-1; ``previous_read``, the mass on step t-1 alone;
+    ``earlier_entropy_bits``, the entropy of the attention among the earlier reads (renormalised
+    to sum to 1; 0 = one read, log2(t-1) = spread evenly). A head that follows the previous
+    observation keeps ``previous_read`` near ``earlier_reads`` and the entropy near 0 at every t;
+    a head whose targeting fades past the training length shows it here.
+
+    Shapes: pattern [batch, head, seq, seq] -> each curve [head, K-1] (index i is step i + 2).
+
+    Raises:
+        ValueError: when the pattern does not fit the task's sequence length.
+    """
+    rows, earlier, _ = _read_rows(pattern, task, "hmm_history_attention")
+    on_earlier = rows * earlier  # [batch, head, K-1, seq]
+    mass = on_earlier.sum(-1)
+    sites = task.sites.to(pattern.device)
+    previous = torch.gather(rows, -1, sites[:-1].view(1, 1, -1, 1).expand(*rows.shape[:3], 1)).squeeze(-1)
+    w = on_earlier / mass.clamp_min(torch.finfo(pattern.dtype).tiny)[..., None]
+    entropy = -(w * torch.log2(w.clamp_min(torch.finfo(pattern.dtype).tiny))).sum(-1)
+    return {"earlier_reads": mass.mean(0), "previous_read": previous.mean(0), "earlier_entropy_bits": entropy.mean(0)}
 
 
 @torch.no_grad()
