@@ -94,8 +94,9 @@ class TrainConfig:
         position_shift_ends: with ``position_shift``, the fraction of sequences placed at the
             first or the last offset (half each) instead of a uniform one. Uniform offsets train
             the middle rows of the table most and the last rows least (the last step's row only
-            at the largest offset, 1 in n_offsets sequences); the ends even this out. 0 (the
-            default) draws exactly as before it existed.
+            at the largest offset, 1 in n_offsets sequences); the ends even this out. (It did
+            not change the K = 50 error of our HMM runs: RESULTS.md.) 0, the default, draws
+            exactly as before the field existed.
         eval_every: evaluate every this many steps (and at the end).
         eval_size: held-out sequences, drawn once from the eval generator.
         eval_batch_size: sequences per evaluation forward pass.
