@@ -233,6 +233,19 @@ def _hmm_experiment(steps=6, **train):
     )
 
 
+def _spy_on_position_ids(monkeypatch):
+    """A list that collects every position-id tensor the trainer draws for the shift."""
+    seen = []
+    make_ids = train_mod.Trainer._shifted_position_ids
+
+    def spy(self, shape):
+        seen.append(make_ids(self, shape))
+        return seen[-1]
+
+    monkeypatch.setattr(train_mod.Trainer, "_shifted_position_ids", spy)
+    return seen
+
+
 def test_position_shift_moves_the_steps_by_whole_steps_and_is_validated(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="position_shift.*a bool"):
         TrainConfig(steps=1, position_shift=1)
@@ -242,14 +255,7 @@ def test_position_shift_moves_the_steps_by_whole_steps_and_is_validated(tmp_path
         _tiny(position_shift=True)
     with pytest.raises(ValueError, match=r"at least one step longer than the training sequences \(19 tokens\); it has 19 rows"):
         dataclasses.replace(_hmm_experiment(position_shift=True), eval_lengths=())
-    seen = []
-    make_ids = train_mod.Trainer._shifted_position_ids
-
-    def spy(self, shape):
-        seen.append(make_ids(self, shape))
-        return seen[-1]
-
-    monkeypatch.setattr(train_mod.Trainer, "_shifted_position_ids", spy)
+    seen = _spy_on_position_ids(monkeypatch)
     shifted = Trainer(_hmm_experiment(steps=30, position_shift=True), tmp_path / "shift")
     shifted.fit()
     ids = torch.cat(seen)
@@ -367,14 +373,7 @@ def test_position_shift_ends_put_that_fraction_at_the_first_and_last_offsets(tmp
         TrainConfig(steps=1, position_shift_ends=0.5)
     with pytest.raises(ValueError, match="position_shift_ends"):
         TrainConfig(steps=1, position_shift=True, position_shift_ends=1.5)
-    seen = []
-    make_ids = train_mod.Trainer._shifted_position_ids
-
-    def spy(self, shape):
-        seen.append(make_ids(self, shape))
-        return seen[-1]
-
-    monkeypatch.setattr(train_mod.Trainer, "_shifted_position_ids", spy)
+    seen = _spy_on_position_ids(monkeypatch)
     offsets = {}
     for ends in (0.0, 0.5, 1.0):
         seen.clear()

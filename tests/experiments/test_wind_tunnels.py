@@ -113,6 +113,16 @@ def _layout_masses(task, tokens, pattern):
     return {k: v / count for k, v in out.items()}
 
 
+def _random_causal_pattern(task):
+    """Three sequences of ``task`` and a random causal attention pattern [3, 2 heads, seq, seq] (float64)."""
+    import torch
+
+    batch = task.sample(3, generator=torch.Generator().manual_seed(0))
+    n = task.seq_len
+    scores = torch.randn(3, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return batch, torch.softmax(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf), -1)
+
+
 def test_hmm_attention_mass_matches_a_brute_force_over_the_token_layout():
     import torch
 
@@ -120,10 +130,7 @@ def test_hmm_attention_mass_matches_a_brute_force_over_the_token_layout():
     from windtunnel.tasks import HMMFiltering
 
     task = HMMFiltering(n_states=2, n_symbols=3, n_steps=4)
-    batch = task.sample(3, generator=torch.Generator().manual_seed(0))
-    n = task.seq_len
-    scores = torch.randn(3, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    pattern = torch.softmax(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf), -1)
+    batch, pattern = _random_causal_pattern(task)
     got = hmm_attention_mass(pattern, task)
     want = _layout_masses(task, batch.tokens, pattern)
     other = want.pop("other_markers")
@@ -145,10 +152,7 @@ def test_hmm_history_attention_matches_a_loop_over_steps_and_reads():
     from windtunnel.tasks import HMMFiltering
 
     task = HMMFiltering(n_states=2, n_symbols=2, n_steps=5)
-    batch = task.sample(3, generator=torch.Generator().manual_seed(0))
-    n = task.seq_len
-    scores = torch.randn(3, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    pattern = torch.softmax(scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf), -1)
+    batch, pattern = _random_causal_pattern(task)
     got = hmm_history_attention(pattern, task)
     assert {k: tuple(v.shape) for k, v in got.items()} == {k: (2, 4) for k in ("earlier_reads", "previous_read", "earlier_entropy_bits")}
     for b_h in range(2):
