@@ -28,6 +28,7 @@ LAYERS = {
     "reports": 2,
     "comparison": 2,
     "cli": 9,
+    "__main__": 10,
 }
 
 
