@@ -77,6 +77,8 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     (layer,) = history["train length"]["layers"]  # one block, two heads, steps 2..4
     assert {k: (len(v), len(v[0])) for k, v in layer.items()} == {k: (2, 3) for k in ("earlier_reads", "previous_read", "earlier_entropy_bits")}
     assert "attention to the earlier observations by step t (train length)" in printed.output
+    assert f"and {out / 'transformer' / 'history_attention.png'}" in printed.output
+    assert (out / "transformer" / "history_attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     few = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "3"])  # fewer than the probe's 8
     assert few.exit_code == 0, few.output
     assert json.loads((out / "transformer" / "eval.json").read_text())["circuit"]["n_sequences"] == 8

@@ -33,7 +33,7 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tup
 def evaluate_run(
     run_dir: str | Path, *, lengths: Sequence[int] = (), n_sequences: int = 2000, seed: int = 12345, batch_size: int = 500
 ) -> dict[str, Any]:
-    """Evaluate the latest checkpoint on fresh seeded sequences; write eval.json and eval_curves.png.
+    """Evaluate the latest checkpoint on fresh seeded sequences; write eval.json and eval_curves.png (and, for an HMM TinyGPT, history_attention.png).
 
     ``lengths`` applies to tasks with a length parameter (HMM ``n_steps``); an empty list
     evaluates the training length only. Every metric is per sample (SPEC §7). For the HMM each
@@ -79,8 +79,11 @@ def evaluate_run(
         out["circuit"] = hmm_circuit_probe(model, base, probe_batch, generator=torch.Generator().manual_seed(seed))
     run = RunDir(run_dir)
     json_path = write_json_atomic(run.path / "eval.json", out)
-    figure_path = _plot(curves, run.path / "eval_curves.png", title=f"{experiment.name or experiment.task_name} at step {step}")
-    return {**out, "paths": {"json": str(json_path), "figure": str(figure_path)}}
+    title = f"{experiment.name or experiment.task_name} at step {step}"
+    paths = {"json": str(json_path), "figure": str(_plot(curves, run.path / "eval_curves.png", title=title))}
+    if history:
+        paths["history_figure"] = str(_plot_history(history, run.path / "history_attention.png", title=title))
+    return {**out, "paths": paths}
 
 
 MEMORY_WINDOWS = (1, 2, 3, 4, 6, 8)
@@ -302,6 +305,35 @@ def _plot(curves: dict[str, dict[str, list[float]]], path: Path, *, title: str) 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    return _save_png(fig, path)
+
+
+def _plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
+    """For the longest evaluated length, the head of each layer with the most attention on earlier
+    observations: its mass on step t-1, on all earlier steps, and its entropy among them, by t."""
+    from matplotlib.figure import Figure
+
+    name, longest = list(history.items())[-1]
+    steps = longest["steps"]
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    ax_prev, ax_all, ax_ent = fig.subplots(1, 3)
+    for i, layer in enumerate(longest["layers"]):
+        head = max(range(len(layer["earlier_reads"])), key=lambda h: sum(layer["earlier_reads"][h]))
+        label = f"block {i}, head {head}"
+        ax_prev.plot(steps, layer["previous_read"][head], label=label)
+        ax_all.plot(steps, layer["earlier_reads"][head], label=label)
+        ax_ent.plot(steps, layer["earlier_entropy_bits"][head], label=label)
+    ax_prev.set(xlabel="step t", ylabel="attention mass", title="on step t−1", ylim=(-0.02, 1.02))
+    ax_all.set(xlabel="step t", ylabel="attention mass", title="on steps 1..t−1", ylim=(-0.02, 1.02))
+    ax_ent.set(xlabel="step t", ylabel="bits", title="entropy among steps 1..t−1")
+    for ax in (ax_prev, ax_all, ax_ent):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title} ({name}; per layer, the head with the most attention on earlier observations)")
+    return _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return write_bytes_atomic(path, buffer.getvalue())
