@@ -386,3 +386,31 @@ def test_position_shift_ends_put_that_fraction_at_the_first_and_last_offsets(tmp
     assert all(abs(c - 800 / 3) < 60 for c in (counts[0.5][0], counts[0.5][5]))
     assert all(abs(c - 800 / 12) < 35 for c in counts[0.5][1:5])  # sd 8
     assert all(abs(c - 800 / 6) < 45 for c in counts[0.0])  # sd 11
+
+
+def test_train_lengths_draw_each_batch_at_one_of_the_lengths_and_resume_exactly(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="train_lengths needs a task with n_steps"):
+        dataclasses.replace(_tiny(), train_lengths=(7,))
+    with pytest.raises(ValueError, match="n_steps"):
+        dataclasses.replace(_hmm_experiment(), train_lengths=(0,))
+    with pytest.raises(ValueError, match=r"train_lengths \[12\] need 35 positions; model.n_positions is 29"):
+        dataclasses.replace(_hmm_experiment(), train_lengths=(12,), model={**_hmm_experiment().model, "n_positions": 29})
+    mixed = dataclasses.replace(_hmm_experiment(steps=40, position_shift=True), train_lengths=(9,), eval_lengths=())
+    assert mixed.model_config().n_positions == 29  # the table grows to fit the 9-step sequences (19 without)
+    assert apply_overrides(_hmm_experiment(), ["train_lengths=[9]"]).train_lengths == (9,)
+    seen = []
+    real = train_mod.site_loss
+
+    def spy(logits, batch, task):
+        seen.append((batch.tokens.shape[1], task.n_steps))
+        return real(logits, batch, task)
+
+    monkeypatch.setattr(train_mod, "site_loss", spy)
+    full = Trainer(mixed, tmp_path / "full")
+    result_full = full.fit()
+    # 4 steps -> 19 tokens, 9 steps -> 29; the loss is taken with the batch's own task.
+    assert set(seen) == {(19, 4), (29, 9)} and 10 <= sum(n == 9 for _, n in seen) <= 30  # 40 fair draws
+    Trainer(mixed, tmp_path / "part").fit(stop_at=17)
+    result = Trainer.resume(tmp_path / "part").fit()
+    assert result.final_loss_nats == result_full.final_loss_nats
+    assert float(result.calibration.entropy_mae_bits) == float(result_full.calibration.entropy_mae_bits)

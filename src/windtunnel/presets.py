@@ -183,7 +183,7 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
     """Apply ``section.field=value`` overrides (values parsed as JSON, else kept as strings).
 
     Sections: ``train`` (TrainConfig fields), ``model`` (model-config fields), ``task`` (task
-    fields); top-level ``name`` and ``eval_lengths`` too. Every problem is reported at once.
+    fields); top-level ``name``, ``eval_lengths`` and ``train_lengths`` too. Every problem is reported at once.
 
     Raises:
         ConfigError / ValueError: listing each malformed or unknown key with close matches, and
@@ -201,7 +201,7 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
             problems.append(f"override {item!r} must look like section.field=value")
             continue
         value = _parse_value(raw)
-        if key in ("name", "eval_lengths"):
+        if key in ("name", "eval_lengths", "train_lengths"):
             data[key] = value
             continue
         section, dot, name = key.partition(".")

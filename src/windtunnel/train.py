@@ -189,6 +189,10 @@ class ExperimentConfig:
         train: the :class:`TrainConfig`.
         eval_lengths: for tasks with a length parameter (HMM ``n_steps``), extra evaluation
             lengths (length generalisation); empty for none.
+        train_lengths: for such tasks, extra training lengths: each step's batch is drawn at a
+            length chosen uniformly (from the data generator) among the task's own and these.
+            Empty (the default): every batch at the task's length, drawn exactly as before the
+            field existed. Ours, and a deviation from training at one K: label results that use it.
         name: a label (the preset name).
         init_from: a run directory (its latest checkpoint) or a checkpoint file whose model
             weights start this run: fine-tuning. The optimizer, schedule, step and generators
@@ -202,6 +206,7 @@ class ExperimentConfig:
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig
     eval_lengths: tuple[int, ...] = ()
+    train_lengths: tuple[int, ...] = ()
     name: str = ""
     init_from: str | None = None
 
@@ -217,8 +222,19 @@ class ExperimentConfig:
             problems.add("init_from", "a path (str) or None", self.init_from)
         problems.raise_if_any()
         object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
+        object.__setattr__(self, "train_lengths", tuple(self.train_lengths))
         task = self.build_task()  # validates the task fields
+        if self.train_lengths:
+            if not hasattr(task, "n_steps"):
+                raise ValueError(f"ExperimentConfig: train_lengths needs a task with n_steps (the HMM); {self.task_name} has none.")
+            longest = max(self.build_task(n_steps=n).seq_len for n in self.train_lengths)  # validates each length
         model_config = self.model_config()  # validates the model fields
+        n_rows = getattr(model_config, "n_positions", None)
+        if self.train_lengths and n_rows is not None and n_rows < longest:
+            raise ValueError(
+                f"ExperimentConfig: train_lengths {list(self.train_lengths)} need {longest} positions; "
+                f"model.n_positions is {n_rows}."
+            )
         if self.train.aux_loss_weight > 0 and not hasattr(task, "auxiliary_targets"):
             raise ValueError(
                 f"ExperimentConfig: train.aux_loss_weight={self.train.aux_loss_weight} needs a task with auxiliary "
@@ -252,7 +268,8 @@ class ExperimentConfig:
         names = {f.name for f in dataclasses.fields(config_cls)}
         derived: dict[str, Any] = {"vocab_size": task.vocab_size}
         if "n_positions" in names:
-            longest = max([task.seq_len] + [self.build_task(n_steps=n).seq_len for n in self.eval_lengths])
+            extra = [*self.eval_lengths, *self.train_lengths]
+            longest = max([task.seq_len] + [self.build_task(n_steps=n).seq_len for n in extra])
             derived["n_positions"] = longest
         if task.soft_targets:
             derived["n_out"] = task.n_classes
@@ -270,6 +287,7 @@ class ExperimentConfig:
         out = dataclasses.asdict(self)
         out["train"]["betas"] = list(self.train.betas)
         out["eval_lengths"] = list(self.eval_lengths)
+        out["train_lengths"] = list(self.train_lengths)
         return out
 
     @classmethod
@@ -360,6 +378,7 @@ class Trainer:
         self.probes = list(probes)
         self.device = self.config.resolved_device()
         self.task = experiment.build_task()
+        self.train_tasks = [self.task, *(experiment.build_task(n_steps=n) for n in experiment.train_lengths)]
         seeds = seed_streams(self.config.seed)
         self.model = experiment.build_model(torch.Generator().manual_seed(seeds["init"])).to(self.device)
         self.init_step: int | None = None
@@ -493,6 +512,13 @@ class Trainer:
         if self.run is not None:
             self.run.log_metrics(row)
 
+    def _draw_task(self) -> Any:
+        """The task of this step's batch: the task itself, or with ``train_lengths`` one of the
+        lengths, uniformly (from the data stream; no draw without them)."""
+        if len(self.train_tasks) == 1:
+            return self.task
+        return self.train_tasks[int(torch.randint(0, len(self.train_tasks), (), generator=self.data_generator))]
+
     def _shifted_position_ids(self, shape: torch.Size) -> torch.Tensor:
         """Position ids [batch, seq_len] for ``position_shift``: the header at 0..header_len-1, the
         steps moved by a random whole number of steps (from the data stream): uniform, or with
@@ -543,11 +569,12 @@ class Trainer:
             lr = learning_rate(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            batch = self.task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
+            task = self._draw_task()
+            batch = task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
             shifted = {"position_ids": self._shifted_position_ids(batch.tokens.shape)} if cfg.position_shift else {}
             logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
-            loss = site_loss(logits, batch, self.task)
-            aux_loss = auxiliary_loss_nats(logits, batch, self.task) if cfg.aux_loss_weight > 0 else None
+            loss = site_loss(logits, batch, task)
+            aux_loss = auxiliary_loss_nats(logits, batch, task) if cfg.aux_loss_weight > 0 else None
             self.optimizer.zero_grad(set_to_none=True)
             (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
