@@ -41,11 +41,10 @@ RECIPES: dict[str, tuple[list[str], int]] = {
     "4L128-b32": (SMALL + ["--set", "model.d_model=128", "--set", "model.d_mlp=512"], 60_000),
     "4L128-b32-noshift": (SMALL + ["--set", "model.d_model=128", "--set", "model.d_mlp=512", "--set", "train.position_shift=false"], 60_000),
 }
-DEVICE = "cuda"
 
 
-def _train(name: str, options: list[str], steps: int, out: Path, env: dict[str, str], extra: list[str] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "windtunnel", "train", "hmm", *COMMON, "--set", f"train.device={DEVICE}", *options, *extra, "--steps", str(steps), "--out", str(out)]
+def _train(options: list[str], steps: int, out: Path, env: dict[str, str], device: str, extra: list[str] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "windtunnel", "train", "hmm", *COMMON, "--set", f"train.device={device}", *options, *extra, "--steps", str(steps), "--out", str(out)]
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -97,18 +96,16 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=400, help="steps of each probe (>= 200)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke test of this script")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("hmm_gpu_sweep: needs a CUDA device (or --device cpu for a smoke test)")
     names = args.only or list(RECIPES)
     args.out.mkdir(parents=True, exist_ok=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // len(names)))}
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{device_name}; torch {torch.__version__}; {len(names)} recipes at once", flush=True)
 
     t0 = time.monotonic()
-    probes = {n: _train(n, RECIPES[n][0], args.probe_steps, args.out / f"probe-{n}", env, ["--set", "train.warmup_steps=50", "--set", "train.eval_size=100"]) for n in names}
+    probes = {n: _train(RECIPES[n][0], args.probe_steps, args.out / f"probe-{n}", env, args.device, ["--set", "train.warmup_steps=50", "--set", "train.eval_size=100"]) for n in names}
     status = _wait(probes, time.monotonic() + 600)
     rates = {}
     for n in names:
@@ -121,7 +118,7 @@ def main() -> None:
     for n in names:
         print(f"  {n}: {rates[n]:.1f} steps/s sharing the GPU -> {plan[n]} steps", flush=True)
     t1 = time.monotonic()
-    runs = {n: _train(n, RECIPES[n][0], plan[n], args.out / n, env) for n in names}
+    runs = {n: _train(RECIPES[n][0], plan[n], args.out / n, env, args.device) for n in names}
     status = _wait(runs, t1 + args.train_s + args.grace_s)
     train_wall = time.monotonic() - t1
     print(f"training took {train_wall:.0f} s", flush=True)

@@ -124,7 +124,7 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
               help="Seed of the evaluation sequences.")
 def eval_command(run_dir, lengths, n_sequences, seed):
     """Evaluate a run's latest checkpoint: per-position calibration curves, JSON and a plot."""
-    from windtunnel.experiments.evaluation import evaluate_run
+    from windtunnel.experiments.evaluation import evaluate_run, history_head
 
     try:
         report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed)
@@ -161,7 +161,7 @@ def eval_command(run_dir, lengths, n_sequences, seed):
                    f"with the most: mass on step t-1 / on all earlier steps / entropy among them (bits)")
         click.echo("  " + " " * 8 + "".join(f"{f't={t}':>20}" for t in ticks))
         for i, layer in enumerate(longest["layers"]):
-            head = max(range(len(layer["earlier_reads"])), key=lambda h: sum(layer["earlier_reads"][h]))
+            head = history_head(layer)
             cells = [
                 f"{layer['previous_read'][head][t - 2]:.2f} / {layer['earlier_reads'][head][t - 2]:.2f} / "
                 f"{layer['earlier_entropy_bits'][head][t - 2]:.1f}" for t in ticks

@@ -188,6 +188,12 @@ def _history_attention_by_layer(model: TinyGPT, task: HMMFiltering, batch: HMMBa
     return {"steps": list(range(2, task.n_steps + 1)), "layers": layers}
 
 
+def history_head(layer: dict[str, list[list[float]]]) -> int:
+    """The head of one layer of ``history_attention`` (eval.json) with the most attention on the
+    earlier observations, summed over the steps: the one `windtunnel eval` prints and plots."""
+    return max(range(len(layer["earlier_reads"])), key=lambda h: sum(layer["earlier_reads"][h]))
+
+
 def hmm_history_attention(pattern: torch.Tensor, task: HMMFiltering) -> dict[str, torch.Tensor]:
     """How each head's attention to the earlier observations changes with the step t.
 
@@ -318,7 +324,7 @@ def _plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
     fig = Figure(figsize=(11, 3.6), layout="constrained")
     ax_prev, ax_all, ax_ent = fig.subplots(1, 3)
     for i, layer in enumerate(longest["layers"]):
-        head = max(range(len(layer["earlier_reads"])), key=lambda h: sum(layer["earlier_reads"][h]))
+        head = history_head(layer)
         label = f"block {i}, head {head}"
         ax_prev.plot(steps, layer["previous_read"][head], label=label)
         ax_all.plot(steps, layer["earlier_reads"][head], label=label)
