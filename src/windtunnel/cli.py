@@ -122,14 +122,19 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
               help="Held-out sequences per length.")
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
               help="Seed of the evaluation sequences.")
-def eval_command(run_dir, lengths, n_sequences, seed):
+@click.option("--shift-steps", "step_shift", type=click.IntRange(min=0), default=0, show_default=True,
+              help="HMM TinyGPT: read step t at the position rows of step t + N (the training shift's "
+                   "layout); writes eval_shiftN.json, leaving eval.json alone.")
+def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
     """Evaluate a run's latest checkpoint: per-position calibration curves, JSON and a plot."""
     from windtunnel.experiments.evaluation import evaluate_run, history_head
 
     try:
-        report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed)
+        report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed, step_shift=step_shift)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if step_shift:
+        click.echo(f"steps moved {step_shift} along the position table: step t reads the rows of step t + {step_shift}")
     for name, row in report["summary"].items():
         click.echo(f"{name}: entropy MAE {row['entropy_mae_bits']:.5f} bits, KL {row['kl_bits']:.5f} bits, "
                    f"accuracy {row['accuracy']:.3f}")

@@ -116,15 +116,20 @@ def auxiliary_loss_nats(logits: torch.Tensor, batch: Batch, task: Any) -> torch.
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, task: Any, batches: Sequence[Batch]) -> Calibration:
-    """Calibration (entropy MAE, KL, accuracy in bits) of ``model`` in eval mode on fixed batches."""
+def calibrate(model: nn.Module, task: Any, batches: Sequence[Batch], *, position_ids: torch.Tensor | None = None) -> Calibration:
+    """Calibration (entropy MAE, KL, accuracy in bits) of ``model`` in eval mode on fixed batches.
+
+    ``position_ids``, long [seq_len], is passed to the model (a TinyGPT) for every batch, e.g.
+    :func:`windtunnel.train.step_position_ids` to read the steps at other rows of the table;
+    None (the default) calls the model without it."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    extra = {} if position_ids is None else {"position_ids": position_ids.to(device)}
     parts = []
     try:
         for batch in batches:
-            logits = model(batch.tokens.to(device))
+            logits = model(batch.tokens.to(device), **extra)
             sl = select_sites(logits, batch.sites.to(device), class_offset=task.class_offset, n_classes=task.n_classes)
             parts.append(site_metrics(sl.cpu(), batch.posterior, batch.labels))
     finally:

@@ -51,6 +51,7 @@ __all__ = [
     "learning_rate",
     "seed_streams",
     "site_loss",
+    "step_position_ids",
     "telemetry_steps",
 ]
 
@@ -319,6 +320,24 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_position_ids(seq_len: int, step_layout: tuple[int, int], shift: int | torch.Tensor) -> torch.Tensor:
+    """Position-table rows for a sequence whose steps are moved ``shift`` whole steps along the
+    table, as ``TrainConfig.position_shift`` trains and ``windtunnel eval --shift-steps`` evaluates:
+    the header keeps rows 0..header_len-1 and token i >= header_len reads row i + per_step * shift.
+
+    Args:
+        seq_len: tokens per sequence.
+        step_layout: the task's (header_len, tokens per step) (``HMMFiltering.step_layout``).
+        shift: whole steps, an int (one shift for every sequence) or a long tensor [batch, 1].
+
+    Returns:
+        long [seq_len] for an int shift, [batch, seq_len] for a tensor one.
+    """
+    header_len, per_step = step_layout
+    ids = torch.arange(seq_len)
+    return torch.where(ids >= header_len, ids + per_step * shift, ids)
+
+
 def telemetry_steps(total_steps: int) -> list[int]:
     """The log-spaced probe schedule of SPEC §8.6, dense early, and always the last step.
 
@@ -524,16 +543,14 @@ class Trainer:
         steps moved by a random whole number of steps (from the data stream): uniform, or with
         probability ``position_shift_ends`` the first or the last offset."""
         batch, seq_len = shape
-        header_len, per_step = self.task.step_layout
+        per_step = self.task.step_layout[1]
         n_shifts = (self.model.config.n_positions - seq_len) // per_step + 1
         shift = torch.randint(0, n_shifts, (batch, 1), generator=self.data_generator)
         ends = self.config.position_shift_ends
         if ends > 0:
             u = torch.rand(batch, 1, generator=self.data_generator)
             shift = torch.where(u < ends / 2, 0, torch.where(u < ends, n_shifts - 1, shift))
-        offset = per_step * shift
-        ids = torch.arange(seq_len).expand(batch, seq_len)
-        return torch.where(ids >= header_len, ids + offset, ids).to(self.device)
+        return step_position_ids(seq_len, self.task.step_layout, shift).to(self.device)
 
     def _run_probes(self) -> None:
         if not self.probes:

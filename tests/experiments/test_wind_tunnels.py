@@ -247,3 +247,48 @@ def test_memory_ladder_places_a_finite_memory_filter_on_its_own_rung():
     assert (perfect["beats_memory_steps"], perfect["beaten_by_memory_steps"]) == (2, None)
     useless = memory_ladder(batches, model_mae_bits=10.0, windows=(1, 2))  # beaten by every rung
     assert (useless["beats_memory_steps"], useless["beaten_by_memory_steps"]) == (None, 1)
+
+
+def test_eval_shift_steps_equals_moving_the_position_rows(tmp_path):
+    """``windtunnel eval --shift-steps S`` of a model equals plain evaluation of a copy whose step
+    rows are moved S steps down the table (brute force), and leaves eval.json alone."""
+    import torch
+
+    from windtunnel.experiments.evaluation import evaluate_run, load_model
+    from windtunnel.train import Trainer, evaluate
+
+    experiment = _tiny("hmm", "transformer", dict(n_states=2, n_symbols=2, n_steps=4),
+                       dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32, norm="layernorm"), eval_lengths=(7,))()
+    run = tmp_path / "run"
+    Trainer(experiment, run).fit()
+    # header 2*2 + 2*2 + 3 = 11 tokens, 2 tokens a step: K = 4 is 19 tokens, the table 11 + 2*7 = 25 rows
+    result = CliRunner().invoke(main, ["eval", str(run), "--n", "30", "--shift-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "step t reads the rows of step t + 2" in result.output
+    assert not (run / "eval.json").exists() and (run / "eval_curves_shift2.png").exists()
+    shifted = json.loads((run / "eval_shift2.json").read_text())
+    assert shifted["step_shift"] == 2 and "circuit" not in shifted and "history_attention" not in shifted
+
+    _, model, _ = load_model(run)
+    moved = load_model(run)[1]
+    with torch.no_grad():
+        moved.pos_embed.W_pos[11:21] = model.pos_embed.W_pos[15:25]
+    task = experiment.build_task()
+    generator = torch.Generator().manual_seed(12345)  # evaluate_run's default seed, one batch of 30
+    want = evaluate(moved, task, [task.sample(30, generator=generator)])
+    got = shifted["summary"]["train length"]
+    assert abs(got["entropy_mae_bits"] - float(want.entropy_mae_bits)) < 1e-12
+    assert abs(got["kl_bits"] - float(want.kl_bits)) < 1e-12
+    plain = evaluate_run(run, n_sequences=30)["summary"]["train length"]
+    assert plain["entropy_mae_bits"] != got["entropy_mae_bits"], "the shift changed which rows were read"
+
+    with pytest.raises(ValueError, match="needs 27 positions with the steps moved by 4; the model has 25"):
+        evaluate_run(run, n_sequences=30, step_shift=4)
+    with pytest.raises(ValueError, match="n_steps=7 needs 27 positions with the steps moved by 1"):
+        evaluate_run(run, lengths=(4, 7), n_sequences=30, step_shift=1)
+    with pytest.raises(ValueError, match="step_shift must be an int >= 0"):
+        evaluate_run(run, n_sequences=30, step_shift=-1)
+    lstm = tmp_path / "lstm"
+    Trainer(_tiny("hmm", "lstm", dict(n_states=2, n_symbols=2, n_steps=4), dict(n_layers=1, d_model=16))(), lstm).fit()
+    with pytest.raises(ValueError, match="step_shift needs an HMM TinyGPT run; this one is hmm/lstm"):
+        evaluate_run(lstm, n_sequences=30, step_shift=1)

@@ -14,7 +14,7 @@ from windtunnel.hooks import record
 from windtunnel.models import TinyGPT
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
-from windtunnel.train import ExperimentConfig, evaluate
+from windtunnel.train import ExperimentConfig, evaluate, step_position_ids
 
 __all__ = ["CIRCUIT_QUANTITIES", "MEMORY_WINDOWS", "evaluate_run", "hmm_attention_mass", "hmm_circuit_probe", "load_model", "memory_ladder"]
 
@@ -31,7 +31,13 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tup
 
 
 def evaluate_run(
-    run_dir: str | Path, *, lengths: Sequence[int] = (), n_sequences: int = 2000, seed: int = 12345, batch_size: int = 500
+    run_dir: str | Path,
+    *,
+    lengths: Sequence[int] = (),
+    n_sequences: int = 2000,
+    seed: int = 12345,
+    batch_size: int = 500,
+    step_shift: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint on fresh seeded sequences; write eval.json and eval_curves.png (and, for an HMM TinyGPT, history_attention.png).
 
@@ -46,9 +52,18 @@ def evaluate_run(
     (:func:`hmm_circuit_probe`, on 8 to 1,000 further sequences of the training length): what each layer's residual stream encodes
     at the read positions, and where each head attends.
 
+    ``step_shift`` > 0 (an HMM TinyGPT only) evaluates the same sequences with their steps moved
+    that many whole steps along the position table (:func:`windtunnel.train.step_position_ids`,
+    the layout ``TrainConfig.position_shift`` trains on): step t reads the rows of step
+    t + step_shift. Comparing curves then tells an error that follows the step from one that
+    follows a row of the table. It writes eval_shift{step_shift}.json and
+    eval_curves_shift{step_shift}.png beside eval.json, which it leaves alone, and skips the
+    attention and circuit probes (they describe the unshifted layout).
+
     Raises:
         ValueError: when lengths are given for a task without ``n_steps`` or exceed the model's
-            position table.
+            position table, or ``step_shift`` is negative, given for another task or model, or
+            moves the last step past the table.
     """
     experiment, model, step = load_model(run_dir)
     base = experiment.build_task()
@@ -56,31 +71,41 @@ def evaluate_run(
         raise ValueError(f"evaluate_run: --lengths needs a task with n_steps (the HMM); {experiment.task_name} has none.")
     tasks = {f"n_steps={n}": experiment.build_task(n_steps=n) for n in lengths} if lengths else {"train length": base}
     n_positions = getattr(experiment.model_config(), "n_positions", None)
+    if isinstance(step_shift, bool) or not isinstance(step_shift, int) or step_shift < 0:
+        raise ValueError(f"evaluate_run: step_shift must be an int >= 0; got {step_shift!r}.")
+    if step_shift and not (isinstance(base, HMMFiltering) and isinstance(model, TinyGPT)):
+        raise ValueError(f"evaluate_run: step_shift needs an HMM TinyGPT run; this one is {experiment.task_name}/{experiment.model_name}.")
     for name, task in tasks.items():
-        if n_positions is not None and task.seq_len > n_positions:
-            raise ValueError(f"evaluate_run: {name} needs {task.seq_len} positions; the model has {n_positions}.")
+        needed = task.seq_len + (task.step_layout[1] * step_shift if step_shift else 0)
+        if n_positions is not None and needed > n_positions:
+            moved = f" with the steps moved by {step_shift}" if step_shift else ""
+            raise ValueError(f"evaluate_run: {name} needs {needed} positions{moved}; the model has {n_positions}.")
     generator = torch.Generator().manual_seed(seed)
     summary, curves, history = {}, {}, {}
     for name, task in tasks.items():
         batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]
-        cal = evaluate(model, task, batches)
+        ids = step_position_ids(task.seq_len, task.step_layout, step_shift) if step_shift else None
+        cal = evaluate(model, task, batches, position_ids=ids)
         summary[name] = cal.scalars()
         if all(isinstance(b, HMMBatch) for b in batches):
             summary[name].update(memory_ladder(batches, model_mae_bits=summary[name]["entropy_mae_bits"]))
         curves[name] = {k: v.tolist() for k, v in vars(cal.per_site).items()}
-        if isinstance(task, HMMFiltering) and isinstance(model, TinyGPT) and task.n_steps >= 2:
+        if isinstance(task, HMMFiltering) and isinstance(model, TinyGPT) and task.n_steps >= 2 and not step_shift:
             history[name] = _history_attention_by_layer(model, task, batches[0])
     out = {"step": step, "n_sequences": n_sequences, "seed": seed, "summary": summary, "per_position": curves}
+    if step_shift:
+        out["step_shift"] = step_shift
     if history:
         out["history_attention"] = history
-    if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT) and base.n_steps >= 2:
+    if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT) and base.n_steps >= 2 and not step_shift:
         # the probe needs >= 8 sequences for its held-out split, however few --n asks for
         probe_batch = base.sample(max(8, min(n_sequences, 1000)), generator=generator)
         out["circuit"] = hmm_circuit_probe(model, base, probe_batch, generator=torch.Generator().manual_seed(seed))
     run = RunDir(run_dir)
-    json_path = write_json_atomic(run.path / "eval.json", out)
-    title = f"{experiment.name or experiment.task_name} at step {step}"
-    paths = {"json": str(json_path), "figure": str(_plot(curves, run.path / "eval_curves.png", title=title))}
+    suffix = f"_shift{step_shift}" if step_shift else ""
+    json_path = write_json_atomic(run.path / f"eval{suffix}.json", out)
+    title = f"{experiment.name or experiment.task_name} at step {step}" + (f", steps moved {step_shift} along the position table" if step_shift else "")
+    paths = {"json": str(json_path), "figure": str(_plot(curves, run.path / f"eval_curves{suffix}.png", title=title))}
     if history:
         paths["history_figure"] = str(_plot_history(history, run.path / "history_attention.png", title=title))
     return {**out, "paths": paths}
