@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from windtunnel.hooks import ActivationCache, HookPoint, hook_points, name_hook_points, record
+from windtunnel.hooks import ActivationCache, HookPoint, eval_mode, hook_points, name_hook_points, record
 
 
 class Inner(nn.Module):
@@ -234,3 +234,18 @@ def test_recording_a_submodule_uses_the_root_names():
     with record(model.blocks[1]) as cache:
         model(x)
     assert list(cache) == ["blocks.1.hook_pre", "blocks.1.hook_post"]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_turns_dropout_off_and_restores_the_flag_even_on_error(training):
+    model = nn.Sequential(nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.1)))  # no parameters: no draw from the global RNG
+    model.train(training)
+    x = torch.ones(64, 3)
+    with eval_mode(model) as same:
+        assert same is model and not any(m.training for m in model.modules())
+        assert torch.equal(model[0](x), x), "dropout is the identity in eval mode"
+    assert all(m.training == training for m in model.modules())
+    with pytest.raises(ZeroDivisionError):
+        with eval_mode(model):
+            raise ZeroDivisionError
+    assert all(m.training == training for m in model.modules())

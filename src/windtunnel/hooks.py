@@ -23,6 +23,7 @@ __all__ = [
     "ActivationCache",
     "HookPoint",
     "NameFilter",
+    "eval_mode",
     "hook_points",
     "name_hook_points",
     "record",
@@ -129,6 +130,22 @@ def _selected(points: dict[str, HookPoint], names: NameFilter) -> list[str]:
             f"record.names must name hook points of the model; got unknown {unknown!r}.{hints}"
         )
     return [name for name in points if name in set(wanted)]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode (no dropout), then restore its training flag,
+    also when the block raises. Usually paired with :func:`record`::
+
+        with eval_mode(model), record(model, names="blocks.0.attn.hook_pattern") as cache:
+            model(tokens)
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from windtunnel.geometry import (
     key_orthogonality,
     random_abs_cosine,
 )
-from windtunnel.hooks import record
+from windtunnel.hooks import eval_mode, record
 from windtunnel.metrics import Calibration, select_sites, site_metrics, summarize
 from windtunnel.models import TinyGPT
 from windtunnel.runs import write_bytes_atomic, write_json_atomic
@@ -122,18 +122,14 @@ def calibrate(model: nn.Module, task: Any, batches: Sequence[Batch], *, position
     ``position_ids``, long [seq_len], is passed to the model (a TinyGPT) for every batch, e.g.
     :func:`windtunnel.train.step_position_ids` to read the steps at other rows of the table;
     None (the default) calls the model without it."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     extra = {} if position_ids is None else {"position_ids": position_ids.to(device)}
     parts = []
-    try:
+    with eval_mode(model):
         for batch in batches:
             logits = model(batch.tokens.to(device), **extra)
             sl = select_sites(logits, batch.sites.to(device), class_offset=task.class_offset, n_classes=task.n_classes)
             parts.append(site_metrics(sl.cpu(), batch.posterior, batch.labels))
-    finally:
-        model.train(was_training)
     return summarize(type(parts[0]).cat(parts))
 
 
@@ -182,15 +178,10 @@ def collect_states(model: TinyGPT, task: Any, batch: Batch) -> SiteStates:
         ValueError: when ``model`` is not a TinyGPT.
     """
     model = _check_model("collect_states", model)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     wanted = lambda name: name == "ln_final.hook_normalized" or name.endswith(("attn.hook_pattern", "attn.hook_q", "attn.hook_k"))  # noqa: E731
-    try:
-        with record(model, names=wanted) as cache:
-            logits = model(batch.tokens.to(device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), record(model, names=wanted) as cache:
+        logits = model(batch.tokens.to(device))
     sites = batch.sites.to(device)
     norm = model.ln_final
     residual = cache["ln_final.hook_normalized"][:, sites] * norm.w
@@ -415,20 +406,17 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
     model = _check_model("routing_law_stats", model)
     if any(block.attn.head_multiplier is not None for block in model.blocks):
         raise ValueError(must("routing_law_stats", "model", "free of head ablations", "an ablated model"))
-    was_training = model.training
-    model.eval()
     saved_grads = [p.grad for p in model.parameters()]
     device = next(model.parameters()).device
     wanted = lambda name: name.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"))  # noqa: E731
     try:
-        with torch.enable_grad(), record(model, names=wanted, grads=True) as cache:
+        with eval_mode(model), torch.enable_grad(), record(model, names=wanted, grads=True) as cache:
             logits = model(batch.tokens.to(device))
             loss = loss_fn(logits, batch.to(device), task)
             loss.backward()
     finally:
         for p, g in zip(model.parameters(), saved_grads):
             p.grad = g
-        model.train(was_training)
     stats: dict[str, list[torch.Tensor]] = {name: [] for name in RoutingLawStats._PER_HEAD}
     law_err, model_err = [], []
     for l, block in enumerate(model.blocks):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from windtunnel.geometry import linear_probe_r2
-from windtunnel.hooks import record
+from windtunnel.hooks import eval_mode, record
 from windtunnel.models import TinyGPT
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
@@ -202,13 +202,8 @@ def _history_attention_by_layer(model: TinyGPT, task: HMMFiltering, batch: HMMBa
     """:func:`hmm_history_attention` of every layer on up to ``max_sequences`` sequences of ``batch``:
     ``{"steps": [2..K], "layers": [{curve: [[per step] per head]} per layer]}``."""
     names = [f"blocks.{i}.attn.hook_pattern" for i in range(len(model.blocks))]
-    was_training = model.training
-    model.eval()
-    try:
-        with record(model, names=names) as cache:
-            model(batch.tokens[:max_sequences])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), record(model, names=names) as cache:
+        model(batch.tokens[:max_sequences])
     layers = [{k: v.tolist() for k, v in hmm_history_attention(cache[n], task).items()} for n in names]
     return {"steps": list(range(2, task.n_steps + 1)), "layers": layers}
 
@@ -282,13 +277,8 @@ def hmm_circuit_probe(model: TinyGPT, task: HMMFiltering, batch: HMMBatch, *, ge
     n_layers = len(model.blocks)
     resid_names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
     pattern_names = [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        with record(model, names=resid_names + pattern_names) as cache:
-            model(batch.tokens)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), record(model, names=resid_names + pattern_names) as cache:
+        model(batch.tokens)
     n_seq, n_steps = batch.observations.shape
     n_s = task.n_states
     trans = batch.transition_cents.to(torch.float64) / task.units  # [B, S, S]
