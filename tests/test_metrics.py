@@ -91,6 +91,23 @@ def test_curve_first_never_exceeds_per_sample(seed, n_classes, n_sites):
     )
 
 
+def test_entropy_mae_standard_error_is_over_sequences():
+    import statistics
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 4, 5, generator=gen, dtype=torch.float64)
+    posterior = torch.softmax(torch.randn(9, 4, 5, generator=gen, dtype=torch.float64), -1)
+    labels = torch.randint(5, (9, 4), generator=gen)
+    result = calibration(logits, posterior, labels)
+    sites = site_metrics(logits, posterior, labels)
+    per_sequence = [
+        sum(abs(float(sites.model_entropy_bits[n, k] - sites.bayes_entropy_bits[n, k])) for k in range(4)) / 4 for n in range(9)
+    ]
+    assert result.entropy_mae_bits.item() == pytest.approx(statistics.fmean(per_sequence), rel=1e-12)
+    assert result.entropy_mae_se_bits.item() == pytest.approx(statistics.stdev(per_sequence) / 3, rel=1e-12)
+    assert math.isnan(calibration(logits[:1], posterior[:1], labels[:1]).entropy_mae_se_bits.item())
+
+
 def test_select_sites_reads_the_slice():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, 12, generator=gen)

@@ -136,7 +136,9 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
     if step_shift:
         click.echo(f"steps moved {step_shift} along the position table: step t reads the rows of step t + {step_shift}")
     for name, row in report["summary"].items():
-        click.echo(f"{name}: entropy MAE {row['entropy_mae_bits']:.5f} bits, KL {row['kl_bits']:.5f} bits, "
+        se = row.get("entropy_mae_se_bits")
+        se_text = f" (standard error {se:.5f})" if se is not None and se == se else ""
+        click.echo(f"{name}: entropy MAE {row['entropy_mae_bits']:.5f} bits{se_text}, KL {row['kl_bits']:.5f} bits, "
                    f"accuracy {row['accuracy']:.3f}")
         if "windowed_filter_mae_bits" in row:
             ladder = ", ".join(f"w={w}: {mae:.4f}" for w, mae in row["windowed_filter_mae_bits"].items())

@@ -148,6 +148,10 @@ class Calibration:
 
     Attributes:
         entropy_mae_bits: the headline, per-sample mean_{n,k} |H(p_model) - H(p_bayes)|.
+        entropy_mae_se_bits: its standard error over sequences, std_n(m_n) / sqrt(N) with m_n the
+            sequence's mean over sites (sample std; NaN for one sequence). The sites of one
+            sequence are not independent, so the sequence is the unit. Two evaluations on the
+            same sequences (the same seed) differ by less noise than this.
         mae_curve_first_bits: mean_k |mean_n H(p_model) - mean_n H(p_bayes)|, the averaging used
             by some reference code. WRONG as a calibration measure (opposite errors cancel; it is
             <= ``entropy_mae_bits``); kept only for comparison with published numbers.
@@ -164,6 +168,7 @@ class Calibration:
     """
 
     entropy_mae_bits: torch.Tensor
+    entropy_mae_se_bits: torch.Tensor
     mae_curve_first_bits: torch.Tensor
     entropy_gap_bits: torch.Tensor
     kl_bits: torch.Tensor
@@ -243,8 +248,12 @@ def summarize(sites: SiteMetrics) -> Calibration:
         soft_cross_entropy_nats=sites.soft_cross_entropy_nats.mean(0),
     )
     means = {f.name: getattr(per_site, f.name).mean() for f in dataclasses.fields(per_site)}
+    per_sequence = gap.abs().mean(1)
+    n = per_sequence.shape[0]
+    se = per_sequence.std(correction=1) / math.sqrt(n) if n > 1 else torch.tensor(math.nan, dtype=torch.float64)
     return Calibration(
         **means,
+        entropy_mae_se_bits=se,
         mae_curve_first_bits=mae_curve_first(sites.model_entropy_bits, sites.bayes_entropy_bits),
         n_sequences=sites.model_entropy_bits.shape[0],
         per_site=per_site,

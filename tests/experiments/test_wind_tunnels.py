@@ -65,6 +65,7 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     printed = CliRunner().invoke(main, ["eval", str(out / "transformer"), "--n", "40"])
     assert printed.exit_code == 0, printed.output
     assert "exact filters with a w-step memory: w=1:" in printed.output
+    assert "train length: entropy MAE " in printed.output and " bits (standard error 0.0" in printed.output
     assert "the memoryless filter (uᵀT) ⊙ E[:, o_t]:" in printed.output
     assert "the model is " in printed.output
     assert "held-out R² of linear probes at the read positions" in printed.output
