@@ -160,6 +160,12 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
         click.echo("attention mass from the read positions (steps 2..K), the largest head in each layer:")
         for block, per_layer in circuit["attention"].items():
             click.echo(f"  {block:>14}: " + ", ".join(f"{max(heads):.2f}" for heads in per_layer))
+    if "lag_response" in report:
+        lag = report["lag_response"]
+        click.echo("the belief's move when the observation d steps back changes (total variation; "
+                   "exact filter / model / error of the model's move):")
+        for d, exact, moved, error in zip(lag["lags"], lag["bayes_move_tv"], lag["model_move_tv"], lag["response_error_tv"]):
+            click.echo(f"  d = {d}: {exact:.5f} / {moved:.5f} / {error:.5f}")
     if "history_attention" in report:
         name, longest = list(report["history_attention"].items())[-1]
         steps = longest["steps"]

@@ -73,6 +73,9 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     assert circuit["layers"] == ["embed", "block 0"]
     assert set(circuit["r2"]) == {"emission_column", "transition", "memoryless_prediction", "previous_belief", "predicted_belief", "belief"}
     assert set(circuit["attention"]) == {"transition", "emission", "earlier_reads", "self", "obs_markers"}
+    lag = json.loads((out / "transformer" / "eval.json").read_text())["lag_response"]
+    assert lag["lags"] == [0, 1, 2, 3] and lag["n_sequences"] == 40  # K = 4: lags 0..3
+    assert "the belief's move when the observation d steps back changes" in printed.output
     history = json.loads((out / "transformer" / "eval.json").read_text())["history_attention"]
     assert list(history) == ["train length"] and history["train length"]["steps"] == [2, 3, 4]
     (layer,) = history["train length"]["layers"]  # one block, two heads, steps 2..4
@@ -293,3 +296,87 @@ def test_eval_shift_steps_equals_moving_the_position_rows(tmp_path):
     Trainer(_tiny("hmm", "lstm", dict(n_states=2, n_symbols=2, n_steps=4), dict(n_layers=1, d_model=16))(), lstm).fit()
     with pytest.raises(ValueError, match="step_shift needs an HMM TinyGPT run; this one is hmm/lstm"):
         evaluate_run(lstm, n_sequences=30, step_shift=1)
+
+
+class _FilterAsModel:
+    """A stand-in model whose logits at the read positions are the log beliefs of the exact filter
+    (or of a filter with a ``window``-step memory), decoded from the tokens alone."""
+
+    def __new__(cls, task, window=None):
+        import torch
+        from torch import nn
+
+        from windtunnel.tasks import hmm_posterior, windowed_posterior
+
+        class FilterModel(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+
+            def forward(self, tokens):
+                s, o, floor = task.n_states, task.n_symbols, task.floor_units
+                trans = (tokens[:, 1 : 1 + s * s] + floor).reshape(-1, s, s)
+                emit = (tokens[:, 2 + s * s : 2 + s * s + s * o] + floor).reshape(-1, s, o)
+                obs = tokens[:, task.sites] - task.symbol_offset
+                if window is None:
+                    probs = hmm_posterior(trans, emit, obs).filtered_probs
+                else:
+                    probs = windowed_posterior(trans, emit, obs, window=window)
+                logits = torch.full((*tokens.shape, task.vocab_size), -50.0, dtype=torch.float64)
+                logits[:, task.sites, task.class_offset : task.class_offset + task.n_classes] = probs.log()
+                return logits
+
+        return FilterModel()
+
+
+def test_hmm_lag_response_of_exact_and_finite_memory_filters():
+    import torch
+
+    from windtunnel.experiments.evaluation import hmm_lag_response
+    from windtunnel.tasks import HMMFiltering
+
+    task = HMMFiltering(n_states=3, n_symbols=4, n_steps=7)
+    batch = task.sample(50, generator=torch.Generator().manual_seed(0))
+    exact = hmm_lag_response(_FilterAsModel(task), task, batch, generator=torch.Generator().manual_seed(1), max_lag=9)
+    assert exact["lags"] == list(range(7)) and exact["n_sequences"] == 50  # lags stop at K - 1
+    assert exact["model_move_tv"] == pytest.approx(exact["bayes_move_tv"], abs=1e-9)
+    assert max(exact["response_error_tv"]) < 1e-9
+    moves = exact["bayes_move_tv"]
+    assert all(a > b > 0 for a, b in zip(moves, moves[1:])), "the exact filter forgets, lag by lag"
+    short = hmm_lag_response(_FilterAsModel(task, window=3), task, batch, generator=torch.Generator().manual_seed(1))
+    assert short["bayes_move_tv"] == exact["bayes_move_tv"], "the same changes for the same generator"
+    assert short["model_move_tv"][:3] == pytest.approx(exact["bayes_move_tv"][:3], rel=0.5)
+    assert short["model_move_tv"][3:] == [0.0] * 4, "a 3-step memory does not hear o_{t-3}"
+    assert short["response_error_tv"][3:] == pytest.approx(exact["bayes_move_tv"][3:], rel=1e-12)
+    with pytest.raises(ValueError, match="max_lag must be an int >= 0"):
+        hmm_lag_response(_FilterAsModel(task), task, batch, generator=torch.Generator(), max_lag=-1)
+
+
+def test_hmm_lag_response_matches_a_loop_over_sequences_and_steps():
+    """Two symbols: the changed observation is the other one, so a plain loop can redo it."""
+    import torch
+
+    from windtunnel.experiments.evaluation import hmm_lag_response
+    from windtunnel.tasks import HMMFiltering, hmm_posterior, windowed_posterior
+
+    task = HMMFiltering(n_states=2, n_symbols=2, n_steps=5)
+    batch = task.sample(4, generator=torch.Generator().manual_seed(2))
+    got = hmm_lag_response(_FilterAsModel(task, window=2), task, batch, generator=torch.Generator(), max_lag=3)
+    sums = {k: [0.0] * 4 for k in ("bayes", "model", "error")}
+    counts = [0] * 4
+    for n in range(4):
+        args = (batch.transition_cents[n : n + 1], batch.emission_cents[n : n + 1])
+        obs = batch.observations[n : n + 1]
+        for j in range(5):
+            flipped = obs.clone()
+            flipped[0, j] = 1 - flipped[0, j]
+            a0, a1 = hmm_posterior(*args, obs).filtered_probs[0], hmm_posterior(*args, flipped).filtered_probs[0]
+            p0, p1 = windowed_posterior(*args, obs, window=2)[0], windowed_posterior(*args, flipped, window=2)[0]
+            for t in range(j, min(5, j + 4)):
+                d = t - j
+                sums["bayes"][d] += 0.5 * float((a1[t] - a0[t]).abs().sum())
+                sums["model"][d] += 0.5 * float((p1[t] - p0[t]).abs().sum())
+                sums["error"][d] += 0.5 * float(((p1[t] - p0[t]) - (a1[t] - a0[t])).abs().sum())
+                counts[d] += 1
+    for key, name in (("bayes", "bayes_move_tv"), ("model", "model_move_tv"), ("error", "response_error_tv")):
+        assert got[name] == pytest.approx([s / c for s, c in zip(sums[key], counts)], rel=1e-9, abs=1e-15)
