@@ -180,7 +180,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
                 f"{layer['earlier_entropy_bits'][head][t - 2]:.1f}" for t in ticks
             ]
             click.echo(f"  block {i}:" + "".join(f"{c:>20}" for c in cells) + f"   (head {head})")
-    figures = [report["paths"][k] for k in ("figure", "history_figure") if k in report["paths"]]
+    figures = [report["paths"][k] for k in ("figure", "history_figure", "lag_figure") if k in report["paths"]]
     click.echo(f"wrote {report['paths']['json']} and {' and '.join(figures)}")
 
 

@@ -76,6 +76,8 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     lag = json.loads((out / "transformer" / "eval.json").read_text())["lag_response"]
     assert lag["lags"] == [0, 1, 2, 3] and lag["n_sequences"] == 40  # K = 4: lags 0..3
     assert "the belief's move when the observation d steps back changes" in printed.output
+    assert (out / "transformer" / "lag_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"and {out / 'transformer' / 'lag_response.png'}" in printed.output
     history = json.loads((out / "transformer" / "eval.json").read_text())["history_attention"]
     assert list(history) == ["train length"] and history["train length"]["steps"] == [2, 3, 4]
     (layer,) = history["train length"]["layers"]  # one block, two heads, steps 2..4

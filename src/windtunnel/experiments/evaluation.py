@@ -48,7 +48,8 @@ def evaluate_run(
     batch_size: int = 500,
     step_shift: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate the latest checkpoint on fresh seeded sequences; write eval.json and eval_curves.png (and, for an HMM TinyGPT, history_attention.png).
+    """Evaluate the latest checkpoint on fresh seeded sequences; write eval.json and eval_curves.png
+    (and, for an HMM, lag_response.png; for an HMM TinyGPT, history_attention.png).
 
     ``lengths`` applies to tasks with a length parameter (HMM ``n_steps``); an empty list
     evaluates the training length only. Every metric is per sample (SPEC §7). For the HMM each
@@ -122,6 +123,8 @@ def evaluate_run(
     paths = {"json": str(json_path), "figure": str(_plot(curves, run.path / f"eval_curves{suffix}.png", title=title))}
     if history:
         paths["history_figure"] = str(_plot_history(history, run.path / "history_attention.png", title=title))
+    if "lag_response" in out:
+        paths["lag_figure"] = str(_plot_lag_response(out["lag_response"], run.path / "lag_response.png", title=title))
     return {**out, "paths": paths}
 
 
@@ -432,6 +435,23 @@ def _plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title} ({name}; per layer, the head with the most attention on earlier observations)")
+    return _save_png(fig, path)
+
+
+def _plot_lag_response(lag: dict[str, Any], path: Path, *, title: str) -> Path:
+    """The belief's move by lag, exact filter against model (log scale), and the error of the
+    model's move beside it."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.semilogy(lag["lags"], lag["bayes_move_tv"], "o-", color="black", label="exact filter: its move")
+    ax.semilogy(lag["lags"], lag["model_move_tv"], "s-", label="model: its move")
+    ax.semilogy(lag["lags"], lag["response_error_tv"], "^--", label="model: error of its move")
+    ax.set(xlabel="lag d = t − j (observation o_j changed)", ylabel="total variation", xticks=lag["lags"])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\nhow the belief at step t moves when o_j changes ({lag['n_sequences']} sequences)", fontsize=10)
     return _save_png(fig, path)
 
 
