@@ -150,8 +150,9 @@ class Calibration:
         entropy_mae_bits: the headline, per-sample mean_{n,k} |H(p_model) - H(p_bayes)|.
         entropy_mae_se_bits: its standard error over sequences, std_n(m_n) / sqrt(N) with m_n the
             sequence's mean over sites (sample std; NaN for one sequence). The sites of one
-            sequence are not independent, so the sequence is the unit. Two evaluations on the
-            same sequences (the same seed) differ by less noise than this.
+            sequence are not independent, so the sequence is the unit. Two models evaluated on
+            the same sequences (the same seed) are compared more tightly by the paired
+            difference of their per-sequence errors than by this.
         mae_curve_first_bits: mean_k |mean_n H(p_model) - mean_n H(p_bayes)|, the averaging used
             by some reference code. WRONG as a calibration measure (opposite errors cancel; it is
             <= ``entropy_mae_bits``); kept only for comparison with published numbers.
