@@ -223,6 +223,16 @@ def ablate_command(run_dir, n_sequences, seed):
         where = f"L{row['layer']}" + (f"H{row['head']}" if row["head"] is not None else "")
         click.echo(f"  {row['kind']:<14}{where:<7} ΔMAE {row['delta_mae_bits']:+.5f} bits, "
                    f"Δaccuracy {row['delta_accuracy']:+.3f}")
+    if "lag_map" in out:
+        lag_map = out["lag_map"]
+        lags = lag_map["lags"][1:]
+        click.echo("which heads carry which lags: the belief's move when o_{t-d} changes, with the head "
+                   "ablated, as a fraction of the intact move (low = the head carries that lag)")
+        click.echo("  " + " " * 7 + "".join(f"{f'd = {d}':>9}" for d in lags))
+        intact = lag_map["intact"]["model_move_tv"]
+        for row in lag_map["heads"]:
+            cells = [row["model_move_tv"][d] / intact[d] if intact[d] > 0 else float("nan") for d in lags]
+            click.echo(f"  L{row['layer']}H{row['head']:<4}" + "".join(f"{c:>9.2f}" for c in cells))
     click.echo(f"wrote {run_dir}/ablation.json")
 
 

@@ -334,7 +334,7 @@ class _FilterAsModel:
 def test_hmm_lag_response_of_exact_and_finite_memory_filters():
     import torch
 
-    from windtunnel.experiments.evaluation import hmm_lag_response
+    from windtunnel.probes import hmm_lag_response
     from windtunnel.tasks import HMMFiltering
 
     task = HMMFiltering(n_states=3, n_symbols=4, n_steps=7)
@@ -358,7 +358,7 @@ def test_hmm_lag_response_matches_a_loop_over_sequences_and_steps():
     """Two symbols: the changed observation is the other one, so a plain loop can redo it."""
     import torch
 
-    from windtunnel.experiments.evaluation import hmm_lag_response
+    from windtunnel.probes import hmm_lag_response
     from windtunnel.tasks import HMMFiltering, hmm_posterior, windowed_posterior
 
     task = HMMFiltering(n_states=2, n_symbols=2, n_steps=5)
@@ -382,3 +382,41 @@ def test_hmm_lag_response_matches_a_loop_over_sequences_and_steps():
                 counts[d] += 1
     for key, name in (("bayes", "bayes_move_tv"), ("model", "model_move_tv"), ("error", "response_error_tv")):
         assert got[name] == pytest.approx([s / c for s, c in zip(sums[key], counts)], rel=1e-9, abs=1e-15)
+
+
+def test_hmm_lag_map_replays_the_same_changes_for_every_head(tmp_path):
+    import torch
+
+    from windtunnel.probes import hmm_lag_map, hmm_lag_response
+    from windtunnel.train import Trainer
+
+    experiment = _tiny("hmm", "transformer", dict(n_states=2, n_symbols=3, n_steps=5),
+                       dict(n_layers=2, n_heads=2, d_model=16, d_mlp=32, norm="layernorm"))()
+    run = tmp_path / "run"
+    trainer = Trainer(experiment, run)
+    trainer.fit()
+    model, task = trainer.model.eval(), trainer.task
+    batch = task.sample(30, generator=torch.Generator().manual_seed(3))
+    got = hmm_lag_map(model, task, batch, generator=torch.Generator().manual_seed(4), max_lag=3)
+    intact = hmm_lag_response(model, task, batch, generator=torch.Generator().manual_seed(4), max_lag=3)
+    assert got["lags"] == [0, 1, 2, 3] and got["bayes_move_tv"] == intact["bayes_move_tv"]
+    assert got["intact"] == {k: intact[k] for k in ("model_move_tv", "response_error_tv")}
+    assert [(r["layer"], r["head"]) for r in got["heads"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for row in got["heads"]:
+        with model.ablated(heads=[(row["layer"], row["head"])]):
+            want = hmm_lag_response(model, task, batch, generator=torch.Generator().manual_seed(4), max_lag=3)
+        assert row["model_move_tv"] == want["model_move_tv"] and row["response_error_tv"] == want["response_error_tv"]
+    assert any(row["model_move_tv"] != got["intact"]["model_move_tv"] for row in got["heads"]), "ablations change the moves"
+
+    printed = CliRunner().invoke(main, ["ablate", str(run), "--n", "20"])
+    assert printed.exit_code == 0, printed.output
+    assert "which heads carry which lags" in printed.output and "  L1H1" in printed.output
+    saved = json.loads((run / "ablation.json").read_text())["lag_map"]
+    assert saved["n_sequences"] == 20 and saved["lags"] == [0, 1, 2, 3, 4] and len(saved["heads"]) == 4
+
+    lstm = tmp_path / "lstm"
+    Trainer(_tiny("hmm", "lstm", dict(n_states=2, n_symbols=3, n_steps=5), dict(n_layers=1, d_model=16))(), lstm).fit()
+    from windtunnel.experiments.evaluation import load_model
+
+    with pytest.raises(ValueError, match="hmm_lag_map.*TinyGPT"):
+        hmm_lag_map(load_model(lstm)[1], task, batch, generator=torch.Generator())

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from windtunnel.probes import ablation_table, make_probes
+from windtunnel.probes import ablation_table, hmm_lag_map, make_probes
 from windtunnel.runs import write_json_atomic
+from windtunnel.tasks import HMMFiltering
 from windtunnel.train import Trainer, seed_streams
 
 __all__ = ["ablate_run", "attach_probes"]
@@ -41,7 +42,10 @@ def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: b
 
 
 def ablate_run(run_dir: str | Path, *, n_sequences: int = 2000, seed: int = 12345, batch_size: int = 500) -> dict[str, Any]:
-    """Ablation table of a run's latest checkpoint on fresh seeded sequences; writes ablation.json."""
+    """Ablation table of a run's latest checkpoint on fresh seeded sequences; writes ablation.json.
+
+    For an HMM run it also holds ``lag_map`` (:func:`~windtunnel.probes.hmm_lag_map` on up to 200
+    further sequences): which heads carry which lags of the observation history."""
     from windtunnel.experiments.evaluation import load_model
 
     experiment, model, step = load_model(run_dir)
@@ -51,5 +55,8 @@ def ablate_run(run_dir: str | Path, *, n_sequences: int = 2000, seed: int = 1234
     generator = torch.Generator().manual_seed(seed)
     batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]
     out = {"step": step, "n_sequences": n_sequences, "seed": seed, **ablation_table(model, task, batches).to_dict()}
+    if isinstance(task, HMMFiltering) and task.n_symbols >= 2:
+        lag_batch = task.sample(min(n_sequences, 200), generator=generator)
+        out["lag_map"] = hmm_lag_map(model, task, lag_batch, generator=torch.Generator().manual_seed(seed))
     write_json_atomic(Path(run_dir) / "ablation.json", out)
     return out
