@@ -65,6 +65,23 @@ def test_minimal_run_dir(tmp_path):
     write_json_atomic(tmp_path / "config.json", {"task_name": "hmm", "model_name": "transformer", "train": {"steps": 1}})
     page = build_report(tmp_path, out=tmp_path / "r.html").read_text()
     assert "No eval.json" in page and "No telemetry.jsonl" in page and "7.5e-5" in page
+    assert "No lag response: run <code>windtunnel eval RUN_DIR</code>" in page
+
+
+def test_hmm_report_has_the_memory_section(tmp_path):
+    hmm = ["train.steps=6", "task.n_states=2", "task.n_symbols=3", "task.n_steps=5", "model.n_layers=1",
+           "model.d_model=16", "model.d_mlp=32", "model.n_heads=2", "train.batch_size=8", "train.eval_size=20",
+           "train.eval_batch_size=20", "train.eval_every=6", "train.checkpoint_every=6", "train.warmup_steps=2",
+           "train.log_every=2", "train.device=cpu", "eval_lengths=[]"]
+    Trainer(apply_overrides(get_preset("hmm", "transformer", "cpu"), hmm), tmp_path).fit()
+    evaluate_run(tmp_path, n_sequences=30)
+    page = build_report(tmp_path).read_text()
+    assert "Memory: how the belief responds to each earlier observation" in page and "(30 sequences)" in page
+    assert "Right: each head ablated" not in page
+    memory_only = len(_images(page))
+    ablate_run(tmp_path, n_sequences=20)
+    page = build_report(tmp_path).read_text()
+    assert "Right: each head ablated in turn" in page and len(_images(page)) == memory_only  # one figure, two panels
 
 
 def test_errors(tmp_path):

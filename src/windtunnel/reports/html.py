@@ -1,7 +1,8 @@
 """A self-contained HTML report of one run, built from its run directory alone (SPEC §8, §10).
 
 Reads ``config.json``, ``metrics.jsonl``, ``telemetry.jsonl``, and when present ``eval.json``,
-``dissociation.json`` / ``dissociation.png``, ``ablation.json`` and ``manifold/step_N.json``.
+``dissociation.json`` / ``dissociation.png``, ``ablation.json`` and ``manifold/step_N.json``. HMM runs
+get a memory section from eval.json's ``lag_response`` and ablation.json's ``lag_map``.
 Figures are embedded as base64 PNG, so the single file can be mailed or archived. Nothing here
 imports the training stack: a report can be rebuilt from a copied directory.
 """
@@ -221,6 +222,39 @@ def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
     return text + (_img(png.read_bytes()) if png.exists() else "") + _table(["metric", "settling step (within 10 % of final)"], rows)
 
 
+def _memory_section(evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None) -> str:
+    """HMM only: the belief's response by lag (eval.json ``lag_response``) and which heads carry
+    each lag (ablation.json ``lag_map``)."""
+    lag = evaluation.get("lag_response") if evaluation is not None else None
+    lag_map = ablation.get("lag_map") if ablation is not None else None
+    if lag is None and lag_map is None:
+        return "<p>No lag response: run <code>windtunnel eval RUN_DIR</code> (and <code>windtunnel ablate RUN_DIR</code> for the heads).</p>"
+    fig, axes = _figure(int(lag is not None) + int(lag_map is not None))
+    text = ""
+    if lag is not None:
+        ax = axes[0]
+        ax.semilogy(lag["lags"], lag["bayes_move_tv"], "o-", color="black", label="exact filter: its move")
+        ax.semilogy(lag["lags"], lag["model_move_tv"], "s-", label="model: its move")
+        ax.semilogy(lag["lags"], lag["response_error_tv"], "^--", label="model: error of its move")
+        ax.set(xlabel="lag d (observation o_{t-d} changed)", ylabel="total variation", title="how the belief moves, by lag")
+        ax.legend(fontsize=7)
+        text += (f"<p>Each observation in turn changed to another symbol ({lag['n_sequences']} sequences): how far the belief "
+                 "at each later step moves, for the exact filter and the model, and how far the model's move is from the exact one.</p>")
+    if lag_map is not None:
+        ax = axes[-1]
+        lags = lag_map["lags"][1:]
+        intact = lag_map["intact"]["model_move_tv"]
+        grid = [[row["model_move_tv"][d] / intact[d] if intact[d] > 0 else float("nan") for d in lags] for row in lag_map["heads"]]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.5)
+        ax.set(xticks=range(len(lags)), xticklabels=[str(d) for d in lags], yticks=range(len(grid)),
+               yticklabels=[f"L{r['layer']}H{r['head']}" for r in lag_map["heads"]], xlabel="lag d",
+               title="move with the head ablated / intact move")
+        ax.grid(False)
+        fig.colorbar(image, ax=ax)
+        text += "<p>Right: each head ablated in turn (ablation.json); a low value means the head carries that lag.</p>"
+    return text + _png(fig)
+
+
 def _ablation_section(ablation: dict[str, Any] | None) -> str:
     if ablation is None:
         return "<p>No ablation.json: run <code>windtunnel ablate RUN_DIR</code>.</p>"
@@ -300,6 +334,8 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         ("Routing-law telemetry (SPEC §8.4)", _routing_section(tel)),
         ("Ablations (SPEC §8.5)", _ablation_section(ablation)),
     ]
+    if task == "hmm":
+        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(evaluation, ablation)))
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
             f"<body><h1>windtunnel report: {html.escape(title)}</h1>{body}</body></html>")
