@@ -134,6 +134,20 @@ def test_make_probes_rows_schema_and_files(tmp_path):
     assert [m for p in ps for m in (r["metric"] for r in p(mlp, 0))] == ["probe_entropy_mae_bits", "probe_kl_bits", "probe_accuracy"]
 
 
+def test_make_probes_adds_the_memory_probe_for_the_hmm():
+    task = HMMFiltering(n_states=2, n_symbols=3, n_steps=4)
+    model, batch = tiny_model(task), batch_of(task, n=16)
+    ps = probes.make_probes(task, eval_batch=batch, generator=torch.Generator().manual_seed(4))
+    assert len(ps) == 4 and probes.make_probes(TASK, eval_batch=batch_of()).__len__() == 3
+    rows = ps[-1](model, 7)
+    want = probes.hmm_lag_response(model, task, batch, generator=torch.Generator().manual_seed(4))
+    for name in ("model_move_tv", "bayes_move_tv", "response_error_tv"):
+        got = {r["metric"]: r["value"] for r in rows if r["metric"].startswith(name + "_lag")}
+        assert got == {f"{name}_lag{d}": v for d, v in zip(want["lags"], want[name])}
+    assert all(r["step"] == 7 and r["layer"] is None and r["head"] is None for r in rows)
+    assert ps[-1](model, 8)[0]["value"] == rows[0]["value"], "the same observation changes at every step"
+
+
 def _manual(model, edit):
     clone = copy.deepcopy(model)
     with torch.no_grad():

@@ -73,8 +73,9 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Fine-tune: start from the model weights of this run directory's latest checkpoint "
                    "(or of a checkpoint file); optimizer, schedule and step start fresh.")
 @click.option("--telemetry", is_flag=True,
-              help="Attach the SPEC §8 probes (geometry, routing law, calibration) on the log-spaced "
-                   "schedule; also saves weight snapshots for `windtunnel dissociation`.")
+              help="Attach the SPEC §8 probes (geometry, routing law, calibration; for the HMM also "
+                   "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
+                   "`windtunnel dissociation`.")
 def train_command(task, model_name, preset, steps, seed, out, overrides, resume, init_from, telemetry):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
     from windtunnel.presets import apply_overrides, get_preset

@@ -479,7 +479,10 @@ def make_probes(
     run_dir: str | Path | None = None,
     save_snapshots: bool = True,
 ) -> list[Callable[[nn.Module, int], list[Row]]]:
-    """Trainer probes: geometry (§8.1–8.3), routing law (§8.4) and calibration on a fixed batch.
+    """Trainer probes: geometry (§8.1–8.3), routing law (§8.4) and calibration on a fixed batch;
+    for the HMM also the memory probe, :func:`hmm_lag_response` at every probed step (rows
+    ``model_move_tv_lag{d}``, ``bayes_move_tv_lag{d}``, ``response_error_tv_lag{d}``), which shows
+    the lags of the observation history being learned one after another.
 
     Each probe is ``probe(model, step) -> rows`` of {step, layer, head, metric, value} (layer and
     head None where not applicable). The geometry and routing-law probes need a TinyGPT and emit
@@ -526,7 +529,19 @@ def make_probes(
             _row(step, "probe_accuracy", cal.accuracy),
         ]
 
-    return [geometry_probe, routing_probe, calibration_probe]
+    def memory_probe(model: nn.Module, step: int) -> list[Row]:
+        replay = split()  # the same observation changes at every step, so the curves compare
+        lag = hmm_lag_response(model, task, eval_batch, generator=replay if replay is not None else torch.Generator().manual_seed(0))
+        return [
+            _row(step, f"{name}_lag{d}", value)
+            for name in ("model_move_tv", "bayes_move_tv", "response_error_tv")
+            for d, value in zip(lag["lags"], lag[name])
+        ]
+
+    probes = [geometry_probe, routing_probe, calibration_probe]
+    if isinstance(task, HMMFiltering) and task.n_symbols >= 2:
+        probes.append(memory_probe)
+    return probes
 
 
 @torch.no_grad()
@@ -574,7 +589,7 @@ def hmm_lag_response(
         tokens = task.encode(batch.transition_cents, batch.emission_cents, observations)
         logits = model(tokens.to(device))[:, sites.to(device), lo:hi]
         exact = hmm_posterior(batch.transition_cents, batch.emission_cents, observations).filtered_probs
-        return torch.softmax(logits.double(), -1).cpu(), exact
+        return torch.softmax(logits.double(), -1).cpu(), exact.cpu()
 
     n_steps = batch.observations.shape[1]
     lags = list(range(min(max_lag, n_steps - 1) + 1))
@@ -583,7 +598,7 @@ def hmm_lag_response(
         model_0, exact_0 = beliefs(batch.observations)
         for j in range(n_steps):
             changed = batch.observations.clone()
-            offset = torch.randint(1, task.n_symbols, (changed.shape[0],), generator=generator)
+            offset = torch.randint(1, task.n_symbols, (changed.shape[0],), generator=generator).to(changed.device)
             changed[:, j] = (changed[:, j] + offset) % task.n_symbols
             model_1, exact_1 = beliefs(changed)
             last = min(n_steps, j + len(lags))  # steps t = j .. j + max_lag

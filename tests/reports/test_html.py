@@ -14,7 +14,7 @@ from windtunnel.experiments.evaluation import evaluate_run
 from windtunnel.experiments.telemetry import ablate_run, attach_probes
 from windtunnel.presets import apply_overrides, get_preset
 from windtunnel.reports import build_report
-from windtunnel.runs import write_json_atomic
+from windtunnel.runs import read_jsonl, write_json_atomic
 from windtunnel.train import Trainer
 
 TINY = ["train.steps=30", "task.n_values=6", "task.n_pairs=5", "model.d_model=16", "model.d_mlp=32",
@@ -77,11 +77,23 @@ def test_hmm_report_has_the_memory_section(tmp_path):
     evaluate_run(tmp_path, n_sequences=30)
     page = build_report(tmp_path).read_text()
     assert "Memory: how the belief responds to each earlier observation" in page and "(30 sequences)" in page
-    assert "Right: each head ablated" not in page
+    assert "Last panel: each head ablated" not in page and "Left: at each probed step" not in page
     memory_only = len(_images(page))
     ablate_run(tmp_path, n_sequences=20)
     page = build_report(tmp_path).read_text()
-    assert "Right: each head ablated in turn" in page and len(_images(page)) == memory_only  # one figure, two panels
+    assert "Last panel: each head ablated in turn" in page and len(_images(page)) == memory_only  # one figure, two panels
+
+
+def test_hmm_report_draws_the_memory_probe_over_training(tmp_path):
+    hmm = ["train.steps=12", "task.n_states=2", "task.n_symbols=3", "task.n_steps=5", "model.n_layers=1",
+           "model.d_model=16", "model.d_mlp=32", "model.n_heads=2", "train.batch_size=8", "train.eval_size=20",
+           "train.eval_batch_size=20", "train.eval_every=6", "train.checkpoint_every=6", "train.warmup_steps=2",
+           "train.log_every=2", "train.device=cpu", "eval_lengths=[]"]
+    attach_probes(Trainer(apply_overrides(get_preset("hmm", "transformer", "cpu"), hmm), tmp_path), n_sequences=16).fit()
+    rows = [r for r in read_jsonl(tmp_path / "telemetry.jsonl") if r["metric"] == "model_move_tv_lag1"]
+    assert len(rows) >= 3 and all(r["value"] >= 0 for r in rows)
+    page = build_report(tmp_path).read_text()
+    assert "Left: at each probed step" in page
 
 
 def test_errors(tmp_path):

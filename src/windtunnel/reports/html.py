@@ -2,7 +2,8 @@
 
 Reads ``config.json``, ``metrics.jsonl``, ``telemetry.jsonl``, and when present ``eval.json``,
 ``dissociation.json`` / ``dissociation.png``, ``ablation.json`` and ``manifold/step_N.json``. HMM runs
-get a memory section from eval.json's ``lag_response`` and ablation.json's ``lag_map``.
+get a memory section from the memory probe's telemetry, eval.json's ``lag_response`` and
+ablation.json's ``lag_map``.
 Figures are embedded as base64 PNG, so the single file can be mailed or archived. Nothing here
 imports the training stack: a report can be rebuilt from a copied directory.
 """
@@ -222,17 +223,30 @@ def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
     return text + (_img(png.read_bytes()) if png.exists() else "") + _table(["metric", "settling step (within 10 % of final)"], rows)
 
 
-def _memory_section(evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None) -> str:
-    """HMM only: the belief's response by lag (eval.json ``lag_response``) and which heads carry
-    each lag (ablation.json ``lag_map``)."""
+def _memory_section(evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None, tel: _Telemetry) -> str:
+    """HMM only: the memory probe over training (telemetry ``model_move_tv_lag{d}``), the belief's
+    response by lag (eval.json ``lag_response``) and which heads carry each lag (ablation.json
+    ``lag_map``)."""
     lag = evaluation.get("lag_response") if evaluation is not None else None
     lag_map = ablation.get("lag_map") if ablation is not None else None
-    if lag is None and lag_map is None:
+    probe_lags = sorted(int(m.rsplit("lag", 1)[1]) for (m, _, _) in tel.series if m.startswith("model_move_tv_lag"))
+    if lag is None and lag_map is None and not probe_lags:
         return "<p>No lag response: run <code>windtunnel eval RUN_DIR</code> (and <code>windtunnel ablate RUN_DIR</code> for the heads).</p>"
-    fig, axes = _figure(int(lag is not None) + int(lag_map is not None))
+    fig, axes = _figure(int(bool(probe_lags)) + int(lag is not None) + int(lag_map is not None), width=13)
     text = ""
-    if lag is not None:
+    if probe_lags:
         ax = axes[0]
+        for d in [d for d in probe_lags if 1 <= d <= 5]:
+            model, exact = dict(tel.get(f"model_move_tv_lag{d}")), dict(tel.get(f"bayes_move_tv_lag{d}"))
+            steps = sorted(s for s in model if exact.get(s))
+            ax.plot([max(s, 0.5) for s in steps], [model[s] / exact[s] for s in steps], marker=".", label=f"d = {d}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set(xscale="log", xlabel="step", ylabel="model move / exact move", title="memory over training (probe batch)")
+        ax.legend(fontsize=7)
+        text += ("<p>Left: at each probed step, how much the belief moves when the observation d steps back changes, "
+                 "as a fraction of the exact filter's move (1 = the model hears that lag at full weight).</p>")
+    if lag is not None:
+        ax = axes[int(bool(probe_lags))]
         ax.semilogy(lag["lags"], lag["bayes_move_tv"], "o-", color="black", label="exact filter: its move")
         ax.semilogy(lag["lags"], lag["model_move_tv"], "s-", label="model: its move")
         ax.semilogy(lag["lags"], lag["response_error_tv"], "^--", label="model: error of its move")
@@ -251,7 +265,7 @@ def _memory_section(evaluation: dict[str, Any] | None, ablation: dict[str, Any] 
                title="move with the head ablated / intact move")
         ax.grid(False)
         fig.colorbar(image, ax=ax)
-        text += "<p>Right: each head ablated in turn (ablation.json); a low value means the head carries that lag.</p>"
+        text += "<p>Last panel: each head ablated in turn (ablation.json); a low value means the head carries that lag.</p>"
     return text + _png(fig)
 
 
@@ -335,7 +349,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         ("Ablations (SPEC §8.5)", _ablation_section(ablation)),
     ]
     if task == "hmm":
-        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(evaluation, ablation)))
+        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(evaluation, ablation, tel)))
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
             f"<body><h1>windtunnel report: {html.escape(title)}</h1>{body}</body></html>")
