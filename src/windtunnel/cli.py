@@ -185,6 +185,32 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
     click.echo(f"wrote {report['paths']['json']} and {' and '.join(figures)}")
 
 
+@main.command("memory")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--n", "n_sequences", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Sequences, the same at every saved model.")
+@click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
+              help="Seed of the sequences and of the observation changes.")
+@click.option("--max-lag", type=click.IntRange(min=1), default=5, show_default=True, help="Longest lag measured.")
+def memory_command(run_dir, n_sequences, seed, max_lag):
+    """HMM: how much the belief hears each earlier observation, at every saved model of a run;
+    writes memory.json and memory.png."""
+    from windtunnel.experiments.evaluation import memory_over_training
+
+    try:
+        out = memory_over_training(run_dir, n_sequences=n_sequences, seed=seed, max_lag=max_lag)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    lags = [d for d in out["lags"] if d >= 1]
+    click.echo("the model's move over the exact filter's when o_{t-d} changes (1 = heard at full weight), "
+               "and the entropy MAE on the same sequences:")
+    click.echo(f"  {'step':>8}" + "".join(f"{f'd = {d}':>9}" for d in lags) + f"{'MAE (bits)':>12}")
+    for step, moved, mae in zip(out["steps"], out["model_move_tv"], out["entropy_mae_bits"]):
+        cells = [moved[d] / out["bayes_move_tv"][d] if out["bayes_move_tv"][d] > 0 else float("nan") for d in lags]
+        click.echo(f"  {step:>8}" + "".join(f"{c:>9.2f}" for c in cells) + f"{mae:>12.4f}")
+    click.echo(f"wrote {out['paths']['json']} and {out['paths']['figure']}")
+
+
 @main.command("dissociation")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--n", "n_sequences", type=click.IntRange(min=2), default=256, show_default=True,

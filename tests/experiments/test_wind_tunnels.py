@@ -420,3 +420,38 @@ def test_hmm_lag_map_replays_the_same_changes_for_every_head(tmp_path):
 
     with pytest.raises(ValueError, match="hmm_lag_map.*TinyGPT"):
         hmm_lag_map(load_model(lstm)[1], task, batch, generator=torch.Generator())
+
+
+def test_memory_over_training_at_every_saved_model(tmp_path):
+    import torch
+
+    from windtunnel.experiments.evaluation import load_model, memory_over_training
+    from windtunnel.probes import hmm_lag_response
+    from windtunnel.train import Trainer, evaluate
+
+    experiment = _tiny("hmm", "transformer", dict(n_states=2, n_symbols=3, n_steps=5),
+                       dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32, norm="layernorm"))()
+    run = tmp_path / "run"
+    init_model = Trainer(experiment, tmp_path / "init").model  # step 0: the model the seed builds
+    Trainer(experiment, run).fit()
+    printed = CliRunner().invoke(main, ["memory", str(run), "--n", "25", "--max-lag", "3"])
+    assert printed.exit_code == 0, printed.output
+    assert "d = 3" in printed.output and f"wrote {run / 'memory.json'} and {run / 'memory.png'}" in printed.output
+    out = json.loads((run / "memory.json").read_text())
+    assert out["steps"] == [0, 3, 6] and out["lags"] == [0, 1, 2, 3] and out["n_sequences"] == 25
+    assert (run / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    task = experiment.build_task()
+    batch = task.sample(25, generator=torch.Generator().manual_seed(12345))
+    models = {0: init_model.eval(), **{s: load_model(run, run / "checkpoints" / f"step_{s}.pt")[1] for s in (3, 6)}}
+    for i, step in enumerate(out["steps"]):
+        want = hmm_lag_response(models[step], task, batch, generator=torch.Generator().manual_seed(12345), max_lag=3)
+        assert out["model_move_tv"][i] == pytest.approx(want["model_move_tv"], rel=1e-12)
+        assert out["response_error_tv"][i] == pytest.approx(want["response_error_tv"], rel=1e-12)
+        assert out["entropy_mae_bits"][i] == pytest.approx(float(evaluate(models[step], task, [batch]).entropy_mae_bits), rel=1e-12)
+    assert out["model_move_tv"][0] != out["model_move_tv"][2], "training moved the responses"
+
+    bijection = tmp_path / "bijection"
+    Trainer(_tiny("bijection", "transformer", dict(n_values=5, n_pairs=4), dict(n_layers=1, n_heads=2, d_model=16, d_mlp=32))(), bijection).fit()
+    with pytest.raises(ValueError, match="memory_over_training: needs an HMM run"):
+        memory_over_training(bijection)
+    assert "needs an HMM run" in CliRunner().invoke(main, ["memory", str(bijection)]).output

@@ -82,6 +82,9 @@ def test_hmm_report_has_the_memory_section(tmp_path):
     ablate_run(tmp_path, n_sequences=20)
     page = build_report(tmp_path).read_text()
     assert "Last panel: each head ablated in turn" in page and len(_images(page)) == memory_only  # one figure, two panels
+    CliRunner().invoke(main, ["memory", str(tmp_path), "--n", "10"])
+    page = build_report(tmp_path).read_text()
+    assert "Every saved model of the run" in page and len(_images(page)) == memory_only + 1
 
 
 def test_hmm_report_draws_the_memory_probe_over_training(tmp_path):

@@ -25,6 +25,7 @@ __all__ = [
     "hmm_circuit_probe",
     "load_model",
     "memory_ladder",
+    "memory_over_training",
 ]
 
 
@@ -125,6 +126,49 @@ def evaluate_run(
         paths["history_figure"] = str(_plot_history(history, run.path / "history_attention.png", title=title))
     if "lag_response" in out:
         paths["lag_figure"] = str(_plot_lag_response(out["lag_response"], run.path / "lag_response.png", title=title))
+    return {**out, "paths": paths}
+
+
+def memory_over_training(
+    run_dir: str | Path, *, n_sequences: int = 200, seed: int = 12345, max_lag: int = 5
+) -> dict[str, Any]:
+    """The lag response (:func:`~windtunnel.probes.hmm_lag_response`) of an HMM run at every saved
+    model: step 0 rebuilt from the seed, the telemetry snapshots and every checkpoint. All on the
+    same ``n_sequences`` sequences and the same observation changes, beside the entropy MAE on
+    those sequences. Shows the lags of the history being learned, one after another. Writes
+    memory.json and memory.png in the run directory.
+
+    Returns:
+        ``{"steps": [...], "lags": [0..], "bayes_move_tv": [per lag], "model_move_tv": [[per lag]
+        per step], "response_error_tv": [[per lag] per step], "entropy_mae_bits": [per step],
+        "n_sequences", "seed", "paths"}``.
+
+    Raises:
+        ValueError: when the run is not an HMM run, or its task has one symbol.
+    """
+    from windtunnel.experiments.dissociation import load_checkpoints
+
+    experiment, states = load_checkpoints(run_dir)
+    task = experiment.build_task()
+    if not isinstance(task, HMMFiltering):
+        raise ValueError(f"memory_over_training: needs an HMM run; {run_dir} holds a {experiment.task_name!r} run.")
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"memory_over_training: n_sequences must be an int >= 1; got {n_sequences!r}.")
+    batch = task.sample(n_sequences, generator=torch.Generator().manual_seed(seed))
+    model = experiment.build_model(None)
+    out: dict[str, Any] = {"steps": [], "lags": [], "bayes_move_tv": [], "model_move_tv": [], "response_error_tv": [], "entropy_mae_bits": []}
+    for step, state in states.items():
+        model.load_state_dict(state, strict=True)
+        lag = hmm_lag_response(model, task, batch, generator=torch.Generator().manual_seed(seed), max_lag=max_lag)
+        out["steps"].append(step)
+        out["lags"], out["bayes_move_tv"] = lag["lags"], lag["bayes_move_tv"]
+        out["model_move_tv"].append(lag["model_move_tv"])
+        out["response_error_tv"].append(lag["response_error_tv"])
+        out["entropy_mae_bits"].append(float(evaluate(model, task, [batch]).entropy_mae_bits))
+    out.update(n_sequences=n_sequences, seed=seed)
+    run = RunDir(run_dir)
+    title = experiment.name or experiment.task_name
+    paths = {"json": str(write_json_atomic(run.path / "memory.json", out)), "figure": str(_plot_memory(out, run.path / "memory.png", title=title))}
     return {**out, "paths": paths}
 
 
@@ -385,6 +429,29 @@ def _plot_lag_response(lag: dict[str, Any], path: Path, *, title: str) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.suptitle(f"{title}\nhow the belief at step t moves when o_j changes ({lag['n_sequences']} sequences)", fontsize=10)
+    return _save_png(fig, path)
+
+
+def _plot_memory(memory: dict[str, Any], path: Path, *, title: str) -> Path:
+    """Per lag d >= 1, the model's move over the exact move at every saved step; beside it the
+    entropy MAE on the same sequences."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax_lag, ax_mae = fig.subplots(1, 2)
+    steps = memory["steps"]
+    for i, d in enumerate(memory["lags"]):
+        if d == 0 or memory["bayes_move_tv"][i] <= 0:
+            continue
+        ax_lag.plot(steps, [row[i] / memory["bayes_move_tv"][i] for row in memory["model_move_tv"]], marker=".", label=f"d = {d}")
+    ax_lag.axhline(1.0, color="black", lw=0.8)
+    ax_lag.set(xlabel="step", ylabel="model move / exact move", title="how much the belief hears o_{t−d}")
+    ax_mae.semilogy(steps, memory["entropy_mae_bits"], marker=".", color="black")
+    ax_mae.set(xlabel="step", ylabel="bits", title="entropy MAE on the same sequences")
+    for ax in (ax_lag, ax_mae):
+        ax.grid(alpha=0.3)
+    ax_lag.legend(fontsize=7)
+    fig.suptitle(f"{title}: memory over training ({memory['n_sequences']} sequences, every saved model)")
     return _save_png(fig, path)
 
 

@@ -2,8 +2,8 @@
 
 Reads ``config.json``, ``metrics.jsonl``, ``telemetry.jsonl``, and when present ``eval.json``,
 ``dissociation.json`` / ``dissociation.png``, ``ablation.json`` and ``manifold/step_N.json``. HMM runs
-get a memory section from the memory probe's telemetry, eval.json's ``lag_response`` and
-ablation.json's ``lag_map``.
+get a memory section from the memory probe's telemetry, eval.json's ``lag_response``,
+ablation.json's ``lag_map`` and ``memory.png``.
 Figures are embedded as base64 PNG, so the single file can be mailed or archived. Nothing here
 imports the training stack: a report can be rebuilt from a copied directory.
 """
@@ -223,14 +223,18 @@ def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
     return text + (_img(png.read_bytes()) if png.exists() else "") + _table(["metric", "settling step (within 10 % of final)"], rows)
 
 
-def _memory_section(evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None, tel: _Telemetry) -> str:
+def _memory_section(run: Path, evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None, tel: _Telemetry) -> str:
     """HMM only: the memory probe over training (telemetry ``model_move_tv_lag{d}``), the belief's
-    response by lag (eval.json ``lag_response``) and which heads carry each lag (ablation.json
-    ``lag_map``)."""
+    response by lag (eval.json ``lag_response``), which heads carry each lag (ablation.json
+    ``lag_map``), and memory.png of ``windtunnel memory`` when present."""
     lag = evaluation.get("lag_response") if evaluation is not None else None
     lag_map = ablation.get("lag_map") if ablation is not None else None
     probe_lags = sorted(int(m.rsplit("lag", 1)[1]) for (m, _, _) in tel.series if m.startswith("model_move_tv_lag"))
+    saved = run / "memory.png"
+    over_checkpoints = ("<p>Every saved model of the run (<code>windtunnel memory</code>):</p>" + _img(saved.read_bytes())) if saved.exists() else ""
     if lag is None and lag_map is None and not probe_lags:
+        if over_checkpoints:
+            return over_checkpoints
         return "<p>No lag response: run <code>windtunnel eval RUN_DIR</code> (and <code>windtunnel ablate RUN_DIR</code> for the heads).</p>"
     fig, axes = _figure(int(bool(probe_lags)) + int(lag is not None) + int(lag_map is not None), width=13)
     text = ""
@@ -266,7 +270,7 @@ def _memory_section(evaluation: dict[str, Any] | None, ablation: dict[str, Any] 
         ax.grid(False)
         fig.colorbar(image, ax=ax)
         text += "<p>Last panel: each head ablated in turn (ablation.json); a low value means the head carries that lag.</p>"
-    return text + _png(fig)
+    return text + _png(fig) + over_checkpoints
 
 
 def _ablation_section(ablation: dict[str, Any] | None) -> str:
@@ -349,7 +353,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         ("Ablations (SPEC §8.5)", _ablation_section(ablation)),
     ]
     if task == "hmm":
-        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(evaluation, ablation, tel)))
+        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(run.path, evaluation, ablation, tel)))
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
             f"<body><h1>windtunnel report: {html.escape(title)}</h1>{body}</body></html>")
