@@ -1,5 +1,6 @@
 """Frame–precision dissociation and run-level ablations on a tiny run trained in the test."""
 
+import dataclasses
 import json
 
 import pytest
@@ -53,6 +54,14 @@ def test_dissociation_outputs(run_dir):
     for s in expected_steps:
         proj = json.loads((run_dir / "manifold" / f"step_{s}.json").read_text())
         assert len(proj["pc1"]) == len(proj["pc2"]) == len(proj["entropy_bits"]) == 32 * 5
+
+
+def test_an_init_from_run_has_no_step_zero_from_the_seed(tmp_path):
+    Trainer(tiny_experiment(), tmp_path / "source").fit()
+    experiment = dataclasses.replace(tiny_experiment(), init_from=str(tmp_path / "source"))
+    Trainer(experiment, tmp_path / "tuned").fit()
+    _, states = load_checkpoints(tmp_path / "tuned")
+    assert list(states) == [15, 30]
 
 
 def test_step_zero_is_rebuilt_from_the_seed(tmp_path):

@@ -47,7 +47,10 @@ LOW_LEVELS = (1.0, math.log2(3.0), 2.0)
 
 
 def load_checkpoints(run_dir: str | Path) -> tuple[ExperimentConfig, dict[int, dict[str, torch.Tensor]]]:
-    """(experiment, {step: model state dict}) from snapshots/, checkpoints/ and the seed (step 0)."""
+    """(experiment, {step: model state dict}) from snapshots/, checkpoints/ and the seed (step 0).
+
+    A run started ``--init-from`` another began from that run's weights, not from the seed's
+    model, so step 0 is left out unless a snapshot or checkpoint holds it."""
     run = RunDir(run_dir)
     experiment = ExperimentConfig.from_dict(run.read_config())
     states: dict[int, dict[str, torch.Tensor]] = {}
@@ -55,7 +58,7 @@ def load_checkpoints(run_dir: str | Path) -> tuple[ExperimentConfig, dict[int, d
         states[step] = torch.load(path, map_location="cpu", weights_only=False)["model"]
     for step, path in run.checkpoints():
         states[step] = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    if 0 not in states:
+    if 0 not in states and experiment.init_from is None:
         init = torch.Generator().manual_seed(seed_streams(experiment.train.seed)["init"])
         states[0] = experiment.build_model(init).state_dict()
     return experiment, dict(sorted(states.items()))

@@ -133,7 +133,9 @@ def memory_over_training(
     run_dir: str | Path, *, n_sequences: int = 200, seed: int = 12345, max_lag: int = 5
 ) -> dict[str, Any]:
     """The lag response (:func:`~windtunnel.probes.hmm_lag_response`) of an HMM run at every saved
-    model: step 0 rebuilt from the seed, the telemetry snapshots and every checkpoint. All on the
+    model (:func:`~windtunnel.experiments.dissociation.load_checkpoints`: step 0 rebuilt from the
+    seed unless the run started ``--init-from`` another, the telemetry snapshots and every
+    checkpoint). All on the
     same ``n_sequences`` sequences and the same observation changes, beside the entropy MAE on
     those sequences. Shows the lags of the history being learned, one after another. Writes
     memory.json and memory.png in the run directory.
