@@ -59,6 +59,21 @@ Row = dict[str, Any]
 LossFn = Callable[[torch.Tensor, Batch, Any], torch.Tensor]
 
 
+def _replayer(generator: torch.Generator | None) -> Callable[[], torch.Generator | None]:
+    """A function that returns, at every call, a fresh generator in ``generator``'s present state
+    (None for None): the same draws every time, and ``generator`` itself is left untouched."""
+    if generator is None:
+        return lambda: None
+    state, device = generator.get_state(), generator.device
+
+    def replay() -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.set_state(state)
+        return g
+
+    return replay
+
+
 def _check_model(owner: str, model: Any) -> TinyGPT:
     if not isinstance(model, TinyGPT):
         raise ValueError(must(owner, "model", "a TinyGPT (attention probes need its hooks)", type(model).__name__))
@@ -492,16 +507,8 @@ def make_probes(
     ``save_snapshots``, the model weights to ``RUN_DIR/snapshots/step_N.pt`` (the log-spaced
     checkpoints the frame–precision dissociation of §8.6 reads).
     """
-    split_state = generator.get_state() if generator is not None else None
-    split_device = generator.device if generator is not None else None
+    split = _replayer(generator)
     out_dir = Path(run_dir) if run_dir is not None else None
-
-    def split() -> torch.Generator | None:
-        if split_state is None:
-            return None
-        g = torch.Generator(device=split_device)
-        g.set_state(split_state)
-        return g
 
     def geometry_probe(model: nn.Module, step: int) -> list[Row]:
         if not isinstance(model, TinyGPT):
@@ -631,12 +638,10 @@ def hmm_lag_map(
         ValueError: when ``model`` is not a TinyGPT, or as :func:`hmm_lag_response`.
     """
     model = _check_model("hmm_lag_map", model)
-    state, device = generator.get_state(), generator.device
+    replay = _replayer(generator)
 
     def response() -> dict[str, Any]:
-        replay = torch.Generator(device=device)
-        replay.set_state(state)
-        return hmm_lag_response(model, task, batch, generator=replay, max_lag=max_lag)
+        return hmm_lag_response(model, task, batch, generator=replay(), max_lag=max_lag)
 
     intact = response()
     heads = []

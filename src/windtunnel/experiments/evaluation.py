@@ -13,6 +13,7 @@ from windtunnel.geometry import linear_probe_r2
 from windtunnel.hooks import eval_mode, record
 from windtunnel.models import TinyGPT
 from windtunnel.probes import hmm_lag_response
+from windtunnel.reports import draw_lag_response
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
 from windtunnel.train import ExperimentConfig, evaluate, step_position_ids
@@ -424,10 +425,8 @@ def _plot_lag_response(lag: dict[str, Any], path: Path, *, title: str) -> Path:
 
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.subplots()
-    ax.semilogy(lag["lags"], lag["bayes_move_tv"], "o-", color="black", label="exact filter: its move")
-    ax.semilogy(lag["lags"], lag["model_move_tv"], "s-", label="model: its move")
-    ax.semilogy(lag["lags"], lag["response_error_tv"], "^--", label="model: error of its move")
-    ax.set(xlabel="lag d = t − j (observation o_j changed)", ylabel="total variation", xticks=lag["lags"])
+    draw_lag_response(ax, lag)
+    ax.set(xlabel="lag d = t − j (observation o_j changed)", xticks=lag["lags"])
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.suptitle(f"{title}\nhow the belief at step t moves when o_j changes ({lag['n_sequences']} sequences)", fontsize=10)

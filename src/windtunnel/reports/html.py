@@ -223,6 +223,16 @@ def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
     return text + (_img(png.read_bytes()) if png.exists() else "") + _table(["metric", "settling step (within 10 % of final)"], rows)
 
 
+def draw_lag_response(ax: Any, lag: dict[str, Any]) -> None:
+    """On a matplotlib axis, log scale: the exact filter's move, the model's move and the error of
+    the model's move by lag (a ``lag_response`` of eval.json). Shared by ``windtunnel eval``'s
+    lag_response.png and the report."""
+    ax.semilogy(lag["lags"], lag["bayes_move_tv"], "o-", color="black", label="exact filter: its move")
+    ax.semilogy(lag["lags"], lag["model_move_tv"], "s-", label="model: its move")
+    ax.semilogy(lag["lags"], lag["response_error_tv"], "^--", label="model: error of its move")
+    ax.set(ylabel="total variation")
+
+
 def _memory_section(run: Path, evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None, tel: _Telemetry) -> str:
     """HMM only: the memory probe over training (telemetry ``model_move_tv_lag{d}``), the belief's
     response by lag (eval.json ``lag_response``), which heads carry each lag (ablation.json
@@ -251,10 +261,8 @@ def _memory_section(run: Path, evaluation: dict[str, Any] | None, ablation: dict
                  "as a fraction of the exact filter's move (1 = the model hears that lag at full weight).</p>")
     if lag is not None:
         ax = axes[int(bool(probe_lags))]
-        ax.semilogy(lag["lags"], lag["bayes_move_tv"], "o-", color="black", label="exact filter: its move")
-        ax.semilogy(lag["lags"], lag["model_move_tv"], "s-", label="model: its move")
-        ax.semilogy(lag["lags"], lag["response_error_tv"], "^--", label="model: error of its move")
-        ax.set(xlabel="lag d (observation o_{t-d} changed)", ylabel="total variation", title="how the belief moves, by lag")
+        draw_lag_response(ax, lag)
+        ax.set(xlabel="lag d (observation o_{t-d} changed)", title="how the belief moves, by lag")
         ax.legend(fontsize=7)
         text += (f"<p>Each observation in turn changed to another symbol ({lag['n_sequences']} sequences): how far the belief "
                  "at each later step moves, for the exact filter and the model, and how far the model's move is from the exact one.</p>")
