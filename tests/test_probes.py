@@ -190,3 +190,89 @@ def test_errors():
     model = tiny_model()
     with model.ablated(heads=[(0, 1)]), pytest.raises(ValueError, match="free of head ablations"):
         probes.routing_law_stats(model, TASK, batch)
+
+
+def test_value_pull_agreement_known_answers():
+    g = torch.Generator().manual_seed(0)
+    pull = torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64)
+    pull[0, 0] = 0.0  # a value nobody attended: no pull, left out of the cosines
+    cos, weighted, ratio = probes._value_pull_agreement(-0.1 * pull, pull, lr=0.1)  # plain SGD on v
+    assert torch.allclose(cos, torch.ones(2, dtype=torch.float64)) and torch.allclose(weighted, torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(ratio, torch.ones(2, dtype=torch.float64))
+    cos, _, ratio = probes._value_pull_agreement(0.3 * pull, pull, lr=0.1)  # up the gradient, 3x as far
+    assert torch.allclose(cos, -torch.ones(2, dtype=torch.float64)) and torch.allclose(ratio, 3 * torch.ones(2, dtype=torch.float64))
+    other = torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64)
+    orth = other - (other * pull).sum(-1, keepdim=True) / pull.pow(2).sum(-1, keepdim=True).clamp_min(1e-300) * pull
+    cos, weighted, _ = probes._value_pull_agreement(orth, pull, lr=0.1)
+    assert cos.abs().max() < 1e-12 and weighted.abs().max() < 1e-12
+    # half the values along the pull, half against it: the weighted mean follows the pull norms
+    mixed = torch.where(torch.arange(5)[None, :, None, None] < 2, -pull, pull)
+    cos, weighted, _ = probes._value_pull_agreement(mixed, pull, lr=1.0)
+    norms = pull.norm(dim=-1)
+    live = norms > 0
+    signs = torch.where(torch.arange(5)[None, :, None] < 2, 1.0, -1.0).double()
+    assert torch.allclose(cos, (signs * live).sum((0, 1)) / live.sum((0, 1)))
+    assert torch.allclose(weighted, (signs * norms).sum((0, 1)) / norms.sum((0, 1)))
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_value_update_probe_against_an_sgd_step_by_hand(norm):
+    """Under plain SGD the realised changes are known without the probe: the head's own part is
+    x (-lr dL/dW_V) - lr dL/db_V from the parameter gradients, and the total is a fresh forward."""
+    model = tiny_model(norm=norm, attn_bias=norm == "layernorm")
+    batch, lr = batch_of(), 0.05
+    reference = copy.deepcopy(model)
+    probe = probes.ValueUpdateProbe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    with probe.watch(model, batch.tokens):
+        site_loss(model(batch.tokens), batch, TASK).backward()
+    optimizer.step()
+    stats = probe.finish(model, lr)
+    assert model.training
+    # the same step by hand on the copy
+    wanted = lambda n: n.endswith(("attn.hook_v", "ln1.hook_normalized"))  # noqa: E731
+    reference.eval()
+    with record(reference, names=wanted, grads=True) as cache:
+        site_loss(reference(batch.tokens), batch, TASK).backward()
+    with torch.no_grad(), record(model, names=lambda n: n.endswith("attn.hook_v")) as after:
+        model.eval()
+        model(batch.tokens)
+    for layer, block in enumerate(reference.blocks):
+        ln = block.ln1
+        x = cache[f"blocks.{layer}.ln1.hook_normalized"].double() * ln.w.double()
+        if getattr(ln, "b", None) is not None:
+            x = x + ln.b.double()
+        own = torch.einsum("bpd,hde->bphe", x, -lr * block.attn.W_V.grad.double())
+        if block.attn.b_V is not None:
+            own = own - lr * block.attn.b_V.grad.double()
+        pull = cache[f"blocks.{layer}.attn.hook_v_grad"].double()
+        total = after[f"blocks.{layer}.attn.hook_v"].double() - cache[f"blocks.{layer}.attn.hook_v"].double()
+        for h in range(2):
+            for delta, prefix in ((own, "own_"), (total, "")):
+                d, p = delta[:, :, h], pull[:, :, h]
+                live = p.norm(dim=-1) > 0
+                cos = torch.nn.functional.cosine_similarity(d, -p, dim=-1)[live]
+                assert getattr(stats, f"{prefix}pull_cosine")[layer, h].item() == pytest.approx(cos.mean().item(), abs=1e-4)
+                assert getattr(stats, f"{prefix}norm_ratio")[layer, h].item() == pytest.approx((d.norm() / (lr * p.norm())).item(), rel=1e-3)
+    assert stats.pull_cosine.shape == (2, 2) and stats.lr == lr
+    rows = stats.rows(7)
+    assert {r["metric"] for r in rows} == {f"value_update_{n}" for n in probes.ValueUpdateStats._PER_HEAD}
+    assert all(r["step"] == 7 and r["layer"] in (0, 1) and r["head"] in (0, 1) for r in rows)
+
+
+def test_value_update_probe_errors():
+    model, batch = tiny_model(), batch_of()
+    probe = probes.ValueUpdateProbe()
+    with pytest.raises(RuntimeError, match="no watched step"):
+        probe.finish(model, 0.1)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        probe.finish(model, 0.0)
+    with probe.watch(model, batch.tokens):
+        model(batch.tokens)  # forward only: no backward reaches the values
+    with pytest.raises(RuntimeError, match="left no gradient at blocks.0.attn.hook_v"):
+        probe.finish(model, 0.1)
+    mlp = PositionwiseMLP(PositionwiseMLPConfig(vocab_size=TASK.vocab_size, n_positions=TASK.seq_len, n_layers=1, d_model=8, d_mlp=16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="TinyGPT"):
+        with probe.watch(mlp, batch.tokens):
+            pass

@@ -414,3 +414,24 @@ def test_train_lengths_draw_each_batch_at_one_of_the_lengths_and_resume_exactly(
     result = Trainer.resume(tmp_path / "part").fit()
     assert result.final_loss_nats == result_full.final_loss_nats
     assert float(result.calibration.entropy_mae_bits) == float(result_full.calibration.entropy_mae_bits)
+
+
+def test_watching_the_value_updates_leaves_the_run_unchanged_and_logs_every_probed_step(tmp_path):
+    from windtunnel.probes import ValueUpdateProbe
+
+    experiment = _hmm_experiment(steps=10, position_shift=True)
+    plain = Trainer(experiment, tmp_path / "plain")
+    plain.fit()
+    watched = Trainer(experiment, tmp_path / "watched", probes=[lambda model, step: []], update_probe=ValueUpdateProbe())
+    watched.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), watched.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows = RunDir(tmp_path / "watched").telemetry()
+    # the update of step s is logged under s, for every probed step before the end but step 0,
+    # where the warmup's lr is 0
+    watched_steps = [s for s in telemetry_steps(10) if 0 < s < 10]
+    assert learning_rate(0, experiment.train) == 0.0 and sorted({r["step"] for r in rows}) == watched_steps
+    cos = [r["value"] for r in rows if r["metric"] == "value_update_pull_cosine"]
+    assert len(cos) == 2 * len(watched_steps) and all(-1.0 <= c <= 1.0 for c in cos)
+    ratios = [r["value"] for r in rows if r["metric"] == "value_update_own_norm_ratio"]
+    assert all(r > 0.0 for r in ratios)

@@ -11,6 +11,7 @@ data, initialisation, evaluation and dropout each get their own generator derive
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -33,7 +34,7 @@ from windtunnel.models import (
     TinyGPT,
     TinyGPTConfig,
 )
-from windtunnel.probes import auxiliary_loss_nats
+from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats
 from windtunnel.probes import calibrate as evaluate
 from windtunnel.probes import site_loss_nats as site_loss
 from windtunnel.runs import RunDir, append_jsonl, write_text_atomic
@@ -380,6 +381,9 @@ class Trainer:
         experiment: what to train.
         run_dir: where to write config, metrics and checkpoints; None keeps everything in memory.
         probes: telemetry probes called at :func:`telemetry_steps`; their rows go to telemetry.jsonl.
+        update_probe: watches the training step taken at each of those steps (the realised change
+            of the values against their pull, :class:`~windtunnel.probes.ValueUpdateProbe`); its
+            rows go to telemetry.jsonl under the step the update was taken at.
         resuming: set by :meth:`resume`, whose checkpoint replaces the weights, so
             ``experiment.init_from`` is not read.
 
@@ -389,12 +393,19 @@ class Trainer:
     """
 
     def __init__(
-        self, experiment: ExperimentConfig, run_dir: str | RunDir | None = None, *, probes: Sequence[Probe] = (), resuming: bool = False
+        self,
+        experiment: ExperimentConfig,
+        run_dir: str | RunDir | None = None,
+        *,
+        probes: Sequence[Probe] = (),
+        update_probe: ValueUpdateProbe | None = None,
+        resuming: bool = False,
     ) -> None:
         self.experiment = experiment
         self.config = experiment.train
         self.run = RunDir(run_dir) if isinstance(run_dir, str) or hasattr(run_dir, "__fspath__") else run_dir
         self.probes = list(probes)
+        self.update_probe = update_probe
         self.device = self.config.resolved_device()
         self.task = experiment.build_task()
         self.train_tasks = [self.task, *(experiment.build_task(n_steps=n) for n in experiment.train_lengths)]
@@ -589,11 +600,14 @@ class Trainer:
             task = self._draw_task()
             batch = task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
             shifted = {"position_ids": self._shifted_position_ids(batch.tokens.shape)} if cfg.position_shift else {}
-            logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
-            loss = site_loss(logits, batch, task)
-            aux_loss = auxiliary_loss_nats(logits, batch, task) if cfg.aux_loss_weight > 0 else None
-            self.optimizer.zero_grad(set_to_none=True)
-            (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
+            watch = self.update_probe is not None and self.step in probe_steps and lr > 0  # at lr 0 nothing moves
+            watching = self.update_probe.watch(self.model, batch.tokens, shifted.get("position_ids")) if watch else contextlib.nullcontext()
+            with watching:
+                logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
+                loss = site_loss(logits, batch, task)
+                aux_loss = auxiliary_loss_nats(logits, batch, task) if cfg.aux_loss_weight > 0 else None
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
             loss_value = float(loss.detach())
             aux_value = float(aux_loss.detach()) if aux_loss is not None else 0.0
@@ -607,6 +621,10 @@ class Trainer:
                     "try a lower --train.lr."
                 )
             self.optimizer.step()
+            if watch:
+                update_rows = self.update_probe.finish(self.model, lr).rows(self.step)
+                if self.run is not None:
+                    self.run.log_telemetry(update_rows)
             self.step += 1
             self.last_loss, last_good_step = loss_value, self.step
             if self.step % cfg.log_every == 0:

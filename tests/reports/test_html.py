@@ -53,6 +53,7 @@ def test_full_report(full_run):
     assert "http://" not in page and "https://" not in page  # self-contained
     assert "No eval.json" not in page and "No ablation.json" not in page and "No dissociation.json" not in page
     assert "0.052 vs 0.082 random" in page  # the paper's numbers beside ours
+    assert "Value updates: on the training step" in page  # attach_probes watches the value updates
 
 
 def test_report_reads_only_the_directory(full_run, tmp_path):

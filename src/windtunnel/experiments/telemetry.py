@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from windtunnel.probes import ablation_table, hmm_lag_map, make_probes
+from windtunnel.probes import ValueUpdateProbe, ablation_table, hmm_lag_map, make_probes
 from windtunnel.runs import write_json_atomic
 from windtunnel.tasks import HMMFiltering
 from windtunnel.train import Trainer, seed_streams
@@ -16,7 +16,8 @@ __all__ = ["ablate_run", "attach_probes"]
 
 
 def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: bool = True) -> Trainer:
-    """Give ``trainer`` the geometry, routing-law and calibration probes of :func:`make_probes`.
+    """Give ``trainer`` the geometry, routing-law and calibration probes of :func:`make_probes`,
+    and for a transformer the :class:`~windtunnel.probes.ValueUpdateProbe` of the training steps.
 
     The probe batch (``n_sequences`` sequences) and the entropy probe's split come from the run's
     "probe" seed stream, and the §8.1 baseline is the model rebuilt from the "init" stream (the
@@ -38,6 +39,8 @@ def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: b
         run_dir=trainer.run.path if trainer.run is not None else None,
         save_snapshots=save_snapshots,
     )
+    if experiment.model_name == "transformer":
+        trainer.update_probe = ValueUpdateProbe()
     return trainer
 
 

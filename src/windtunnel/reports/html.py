@@ -193,7 +193,10 @@ def _routing_section(tel: _Telemetry) -> str:
     metrics = ("advantage_abs_mean", "positive_advantage_mass", "d_scores_fro", "advantage_attention_cov")
     if not tel.layers("advantage_abs_mean"):
         return "<p>No routing-law telemetry.</p>"
-    fig, axes = _figure(len(metrics), width=13)
+    # the optimiser's realised change of the values against their pull (runs from before this
+    # probe have none)
+    metrics += tuple(m for m in ("value_update_pull_cosine", "value_update_own_pull_cosine", "value_update_norm_ratio") if tel.layers(m))
+    fig, axes = _figure(len(metrics), width=13 if len(metrics) <= 4 else 19)
     for ax, metric in zip(axes, metrics):
         for layer in tel.layers(metric):
             by_step: dict[int, list[float]] = defaultdict(list)
@@ -209,6 +212,11 @@ def _routing_section(tel: _Telemetry) -> str:
     worst_model = max((v for (m, _, _), s in tel.series.items() if m == "law_model_grad_rel_error" for _, v in s), default=None)
     text = (f"<p>Exactness at every logged step: closed form vs autograd rebuild (float64), worst relative error "
             f"{_fmt(worst)}; closed form vs the model's own backward at hook_q/k/v (float32), worst {_fmt(worst_model)}.</p>")
+    if tel.layers("value_update_pull_cosine"):
+        text += ("<p>Value updates: on the training step at each logged step, cos(Δv<sub>j</sub>, −(AᵀU)<sub>j</sub>) "
+                 "between the optimiser's realised change of each value vector and its responsibility-weighted pull "
+                 "(all of ΔV, and the head's own W<sub>V</sub> part at fixed input), and ‖ΔV‖ ÷ (lr ‖AᵀU‖), "
+                 "which is 1 for a plain gradient step on the values themselves.</p>")
     return text + _png(fig)
 
 
