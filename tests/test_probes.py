@@ -196,23 +196,24 @@ def test_value_pull_agreement_known_answers():
     g = torch.Generator().manual_seed(0)
     pull = torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64)
     pull[0, 0] = 0.0  # a value nobody attended: no pull, left out of the cosines
-    cos, weighted, ratio = probes._value_pull_agreement(-0.1 * pull, pull, lr=0.1)  # plain SGD on v
-    assert torch.allclose(cos, torch.ones(2, dtype=torch.float64)) and torch.allclose(weighted, torch.ones(2, dtype=torch.float64))
+    cos, whole, ratio = probes._value_pull_agreement(-0.1 * pull, pull, lr=0.1)  # plain SGD on v
+    assert torch.allclose(cos, torch.ones(2, dtype=torch.float64)) and torch.allclose(whole, torch.ones(2, dtype=torch.float64))
     assert torch.allclose(ratio, torch.ones(2, dtype=torch.float64))
     cos, _, ratio = probes._value_pull_agreement(0.3 * pull, pull, lr=0.1)  # up the gradient, 3x as far
     assert torch.allclose(cos, -torch.ones(2, dtype=torch.float64)) and torch.allclose(ratio, 3 * torch.ones(2, dtype=torch.float64))
     other = torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64)
     orth = other - (other * pull).sum(-1, keepdim=True) / pull.pow(2).sum(-1, keepdim=True).clamp_min(1e-300) * pull
-    cos, weighted, _ = probes._value_pull_agreement(orth, pull, lr=0.1)
-    assert cos.abs().max() < 1e-12 and weighted.abs().max() < 1e-12
-    # half the values along the pull, half against it: the weighted mean follows the pull norms
+    cos, whole, _ = probes._value_pull_agreement(orth, pull, lr=0.1)
+    assert cos.abs().max() < 1e-12 and whole.abs().max() < 1e-12
+    # two positions along the pull, three against it: the mean counts values, the whole-matrix
+    # cosine weighs them by their squared pull
     mixed = torch.where(torch.arange(5)[None, :, None, None] < 2, -pull, pull)
-    cos, weighted, _ = probes._value_pull_agreement(mixed, pull, lr=1.0)
-    norms = pull.norm(dim=-1)
-    live = norms > 0
+    cos, whole, _ = probes._value_pull_agreement(mixed, pull, lr=1.0)
+    sq = pull.pow(2).sum(-1)
+    live = sq > 0
     signs = torch.where(torch.arange(5)[None, :, None] < 2, 1.0, -1.0).double()
     assert torch.allclose(cos, (signs * live).sum((0, 1)) / live.sum((0, 1)))
-    assert torch.allclose(weighted, (signs * norms).sum((0, 1)) / norms.sum((0, 1)))
+    assert torch.allclose(whole, (signs * sq).sum((0, 1)) / sq.sum((0, 1)))
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
@@ -254,8 +255,12 @@ def test_value_update_probe_against_an_sgd_step_by_hand(norm):
                 live = p.norm(dim=-1) > 0
                 cos = torch.nn.functional.cosine_similarity(d, -p, dim=-1)[live]
                 assert getattr(stats, f"{prefix}pull_cosine")[layer, h].item() == pytest.approx(cos.mean().item(), abs=1e-4)
+                whole = -(d * p).sum() / (d.norm() * p.norm())
+                assert getattr(stats, f"{prefix}pull_cosine_all")[layer, h].item() == pytest.approx(whole.item(), abs=1e-4)
                 assert getattr(stats, f"{prefix}norm_ratio")[layer, h].item() == pytest.approx((d.norm() / (lr * p.norm())).item(), rel=1e-3)
     assert stats.pull_cosine.shape == (2, 2) and stats.lr == lr
+    # SGD: x ΔW_V · (-AᵀU) = lr ‖XᵀAᵀU‖² >= 0, so the head's own change never points against its pull
+    assert float(stats.own_pull_cosine_all.min()) > 0.0
     rows = stats.rows(7)
     assert {r["metric"] for r in rows} == {f"value_update_{n}" for n in probes.ValueUpdateStats._PER_HEAD}
     assert all(r["step"] == 7 and r["layer"] in (0, 1) and r["head"] in (0, 1) for r in rows)

@@ -504,22 +504,24 @@ class ValueUpdateStats:
         lr: the learning rate η of the step.
         pull_cosine: mean over value vectors of cos(Δv_j, -dL/dv_j); 1 when every value moved
             along its pull.
-        pull_cosine_weighted: the same weighted by ‖dL/dv_j‖ (the values that were pulled).
+        pull_cosine_all: the cosine between ΔV and -AᵀU as whole [value, d_head] matrices (the
+            Frobenius inner product over the norms); under plain SGD its ``own_`` version is
+            never negative, as x ΔW_V · (-AᵀU) = lr ‖XᵀAᵀU‖² (and likewise for b_V).
         norm_ratio: ‖ΔV‖_F / (η ‖AᵀU‖_F); 1 for a plain gradient step on the value vectors.
-        own_pull_cosine, own_pull_cosine_weighted, own_norm_ratio: the same for the part of ΔV due
+        own_pull_cosine, own_pull_cosine_all, own_norm_ratio: the same for the part of ΔV due
             to the head's own W_V and b_V at fixed input, x_j ΔW_V + Δb_V (x the attention's
             input, the output of ln1, before the step).
     """
 
     lr: float
     pull_cosine: torch.Tensor
-    pull_cosine_weighted: torch.Tensor
+    pull_cosine_all: torch.Tensor
     norm_ratio: torch.Tensor
     own_pull_cosine: torch.Tensor
-    own_pull_cosine_weighted: torch.Tensor
+    own_pull_cosine_all: torch.Tensor
     own_norm_ratio: torch.Tensor
 
-    _PER_HEAD = ("pull_cosine", "pull_cosine_weighted", "norm_ratio", "own_pull_cosine", "own_pull_cosine_weighted", "own_norm_ratio")
+    _PER_HEAD = ("pull_cosine", "pull_cosine_all", "norm_ratio", "own_pull_cosine", "own_pull_cosine_all", "own_norm_ratio")
 
     def rows(self, step: int) -> list[Row]:
         """Tidy telemetry rows, metrics ``value_update_<field>``."""
@@ -533,16 +535,17 @@ class ValueUpdateStats:
 
 def _value_pull_agreement(delta: torch.Tensor, pull: torch.Tensor, lr: float) -> tuple[torch.Tensor, ...]:
     """Cosines and norm ratio of ``delta`` against ``-pull``, both [batch, pos, head, d_head];
-    returns three [head] tensors (mean cosine, pull-weighted cosine, norm ratio)."""
+    returns three [head] tensors (mean cosine over values, whole-matrix cosine, norm ratio)."""
     delta, pull = delta.double(), pull.double()
     pull_norm = pull.norm(dim=-1)  # [batch, pos, head]
     live = pull_norm > 0
     cos = torch.nn.functional.cosine_similarity(delta, -pull, dim=-1, eps=1e-300)
     n_live = live.sum((0, 1)).clamp_min(1)
     mean_cos = (cos * live).sum((0, 1)) / n_live
-    weighted = (cos * pull_norm).sum((0, 1)) / pull_norm.sum((0, 1)).clamp_min(1e-300)
-    ratio = delta.pow(2).sum((0, 1, 3)).sqrt() / (lr * pull.pow(2).sum((0, 1, 3)).sqrt()).clamp_min(1e-300)
-    return mean_cos, weighted, ratio
+    delta_fro, pull_fro = delta.pow(2).sum((0, 1, 3)).sqrt(), pull.pow(2).sum((0, 1, 3)).sqrt()
+    whole = -(delta * pull).sum((0, 1, 3)) / (delta_fro * pull_fro).clamp_min(1e-300)
+    ratio = delta_fro / (lr * pull_fro).clamp_min(1e-300)
+    return mean_cos, whole, ratio
 
 
 def _value_inputs(model: TinyGPT, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -620,9 +623,9 @@ class ValueUpdateProbe:
             if b_before is not None:
                 own = own + (block.attn.b_V.detach().double() - b_before.double())
             for prefix, delta in (("", after[name].double() - before[name].double()), ("own_", own)):
-                cos, weighted, ratio = _value_pull_agreement(delta, pull, lr)
+                cos, whole, ratio = _value_pull_agreement(delta, pull, lr)
                 stats[f"{prefix}pull_cosine"].append(cos)
-                stats[f"{prefix}pull_cosine_weighted"].append(weighted)
+                stats[f"{prefix}pull_cosine_all"].append(whole)
                 stats[f"{prefix}norm_ratio"].append(ratio)
         return ValueUpdateStats(lr=float(lr), **{name: torch.stack(v).float() for name, v in stats.items()})
 
