@@ -261,9 +261,25 @@ def test_value_update_probe_against_an_sgd_step_by_hand(norm):
     assert stats.pull_cosine.shape == (2, 2) and stats.lr == lr
     # SGD: x ΔW_V · (-AᵀU) = lr ‖XᵀAᵀU‖² >= 0, so the head's own change never points against its pull
     assert float(stats.own_pull_cosine_all.min()) > 0.0
+    # and the own change is the gradient step
+    assert torch.allclose(stats.gradient_pull_cosine, stats.own_pull_cosine, atol=1e-5)
+    assert torch.allclose(stats.gradient_pull_cosine_all, stats.own_pull_cosine_all, atol=1e-5)
     rows = stats.rows(7)
     assert {r["metric"] for r in rows} == {f"value_update_{n}" for n in probes.ValueUpdateStats._PER_HEAD}
     assert all(r["step"] == 7 and r["layer"] in (0, 1) and r["head"] in (0, 1) for r in rows)
+
+
+def test_value_update_probe_under_adam_differs_from_the_gradient_step():
+    """Adam's first step is -lr g / |g| per coordinate: the own change is no longer the gradient step."""
+    model, batch = tiny_model(), batch_of()
+    probe = probes.ValueUpdateProbe()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with probe.watch(model, batch.tokens):
+        site_loss(model(batch.tokens), batch, TASK).backward()
+    optimizer.step()
+    stats = probe.finish(model, 1e-3)
+    assert (stats.gradient_pull_cosine_all - stats.own_pull_cosine_all).abs().max() > 0.01
+    assert float(stats.gradient_pull_cosine_all.min()) > 0.0  # the gradient step still never opposes the pull
 
 
 def test_value_update_probe_errors():

@@ -511,6 +511,11 @@ class ValueUpdateStats:
         own_pull_cosine, own_pull_cosine_all, own_norm_ratio: the same for the part of ΔV due
             to the head's own W_V and b_V at fixed input, x_j ΔW_V + Δb_V (x the attention's
             input, the output of ln1, before the step).
+        gradient_pull_cosine, gradient_pull_cosine_all: the same cosines for the change a plain
+            gradient step on W_V and b_V would have made, -x_j dL/dW_V - dL/db_V (the step's
+            gradient, after clipping, which does not change its direction). Beside the ``own_``
+            cosines they separate what the weight tying does to the value law (this) from what
+            the optimiser does (momentum, per-coordinate scaling, weight decay).
     """
 
     lr: float
@@ -520,8 +525,19 @@ class ValueUpdateStats:
     own_pull_cosine: torch.Tensor
     own_pull_cosine_all: torch.Tensor
     own_norm_ratio: torch.Tensor
+    gradient_pull_cosine: torch.Tensor
+    gradient_pull_cosine_all: torch.Tensor
 
-    _PER_HEAD = ("pull_cosine", "pull_cosine_all", "norm_ratio", "own_pull_cosine", "own_pull_cosine_all", "own_norm_ratio")
+    _PER_HEAD = (
+        "pull_cosine",
+        "pull_cosine_all",
+        "norm_ratio",
+        "own_pull_cosine",
+        "own_pull_cosine_all",
+        "own_norm_ratio",
+        "gradient_pull_cosine",
+        "gradient_pull_cosine_all",
+    )
 
     def rows(self, step: int) -> list[Row]:
         """Tidy telemetry rows, metrics ``value_update_<field>``."""
@@ -618,15 +634,25 @@ class ValueUpdateProbe:
             if name + "_grad" not in cache:
                 raise RuntimeError(f"ValueUpdateProbe.finish: the watched backward left no gradient at {name}.")
             pull = cache[name + "_grad"]  # [batch, pos, head, d_head] = (AᵀU)_j per head
+            attn = block.attn
+            if attn.W_V.grad is None:
+                raise RuntimeError(f"ValueUpdateProbe.finish: blocks.{l}.attn.W_V has no gradient; call finish before the next zero_grad.")
             x = before[f"blocks.{l}.attn.input"].double()  # [batch, pos, d_model]
-            own = torch.einsum("bpd,hde->bphe", x, block.attn.W_V.detach().double() - w_before.double())
-            if b_before is not None:
-                own = own + (block.attn.b_V.detach().double() - b_before.double())
-            for prefix, delta in (("", after[name].double() - before[name].double()), ("own_", own)):
+
+            def change(d_weight: torch.Tensor, d_bias: torch.Tensor | None) -> torch.Tensor:
+                """x ΔW_V + Δb_V, [batch, pos, head, d_head]."""
+                out = torch.einsum("bpd,hde->bphe", x, d_weight.double())
+                return out if d_bias is None else out + d_bias.double()
+
+            has_bias = b_before is not None
+            own = change(attn.W_V.detach() - w_before, attn.b_V.detach() - b_before if has_bias else None)
+            gradient = change(-lr * attn.W_V.grad, -lr * attn.b_V.grad if has_bias and attn.b_V.grad is not None else None)
+            for prefix, delta in (("", after[name].double() - before[name].double()), ("own_", own), ("gradient_", gradient)):
                 cos, whole, ratio = _value_pull_agreement(delta, pull, lr)
                 stats[f"{prefix}pull_cosine"].append(cos)
                 stats[f"{prefix}pull_cosine_all"].append(whole)
-                stats[f"{prefix}norm_ratio"].append(ratio)
+                if f"{prefix}norm_ratio" in stats:
+                    stats[f"{prefix}norm_ratio"].append(ratio)
         return ValueUpdateStats(lr=float(lr), **{name: torch.stack(v).float() for name, v in stats.items()})
 
 

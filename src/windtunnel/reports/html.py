@@ -195,7 +195,7 @@ def _routing_section(tel: _Telemetry) -> str:
         return "<p>No routing-law telemetry.</p>"
     # the optimiser's realised change of the values against their pull (runs from before this
     # probe have none)
-    metrics += tuple(m for m in ("value_update_pull_cosine", "value_update_pull_cosine_all", "value_update_norm_ratio") if tel.layers(m))
+    metrics += tuple(m for m in ("value_update_pull_cosine_all", "value_update_gradient_pull_cosine_all", "value_update_norm_ratio") if tel.layers(m))
     fig, axes = _figure(len(metrics), width=13 if len(metrics) <= 4 else 19)
     for ax, metric in zip(axes, metrics):
         for layer in tel.layers(metric):
@@ -213,10 +213,12 @@ def _routing_section(tel: _Telemetry) -> str:
     text = (f"<p>Exactness at every logged step: closed form vs autograd rebuild (float64), worst relative error "
             f"{_fmt(worst)}; closed form vs the model's own backward at hook_q/k/v (float32), worst {_fmt(worst_model)}.</p>")
     if tel.layers("value_update_pull_cosine"):
-        text += ("<p>Value updates: on the training step at each logged step, the optimiser's realised change ΔV of "
-                 "the value vectors against their responsibility-weighted pull −AᵀU: cos(Δv<sub>j</sub>, −(AᵀU)<sub>j</sub>) "
-                 "averaged over the value vectors, the cosine of the whole matrices, and ‖ΔV‖ ÷ (lr ‖AᵀU‖). Paper II's "
-                 "value law, a plain gradient step on the values themselves, gives 1, 1 and 1.</p>")
+        text += ("<p>Value updates: on the training step at each logged step, the cosine between the optimiser's "
+                 "realised change ΔV of the value vectors and their responsibility-weighted pull −AᵀU (as whole "
+                 "matrices), the same for the change a plain gradient step on W<sub>V</sub> would have made (what the "
+                 "weight tying alone leaves of the value law; never negative), and ‖ΔV‖ ÷ (lr ‖AᵀU‖). Paper II's value "
+                 "law, a gradient step on the values themselves, gives cosines of 1 and a ratio of 1. Per-value cosines "
+                 "and the head's own W<sub>V</sub> part are in telemetry.jsonl (<code>value_update_*</code>).</p>")
     return text + _png(fig)
 
 
