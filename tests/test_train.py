@@ -422,7 +422,7 @@ def test_watching_the_value_updates_leaves_the_run_unchanged_and_logs_every_prob
     experiment = _hmm_experiment(steps=10, position_shift=True)
     plain = Trainer(experiment, tmp_path / "plain")
     plain.fit()
-    watched = Trainer(experiment, tmp_path / "watched", probes=[lambda model, step: []], update_probe=ValueUpdateProbe())
+    watched = Trainer(experiment, tmp_path / "watched", update_probe=ValueUpdateProbe())
     watched.fit()
     for (name, a), b in zip(plain.model.state_dict().items(), watched.model.state_dict().values()):
         assert torch.equal(a, b), name

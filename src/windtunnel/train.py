@@ -581,7 +581,7 @@ class Trainer:
         """
         cfg = self.config
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        probe_steps = set(telemetry_steps(cfg.steps)) if self.probes else set()
+        probe_steps = set(telemetry_steps(cfg.steps)) if self.probes or self.update_probe is not None else set()
         start_time = time.perf_counter()
         bar = None
         if progress:
