@@ -48,7 +48,7 @@ def test_full_report(full_run):
     for section in SECTIONS:
         assert section in page
     images = _images(page)
-    assert len(images) == 6  # loss, calibration, manifold, geometry, dissociation, routing law
+    assert len(images) == 7  # loss, calibration, manifold, geometry, dissociation, routing law, value updates
     assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
     assert "http://" not in page and "https://" not in page  # self-contained
     assert "No eval.json" not in page and "No ablation.json" not in page and "No dissociation.json" not in page

@@ -16,6 +16,7 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,15 +190,10 @@ def _geometry_section(tel: _Telemetry) -> str:
     return _table(["layer", "mean |cos| (final)", "min head", "at init", "random", "attention entropy (bits)", "heads"], rows) + _png(fig)
 
 
-def _routing_section(tel: _Telemetry) -> str:
-    metrics = ("advantage_abs_mean", "positive_advantage_mass", "d_scores_fro", "advantage_attention_cov")
-    if not tel.layers("advantage_abs_mean"):
-        return "<p>No routing-law telemetry.</p>"
-    # the optimiser's realised change of the values against their pull (runs from before this
-    # probe have none)
-    metrics += tuple(m for m in ("value_update_pull_cosine_all", "value_update_gradient_pull_cosine_all", "value_update_norm_ratio") if tel.layers(m))
-    fig, axes = _figure(len(metrics), width=13 if len(metrics) <= 4 else 19)
-    for ax, metric in zip(axes, metrics):
+def _head_mean_panels(tel: _Telemetry, panels: Sequence[tuple[str, str]], *, width: float = 13) -> Any:
+    """One panel per (metric, title): the metric's head mean per layer against the step (log)."""
+    fig, axes = _figure(len(panels), width=width)
+    for ax, (metric, title) in zip(axes, panels):
         for layer in tel.layers(metric):
             by_step: dict[int, list[float]] = defaultdict(list)
             for (m, l, h), series in tel.series.items():
@@ -206,20 +202,36 @@ def _routing_section(tel: _Telemetry) -> str:
                         by_step[step].append(v)
             steps = sorted(by_step)
             ax.plot([max(s, 0.5) for s in steps], [sum(by_step[s]) / len(by_step[s]) for s in steps], marker=".", label=f"layer {layer}")
-        ax.set(xscale="log", xlabel="step", title=f"{metric} (head mean)")
+        ax.set(xscale="log", xlabel="step", title=title)
         ax.legend(fontsize=7)
+    return fig
+
+
+def _routing_section(tel: _Telemetry) -> str:
+    metrics = ("advantage_abs_mean", "positive_advantage_mass", "d_scores_fro", "advantage_attention_cov")
+    if not tel.layers("advantage_abs_mean"):
+        return "<p>No routing-law telemetry.</p>"
+    fig = _head_mean_panels(tel, [(m, f"{m} (head mean)") for m in metrics])
     worst = max((v for (m, _, _), s in tel.series.items() if m == "law_check_rel_error" for _, v in s), default=None)
     worst_model = max((v for (m, _, _), s in tel.series.items() if m == "law_model_grad_rel_error" for _, v in s), default=None)
     text = (f"<p>Exactness at every logged step: closed form vs autograd rebuild (float64), worst relative error "
             f"{_fmt(worst)}; closed form vs the model's own backward at hook_q/k/v (float32), worst {_fmt(worst_model)}.</p>")
-    if tel.layers("value_update_pull_cosine"):
+    text += _png(fig)
+    if tel.layers("value_update_pull_cosine_all"):  # runs from before the value-update probe have none
         text += ("<p>Value updates: on the training step at each logged step, the cosine between the optimiser's "
                  "realised change ΔV of the value vectors and their responsibility-weighted pull −AᵀU (as whole "
                  "matrices), the same for the change a plain gradient step on W<sub>V</sub> would have made (what the "
                  "weight tying alone leaves of the value law; never negative), and ‖ΔV‖ ÷ (lr ‖AᵀU‖). Paper II's value "
                  "law, a gradient step on the values themselves, gives cosines of 1 and a ratio of 1. Per-value cosines "
-                 "and the head's own W<sub>V</sub> part are in telemetry.jsonl (<code>value_update_*</code>).</p>")
-    return text + _png(fig)
+                 "and the head's own W<sub>V</sub> part are in telemetry.jsonl (<code>value_update_*</code>). Head means.</p>")
+        fig = _head_mean_panels(tel, [
+            ("value_update_pull_cosine_all", "cos(ΔV, −AᵀU), realised"),
+            ("value_update_gradient_pull_cosine_all", "cos(ΔV, −AᵀU), gradient step on W_V"),
+            ("value_update_norm_ratio", "‖ΔV‖ ÷ (lr ‖AᵀU‖)"),
+        ], width=11)
+        fig.axes[2].set_yscale("log")
+        text += _png(fig)
+    return text
 
 
 def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
