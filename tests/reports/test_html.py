@@ -59,7 +59,7 @@ def test_full_report(full_run):
 def test_report_reads_only_the_directory(full_run, tmp_path):
     copy = tmp_path / "copied"
     shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots"))
-    assert len(_images(build_report(copy).read_text())) == 6
+    assert len(_images(build_report(copy).read_text())) == 7
 
 
 def test_minimal_run_dir(tmp_path):
