@@ -297,3 +297,6 @@ def test_value_update_probe_errors():
     with pytest.raises(ValueError, match="TinyGPT"):
         with probe.watch(mlp, batch.tokens):
             pass
+    with model.ablated(heads=[(0, 1)]), pytest.raises(ValueError, match="ValueUpdateProbe.watch.model must be free of head ablations"):
+        with probe.watch(model, batch.tokens):
+            pass

@@ -83,6 +83,14 @@ def _check_model(owner: str, model: Any) -> TinyGPT:
     return model
 
 
+def _check_unablated(owner: str, model: Any) -> TinyGPT:
+    """A TinyGPT without head ablations: gradient probes read hook_v/hook_z as the unablated head's."""
+    model = _check_model(owner, model)
+    if any(block.attn.head_multiplier is not None for block in model.blocks):
+        raise ValueError(must(owner, "model", "free of head ablations", "an ablated model"))
+    return model
+
+
 def _row(step: int, metric: str, value: Any, layer: int | None = None, head: int | None = None) -> Row:
     value = float(value)
     return {"step": step, "layer": layer, "head": head, "metric": metric, "value": value if math.isfinite(value) else None}
@@ -424,9 +432,7 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
     Raises:
         ValueError: when ``model`` is not a TinyGPT, or a head carries an ablation multiplier.
     """
-    model = _check_model("routing_law_stats", model)
-    if any(block.attn.head_multiplier is not None for block in model.blocks):
-        raise ValueError(must("routing_law_stats", "model", "free of head ablations", "an ablated model"))
+    model = _check_unablated("routing_law_stats", model)
     saved_grads = [p.grad for p in model.parameters()]
     device = next(model.parameters()).device
     wanted = lambda name: name.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"))  # noqa: E731
@@ -601,10 +607,12 @@ class ValueUpdateProbe:
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> Iterator[None]:
-        """Record the values before the step and their gradient during the step's backward."""
-        model = _check_model("ValueUpdateProbe.watch", model)
-        if any(block.attn.head_multiplier is not None for block in model.blocks):
-            raise ValueError(must("ValueUpdateProbe.watch", "model", "free of head ablations", "an ablated model"))
+        """Record the values before the step and their gradient during the step's backward.
+
+        Raises:
+            ValueError: when ``model`` is not a TinyGPT, or a head carries an ablation multiplier.
+        """
+        model = _check_unablated("ValueUpdateProbe.watch", model)
         before = _value_inputs(model, tokens, position_ids)
         weights = [(b.attn.W_V.detach().clone(), None if b.attn.b_V is None else b.attn.b_V.detach().clone()) for b in model.blocks]
         with record(model, names=lambda name: name.endswith("attn.hook_v"), grads=True) as cache:
