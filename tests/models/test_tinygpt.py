@@ -97,12 +97,14 @@ def test_state_dict_round_trip():
 
 
 def test_causal_pass_equals_per_prefix_passes():
-    model = _model(seed=3)
+    # float64: in float32 the full and the prefix passes block their matmuls differently, and
+    # the logits differ by a few ulps (1.4e-6 on some CPUs), which says nothing about causality.
+    model = _model(seed=3).double()
     tokens = _tokens(seq_len=9)
     with torch.no_grad():
         full = model(tokens)
         for t in range(1, 10):
-            torch.testing.assert_close(full[:, :t], model(tokens[:, :t]), rtol=0, atol=1e-6)
+            torch.testing.assert_close(full[:, :t], model(tokens[:, :t]), rtol=0, atol=1e-12)
         # Changing the future never changes the past.
         changed = tokens.clone()
         changed[:, 5:] = (changed[:, 5:] + 1) % 11
