@@ -1,6 +1,8 @@
 """The HTML report builds from a run directory alone, embeds its figures and renders."""
 
 import base64
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -128,3 +130,69 @@ def test_paper_table_falls_back_to_dissociation(full_run, tmp_path):
     shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "telemetry.jsonl"))
     page = build_report(copy).read_text()
     assert "No telemetry.jsonl" in page and "(dissociation.json, final checkpoint)" in page
+
+
+def _evil(tag):
+    """Two markup payloads, told apart by ``tag`` so that each planted field can be found escaped."""
+    return f"<script>alert('{tag}')</script>\"><img src=x onerror=alert('{tag}')>"
+
+
+def _plant_hostile_run(path, task):
+    """A run directory written by hand whose names, keys and values are markup payloads."""
+    write_json_atomic(path / "config.json", {
+        "name": _evil("name"), "task_name": task, "model_name": _evil("model_name"),
+        "task": {_evil("task_key"): _evil("task_value")}, "model": {"d_model": _evil("model_value")},
+        "train": {"steps": _evil("steps"), "batch_size": _evil("batch_size"), "lr": _evil("lr"), "seed": _evil("seed")},
+    })
+    curve = {"bayes_entropy_bits": [1.0, 0.5], "model_entropy_bits": [1.1, 0.6], "entropy_mae_bits": [0.1, 0.1], "kl_bits": [0.1, 0.1]}
+    summary = {"entropy_mae_bits": _evil("mae"), "kl_bits": _evil("kl"), "accuracy": _evil("accuracy"), "bayes_entropy_bits": 0.5}
+    evaluation = {"step": _evil("eval_step"), "n_sequences": _evil("eval_n"), "seed": _evil("eval_seed"),
+                  "per_position": {_evil("set"): curve}, "summary": {_evil("set"): summary}}
+    if task == "hmm":
+        evaluation["lag_response"] = {"lags": [1, 2], "bayes_move_tv": [0.5, 0.2], "model_move_tv": [0.4, 0.1],
+                                      "response_error_tv": [0.1, 0.1], "n_sequences": _evil("lag_n")}
+    write_json_atomic(path / "eval.json", evaluation)
+    write_json_atomic(path / "dissociation.json", {
+        "steps": [_evil("first_step"), _evil("last_step")], "settling_step": {_evil("settling"): _evil("settling_step")},
+        "frame_settled_by": _evil("frame"), "precision_settled_by": _evil("precision"),
+        "frame_settles_first": _evil("first"), "mae_improvement_after_frame": _evil("improvement"),
+        "metrics": {"key_ortho_layer0": [_evil("key_ortho")], "focusing_ratio": [_evil("focusing")]},
+    })
+    row = {"kind": _evil("kind"), "layer": _evil("layer"), "head": _evil("head"), "entropy_mae_bits": _evil("row_mae"),
+           "delta_mae_bits": 0.1, "mae_ratio": _evil("ratio"), "delta_kl_bits": _evil("dkl"), "delta_accuracy": _evil("dacc")}
+    write_json_atomic(path / "ablation.json", {
+        "step": _evil("ablation_step"), "n_sequences": _evil("ablation_n"),
+        "intact": {"entropy_mae_bits": _evil("intact_mae"), "accuracy": _evil("intact_accuracy")},
+        "rows": [row, {**row, "kind": "bypass", "delta_mae_bits": 0.2, "mae_ratio": _evil("bypass")}],
+    })
+    telemetry = [{"step": 5, "layer": _evil("tel_layer"), "head": None, "metric": metric, "value": 0.1}
+                 for metric in ("key_ortho_abs_cos", "attn_entropy_bits")]
+    telemetry.append({"step": 5, "layer": None, "head": None, "metric": "focusing_ratio", "value": 0.9})
+    (path / "telemetry.jsonl").write_text("".join(json.dumps(r) + "\n" for r in telemetry), encoding="utf-8")
+
+
+@pytest.mark.parametrize("task", ["bijection", "hmm", "<script>alert('task')</script>"])
+def test_report_escapes_every_value_from_the_run_directory(tmp_path, task):
+    _plant_hostile_run(tmp_path, task)
+    page = build_report(tmp_path).read_text(encoding="utf-8")
+    assert "<script" not in page and "<img src=x" not in page  # nothing planted is markup
+    tags = ["name", "model_name", "task_key", "task_value", "model_value", "steps", "batch_size", "lr", "seed",
+            "eval_step", "eval_n", "eval_seed", "set", "kl", "accuracy", "first_step", "last_step", "settling",
+            "settling_step", "frame", "precision", "first", "improvement", "ablation_step", "ablation_n", "intact_mae",
+            "intact_accuracy", "kind", "layer", "head", "row_mae", "ratio", "dkl", "dacc", "tel_layer"]
+    tags += {"bijection": ["mae", "key_ortho", "bypass"], "hmm": ["mae", "lag_n"]}.get(task, [])
+    for tag in tags:  # each planted value is on the page, as text
+        assert html.escape(f"<script>alert('{tag}')</script>") in page, tag
+    assert html.escape(_evil("name")) in page and html.escape(_evil("set")) in page  # escaped exactly once
+    assert "&amp;lt;" not in page
+
+
+@pytest.mark.parametrize("name", ["eval.json", "ablation.json", "dissociation.json", "manifold/step_10.json"])
+@pytest.mark.parametrize("content", [b'{"step": 3,', b"\xff\xfe not utf-8", b"[1, 2]"])
+def test_a_corrupt_json_file_is_named(tmp_path, name, content):
+    write_json_atomic(tmp_path / "config.json", {"task_name": "bijection", "model_name": "transformer"})
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))) as caught:
+        build_report(tmp_path)
+    assert not isinstance(caught.value, (json.JSONDecodeError, UnicodeDecodeError))

@@ -6,6 +6,9 @@ get a memory section from the memory probe's telemetry, eval.json's ``lag_respon
 ablation.json's ``lag_map`` and ``memory.png``.
 Figures are embedded as base64 PNG, so the single file can be mailed or archived. Nothing here
 imports the training stack: a report can be rebuilt from a copied directory.
+
+A run directory may come from anyone, so every value read from it reaches the page through
+:func:`_esc` (directly or through :func:`_fmt` and :func:`_table`), never raw.
 """
 
 from __future__ import annotations
@@ -53,24 +56,49 @@ def _img(data: bytes) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
 
-def _fmt(value: Any) -> str:
+def _esc(value: Any) -> str:
+    """Any value as HTML text: the one escape every value from the run directory goes through."""
+    return html.escape(str(value))
+
+
+def _text(value: Any) -> str:
+    """A number or value as plain (unescaped) text: — for None and non-finite floats."""
     if value is None:
         return "—"
     if isinstance(value, float):
         if not math.isfinite(value):
             return "—"
         return f"{value:.3g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
-    return html.escape(str(value))
+    return str(value)
+
+
+def _fmt(value: Any) -> str:
+    """:func:`_text`, escaped for HTML."""
+    return _esc(_text(value))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    """Cells are plain values or text; each is escaped here, once."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    """The JSON object in ``path``, None when the file is missing.
+
+    Raises:
+        ValueError: naming the path when the file is not UTF-8 JSON holding an object.
+    """
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"build_report: {path} must be valid JSON; got {err}.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"build_report: {path} must hold a JSON object; got {type(data).__name__}.")
+    return data
 
 
 class _Telemetry:
@@ -138,7 +166,7 @@ def _calibration_section(evaluation: dict[str, Any] | None) -> str:
     ax_h.legend(fontsize=7)
     ax_mae.legend(fontsize=7)
     rows = [[name, s["entropy_mae_bits"], s["kl_bits"], s["accuracy"], s["bayes_entropy_bits"]] for name, s in evaluation["summary"].items()]
-    text = f"<p>Step {evaluation['step']}, {evaluation['n_sequences']} held-out sequences (seed {evaluation['seed']}).</p>"
+    text = f"<p>Step {_fmt(evaluation['step'])}, {_fmt(evaluation['n_sequences'])} held-out sequences (seed {_fmt(evaluation['seed'])}).</p>"
     return text + _table(["set", "entropy MAE (bits)", "KL (bits)", "accuracy", "Bayes entropy (bits)"], rows) + _png(fig)
 
 
@@ -150,7 +178,7 @@ def _manifold_section(folder: Path, n_panels: int = 4) -> str:
     fig, axes = _figure(len(picks), height=3.0)
     for ax, i in zip(axes, picks):
         step, path = files[i]
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path)
         sc = ax.scatter(data["pc1"], data["pc2"], c=data["entropy_bits"], s=4, cmap="viridis")
         ax.set(title=f"step {step}: PC1 {100 * data['pc1_share']:.0f} %", xlabel="PC1", ylabel="PC2")
     fig.colorbar(sc, ax=list(axes), label="H_Bayes (bits)")
@@ -239,7 +267,7 @@ def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
         return "<p>No dissociation.json: run <code>windtunnel dissociation RUN_DIR</code>.</p>"
     png = run / "dissociation.png"
     rows = [[name, step] for name, step in diss["settling_step"].items()]
-    text = (f"<p>Checkpoints: {len(diss['steps'])} ({diss['steps'][0]}…{diss['steps'][-1]}). Frame settled by step "
+    text = (f"<p>Checkpoints: {len(diss['steps'])} ({_fmt(diss['steps'][0])}…{_fmt(diss['steps'][-1])}). Frame settled by step "
             f"{_fmt(diss['frame_settled_by'])}; calibration by {_fmt(diss['precision_settled_by'])}; frame settles first: "
             f"<b>{_fmt(diss['frame_settles_first'])}</b>; MAE at frame settling ÷ final MAE: {_fmt(diss['mae_improvement_after_frame'])}.</p>")
     return text + (_img(png.read_bytes()) if png.exists() else "") + _table(["metric", "settling step (within 10 % of final)"], rows)
@@ -286,7 +314,7 @@ def _memory_section(run: Path, evaluation: dict[str, Any] | None, ablation: dict
         draw_lag_response(ax, lag)
         ax.set(xlabel="lag d (observation o_{t-d} changed)", title="how the belief moves, by lag")
         ax.legend(fontsize=7)
-        text += (f"<p>Each observation in turn changed to another symbol ({lag['n_sequences']} sequences): how far the belief "
+        text += (f"<p>Each observation in turn changed to another symbol ({_fmt(lag['n_sequences'])} sequences): how far the belief "
                  "at each later step moves, for the exact filter and the model, and how far the model's move is from the exact one.</p>")
     if lag_map is not None:
         ax = axes[-1]
@@ -309,40 +337,41 @@ def _ablation_section(ablation: dict[str, Any] | None) -> str:
     rows = [[r["kind"], r["layer"], r["head"], r["entropy_mae_bits"], r["delta_mae_bits"], r["mae_ratio"], r["delta_kl_bits"], r["delta_accuracy"]]
             for r in sorted(ablation["rows"], key=lambda r: -r["delta_mae_bits"])]
     intact = ablation["intact"]
-    text = (f"<p>Step {ablation['step']}, {ablation['n_sequences']} sequences; intact entropy MAE {_fmt(intact['entropy_mae_bits'])} bits, "
+    text = (f"<p>Step {_fmt(ablation['step'])}, {_fmt(ablation['n_sequences'])} sequences; intact entropy MAE {_fmt(intact['entropy_mae_bits'])} bits, "
             f"accuracy {_fmt(intact['accuracy'])}. Sorted by ΔMAE.</p>")
     return text + _table(["ablation", "layer", "head", "MAE (bits)", "ΔMAE (bits)", "MAE ratio", "ΔKL (bits)", "Δaccuracy"], rows)
 
 
 def _ours(key: str, metrics: list[dict[str, Any]], evaluation: dict | None, tel: _Telemetry, diss: dict | None, ablation: dict | None) -> str:
+    """Our value for a paper-table row, as plain text (the table escapes it)."""
     final_eval = [r for r in metrics if r.get("split") == "eval"]
     if key == "mae":
         if evaluation is not None:
-            return _fmt(next(iter(evaluation["summary"].values()))["entropy_mae_bits"]) + " (eval.json)"
-        return _fmt(final_eval[-1]["entropy_mae_bits"]) + " (last eval)" if final_eval else "—"
+            return _text(next(iter(evaluation["summary"].values()))["entropy_mae_bits"]) + " (eval.json)"
+        return _text(final_eval[-1]["entropy_mae_bits"]) + " (last eval)" if final_eval else "—"
     if key == "mae_lengths":
         if evaluation is None:
             return "—"
-        return " / ".join(f"{n}: {_fmt(s['entropy_mae_bits'])}" for n, s in evaluation["summary"].items())
+        return " / ".join(f"{n}: {_text(s['entropy_mae_bits'])}" for n, s in evaluation["summary"].items())
     if key == "accuracy":
-        return _fmt(final_eval[-1]["accuracy"]) if final_eval else "—"
+        return _text(final_eval[-1]["accuracy"]) if final_eval else "—"
     # without telemetry (a run trained without probes) fall back to the last checkpoint in dissociation.json
     fallback = {m: v[-1] for m, v in diss["metrics"].items()} if diss is not None else {}
     if key == "key_ortho":
         if tel.last("key_ortho_abs_cos", 0) is None:
-            return f"{_fmt(fallback.get('key_ortho_layer0'))} (dissociation.json, final checkpoint)"
-        return f"{_fmt(tel.last('key_ortho_abs_cos', 0))} vs {_fmt(tel.last('key_ortho_random_baseline'))} random (d_head), {_fmt(tel.last('key_ortho_init_abs_cos', 0))} at init"
+            return f"{_text(fallback.get('key_ortho_layer0'))} (dissociation.json, final checkpoint)"
+        return f"{_text(tel.last('key_ortho_abs_cos', 0))} vs {_text(tel.last('key_ortho_random_baseline'))} random (d_head), {_text(tel.last('key_ortho_init_abs_cos', 0))} at init"
     if key == "pc1":
         if tel.last("manifold_pc1_share") is None:
-            return f"{_fmt(fallback.get('pc1_share'))} (PC1+PC2 {_fmt(fallback.get('pc12_share'))}); Spearman {_fmt(fallback.get('spearman'))} (dissociation.json)"
-        return f"{_fmt(tel.last('manifold_pc1_share'))} (PC1+PC2 {_fmt(tel.last('manifold_pc12_share'))}); Spearman {_fmt(tel.last('manifold_spearman'))}"
+            return f"{_text(fallback.get('pc1_share'))} (PC1+PC2 {_text(fallback.get('pc12_share'))}); Spearman {_text(fallback.get('spearman'))} (dissociation.json)"
+        return f"{_text(tel.last('manifold_pc1_share'))} (PC1+PC2 {_text(tel.last('manifold_pc12_share'))}); Spearman {_text(tel.last('manifold_spearman'))}"
     if key == "focusing":
-        return _fmt(tel.last("focusing_ratio") if tel.last("focusing_ratio") is not None else fallback.get("focusing_ratio"))
+        return _text(tel.last("focusing_ratio") if tel.last("focusing_ratio") is not None else fallback.get("focusing_ratio"))
     if key == "bypass" and ablation is not None:
         ratios = [r["mae_ratio"] for r in ablation["rows"] if r["kind"] == "bypass" and r["mae_ratio"] is not None]
-        return f"min {_fmt(min(ratios))}×, max {_fmt(max(ratios))}×" if ratios else "—"
+        return f"min {_text(min(ratios))}×, max {_text(max(ratios))}×" if ratios else "—"
     if key == "dissociation" and diss is not None:
-        return f"frame by {_fmt(diss['frame_settled_by'])}, first: {_fmt(diss['frame_settles_first'])}; MAE ×{_fmt(diss['mae_improvement_after_frame'])} after"
+        return f"frame by {_text(diss['frame_settled_by'])}, first: {_text(diss['frame_settles_first'])}; MAE ×{_text(diss['mae_improvement_after_frame'])} after"
     return "—"
 
 
@@ -355,8 +384,13 @@ code{background:#f4f4f4;padding:0 3px}"""
 def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
     """Write a self-contained HTML report of ``run_dir`` (default ``RUN_DIR/report.html``).
 
+    Every value read from the directory is HTML-escaped, so a planted config name or JSON value
+    shows as text and never runs as markup.
+
     Raises:
-        ValueError: when ``run_dir`` is not a run directory (no config.json).
+        ValueError: when ``run_dir`` is not a run directory (no config.json), or naming the file
+            when eval.json, dissociation.json, ablation.json or a manifold file is not valid JSON
+            holding an object.
     """
     run = RunDir(run_dir)
     config = run.read_config()
@@ -365,13 +399,13 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
     evaluation = _read_json(run.path / "eval.json")
     diss = _read_json(run.path / "dissociation.json")
     ablation = _read_json(run.path / "ablation.json")
-    task = config.get("task_name", "?")
+    task = str(config.get("task_name", "?"))
     title = config.get("name") or f"{task}/{config.get('model_name', '?')}"
     paper_rows = [[q, p, src, _ours(key, metrics, evaluation, tel, diss, ablation)] for q, p, src, key in PAPER_NUMBERS.get(task, [])]
     train = config.get("train", {})
     sections = [
-        ("Run", f"<p>Task <code>{html.escape(task)}</code> {html.escape(json.dumps(config.get('task', {})))}, model "
-                f"<code>{html.escape(str(config.get('model_name')))}</code> {html.escape(json.dumps(config.get('model', {})))}; "
+        ("Run", f"<p>Task <code>{_esc(task)}</code> {_esc(json.dumps(config.get('task', {})))}, model "
+                f"<code>{_esc(config.get('model_name'))}</code> {_esc(json.dumps(config.get('model', {})))}; "
                 f"{_fmt(train.get('steps'))} steps × batch {_fmt(train.get('batch_size'))}, lr {_fmt(train.get('lr'))}, seed {_fmt(train.get('seed'))}.</p>"),
         ("Paper numbers beside ours (SPEC §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
         ("Loss and held-out calibration", _loss_section(metrics)),
@@ -384,7 +418,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
     ]
     if task == "hmm":
         sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(run.path, evaluation, ablation, tel)))
-    body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-            f"<body><h1>windtunnel report: {html.escape(title)}</h1>{body}</body></html>")
+    body = "".join(f"<h2>{_esc(name)}</h2>{content}" for name, content in sections)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>{_CSS}</style></head>"
+            f"<body><h1>windtunnel report: {_esc(title)}</h1>{body}</body></html>")
     return write_text_atomic(Path(out) if out is not None else run.path / "report.html", page)
