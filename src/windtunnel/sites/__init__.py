@@ -1,0 +1,46 @@
+"""Attention sites: the routing law of arXiv 2512.22473 §2 on any supported transformer.
+
+An attention site is one softmax attention layer of one forward pass as its softmax saw it: the
+per-head queries (after rotary embeddings), keys and values (per key-value head under
+grouped-query attention, with the query-head -> key-value-head map), the boolean mask the model
+used, the score scale, the pattern, the head output z before the output projection and, after
+``backward()``, u = dL/dz. With them, :func:`routing_law` gives dL/ds_ij = a_ij (b_ij - E_{a_i}[b])
+(b_ij = u_i·v_j), the value pull dL/dv_j = sum_i a_ij u_i and the query and key gradients of every
+head (§2.2–§2.4), for models windtunnel did not build.
+
+Adapters: windtunnel's TinyGPT (its hook points), Hugging Face ``transformers`` models (a
+``"windtunnel"`` implementation registered with the public ``AttentionInterface``; extra
+``windtunnel[hf]``) and TransformerLens ``HookedTransformer`` (its hook points; extra
+``windtunnel[tl]``). Example::
+
+    from windtunnel.sites import record_sites, routing_law, model_gradient_errors
+
+    model.eval()
+    with record_sites(model) as recording:
+        loss = torch.nn.functional.cross_entropy(model(tokens).logits[:, :-1].flatten(0, 1),
+                                                 tokens[:, 1:].flatten())
+        loss.backward()
+    for site in recording.sites:  # one per layer, in the order the layers ran
+        law = routing_law(site, dtype=torch.float64)
+        print(site.name, law.advantage.abs().mean(), model_gradient_errors(site, law))
+"""
+
+from windtunnel.sites._protocol import (
+    AttentionSite,
+    SiteLaw,
+    SiteRecording,
+    check_law,
+    model_gradient_errors,
+    routing_law,
+)
+from windtunnel.sites._record import record_sites
+
+__all__ = [
+    "AttentionSite",
+    "SiteLaw",
+    "SiteRecording",
+    "check_law",
+    "model_gradient_errors",
+    "record_sites",
+    "routing_law",
+]
