@@ -135,6 +135,8 @@ def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, gra
     recorder = _Recorder(recording, causal_only=causal_only, grads=grads)
     for path, module in model.named_modules():
         _MODULES[id(module)] = (recorder, path)
+    forward_calls = [0]
+    counter = model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
     try:
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
@@ -152,7 +154,14 @@ def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, gra
                 _ORIGINAL[id(config)] = original
         recorder.default = current
         yield
+        if forward_calls[0] and not len(recording):
+            raise ValueError(
+                f"record_sites: {name} ran a forward pass but none of its attention layers called "
+                "transformers' AttentionInterface (were they replaced, e.g. by a TransformerLens "
+                "TransformerBridge?); no site was recorded."
+            )
     finally:
+        counter.remove()
         for config, original in before.values():
             if config._attn_implementation != original:
                 _set_implementation(config, original)
