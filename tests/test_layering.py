@@ -20,6 +20,7 @@ LAYERS = {
     "attention": 3,
     "telemetry": 3,
     "models": 4,
+    "sites": 4,
     "probes": 5,
     "arms": 5,
     "train": 6,
