@@ -34,7 +34,8 @@ def record_sites(model: nn.Module, *, causal_only: bool = True, grads: bool = Tr
 
     Run one forward pass per block; ``backward()`` may run inside the block or after it. u =
     dL/dz exists only when the forward ran with grad mode on and a backward pass reached it.
-    Attention dropout must be off (``model.eval()``) for the law to apply.
+    Attention dropout must be off (``model.eval()``) for the law to apply. Gradient
+    checkpointing re-runs layers during backward and so is refused (a layer runs twice).
 
     Args:
         model: a windtunnel model built on :class:`windtunnel.attention.MultiHeadAttention`

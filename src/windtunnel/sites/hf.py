@@ -12,7 +12,9 @@ goes through ``ALL_ATTENTION_FUNCTIONS.get_interface`` works (GPT-2, Llama/Mistr
 and the rest); fused flash/flex kernels and classes outside the interface get a clear error.
 
 transformers is imported lazily; without it this module raises ``ModuleNotFoundError`` naming
-``pip install 'windtunnel[hf]'``.
+``pip install 'windtunnel[hf]'``. A TransformerLens ``TransformerBridge`` cannot be recorded through
+the model it wraps: booting the bridge replaces that model's attention modules with its own
+components, which compute attention without the interface (recording then raises).
 """
 
 from __future__ import annotations
