@@ -10,26 +10,24 @@ Keys and values of grouped-query models stay per key-value head, as TransformerL
 TransformerLens is never imported here: a model is recognised through ``sys.modules``, so a
 ``HookedTransformer`` exists only where the user has installed ``pip install 'windtunnel[tl]'``
 (the 3.x line; 4.x removed ``HookedTransformer``).
+
+``TransformerBridge`` (TransformerLens 3.x's ``model_bridge``, the only model class of 4.x) is not
+supported: booting it replaces the wrapped Hugging Face model's attention modules with bridge
+components that compute attention themselves, so the Hugging Face adapter never sees a call, and
+its ``hook_q/k/v`` carry per-architecture layouts (projections before the head split, rotary
+embeddings applied inside the component) rather than the tensors the softmax used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from torch import nn
 
-from windtunnel.sites._protocol import (
-    SiteRecording,
-    _RawSite,
-    causal_violation,
-    check_plain_softmax,
-    non_causal_error,
-)
+from windtunnel.sites._hookpoints import HookedLayer, tap
+from windtunnel.sites._protocol import SiteRecording
 
 __all__ = ["attach", "matches"]
 
@@ -45,92 +43,30 @@ def matches(model: Any) -> bool:
     return cls is not None and isinstance(model, cls)
 
 
-@contextlib.contextmanager
-def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, grads: bool) -> Iterator[None]:
+def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, grads: bool) -> AbstractContextManager[None]:
     """Fill ``recording`` from the attention hook points of every block of ``model``.
 
     Raises:
-        ValueError: with ``causal_only``, when a layer attends to later positions; when a layer
-            is not plain softmax attention over the recorded q, k, v (ALiBi, soft-capping, sinks).
+        ValueError: when recording, as :func:`windtunnel.sites.record_sites`: with
+            ``causal_only``, a layer that attends to later positions (``attention_dir =
+            "bidirectional"``); a layer that is not plain softmax attention over the recorded q,
+            k, v (ALiBi, soft-capping, attention sinks, log-n query scaling).
     """
     rotary = getattr(model.cfg, "positional_embedding_type", None) == "rotary"
-    handles = []
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
-        live: dict[str, torch.Tensor] = {}
-        points = {
-            "q": attn.hook_rot_q if rotary else attn.hook_q,
-            "k": attn.hook_rot_k if rotary else attn.hook_k,
-            "v": attn.hook_v,
-            "scores": attn.hook_attn_scores,
-            "pattern": attn.hook_pattern,
-        }
-
-        def store(key: str, live: dict[str, torch.Tensor] = live):
-            def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-                live[key] = output
-
-            return hook
-
-        def finish(_module: nn.Module, _args: tuple, z: torch.Tensor, *, live=live, attn=attn, layer=layer) -> None:
-            live["z"] = z
-            _record(recording, f"blocks.{layer}.attn", layer, attn, dict(live), causal_only=causal_only, grads=grads)
-            live.clear()
-
-        for key, point in points.items():
-            handles.append(point.register_forward_hook(store(key)))
-        handles.append(attn.hook_z.register_forward_hook(finish))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _record(
-    recording: SiteRecording,
-    name: str,
-    layer: int,
-    attn: nn.Module,
-    live: dict[str, torch.Tensor],
-    *,
-    causal_only: bool,
-    grads: bool,
-) -> None:
-    q, k, v, scores, pattern, z = (live[key].detach() for key in ("q", "k", "v", "scores", "pattern", "z"))
-    mask = scores != -math.inf  # TransformerLens fills masked scores with IGNORE = -inf
-    if causal_only and causal_violation(mask):
-        raise non_causal_error(recording.model_name, name)
-    n_heads, n_kv = q.shape[2], k.shape[2]
-    if n_heads % n_kv:
-        raise ValueError(
-            f"record_sites: {recording.model_name} layer {name!r} has {n_heads} query heads and "
-            f"{n_kv} key-value heads; grouped-query attention needs the second to divide the first."
+    layers = [
+        HookedLayer(
+            name=f"blocks.{layer}.attn",
+            layer=layer,
+            points={
+                "q": block.attn.hook_rot_q if rotary else block.attn.hook_q,
+                "k": block.attn.hook_rot_k if rotary else block.attn.hook_k,
+                "v": block.attn.hook_v,
+                "scores": block.attn.hook_attn_scores,
+                "pattern": block.attn.hook_pattern,
+                "z": block.attn.hook_z,
+            },
+            scale=1.0 / float(block.attn.attn_scale),  # TransformerLens divides the scores by attn_scale
         )
-    n_rep = n_heads // n_kv
-    scale = 1.0 / float(attn.attn_scale)
-    check_plain_softmax(
-        recording.model_name,
-        name,
-        q=q.transpose(1, 2),
-        k=k.repeat_interleave(n_rep, dim=2).transpose(1, 2),
-        v=v.repeat_interleave(n_rep, dim=2).transpose(1, 2),
-        mask=mask,
-        scale=scale,
-        z=z.transpose(1, 2),
-        scores=scores,
-        pattern=pattern,
-    )
-    raw = _RawSite(
-        name=name,
-        layer=layer,
-        q=q,
-        k=k,
-        v=v,
-        mask=mask,
-        scale=scale,
-        pattern=pattern,
-        z=z,
-        kv_head_of=tuple(h // n_rep for h in range(n_heads)),  # torch.repeat_interleave in TL's GQA
-    )
-    recording._add(raw, {key: live[key] for key in ("q", "k", "v", "z", "scores")}, grads=grads)
+        for layer, block in enumerate(model.blocks)
+    ]
+    return tap(recording, layers, causal_only=causal_only, grads=grads)
