@@ -13,9 +13,9 @@ TransformerLens is never imported here: a model is recognised through ``sys.modu
 
 ``TransformerBridge`` (TransformerLens 3.x's ``model_bridge``, the only model class of 4.x) is not
 supported: booting it replaces the wrapped Hugging Face model's attention modules with bridge
-components that compute attention themselves, so the Hugging Face adapter never sees a call, and
-its ``hook_q/k/v`` carry per-architecture layouts (projections before the head split, rotary
-embeddings applied inside the component) rather than the tensors the softmax used.
+components that compute attention themselves, so the Hugging Face adapter never sees a call (and
+says so), and the bridge's ``hook_attn_scores`` carry no ``-inf`` entries (checked on GPT-2 with
+TransformerLens 3.9), so the mask its softmax applied cannot be read from its hook points.
 """
 
 from __future__ import annotations
