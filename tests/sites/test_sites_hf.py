@@ -184,6 +184,12 @@ def test_fused_kernel_and_no_interface_models_name_their_class(monkeypatch):
         with record_sites(model):
             pass
     assert model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+    for block in model.transformer.h:  # attention replaced by a module outside the interface
+        monkeypatch.setattr(block.attn, "forward", lambda hidden_states, *args, **kwargs: (torch.zeros_like(hidden_states), None))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel ran a forward pass but none of its attention layers called"):
+        with record_sites(model):
+            model(_inputs(padding=False)[0])
 
 
 def test_no_grad_forward_and_the_implementation_outside_recording_are_clear_errors():
