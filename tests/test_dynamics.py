@@ -10,7 +10,9 @@ float32 (eps32 = 1.2e-7) the issue's 1e-4 leaves a ~10^3 margin.
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -439,3 +441,76 @@ def test_verify_law_fails_on_a_wrong_value_gradient(monkeypatch):
 def test_verify_law_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dyn.verify_law(generator=torch.Generator(), **kwargs)
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def _finite_cases():
+    """Per public function: valid float64 tensor arguments by name, and a call taking them."""
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    head = dict(q=r(2, 3, 4), k=r(2, 5, 4), v=r(2, 5, 6), u=r(2, 3, 6))
+    linear = dict(x=r(2, 3, 5), x_kv=r(2, 5, 7), w_query=r(5, 4), w_key=r(7, 4), w_value=r(7, 6), u=r(2, 3, 6))
+    grads = dyn.attention_gradients(**head)
+    deltas = dict(delta_queries=r(2, 3, 4), delta_keys=r(2, 5, 4), delta_values=r(2, 5, 6))
+    steps = {f"{when}[{i}]": r(*t.shape) for when in ("before", "after") for i, t in enumerate(head.values()) if i < 3}
+    return {
+        "attention_gradients": (head, lambda a: dyn.attention_gradients(**a)),
+        "predict_free_step": (head, lambda a: dyn.predict_free_step(**a, lr=0.1)),
+        "check_law": (head, lambda a: dyn.check_law(**a)),
+        "summand_magnitudes": (head, lambda a: dyn.summand_magnitudes(grads, **a)),
+        "propagate_first_order": ({**head, **deltas}, lambda a: dyn.propagate_first_order(grads, **a)),
+        "linear_head_gradients": (linear, lambda a: dyn.linear_head_gradients(**a)),
+        "predict_linear_step": (linear, lambda a: dyn.predict_linear_step(**a, lr=0.1)),
+        "cross_entropy_readout": (
+            dict(g=r(2, 3, 6), w_out=r(6, 4), targets=torch.softmax(r(2, 3, 4), -1)),
+            lambda a: dyn.cross_entropy_readout(**a),
+        ),
+        "measure_change": (
+            {**steps, "u": head["u"]},
+            lambda a: dyn.measure_change(
+                tuple(a[f"before[{i}]"] for i in range(3)), tuple(a[f"after[{i}]"] for i in range(3)), a["u"]
+            ),
+        ),
+    }
+
+
+FINITE_CASES = _finite_cases()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "owner,name", [(owner, name) for owner, (args, _) in FINITE_CASES.items() for name in args]
+)
+def test_non_finite_input_names_the_function_and_the_argument(owner, name, bad):
+    args, call = FINITE_CASES[owner]
+    call(args)  # the valid arguments pass
+    poisoned = args[name].clone()
+    poisoned.view(-1)[1] = bad
+    counts = "1 nan, 0 inf" if math.isnan(bad) else "0 nan, 1 inf"
+    expected = f"{owner}: {name} must be finite; got 1 non-finite entry ({counts}) in float64 {list(poisoned.shape)}."
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        call({**args, name: poisoned})
+
+
+def test_every_public_tensor_function_refuses_non_finite_input():
+    takes_tensors = {
+        name for name in dyn.__all__
+        if inspect.isfunction(getattr(dyn, name))
+        and any("Tensor" in str(p.annotation) for p in inspect.signature(getattr(dyn, name)).parameters.values())
+    }
+    assert takes_tensors - set(FINITE_CASES) == {"masked_softmax"}  # exempt: masked scores are -inf
+    for owner, (args, _) in FINITE_CASES.items():  # every tensor parameter is poisoned in the test above
+        params = inspect.signature(getattr(dyn, owner)).parameters
+        tensor_params = {n for n, p in params.items() if "torch.Tensor" in str(p.annotation)}
+        tensor_params -= {"mask", "site_mask", "grads"}
+        if owner == "measure_change":
+            tensor_params = (tensor_params - {"before", "after"}) | {f"{w}[{i}]" for w in ("before", "after") for i in range(3)}
+        assert tensor_params == set(args), owner
+    scores = torch.tensor([[0.0, -math.inf], [1.0, 2.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    assert torch.isfinite(dyn.masked_softmax(scores, mask)).all()

@@ -18,7 +18,9 @@ __all__ = [
     "ConfigError",
     "Problems",
     "check_choice",
+    "check_finite",
     "check_float_tensor",
+    "check_generator",
     "check_mask",
     "check_number",
     "check_positive_int",
@@ -130,6 +132,40 @@ def check_float_tensor(owner: str, name: str, x: Any, *, min_dim: int, shape_tex
             f"{owner}: {name} must be a floating-point tensor of shape {shape_text}; "
             f"got {describe_tensor(x)}."
         )
+
+
+def check_finite(owner: str, name: str, x: Any) -> None:
+    """Raise ``ValueError`` when the floating tensor ``x`` holds NaN or inf, with the count of each.
+
+    Anything else (a non-tensor, an integer or bool tensor) passes: its type is checked elsewhere.
+    """
+    if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()):
+        return
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    n_bad = int((~finite).sum())
+    n_nan = int(torch.isnan(x).sum())
+    entries = "entry" if n_bad == 1 else "entries"
+    raise ValueError(
+        f"{owner}: {name} must be finite; got {n_bad} non-finite {entries} "
+        f"({n_nan} nan, {n_bad - n_nan} inf) in {describe_tensor(x)}."
+    )
+
+
+def check_generator(
+    owner: str, generator: Any, *, optional: bool = True, name: str = "generator"
+) -> None:
+    """Raise ``TypeError`` unless ``generator`` is a ``torch.Generator`` (or None when ``optional``).
+
+    ``owner`` is the callable as the user wrote it (``"TinyGPT.forward"``); the message gives the
+    type that was passed instead, since an int seed or a NumPy generator otherwise fails deep
+    inside torch with an unrelated error.
+    """
+    if isinstance(generator, torch.Generator) or (optional and generator is None):
+        return
+    rule = "a torch.Generator or None" if optional else "a torch.Generator"
+    raise TypeError(f"{owner}: {name} must be {rule}; got {type(generator).__name__}.")
 
 
 def check_mask(owner: str, mask: Any, shape: Sequence[int], shape_text: str) -> torch.Tensor:

@@ -17,6 +17,10 @@ u_i·(v_j - g_i) the advantage, which is our ``-advantage``.
 Everything here is exact (chain rule) except the ``predict_*`` functions, which are first order in
 the step size eta with u held fixed (SPEC §2.6, §2.8); ``measure_change`` gives the same quantities
 after a real step so the prediction error can be reported.
+
+Every public function that takes q, k, v, u, x or weights refuses NaN and inf in them
+(``ValueError`` naming the argument), so a diverged input never comes back as a NaN "law".
+Only :func:`masked_softmax` takes non-finite scores: masked entries may be -inf.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from typing import Any
 
 import torch
 
-from windtunnel._checks import check_float_tensor, check_mask, describe_tensor
+from windtunnel._checks import (
+    check_finite,
+    check_float_tensor,
+    check_generator,
+    check_mask,
+    describe_tensor,
+)
 
 __all__ = [
     "AttentionGradients",
@@ -206,6 +216,12 @@ def _check_head(owner: str, q: Any, k: Any, v: Any, u: Any) -> None:
         raise ValueError(f"{owner}: expected {_HEAD_SHAPES}; " + "; ".join(problems) + ".")
 
 
+def _check_all_finite(owner: str, tensors: dict[str, Any]) -> None:
+    """``check_finite`` on each named tensor, in order (non-tensors are left to the type checks)."""
+    for name, x in tensors.items():
+        check_finite(owner, name, x)
+
+
 def _resolve_scale(owner: str, scale: Any, d_k: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d_k)
@@ -234,6 +250,9 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 
     Shapes: scores [..., query_pos, key_pos] (masked entries may already be -inf); mask bool
     broadcastable to it, or None.
+
+    Unlike the other functions here it checks nothing: it runs inside every attention forward
+    pass, and its scores legitimately hold -inf at masked entries.
     """
     if mask is None:
         return torch.softmax(scores, dim=-1)
@@ -274,10 +293,12 @@ def attention_gradients(
     get a_ij = 0 and zero gradients. scale defaults to 1/sqrt(d_k).
 
     Raises:
-        ValueError: naming the argument when a shape, dtype, device, mask or scale does not fit.
+        ValueError: naming the argument when a shape, dtype, device, mask or scale does not fit,
+            or when q, k, v or u holds NaN or inf.
     """
     owner = "attention_gradients"
     _check_head(owner, q, k, v, u)
+    _check_all_finite(owner, {"q": q, "k": k, "v": v, "u": u})
     tau = _resolve_scale(owner, scale, q.shape[-1])
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], u.shape[:-2])
     score_shape = (*lead, q.shape[-2], k.shape[-2])
@@ -356,7 +377,8 @@ def linear_head_gradients(
     :func:`attention_gradients`.
 
     Raises:
-        ValueError: naming the argument when a shape or dtype does not fit.
+        ValueError: naming the argument when a shape or dtype does not fit, or when x, x_kv,
+            w_query, w_key, w_value or u holds NaN or inf.
     """
     owner = "linear_head_gradients"
     check_float_tensor(owner, "x", x, min_dim=2, shape_text="[..., query_pos, d_x]")
@@ -367,6 +389,9 @@ def linear_head_gradients(
     kv_name = "x" if x_kv is None else "x_kv"
     _check_weight(owner, "w_key", w_key, source.shape[-1], kv_name, x.dtype)
     _check_weight(owner, "w_value", w_value, source.shape[-1], kv_name, x.dtype)
+    _check_all_finite(
+        owner, {"x": x, "x_kv": x_kv, "w_query": w_query, "w_key": w_key, "w_value": w_value, "u": u}
+    )
     queries, keys, values = x @ w_query, source @ w_key, source @ w_value
     grads = attention_gradients(queries, keys, values, u, mask=mask, scale=scale)
     # Broadcast inputs to the projections' shapes before contracting over positions and batch.
@@ -401,8 +426,8 @@ def cross_entropy_readout(
     None labels every position.
 
     Raises:
-        ValueError: naming the argument when a shape or dtype does not fit, or no position is
-            labelled.
+        ValueError: naming the argument when a shape or dtype does not fit, no position is
+            labelled, or g, w_out or float targets hold NaN or inf.
     """
     owner = "cross_entropy_readout"
     check_float_tensor(owner, "g", g, min_dim=2, shape_text="[..., pos, d_v]")
@@ -425,6 +450,7 @@ def cross_entropy_readout(
             f"{owner}: targets must be long {list(pos_shape)} or float "
             f"{[*pos_shape, n_classes]}; got {describe_tensor(targets)}."
         )
+    _check_all_finite(owner, {"g": g, "w_out": w_out, "targets": targets})
     if site_mask is None:
         labelled = torch.ones(pos_shape, dtype=torch.bool, device=g.device)
     elif (
@@ -478,7 +504,15 @@ def propagate_first_order(
     Second-order terms (Δq Δk^T, Δa Δv, the curvature of the softmax) are dropped.
 
     Shapes: as in :func:`attention_gradients`; the deltas have the shapes of q, k and v.
+
+    Raises:
+        ValueError: naming the argument when q, k, v, u or a delta holds NaN or inf.
     """
+    _check_all_finite(
+        "propagate_first_order",
+        {"q": q, "k": k, "v": v, "u": u, "delta_queries": delta_queries,
+         "delta_keys": delta_keys, "delta_values": delta_values},
+    )
     tau, alpha, mask = grads.scale, grads.alpha, grads.mask
     zeros = torch.zeros_like(alpha)
     delta_scores = tau * (delta_queries @ k.transpose(-1, -2) + q @ delta_keys.transpose(-1, -2))
@@ -539,9 +573,11 @@ def predict_free_step(
     Shapes: as in :func:`attention_gradients`.
 
     Raises:
-        ValueError: for bad tensors (see :func:`attention_gradients`), lr or update.
+        ValueError: for bad tensors (see :func:`attention_gradients`; NaN or inf in q, k, v or u
+            is named), lr or update.
     """
     chosen = _check_update("predict_free_step", lr, update)
+    _check_all_finite("predict_free_step", {"q": q, "k": k, "v": v, "u": u})
     grads = attention_gradients(q, k, v, u, mask=mask, scale=scale)
     dq = -lr * grads.d_queries if "queries" in chosen else torch.zeros_like(q)
     dk = -lr * grads.d_keys if "keys" in chosen else torch.zeros_like(k)
@@ -572,9 +608,14 @@ def predict_linear_step(
     Shapes: as in :func:`linear_head_gradients`.
 
     Raises:
-        ValueError: for bad tensors, lr or update.
+        ValueError: for bad tensors (see :func:`linear_head_gradients`; NaN or inf in x, x_kv,
+            a weight or u is named), lr or update.
     """
     chosen = _check_update("predict_linear_step", lr, update)
+    _check_all_finite(
+        "predict_linear_step",
+        {"x": x, "x_kv": x_kv, "w_query": w_query, "w_key": w_key, "w_value": w_value, "u": u},
+    )
     head = linear_head_gradients(
         x, w_query, w_key, w_value, u, mask=mask, scale=scale, x_kv=x_kv
     )
@@ -601,9 +642,18 @@ def measure_change(
     error of the first-order prediction (O(lr^2) for a plain gradient step).
 
     Shapes: q, k, v, u as in :func:`attention_gradients`.
+
+    Raises:
+        ValueError: for bad tensors (see :func:`attention_gradients`); NaN or inf in
+            ``before[i]``, ``after[i]`` or u is named.
     """
     q0, k0, v0 = before
     q1, k1, v1 = after
+    _check_all_finite(
+        "measure_change",
+        {"before[0]": q0, "before[1]": k0, "before[2]": v0,
+         "after[0]": q1, "after[1]": k1, "after[2]": v1, "u": u},
+    )
     g0 = attention_gradients(q0, k0, v0, u, mask=mask, scale=scale)
     g1 = attention_gradients(q1, k1, v1, u, mask=mask, scale=scale)
     tau = g0.scale
@@ -666,7 +716,12 @@ def check_law(
     upstream quantity equals that of any loss with dL/dg = u (chain rule).
 
     Shapes: as in :func:`attention_gradients`. Runs under ``torch.enable_grad()``.
+
+    Raises:
+        ValueError: as :func:`attention_gradients`, naming ``check_law`` when q, k, v or u holds
+            NaN or inf.
     """
+    _check_all_finite("check_law", {"q": q, "k": k, "v": v, "u": u})
     closed = attention_gradients(q, k, v, u, mask=mask, scale=scale)
     with torch.enable_grad():
         qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -710,7 +765,11 @@ def summand_magnitudes(
     quantity this returns the max entry of the same formula evaluated on absolute values,
     e.g. for dS the max of a_ij (|b_ij| + |E_{a_i}[b]|), for dQ the max of
     scale · (a ⊙ (|B| + |E[b]|)) |K|.
+
+    Raises:
+        ValueError: naming the argument when q, k, v or u holds NaN or inf.
     """
+    _check_all_finite("summand_magnitudes", {"q": q, "k": k, "v": v, "u": u})
     alpha, tau = grads.alpha, abs(grads.scale)
     ds_mag = alpha * (grads.compatibility.abs() + grads.expected_compatibility.abs().unsqueeze(-1))
     mags = {
@@ -803,11 +862,13 @@ def verify_law(
 
     Raises:
         ValueError: when n_trials < 1 or dtype is not float32/float64.
+        TypeError: when ``generator`` is not a torch.Generator.
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"verify_law: n_trials must be an int >= 1; got {n_trials!r}.")
     if dtype not in DEFAULT_REL_TOL:
         raise ValueError(f"verify_law: dtype must be torch.float32 or torch.float64; got {dtype!r}.")
+    check_generator("verify_law", generator, optional=False)
     names = (*LAW_QUANTITIES, *WEIGHT_QUANTITIES)
     abs_err = dict.fromkeys(names, 0.0)
     rel_err = dict.fromkeys(names, 0.0)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from windtunnel._checks import check_positive_int, describe_tensor
+from windtunnel._checks import check_generator, check_positive_int, describe_tensor
 
 __all__ = [
     "Calibration",
@@ -350,11 +350,13 @@ def trivial_floors(
 
     Raises:
         ValueError: when ``n_sequences`` or ``batch_size`` is not a positive int.
+        TypeError: when ``generator`` is not a torch.Generator.
     """
     for field, value in (("n_sequences", n_sequences), ("batch_size", batch_size)):
         text = check_positive_int("trivial_floors", field, value)
         if text:
             raise ValueError(text)
+    check_generator("trivial_floors", generator, optional=False)
     parts = []
     remaining = n_sequences
     while remaining > 0:

@@ -12,6 +12,7 @@ import torch
 from windtunnel._checks import (
     check_choice,
     check_float_tensor,
+    check_generator,
     check_number,
     check_positive_int,
     describe_tensor,
@@ -178,8 +179,10 @@ class ValueManifoldPCA:
         Raises:
             ValueError: when a shape does not fit, a value is not finite, n < 3, every feature
                 is constant, or the probe split leaves fewer than 2 points on a side.
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
         """
         owner = "ValueManifoldPCA.fit"
+        check_generator(owner, generator)
         check_float_tensor(owner, "states", states, min_dim=2, shape_text="[n, d]")
         if states.dim() != 2 or states.shape[0] < 3:
             raise ValueError(must(owner, "states", "a tensor [n >= 3, d]", describe_tensor(states)))
@@ -348,7 +351,9 @@ def summarize_value_manifold(
 
     Raises:
         ValueError: as ``ValueManifoldPCA`` and its ``fit``.
+        TypeError: when ``generator`` is neither a torch.Generator nor None.
     """
+    check_generator("summarize_value_manifold", generator)
     probe = ValueManifoldPCA(
         variance_threshold=variance_threshold,
         n_bins=n_bins,

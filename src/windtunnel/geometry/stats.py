@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from windtunnel._checks import check_choice, check_float_tensor, describe_tensor, must
+from windtunnel._checks import (
+    check_choice,
+    check_float_tensor,
+    check_generator,
+    describe_tensor,
+    must,
+)
 from windtunnel.geometry._common import _fit_probe, _pearson, _spectrum_stats, _zscore
 
 __all__ = [
@@ -194,8 +200,10 @@ def linear_probe_r2(
     Raises:
         ValueError: when the shapes do not agree, either split would have fewer than 2 rows, or
             an argument is out of range.
+        TypeError: when ``generator`` is not a torch.Generator.
     """
     owner = "linear_probe_r2"
+    check_generator(owner, generator, optional=False)
     check_float_tensor(owner, "states", states, min_dim=2, shape_text="[n, d]")
     if states.dim() != 2:
         raise ValueError(must(owner, "states", "a 2-D tensor [n, d]", describe_tensor(states)))

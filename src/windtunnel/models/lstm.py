@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems
+from windtunnel._checks import Problems, check_generator
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
     Embed,
@@ -109,6 +109,7 @@ class LSTMLayer(nn.Module):
 
     def __init__(self, d_model: int, *, generator: torch.Generator | None) -> None:
         super().__init__()
+        check_generator("LSTMLayer", generator)
         # Built on the meta device so that nn.LSTM's own initialisation draws nothing from the
         # global RNG, then given real (zero) storage and initialised from ``generator``.
         self.lstm = nn.LSTM(d_model, d_model, batch_first=True, device="meta").to_empty(
@@ -123,7 +124,12 @@ class LSTMLayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's LSTM default, U(-k, k) with k = 1/sqrt(d_model), for every weight and bias."""
+        """PyTorch's LSTM default, U(-k, k) with k = 1/sqrt(d_model), for every weight and bias.
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("LSTMLayer.reset_parameters", generator, optional=False)
         bound = 1.0 / math.sqrt(self.lstm.hidden_size)
         for param in self.lstm.parameters():
             draw = torch.rand(param.shape, generator=generator, device=generator.device)
@@ -155,6 +161,7 @@ class LSTMModel(nn.Module):
             raise ValueError(
                 f"LSTMModel.config must be an LSTMConfig; got {type(config).__name__}."
             )
+        check_generator("LSTMModel", generator)
         self.config = config
         std = config.init_std
         self.embed = Embed(config.vocab_size, config.d_model, std=std, generator=None)
@@ -179,7 +186,12 @@ class LSTMModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter from ``generator``, in the constructor's order."""
+        """Re-initialise every parameter from ``generator``, in the constructor's order.
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("LSTMModel.reset_parameters", generator, optional=False)
         self.embed.reset_parameters(generator)
         if self.pos_embed is not None:
             self.pos_embed.reset_parameters(generator)
@@ -206,8 +218,10 @@ class LSTMModel(nn.Module):
 
         Raises:
             ValueError: when ``tokens`` does not fit, or dropout needs a missing generator.
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
         """
         check_tokens("LSTMModel", tokens, self.config.n_positions)
+        check_generator("LSTMModel.forward", generator)
         x = self.hook_embed(self.embed(tokens))
         if self.pos_embed is not None:
             x = x + self.hook_pos_embed(self.pos_embed(tokens))

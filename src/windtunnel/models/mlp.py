@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems
+from windtunnel._checks import Problems, check_generator
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
     Embed,
@@ -120,6 +120,7 @@ class MLPBlock(nn.Module):
 
     def __init__(self, config: PositionwiseMLPConfig, *, generator: torch.Generator | None) -> None:
         super().__init__()
+        check_generator("MLPBlock", generator)
         self.dropout_p = config.dropout
         self.ln = make_norm(config.norm, config.d_model, eps=config.norm_eps)
         self.mlp = FeedForward(
@@ -134,14 +135,24 @@ class MLPBlock(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Norm gain 1 and bias 0, then the FFN weights from ``generator``."""
+        """Norm gain 1 and bias 0, then the FFN weights from ``generator``.
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("MLPBlock.reset_parameters", generator, optional=False)
         self.ln.reset_parameters()
         self.mlp.reset_parameters(generator)
 
     def forward(
         self, resid: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """[batch, pos, d_model] -> [batch, pos, d_model]."""
+        """[batch, pos, d_model] -> [batch, pos, d_model].
+
+        Raises:
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
+        """
+        check_generator("MLPBlock.forward", generator)
         resid = self.hook_resid_pre(resid)
         if self.bypass:
             return self.hook_resid_post(resid)
@@ -181,6 +192,7 @@ class PositionwiseMLP(nn.Module):
                 "PositionwiseMLP.config must be a PositionwiseMLPConfig; "
                 f"got {type(config).__name__}."
             )
+        check_generator("PositionwiseMLP", generator)
         self.config = config
         std = config.init_std
         self.embed = Embed(config.vocab_size, config.d_model, std=std, generator=None)
@@ -205,7 +217,12 @@ class PositionwiseMLP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter from ``generator``, in the constructor's order."""
+        """Re-initialise every parameter from ``generator``, in the constructor's order.
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("PositionwiseMLP.reset_parameters", generator, optional=False)
         self.embed.reset_parameters(generator)
         self.pos_embed.reset_parameters(generator)
         for block in self.blocks:
@@ -231,8 +248,10 @@ class PositionwiseMLP(nn.Module):
 
         Raises:
             ValueError: when ``tokens`` does not fit, or dropout needs a missing generator.
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
         """
         check_tokens("PositionwiseMLP", tokens, self.config.n_positions)
+        check_generator("PositionwiseMLP.forward", generator)
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.hook_pos_embed(self.pos_embed(tokens))
         resid = dropout(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems, check_number, check_positive_int
+from windtunnel._checks import Problems, check_generator, check_number, check_positive_int
 from windtunnel.telemetry import RoutingTelemetry, causal_routing_telemetry, routing_law_residual
 
 __all__ = [
@@ -459,7 +459,11 @@ class SingleHeadAttention(nn.Module):
         Args:
             generator: the source of randomness.
             replicas: which replicas to draw (all by default).
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
         """
+        check_generator("SingleHeadAttention.reset_parameters", generator, optional=False)
         indices = range(self.n_replicas)[replicas or slice(None)]
         for r in indices:
             for name, shape in self.config.parameter_shapes().items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from windtunnel._checks import Problems, check_number, check_positive_int
+from windtunnel._checks import Problems, check_generator, check_number, check_positive_int
 
 __all__ = ["StickyTransformer", "StickyTransformerConfig"]
 
@@ -126,12 +126,16 @@ class StickyTransformer(nn.Module):
     Args:
         config: shapes and dropout rate.
         generator: draws the initial weights (see :meth:`reset_parameters`).
+
+    Raises:
+        TypeError: when ``generator`` is not a torch.Generator.
     """
 
     def __init__(
         self, config: StickyTransformerConfig | None = None, *, generator: torch.Generator
     ) -> None:
         super().__init__()
+        check_generator("StickyTransformer", generator, optional=False)
         self.config = config or StickyTransformerConfig()
         self.embed = _linear(self.config.d_x, self.config.d_model)
         self.blocks = nn.ModuleList(_Block(self.config) for _ in range(self.config.n_layers))
@@ -142,7 +146,12 @@ class StickyTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
         """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias,
-        drawn from ``generator`` in module order; LayerNorms start at weight 1, bias 0."""
+        drawn from ``generator`` in module order; LayerNorms start at weight 1, bias 0.
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("StickyTransformer.reset_parameters", generator, optional=False)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 bound = 1.0 / math.sqrt(module.in_features)
@@ -159,7 +168,9 @@ class StickyTransformer(nn.Module):
 
         Raises:
             ValueError: when ``x`` is not [batch, pos, d_x].
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
         """
+        check_generator("StickyTransformer.forward", generator)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.config.d_x:
             raise ValueError(
                 f"StickyTransformer.forward: x must be [batch, pos, d_x={self.config.d_x}]; "

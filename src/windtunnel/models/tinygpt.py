@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems, check_positive_int
+from windtunnel._checks import Problems, check_generator, check_positive_int
 from windtunnel.attention import MultiHeadAttention
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
@@ -149,6 +149,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: TinyGPTConfig, *, generator: torch.Generator | None) -> None:
         super().__init__()
+        check_generator("TransformerBlock", generator)
         self.dropout_p = config.dropout
         self.ln1 = make_norm(config.norm, config.d_model, eps=config.norm_eps)
         self.attn = MultiHeadAttention(
@@ -176,7 +177,12 @@ class TransformerBlock(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Norm gains 1 and biases 0; attention weights, then FFN weights, from ``generator``."""
+        """Norm gains 1 and biases 0; attention weights, then FFN weights, from ``generator``.
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("TransformerBlock.reset_parameters", generator, optional=False)
         self.ln1.reset_parameters()
         self.attn.reset_parameters(generator, std=self.init_std)
         self.ln2.reset_parameters()
@@ -189,7 +195,12 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """[batch, pos, d_model] -> [batch, pos, d_model]; ``mask`` goes to the attention."""
+        """[batch, pos, d_model] -> [batch, pos, d_model]; ``mask`` goes to the attention.
+
+        Raises:
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
+        """
+        check_generator("TransformerBlock.forward", generator)
         resid = self.hook_resid_pre(resid)
         if self.bypass:
             return self.hook_resid_post(resid)
@@ -240,6 +251,7 @@ class TinyGPT(nn.Module):
             raise ValueError(
                 f"TinyGPT.config must be a TinyGPTConfig; got {type(config).__name__}."
             )
+        check_generator("TinyGPT", generator)
         self.config = config
         std = config.init_std
         self.embed = Embed(config.vocab_size, config.d_model, std=std, generator=None)
@@ -260,7 +272,12 @@ class TinyGPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter from ``generator`` (same order as the constructor)."""
+        """Re-initialise every parameter from ``generator`` (same order as the constructor).
+
+        Raises:
+            TypeError: when ``generator`` is not a torch.Generator.
+        """
+        check_generator("TinyGPT.reset_parameters", generator, optional=False)
         self.embed.reset_parameters(generator)
         self.pos_embed.reset_parameters(generator)
         for block in self.blocks:
@@ -300,8 +317,10 @@ class TinyGPT(nn.Module):
             ValueError: when ``tokens`` is not an integer [batch, seq_len] tensor that fits
                 the position table, ``position_ids`` has the wrong shape or names a row outside
                 the table, or dropout needs a generator that is missing.
+            TypeError: when ``generator`` is neither a torch.Generator nor None.
         """
         check_tokens("TinyGPT", tokens, self.config.n_positions)
+        check_generator("TinyGPT.forward", generator)
         position_ids = check_position_ids("TinyGPT", position_ids, tokens, self.config.n_positions)
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.hook_pos_embed(self.pos_embed(tokens, position_ids))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from windtunnel._checks import Problems, check_choice, check_positive_int
+from windtunnel._checks import Problems, check_choice, check_generator, check_positive_int
 from windtunnel.tasks.base import Batch
 from windtunnel.tasks.filtering import entropy_bits
 
@@ -129,10 +129,12 @@ class Bijection:
 
         Raises:
             ValueError: when ``batch_size`` is not a positive int.
+            TypeError: when ``generator`` is not a torch.Generator.
         """
         text = check_positive_int("Bijection.sample", "batch_size", batch_size)
         if text:
             raise ValueError(text)
+        check_generator("Bijection.sample", generator, optional=False)
         n_val, n_pair = self.n_values, self.n_pairs
         device = generator.device
         # A uniform permutation per row: argsort of i.i.d. uniforms (ties have probability ~0 and

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from windtunnel._checks import Problems, check_number, check_positive_int, describe_tensor, must
+from windtunnel._checks import (
+    Problems,
+    check_generator,
+    check_number,
+    check_positive_int,
+    describe_tensor,
+    must,
+)
 from windtunnel.tasks.base import Batch
 from windtunnel.tasks.filtering import _probability_filter, entropy_bits, forward_filter
 
@@ -238,10 +245,15 @@ class HMMFiltering:
 
         Dirichlet(1, ..., 1) rows are normalised Exponential(1) draws, -log(1 - U) with U uniform
         on [0, 1) from ``generator``; then floor, renormalise and :func:`quantise_rows`.
+
+        Raises:
+            ValueError: when ``batch_size`` is not a positive int.
+            TypeError: when ``generator`` is not a torch.Generator.
         """
         text = check_positive_int("HMMFiltering.sample", "batch_size", batch_size)
         if text:
             raise ValueError(text)
+        check_generator("HMMFiltering.sample_parameters", generator, optional=False)
         n_s, n_o = self.n_states, self.n_symbols
         device = generator.device
 
@@ -274,7 +286,9 @@ class HMMFiltering:
 
         Raises:
             ValueError: when ``batch_size`` is not a positive int.
+            TypeError: when ``generator`` is not a torch.Generator.
         """
+        check_generator("HMMFiltering.sample", generator, optional=False)
         transition, emission = self.sample_parameters(batch_size, generator=generator)
         device = transition.device
         units = self.units

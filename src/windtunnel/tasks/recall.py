@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from windtunnel._checks import Problems, check_positive_int
+from windtunnel._checks import Problems, check_generator, check_positive_int
 from windtunnel.tasks.base import Batch
 from windtunnel.tasks.filtering import entropy_bits
 
@@ -134,10 +134,12 @@ class AssociativeRecall:
 
         Raises:
             ValueError: when ``batch_size`` is not a positive int.
+            TypeError: when ``generator`` is not a torch.Generator.
         """
         text = check_positive_int("AssociativeRecall.sample", "batch_size", batch_size)
         if text:
             raise ValueError(text)
+        check_generator("AssociativeRecall.sample", generator, optional=False)
         device = generator.device
         n, m = self.n_pairs, self.n_queries
 

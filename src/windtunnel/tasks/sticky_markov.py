@@ -16,7 +16,14 @@ from typing import ClassVar, Literal
 
 import torch
 
-from windtunnel._checks import Problems, check_choice, check_number, check_positive_int, must
+from windtunnel._checks import (
+    Problems,
+    check_choice,
+    check_generator,
+    check_number,
+    check_positive_int,
+    must,
+)
 from windtunnel.tasks.filtering import forward_filter
 
 __all__ = [
@@ -350,6 +357,7 @@ class StickyMarkov:
 
         Raises:
             ValueError: on a bad ``batch_size`` or ``draw_order``.
+            TypeError: when ``generator`` is not a torch.Generator.
         """
         problems = Problems(f"{self._owner}.sample")
         for text in (
@@ -359,6 +367,7 @@ class StickyMarkov:
             if text:
                 problems.add_text(text)
         problems.raise_if_any()
+        check_generator(f"{self._owner}.sample", generator, optional=False)
         return self._with_posterior(*self._draw(batch_size, generator, draw_order))
 
     def sample_each(
@@ -370,6 +379,7 @@ class StickyMarkov:
 
         Raises:
             ValueError: when ``generators`` is empty or ``draw_order`` is bad.
+            TypeError: when an element of ``generators`` is not a torch.Generator.
         """
         owner = f"{self._owner}.sample_each"
         text = check_choice(owner, "draw_order", draw_order, DRAW_ORDERS)
@@ -378,6 +388,8 @@ class StickyMarkov:
                 text
                 or must(owner, "generators", "a non-empty sequence of torch.Generator", generators)
             )
+        for i, g in enumerate(generators):
+            check_generator(owner, g, optional=False, name=f"generators[{i}]")
         draws = [self._draw(1, g, draw_order) for g in generators]
         return self._with_posterior(
             torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
