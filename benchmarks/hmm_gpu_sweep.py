@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from windtunnel.runs import RunDir
+
 # Every recipe: the HMM at K = 20 with the auxiliary belief loss and the position shift (ours;
 # RESULTS.md) unless its own options turn them off, evaluated at K = 20, 30, 50 during training.
 COMMON = ["--set", "train.aux_loss_weight=1.0", "--set", "train.position_shift=true",
@@ -160,10 +162,10 @@ def _export(out: Path, names: list[str], dest: Path) -> None:
                 shutil.copy(src / f, dst / f)
         ckpt = src / "checkpoints" / "latest.pt"
         if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = RunDir(src).load_checkpoint(ckpt)  # verified, weights_only
             weights = {k: state[k] for k in ("step", "model", "experiment", "device_type") if k in state}
             if sum(v.numel() * v.element_size() for v in weights["model"].values()) < 12e6:
-                torch.save(weights, dst / "checkpoints" / "latest.pt")
+                RunDir(dst).save_checkpoint(weights["step"], weights, keep_every=False)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 from windtunnel import probes
 from windtunnel.hooks import record
+from windtunnel.runs import RunDir
 from windtunnel.models import PositionwiseMLP, PositionwiseMLPConfig, TinyGPT, TinyGPTConfig
 from windtunnel.tasks import Bijection, HMMFiltering
 from windtunnel.train import site_loss
@@ -125,7 +126,7 @@ def test_make_probes_rows_schema_and_files(tmp_path):
     assert all(r["head"] is None or (r["head"] in (0, 1) and r["layer"] is not None) for r in rows)
     assert {"probe_entropy_mae_bits", "advantage_abs_mean", "key_ortho_abs_cos"} <= {r["metric"] for r in rows}
     assert (tmp_path / "manifold" / "step_12.json").exists()
-    saved = torch.load(tmp_path / "snapshots" / "step_12.pt", weights_only=False)["model"]
+    saved = RunDir(tmp_path).load_checkpoint(tmp_path / "snapshots" / "step_12.pt")["model"]  # verified
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     again = [r for p in ps for r in p(model, 12)]
     r2 = [r["value"] for r in rows if r["metric"] == "manifold_probe_r2"]

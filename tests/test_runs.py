@@ -35,7 +35,7 @@ def test_jsonl_skips_only_a_torn_last_line_and_writes_nan_as_null(tmp_path):
         handle.write('{"step": 3, "x"')
     assert runs.read_jsonl(path) == [{"step": 1, "x": None}, {"step": 2, "x": 1.5}]
     path.write_text('{"step": 1}\n{broken\n{"step": 3}\n')
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match=r"m\.jsonl: line 2 is not JSON"):
         runs.read_jsonl(path)
 
 

@@ -11,7 +11,6 @@ HMM model's belief listens, and :func:`hmm_lag_map` which heads carry each lag.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from windtunnel.geometry import (
 from windtunnel.hooks import eval_mode, record
 from windtunnel.metrics import Calibration, select_sites, site_metrics, summarize
 from windtunnel.models import TinyGPT
-from windtunnel.runs import write_bytes_atomic, write_json_atomic
+from windtunnel.runs import RunDir, write_json_atomic
 from windtunnel.tasks import Batch, HMMBatch, HMMFiltering, hmm_posterior
 
 __all__ = [
@@ -690,7 +689,7 @@ def make_probes(
     checkpoints the frame–precision dissociation of §8.6 reads).
     """
     split = _replayer(generator)
-    out_dir = Path(run_dir) if run_dir is not None else None
+    out_dir = RunDir(run_dir) if run_dir is not None else None
 
     def geometry_probe(model: nn.Module, step: int) -> list[Row]:
         if not isinstance(model, TinyGPT):
@@ -698,11 +697,9 @@ def make_probes(
         states = collect_states(model, task, eval_batch)
         snap = geometry_snapshot(model, task, eval_batch, baseline_model=baseline_model, generator=split(), states=states)
         if out_dir is not None:
-            write_json_atomic(out_dir / "manifold" / f"step_{step}.json", {"step": step, **manifold_projection(states)})
+            write_json_atomic(out_dir.manifold_path(step), {"step": step, **manifold_projection(states)})
             if save_snapshots:
-                buffer = io.BytesIO()
-                torch.save({"step": step, "model": model.state_dict()}, buffer)
-                write_bytes_atomic(out_dir / "snapshots" / f"step_{step}.pt", buffer.getvalue())
+                out_dir.save_snapshot(step, {"step": step, "model": model.state_dict()})
         return snap.rows(step)
 
     def routing_probe(model: nn.Module, step: int) -> list[Row]:

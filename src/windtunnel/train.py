@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from windtunnel.models import (
 from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats
 from windtunnel.probes import calibrate as evaluate
 from windtunnel.probes import site_loss_nats as site_loss
-from windtunnel.runs import RunDir, append_jsonl, write_text_atomic
+from windtunnel.runs import RunDir, append_jsonl
 from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
 
 __all__ = [
@@ -48,8 +51,10 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "estimate_memory_bytes",
     "evaluate",
     "learning_rate",
+    "load_experiment",
     "seed_streams",
     "site_loss",
     "step_position_ids",
@@ -104,6 +109,10 @@ class TrainConfig:
         eval_batch_size: sequences per evaluation forward pass.
         log_every: log the train loss every this many steps.
         checkpoint_every: save a checkpoint every this many steps (and at the end).
+        keep_checkpoints: None keeps every periodic checkpoints/step_N.pt; k keeps the k newest
+            and every one on the log-spaced schedule of :func:`telemetry_steps` (what
+            ``windtunnel dissociation`` and ``memory`` read), deleting the others as training
+            goes. latest.pt and the telemetry snapshots are never deleted.
         seed: the one integer from which every generator is derived (:func:`seed_streams`).
         device: "auto" (CUDA when available), "cpu" or "cuda".
     """
@@ -125,6 +134,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 50
     checkpoint_every: int = 1000
+    keep_checkpoints: int | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -138,6 +148,10 @@ class TrainConfig:
         text = check_positive_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
         if text:
             problems.add_text(text)
+        if self.keep_checkpoints is not None:
+            text = check_positive_int(owner, "keep_checkpoints", self.keep_checkpoints, minimum=0)
+            if text:
+                problems.add_text(text.replace("an int >= 0", "None or an int >= 0"))
         for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False), ("min_lr_ratio", 0.0, 1.0, False), ("aux_loss_weight", 0.0, math.inf, False), ("position_shift_ends", 0.0, 1.0, False)):
             text = check_number(owner, name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=math.isinf(high))
             if text:
@@ -162,13 +176,24 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
 
     def resolved_device(self) -> torch.device:
-        """The device this run uses: ``device``, with "auto" resolved."""
+        """The device this run uses: ``device``, with "auto" resolved.
+
+        Raises:
+            ValueError: for ``device="cuda"`` on a machine without a usable CUDA device.
+        """
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "TrainConfig.device is 'cuda' but this machine has no usable CUDA device; "
+                "use --set train.device=cpu (or auto)."
+            )
         return torch.device(self.device)
 
 
 def _dataclass_from_dict(cls: type, data: dict[str, Any], owner: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{owner} must be a JSON object of {cls.__name__} fields; got {type(data).__name__}.")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -222,6 +247,17 @@ class ExperimentConfig:
                 problems.add_text(text)
         if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
             problems.add("init_from", "a path (str) or None", self.init_from)
+        for name in ("eval_lengths", "train_lengths"):
+            value = getattr(self, name)
+            if not (isinstance(value, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)):
+                problems.add(name, "a list of ints >= 1, e.g. [30, 50]", value)
+        for name in ("task", "model"):
+            if not isinstance(getattr(self, name), dict):
+                problems.add(name, "a dict of fields", getattr(self, name))
+        if not isinstance(self.name, str):
+            problems.add("name", "a string", self.name)
+        if not isinstance(self.train, TrainConfig):
+            problems.add("train", "a TrainConfig", self.train)
         problems.raise_if_any()
         object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
         object.__setattr__(self, "train_lengths", tuple(self.train_lengths))
@@ -294,9 +330,72 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"ExperimentConfig must be a JSON object; got {type(data).__name__}.")
         data = dict(data)
-        data["train"] = _dataclass_from_dict(TrainConfig, dict(data.get("train", {})), "ExperimentConfig.train")
+        data["train"] = _dataclass_from_dict(TrainConfig, data.get("train", {}), "ExperimentConfig.train")
         return _dataclass_from_dict(cls, data, "ExperimentConfig")
+
+
+def load_experiment(run: str | Path | RunDir) -> ExperimentConfig:
+    """The experiment of a run directory, from its config.json.
+
+    Raises:
+        ValueError: naming config.json when it is missing, not JSON or not a valid config.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    data = run.read_config()
+    try:
+        return ExperimentConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{run.config_path}: not a valid windtunnel config: {err}") from None
+
+
+def estimate_memory_bytes(experiment: ExperimentConfig) -> int:
+    """A lower estimate of the memory a run needs, in bytes, computed without allocating it.
+
+    It counts the parameters four times (weights, gradients and AdamW's two moments; counted on
+    the meta device), the logits and their gradient for one training batch, and the held-out
+    posteriors (float32). Activations, the data sampler's workspace and the allocator's slack
+    come on top, so a run whose estimate exceeds the machine's memory cannot fit; one below it
+    may still not.
+    """
+    task = experiment.build_task()
+    with torch.device("meta"):
+        model = experiment.build_model(None)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = experiment.train
+    tokens = cfg.batch_size * task.seq_len
+    n_out = getattr(model.config, "n_out", None) or getattr(model.config, "vocab_size", task.vocab_size)
+    n_sites = max(1, task.seq_len)
+    return int(4 * (4 * n_params + 2 * tokens * n_out + cfg.eval_size * n_sites * task.n_classes))
+
+
+def _machine_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (GPU) or of the machine (CPU); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(experiment: ExperimentConfig, device: torch.device) -> None:
+    """Refuse a run whose :func:`estimate_memory_bytes` exceeds the memory of ``device``.
+
+    Raises:
+        ValueError: naming the estimate, the memory and the sizes that drive it.
+    """
+    need, have = estimate_memory_bytes(experiment), _machine_memory_bytes(device)
+    if have is not None and need > have:
+        task = experiment.build_task()
+        raise ValueError(
+            f"ExperimentConfig: this run needs at least {need / 2**30:.1f} GiB (parameters, optimizer state, "
+            f"one batch of logits, held-out posteriors; vocabulary {task.vocab_size}, batch "
+            f"{experiment.train.batch_size} x {task.seq_len} tokens, {experiment.train.eval_size} held-out "
+            f"sequences) and this {device.type} has {have / 2**30:.1f} GiB; make the task or the model smaller."
+        )
 
 
 def seed_streams(seed: int) -> dict[str, int]:
@@ -374,8 +473,22 @@ class TrainResult:
     wall_s: float
 
 
+RESUME_CHANGES = ("train.steps", "train.lr", "train.keep_checkpoints")
+"""The fields ``--resume`` may change: extend the run, lower its learning rate (after a
+divergence), or thin its checkpoints. Every other change would make it another run."""
+
+STATE_KEYS = frozenset(
+    {"step", "last_loss", "elapsed_s", "model", "optimizer", "data_generator", "dropout_generator", "device_type", "experiment"}
+)
+
+
 class Trainer:
     """Trains one model on one wind tunnel (see the module docstring).
+
+    A run directory is written by one trainer at a time: the trainer takes its lock
+    (:meth:`RunDir.lock`) when it is built and holds it until :meth:`fit` returns (a later
+    :meth:`fit` takes it again). A directory that already holds a run is continued only by
+    :meth:`resume` and replaced only with ``overwrite=True``.
 
     Args:
         experiment: what to train.
@@ -384,29 +497,37 @@ class Trainer:
         update_probe: watches the training step taken at each of those steps (the realised change
             of the values against their pull, :class:`~windtunnel.probes.ValueUpdateProbe`); its
             rows go to telemetry.jsonl under the step the update was taken at.
+        overwrite: replace the run ``run_dir`` holds (everything in it is deleted).
         resuming: set by :meth:`resume`, whose checkpoint replaces the weights, so
             ``experiment.init_from`` is not read.
 
     Raises:
-        ValueError: when ``experiment.init_from`` has no checkpoint or holds a model of another
-            config.
+        ValueError: when ``run_dir`` already holds a run (and neither ``overwrite`` nor
+            ``resuming``), is not empty and not a run directory, cannot be written, or is being
+            written by another process (:class:`~windtunnel.runs.RunLockedError`); when the run
+            would not fit in memory or asks for a missing device; when ``experiment.init_from``
+            has no checkpoint or holds a model of another config.
     """
 
     def __init__(
         self,
         experiment: ExperimentConfig,
-        run_dir: str | RunDir | None = None,
+        run_dir: str | os.PathLike | RunDir | None = None,
         *,
         probes: Sequence[Probe] = (),
         update_probe: ValueUpdateProbe | None = None,
+        overwrite: bool = False,
         resuming: bool = False,
     ) -> None:
         self.experiment = experiment
         self.config = experiment.train
-        self.run = RunDir(run_dir) if isinstance(run_dir, str) or hasattr(run_dir, "__fspath__") else run_dir
+        self.run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
         self.probes = list(probes)
         self.update_probe = update_probe
         self.device = self.config.resolved_device()
+        check_fits(experiment, self.device)
+        if self.run is not None and not resuming:
+            self._check_new_run_dir(overwrite)
         self.task = experiment.build_task()
         self.train_tasks = [self.task, *(experiment.build_task(n_steps=n) for n in experiment.train_lengths)]
         seeds = seed_streams(self.config.seed)
@@ -430,12 +551,44 @@ class Trainer:
         )
         self.step = 0
         self.last_loss = math.nan
+        self.elapsed_s = 0.0
         if self.run is not None:
-            # Compare through from_dict so that a config written before a field was added (and
-            # so missing it, at its default) still names the same run.
-            if self.run.exists() and ExperimentConfig.from_dict(self.run.read_config()).to_dict() != experiment.to_dict():
-                raise ValueError(f"Trainer: {self.run.path} holds a different run; use Trainer.resume or another --out.")
-            self.run.write_config(experiment.to_dict())
+            self._claim_run_dir(overwrite=overwrite and not resuming)
+
+    def _check_new_run_dir(self, overwrite: bool) -> None:
+        """Refuse, before anything is built or written, a directory this run may not take."""
+        run = self.run
+        if run.path.exists() and not run.path.is_dir():
+            raise ValueError(f"Trainer: the run directory {run.path} is a file; choose another --out.")
+        if run.exists():
+            if not overwrite:
+                raise ValueError(
+                    f"Trainer: {run.path} already holds a run{_progress_text(run)}; continue it with --resume, "
+                    "or replace it with --overwrite."
+                )
+        elif run.path.is_dir() and any(p.name != ".lock" for p in run.path.iterdir()):
+            raise ValueError(f"Trainer: {run.path} is not empty and is not a run directory; choose another --out.")
+
+    def _claim_run_dir(self, *, overwrite: bool) -> None:
+        """Lock the run directory, replace the old run when asked, clean up and write config.json.
+        A directory created here is removed again if this fails."""
+        created = not self.run.path.exists()
+        try:
+            self.run.lock()
+            if overwrite and self.run.exists():
+                self.run.remove_run()
+            self.run.clean_temporaries()
+            self.run.write_config(self.experiment.to_dict())
+        except BaseException:
+            self.run.unlock()
+            if created:
+                shutil.rmtree(self.run.path, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (:meth:`fit` does it when it returns)."""
+        if self.run is not None:
+            self.run.unlock()
 
     def _load_init_weights(self, experiment: ExperimentConfig) -> int:
         """Load ``experiment.init_from``'s model weights; returns the step they were saved at."""
@@ -445,13 +598,16 @@ class Trainer:
         elif source.is_file():
             try:
                 state = RunDir(source.parent).load_checkpoint(source)
-            except Exception as err:  # torch raises several types for files that are not its own
-                raise ValueError(f"Trainer: init_from {str(source)!r} could not be read as a checkpoint ({err}).") from err
+            except ValueError as err:
+                raise ValueError(f"Trainer: init_from {str(source)!r} could not be read as a checkpoint: {err}") from None
         else:
             raise ValueError(f"Trainer: init_from {str(source)!r} is neither a run directory nor a checkpoint file.")
         if not (isinstance(state, dict) and {"model", "experiment", "step"} <= state.keys()):
-            raise ValueError(f"Trainer: init_from {str(source)!r} is not a windtunnel checkpoint.")
-        theirs = ExperimentConfig.from_dict(state["experiment"]).model_config()
+            raise ValueError(f"Trainer: init_from {str(source)!r} is not a windtunnel training checkpoint.")
+        try:
+            theirs = ExperimentConfig.from_dict(state["experiment"]).model_config()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"Trainer: init_from {str(source)!r} holds an invalid experiment: {err}") from None
         ours = experiment.model_config()
         if theirs != ours:
             diff = ", ".join(
@@ -460,7 +616,7 @@ class Trainer:
                 if getattr(theirs, f.name, None) != getattr(ours, f.name)
             )
             raise ValueError(f"Trainer: init_from {str(source)!r} holds a model of another config ({diff or type(theirs).__name__}).")
-        self.model.load_state_dict(state["model"], strict=True)
+        _load_model_state(self.model, state["model"], str(source))
         return int(state["step"])
 
     def _eval_batches(self, task: Any, generator: torch.Generator) -> tuple[Any, list[Batch]]:
@@ -470,9 +626,12 @@ class Trainer:
     # --- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (tensors, numbers, strings and containers only, so
+        that the checkpoint loads with ``weights_only=True``)."""
         return {
             "step": self.step,
             "last_loss": self.last_loss,
+            "elapsed_s": self.elapsed_s,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "data_generator": self.data_generator.get_state(),
@@ -481,16 +640,20 @@ class Trainer:
             "experiment": self.experiment.to_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint from :meth:`state_dict`.
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "the checkpoint") -> None:
+        """Restore a checkpoint from :meth:`state_dict` (keys matched strictly).
 
         Raises:
-            ValueError: when the checkpoint was written on another kind of device (CPU / CUDA) and
-                the model has dropout: the dropout generator's state cannot move between the two,
-                so the run could not continue exactly. Without dropout that generator is never
-                drawn from, and the run resumes on either device.
+            ValueError: naming ``source`` when its keys or the model's are not exactly those
+                of this run; when the checkpoint was written on another kind of device (CPU /
+                CUDA) and the model has dropout: the dropout generator's state cannot move
+                between the two, so the run could not continue exactly. Without dropout that
+                generator is never drawn from, and the run resumes on either device.
         """
-        saved_on = state.get("device_type", "cpu")  # checkpoints before this field were all CPU runs
+        if set(state) != STATE_KEYS:
+            missing, extra = sorted(STATE_KEYS - set(state)), sorted(set(state) - STATE_KEYS)
+            raise ValueError(f"Trainer: {source} is not a training checkpoint of this windtunnel (missing {missing}, unexpected {extra}).")
+        saved_on = state["device_type"]
         moved = saved_on != self.device.type
         if moved and getattr(self.model.config, "dropout", 0.0) > 0:
             raise ValueError(
@@ -499,30 +662,86 @@ class Trainer:
                 f"was trained on: resume it on {saved_on}, or start a new run from its weights "
                 f"with --init-from."
             )
+        _load_model_state(self.model, state["model"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.data_generator.set_state(state["data_generator"])
+            if not moved:
+                self.dropout_generator.set_state(state["dropout_generator"])
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise ValueError(f"Trainer: {source} does not fit this run ({err}).") from None
         self.step = int(state["step"])
         self.last_loss = float(state["last_loss"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.data_generator.set_state(state["data_generator"])
-        if not moved:
-            self.dropout_generator.set_state(state["dropout_generator"])
+        self.elapsed_s = float(state["elapsed_s"])
 
     @classmethod
-    def resume(cls, run_dir: str | RunDir, *, probes: Sequence[Probe] = ()) -> Trainer:
+    def resume(
+        cls,
+        run_dir: str | os.PathLike | RunDir,
+        *,
+        probes: Sequence[Probe] = (),
+        changes: dict[str, Any] | None = None,
+    ) -> Trainer:
         """Rebuild a run from its directory and its latest checkpoint.
 
         Rows logged after that checkpoint (a run killed between checkpoints) are dropped from
-        metrics.jsonl and telemetry.jsonl, so the resumed run writes them again exactly once.
+        metrics.jsonl and telemetry.jsonl (one atomic replace each), so the resumed run writes
+        them again exactly once.
+
+        Args:
+            changes: ``{"train.steps": N}`` extends (or shortens, down to the checkpoint's step)
+                the run: the cosine schedule is then recomputed for the new length, so the steps
+                after the checkpoint differ from those of a run started with N steps.
+                ``{"train.lr": x}`` changes the peak learning rate from here on (after a
+                divergence). ``{"train.keep_checkpoints": k}`` changes the retention. Each change
+                is recorded in config.json and, with the step it was made at, in resumes.jsonl.
+
+        Raises:
+            ValueError: for any other key of ``changes`` (naming it), a checkpoint that cannot be
+                trusted (naming the file), or ``train.steps`` below the checkpoint's step.
         """
-        run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
-        experiment = ExperimentConfig.from_dict(run.read_config())
-        trainer = cls(experiment, run, probes=probes, resuming=True)
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        experiment = load_experiment(run)
+        changes = dict(changes or {})
+        refused = [k for k in changes if k not in RESUME_CHANGES]
+        if refused:
+            raise ValueError(
+                f"Trainer.resume: {', '.join(refused)} would make {run.path} another run; --resume may change "
+                f"only {', '.join(RESUME_CHANGES)}. Start a new run (another --out, or --init-from {run.path})."
+            )
         state = run.load_checkpoint()
-        trainer.load_state_dict(state)
-        for path, rows in ((run.metrics_path, run.metrics()), (run.telemetry_path, run.telemetry())):
-            kept = [r for r in rows if r.get("step", 0) <= trainer.step]
-            write_text_atomic(path, "")
-            append_jsonl(path, kept)
+        step = int(state.get("step", 0))
+        try:
+            saved = ExperimentConfig.from_dict(state.get("experiment")).to_dict()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"Trainer.resume: {run.latest_checkpoint()} holds an invalid experiment: {err}") from None
+        differ = [k for k in _differences(experiment.to_dict(), saved) if k not in RESUME_CHANGES]
+        if differ:
+            ours, theirs = _flatten(experiment.to_dict()), _flatten(saved)
+            text = ", ".join(f"{k}: {ours.get(k)!r} in config.json, {theirs.get(k)!r} in the checkpoint" for k in differ)
+            raise ValueError(f"Trainer.resume: {run.config_path} and {run.latest_checkpoint()} describe different runs ({text}).")
+        train_changes = {k.split(".", 1)[1]: v for k, v in changes.items()}
+        if train_changes:
+            try:
+                amended_train = dataclasses.replace(experiment.train, **train_changes)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"Trainer.resume: {err}") from None
+            if amended_train.steps < step:
+                raise ValueError(f"Trainer.resume: train.steps={amended_train.steps} is below the checkpoint's step {step}.")
+            experiment = dataclasses.replace(experiment, train=amended_train)
+        original = run.read_config()
+        trainer = cls(experiment, run, probes=probes, resuming=True)
+        try:
+            trainer.load_state_dict(state, source=str(run.latest_checkpoint()))
+            run.truncate_logs(trainer.step)
+            if changes:
+                was = original.get("train", {})
+                record = {k: [was.get(k.split(".", 1)[1]), v] for k, v in changes.items()}
+                append_jsonl(run.resumes_path, [{"step": trainer.step, "changes": record}])
+        except BaseException:
+            run.write_config(original)
+            trainer.close()
+            raise
         return trainer
 
     # --- training ---------------------------------------------------------------------------
@@ -534,9 +753,18 @@ class Trainer:
             out[name] = evaluate(self.model, task, batches)
         return out
 
-    def _save(self) -> None:
-        if self.run is not None:
-            self.run.save_checkpoint(self.step, self.state_dict())
+    def _save(self, *, keep_every: bool = True) -> None:
+        """Checkpoint (the state is refused if not finite: :meth:`RunDir.save_checkpoint`), then
+        apply ``keep_checkpoints``; at the end of the run also export model.safetensors."""
+        if self.run is None:
+            return
+        self.run.save_checkpoint(self.step, self.state_dict(), keep_every=keep_every)
+        self._saved_step = self.step
+        if self.config.keep_checkpoints is not None:
+            self.run.prune_checkpoints(self.config.keep_checkpoints, protected=set(telemetry_steps(self.config.steps)))
+        if self.step == self.config.steps:
+            metadata = {"format": "windtunnel model weights", "step": str(self.step), "experiment": json.dumps(self.experiment.to_dict())}
+            self.run.export_model(self.model.state_dict(), metadata)
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.run is not None:
@@ -572,17 +800,58 @@ class Trainer:
         if self.run is not None:
             self.run.log_telemetry(rows)
 
+    def _weights_finite(self) -> bool:
+        """True when every parameter is finite (max |w| propagates NaN and inf; one sync)."""
+        peaks = [p.detach().abs().amax() for p in self.model.parameters() if p.numel()]
+        return bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
+
+    def _stop(self, what: str, loss_value: float, grad_norm: float) -> FloatingPointError:
+        """The one-line error of a run stopped at its first non-finite value."""
+        saved = getattr(self, "_saved_step", None)
+        if self.run is None:
+            kept = "nothing kept (no run directory)"
+        elif saved is None:
+            kept = "no checkpoint was written"
+        else:
+            path = self.run.checkpoint_path(saved)
+            kept = f"kept {path if path.exists() else self.run.latest_checkpoint()} (step {saved}, finite)"
+        last = f"last finite loss {self.last_loss:.4g} nats" if math.isfinite(self.last_loss) else "no finite loss yet"
+        hint = f"lower the learning rate (now {self.config.lr:g}) with --set train.lr=..."
+        if self.run is not None and saved is not None:
+            hint = (f"resume with a lower learning rate: windtunnel train {self.experiment.task_name} --out {self.run.path} "
+                    f"--resume --set train.lr={self.config.lr / 10:g}")
+        return FloatingPointError(
+            f"{what} at step {self.step} (loss {loss_value:.4g} nats, gradient norm {grad_norm:.4g}; {last}); {kept}; {hint}"
+        )
+
     def fit(self, *, stop_at: int | None = None, progress: bool = False) -> TrainResult:
         """Train from the current step to ``config.steps`` (or to ``stop_at``, then checkpoint).
 
+        The loss, the gradient norm and the weights after each optimizer step are checked every
+        step; the first non-finite value stops the run. No checkpoint holds a non-finite value,
+        and a checkpoint at step 0 is written before the first step, so there is always a finite
+        one to resume from. The run directory's lock is held until this returns.
+
         Raises:
-            FloatingPointError: when the loss or the gradient norm is not finite; the last good
-                checkpoint is kept and named in the message.
+            FloatingPointError: at the first non-finite loss, gradient norm or weight, in one
+                line naming the step, the quantity, the checkpoint kept and the option to change.
+            RunLockedError: when another process took the run directory meanwhile.
         """
+        if self.run is not None:
+            self.run.lock()
+        try:
+            return self._fit(stop_at=stop_at, progress=progress)
+        finally:
+            self.close()
+
+    def _fit(self, *, stop_at: int | None, progress: bool) -> TrainResult:
         cfg = self.config
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         probe_steps = set(telemetry_steps(cfg.steps)) if self.probes or self.update_probe is not None else set()
         start_time = time.perf_counter()
+        elapsed_before = self.elapsed_s
+        if self.run is not None and self.run.latest_checkpoint() is None:
+            self._save(keep_every=False)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -590,64 +859,104 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc=self.experiment.name or self.experiment.task_name, unit="step")
         last_eval: dict[str, Calibration] | None = None
         self.model.train()
-        last_good_step = self.step
-        while self.step < end:
-            if self.step in probe_steps:
-                self._run_probes()
-            lr = learning_rate(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            task = self._draw_task()
-            batch = task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
-            shifted = {"position_ids": self._shifted_position_ids(batch.tokens.shape)} if cfg.position_shift else {}
-            watch = self.update_probe is not None and self.step in probe_steps and lr > 0  # at lr 0 nothing moves
-            watching = self.update_probe.watch(self.model, batch.tokens, shifted.get("position_ids")) if watch else contextlib.nullcontext()
-            with watching:
-                logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
-                loss = site_loss(logits, batch, task)
-                aux_loss = auxiliary_loss_nats(logits, batch, task) if cfg.aux_loss_weight > 0 else None
-                self.optimizer.zero_grad(set_to_none=True)
-                (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
-            loss_value = float(loss.detach())
-            aux_value = float(aux_loss.detach()) if aux_loss is not None else 0.0
-            if not (math.isfinite(loss_value) and math.isfinite(aux_value) and math.isfinite(float(grad_norm))):
-                kept = self.run.latest_checkpoint() if self.run is not None else None
-                aux_text = f"auxiliary loss {aux_value}, " if aux_loss is not None else ""
-                raise FloatingPointError(
-                    f"loss is {loss_value} ({aux_text}gradient norm {float(grad_norm)}) at step {self.step} "
-                    f"(last finite {self.last_loss:.4g} nats at step {last_good_step}); "
-                    f"kept checkpoint {kept if kept is not None else '(none: no run directory)'}; "
-                    "try a lower --train.lr."
-                )
-            self.optimizer.step()
-            if watch:
-                update_rows = self.update_probe.finish(self.model, lr).rows(self.step)
-                if self.run is not None:
-                    self.run.log_telemetry(update_rows)
-            self.step += 1
-            self.last_loss, last_good_step = loss_value, self.step
-            if self.step % cfg.log_every == 0:
-                row = {"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr, "grad_norm": float(grad_norm), "elapsed_s": time.perf_counter() - start_time}
-                if aux_loss is not None:
-                    row["aux_loss_nats"] = aux_value
-                self._log(row)
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                last_eval = self.evaluate()
-                for name, cal in last_eval.items():
-                    self._log({"step": self.step, "split": name, **cal.scalars()})
+        try:
+            while self.step < end:
+                if self.step in probe_steps:
+                    self._run_probes()
+                lr = learning_rate(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                task = self._draw_task()
+                batch = task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
+                shifted = {"position_ids": self._shifted_position_ids(batch.tokens.shape)} if cfg.position_shift else {}
+                watch = self.update_probe is not None and self.step in probe_steps and lr > 0  # at lr 0 nothing moves
+                watching = self.update_probe.watch(self.model, batch.tokens, shifted.get("position_ids")) if watch else contextlib.nullcontext()
+                with watching:
+                    logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
+                    loss = site_loss(logits, batch, task)
+                    aux_loss = auxiliary_loss_nats(logits, batch, task) if cfg.aux_loss_weight > 0 else None
+                    self.optimizer.zero_grad(set_to_none=True)
+                    (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
+                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf))
+                loss_value = float(loss.detach())
+                aux_value = float(aux_loss.detach()) if aux_loss is not None else 0.0
+                if not math.isfinite(loss_value):
+                    raise self._stop(f"the loss is {loss_value}", loss_value, grad_norm)
+                if not math.isfinite(aux_value):
+                    raise self._stop(f"the auxiliary loss is {aux_value}", loss_value, grad_norm)
+                if not math.isfinite(grad_norm):
+                    raise self._stop(f"the gradient norm is {grad_norm}", loss_value, grad_norm)
+                self.optimizer.step()
+                if not self._weights_finite():
+                    raise self._stop("the weights are not finite after the optimizer step", loss_value, grad_norm)
+                if watch:
+                    update_rows = self.update_probe.finish(self.model, lr).rows(self.step)
+                    if self.run is not None:
+                        self.run.log_telemetry(update_rows)
+                self.step += 1
+                self.last_loss = loss_value
+                self.elapsed_s = elapsed_before + time.perf_counter() - start_time
+                if self.step % cfg.log_every == 0:
+                    row = {"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr, "grad_norm": grad_norm, "elapsed_s": self.elapsed_s}
+                    if aux_loss is not None:
+                        row["aux_loss_nats"] = aux_value
+                    self._log(row)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_eval = self.evaluate()
+                    for name, cal in last_eval.items():
+                        self._log({"step": self.step, "split": name, **cal.scalars()})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", mae_bits=f"{float(last_eval['eval'].entropy_mae_bits):.4f}")
+                elif bar is not None and self.step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    self._save()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", mae_bits=f"{float(last_eval['eval'].entropy_mae_bits):.4f}")
-            elif bar is not None and self.step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                self._save()
+                    bar.update(1)
+            if self.step in probe_steps and self.step == cfg.steps:
+                self._run_probes()
+        finally:
             if bar is not None:
-                bar.update(1)
-        if self.step in probe_steps and self.step == cfg.steps:
-            self._run_probes()
-        if bar is not None:
-            bar.close()
+                bar.close()
         if last_eval is None:
             last_eval = self.evaluate()
         return TrainResult(step=self.step, final_loss_nats=self.last_loss, calibration=last_eval["eval"], wall_s=time.perf_counter() - start_time)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": x}} -> {"train.lr": x}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _progress_text(run: RunDir) -> str:
+    """" (step S of N)" from the run's latest checkpoint, or "" when it cannot be read."""
+    try:
+        state = run.load_checkpoint()
+        steps = run.read_config().get("train", {}).get("steps")
+        return f" (step {int(state['step'])} of {steps})"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _load_model_state(model: nn.Module, state: Any, source: str) -> None:
+    """``model.load_state_dict(state, strict=True)``, with an error naming ``source``."""
+    if not isinstance(state, dict):
+        raise ValueError(f"Trainer: {source} holds no model state dict.")
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"Trainer: {source} does not hold this model's weights ({first}).") from None

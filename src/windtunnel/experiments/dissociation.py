@@ -37,7 +37,7 @@ from windtunnel.probes import (
     manifold_projection,
 )
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
-from windtunnel.train import ExperimentConfig, seed_streams
+from windtunnel.train import ExperimentConfig, load_experiment, seed_streams
 
 __all__ = ["FRAME_METRICS", "PRECISION_METRICS", "load_checkpoints", "run_dissociation"]
 
@@ -52,26 +52,17 @@ def load_checkpoints(run_dir: str | Path) -> tuple[ExperimentConfig, dict[int, d
     A run started ``--init-from`` another began from that run's weights, not from the seed's
     model, so step 0 is left out unless a snapshot or checkpoint holds it."""
     run = RunDir(run_dir)
-    experiment = ExperimentConfig.from_dict(run.read_config())
+    experiment = load_experiment(run)
     states: dict[int, dict[str, torch.Tensor]] = {}
-    for step, path in _steps(run.path / "snapshots"):
-        states[step] = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    for step, path in run.checkpoints():
-        states[step] = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    for step, path in [*run.snapshots(), *run.checkpoints()]:
+        state = run.load_checkpoint(path)  # verified; refuses unsafe or damaged files by name
+        if not isinstance(state.get("model"), dict):
+            raise ValueError(f"load_checkpoints: {path} holds no model weights.")
+        states[step] = state["model"]
     if 0 not in states and experiment.init_from is None:
         init = torch.Generator().manual_seed(seed_streams(experiment.train.seed)["init"])
         states[0] = experiment.build_model(init).state_dict()
     return experiment, dict(sorted(states.items()))
-
-
-def _steps(folder: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in folder.glob("step_*.pt"):
-        try:
-            found.append((int(p.stem.split("_", 1)[1]), p))
-        except ValueError:
-            continue
-    return sorted(found)
 
 
 def _w_key(model: torch.nn.Module) -> torch.Tensor:
@@ -140,7 +131,7 @@ def run_dissociation(
         cal = calibrate(model, task, [batch])
         put("entropy_mae_bits", cal.entropy_mae_bits)
         put("kl_bits", cal.kl_bits)
-        write_json_atomic(run.path / "manifold" / f"step_{step}.json", {"step": step, **manifold_projection(st)})
+        write_json_atomic(run.manifold_path(step), {"step": step, **manifold_projection(st)})
 
     settling: dict[str, int | None] = {}
     for name, values in series.items():
@@ -167,8 +158,8 @@ def run_dissociation(
         "frame_settles_first": (max(frame) < min(precision)) if frame and precision else None,
         "mae_improvement_after_frame": _improvement(steps, series["entropy_mae_bits"], max(frame) if frame else None),
     }
-    write_json_atomic(run.path / "dissociation.json", out)
-    write_bytes_atomic(run.path / "dissociation.png", _figure(out, title=experiment.name or experiment.task_name))
+    write_json_atomic(run.dissociation_path, out)
+    write_bytes_atomic(run.dissociation_figure_path, _figure(out, title=experiment.name or experiment.task_name))
     return out
 
 

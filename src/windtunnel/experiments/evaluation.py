@@ -16,7 +16,7 @@ from windtunnel.probes import hmm_lag_response
 from windtunnel.reports import draw_lag_response
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
-from windtunnel.train import ExperimentConfig, evaluate, step_position_ids
+from windtunnel.train import ExperimentConfig, evaluate, load_experiment, step_position_ids
 
 __all__ = [
     "CIRCUIT_QUANTITIES",
@@ -33,10 +33,14 @@ __all__ = [
 def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[ExperimentConfig, torch.nn.Module, int]:
     """(experiment, model in eval mode, step) from a run directory's checkpoint (latest by default)."""
     run = RunDir(run_dir)
-    experiment = ExperimentConfig.from_dict(run.read_config())
+    experiment = load_experiment(run)
     state = run.load_checkpoint(checkpoint)
     model = experiment.build_model(None)
-    model.load_state_dict(state["model"], strict=True)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (KeyError, RuntimeError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"load_model: {checkpoint or run.latest_checkpoint()} does not hold the weights of {run.config_path}'s model ({first}).") from None
     model.eval()
     return experiment, model, int(state["step"])
 
@@ -120,13 +124,13 @@ def evaluate_run(
         out["lag_response"] = hmm_lag_response(model, base, lag_batch, generator=torch.Generator().manual_seed(seed))
     run = RunDir(run_dir)
     suffix = f"_shift{step_shift}" if step_shift else ""
-    json_path = write_json_atomic(run.path / f"eval{suffix}.json", out)
+    json_path = write_json_atomic(run.eval_path(suffix), out)
     title = f"{experiment.name or experiment.task_name} at step {step}" + (f", steps moved {step_shift} along the position table" if step_shift else "")
-    paths = {"json": str(json_path), "figure": str(_plot(curves, run.path / f"eval_curves{suffix}.png", title=title))}
+    paths = {"json": str(json_path), "figure": str(_plot(curves, run.eval_figure_path(suffix), title=title))}
     if history:
-        paths["history_figure"] = str(_plot_history(history, run.path / "history_attention.png", title=title))
+        paths["history_figure"] = str(_plot_history(history, run.history_figure_path, title=title))
     if "lag_response" in out:
-        paths["lag_figure"] = str(_plot_lag_response(out["lag_response"], run.path / "lag_response.png", title=title))
+        paths["lag_figure"] = str(_plot_lag_response(out["lag_response"], run.lag_figure_path, title=title))
     return {**out, "paths": paths}
 
 
@@ -171,7 +175,7 @@ def memory_over_training(
     out.update(n_sequences=n_sequences, seed=seed)
     run = RunDir(run_dir)
     title = experiment.name or experiment.task_name
-    paths = {"json": str(write_json_atomic(run.path / "memory.json", out)), "figure": str(_plot_memory(out, run.path / "memory.png", title=title))}
+    paths = {"json": str(write_json_atomic(run.memory_path, out)), "figure": str(_plot_memory(out, run.memory_figure_path, title=title))}
     return {**out, "paths": paths}
 
 

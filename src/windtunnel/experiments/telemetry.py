@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from windtunnel.probes import ValueUpdateProbe, ablation_table, hmm_lag_map, make_probes
-from windtunnel.runs import write_json_atomic
+from windtunnel.runs import RunDir, write_json_atomic
 from windtunnel.tasks import HMMFiltering
 from windtunnel.train import Trainer, seed_streams
 
@@ -61,5 +61,5 @@ def ablate_run(run_dir: str | Path, *, n_sequences: int = 2000, seed: int = 1234
     if isinstance(task, HMMFiltering) and task.n_symbols >= 2:
         lag_batch = task.sample(min(n_sequences, 200), generator=generator)
         out["lag_map"] = hmm_lag_map(model, task, lag_batch, generator=torch.Generator().manual_seed(seed))
-    write_json_atomic(Path(run_dir) / "ablation.json", out)
+    write_json_atomic(RunDir(run_dir).ablation_path, out)
     return out

@@ -283,14 +283,13 @@ def draw_lag_response(ax: Any, lag: dict[str, Any]) -> None:
     ax.set(ylabel="total variation")
 
 
-def _memory_section(run: Path, evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None, tel: _Telemetry) -> str:
+def _memory_section(saved: Path, evaluation: dict[str, Any] | None, ablation: dict[str, Any] | None, tel: _Telemetry) -> str:
     """HMM only: the memory probe over training (telemetry ``model_move_tv_lag{d}``), the belief's
     response by lag (eval.json ``lag_response``), which heads carry each lag (ablation.json
     ``lag_map``), and memory.png of ``windtunnel memory`` when present."""
     lag = evaluation.get("lag_response") if evaluation is not None else None
     lag_map = ablation.get("lag_map") if ablation is not None else None
     probe_lags = sorted(int(m.rsplit("lag", 1)[1]) for (m, _, _) in tel.series if m.startswith("model_move_tv_lag"))
-    saved = run / "memory.png"
     over_checkpoints = ("<p>Every saved model of the run (<code>windtunnel memory</code>):</p>" + _img(saved.read_bytes())) if saved.exists() else ""
     if lag is None and lag_map is None and not probe_lags:
         if over_checkpoints:
@@ -396,9 +395,9 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
     config = run.read_config()
     metrics = run.metrics()
     tel = _Telemetry(read_jsonl(run.telemetry_path))
-    evaluation = _read_json(run.path / "eval.json")
-    diss = _read_json(run.path / "dissociation.json")
-    ablation = _read_json(run.path / "ablation.json")
+    evaluation = _read_json(run.eval_path())
+    diss = _read_json(run.dissociation_path)
+    ablation = _read_json(run.ablation_path)
     task = str(config.get("task_name", "?"))
     title = config.get("name") or f"{task}/{config.get('model_name', '?')}"
     paper_rows = [[q, p, src, _ours(key, metrics, evaluation, tel, diss, ablation)] for q, p, src, key in PAPER_NUMBERS.get(task, [])]
@@ -410,15 +409,15 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         ("Paper numbers beside ours (SPEC §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
         ("Loss and held-out calibration", _loss_section(metrics)),
         ("Per-position calibration vs Bayes", _calibration_section(evaluation)),
-        ("Value manifold coloured by Bayes entropy", _manifold_section(run.path / "manifold")),
+        ("Value manifold coloured by Bayes entropy", _manifold_section(run.manifold_dir)),
         ("Key orthogonality, attention entropy, manifold statistics", _geometry_section(tel)),
         ("Frame–precision dissociation (SPEC §8.6)", _dissociation_section(run.path, diss)),
         ("Routing-law telemetry (SPEC §8.4)", _routing_section(tel)),
         ("Ablations (SPEC §8.5)", _ablation_section(ablation)),
     ]
     if task == "hmm":
-        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(run.path, evaluation, ablation, tel)))
+        sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(run.memory_figure_path, evaluation, ablation, tel)))
     body = "".join(f"<h2>{_esc(name)}</h2>{content}" for name, content in sections)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>{_CSS}</style></head>"
             f"<body><h1>windtunnel report: {_esc(title)}</h1>{body}</body></html>")
-    return write_text_atomic(Path(out) if out is not None else run.path / "report.html", page)
+    return write_text_atomic(Path(out) if out is not None else run.report_path, page)
