@@ -451,3 +451,110 @@ def test_watching_the_value_updates_leaves_the_run_unchanged_and_logs_every_prob
     assert len(cos) == 2 * len(watched_steps) and all(-1.0 <= c <= 1.0 for c in cos)
     ratios = [r["value"] for r in rows if r["metric"] == "value_update_own_norm_ratio"]
     assert all(r > 0.0 for r in ratios)
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_value_and_resumes_with_a_sane_lr(tmp_path):
+    diverging = dataclasses.replace(_tiny(steps=40), train=dataclasses.replace(_tiny().train, steps=40, lr=1e6))
+    trainer = Trainer(diverging, tmp_path / "run")
+    with pytest.raises(FloatingPointError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "\n" not in message
+    assert trainer.step < 40 and f"at step {trainer.step} " in message
+    assert message.endswith(f"--resume --set train.lr={1e5:g}")
+    run = RunDir(tmp_path / "run")
+    kept = run.load_checkpoint()
+    assert kept["step"] <= trainer.step and f"(step {kept['step']}, finite)" in message
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    for _, path in run.checkpoints():  # nothing non-finite was ever written
+        assert all(torch.isfinite(v).all() for v in run.load_checkpoint(path)["model"].values())
+    resumed = Trainer.resume(tmp_path / "run", changes={"train.lr": 3e-3})
+    result = resumed.fit()
+    assert result.step == 40 and math.isfinite(result.final_loss_nats)
+    assert run.read_config()["train"]["lr"] == 3e-3
+    assert [r["changes"] for r in RunDir(tmp_path / "run").metrics() if "changes" in r] == []
+    import json
+
+    assert json.loads((tmp_path / "run" / "resumes.jsonl").read_text()) == {"step": kept["step"], "changes": {"train.lr": [1e6, 3e-3]}}
+
+
+def test_a_disk_full_error_during_resume_leaves_the_logs_as_they_were(tmp_path, monkeypatch):
+    import errno
+
+    from windtunnel import runs as runs_mod
+
+    Trainer(_tiny(), tmp_path / "run").fit(stop_at=4)
+    run = RunDir(tmp_path / "run")
+    run.log_metrics({"step": 6, "split": "train", "loss_nats": 1.0})  # logged after the checkpoint
+    before = run.metrics_path.read_bytes()
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs_mod, "write_bytes_atomic", full)
+    with pytest.raises(OSError, match="No space left"):
+        Trainer.resume(tmp_path / "run")
+    assert run.metrics_path.read_bytes() == before
+    monkeypatch.undo()
+    resumed = Trainer.resume(tmp_path / "run")  # the lock was released; the rows after step 4 go
+    assert resumed.step == 4 and max(r["step"] for r in run.metrics()) == 4
+
+
+def test_resume_extends_the_run_and_refuses_other_changes(tmp_path):
+    Trainer(_tiny(steps=8), tmp_path / "run").fit()
+    with pytest.raises(ValueError, match=r"train\.batch_size would make .* another run; --resume may change only train\.steps, train\.lr, train\.keep_checkpoints"):
+        Trainer.resume(tmp_path / "run", changes={"train.batch_size": 4})
+    with pytest.raises(ValueError, match="train.steps=6 is below the checkpoint's step 8"):
+        Trainer.resume(tmp_path / "run", changes={"train.steps": 6})
+    extended = Trainer.resume(tmp_path / "run", changes={"train.steps": 12})
+    assert extended.step == 8 and extended.config.steps == 12
+    assert extended.fit().step == 12
+    run = RunDir(tmp_path / "run")
+    steps = [r["step"] for r in run.metrics() if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # no duplicate rows
+    assert run.read_config()["train"]["steps"] == 12 and run.load_checkpoint()["step"] == 12
+
+
+def test_elapsed_time_adds_up_over_resumed_segments_and_the_final_model_is_exported(tmp_path):
+    from safetensors.torch import load_file
+
+    Trainer(_tiny(), tmp_path / "run").fit(stop_at=4)
+    first = RunDir(tmp_path / "run").load_checkpoint()["elapsed_s"]
+    resumed = Trainer.resume(tmp_path / "run")
+    resumed.fit()
+    rows = [r for r in RunDir(tmp_path / "run").metrics() if r["split"] == "train"]
+    assert first > 0 and all(r["elapsed_s"] > first for r in rows if r["step"] > 4)
+    assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
+    exported = load_file(tmp_path / "run" / "model.safetensors")
+    assert exported.keys() == resumed.model.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in resumed.model.state_dict().items())
+
+
+def test_keep_checkpoints_keeps_the_newest_and_the_log_spaced_schedule(tmp_path):
+    experiment = dataclasses.replace(_tiny(steps=40), train=dataclasses.replace(_tiny().train, steps=40, checkpoint_every=2, keep_checkpoints=2))
+    Trainer(experiment, tmp_path / "run").fit()
+    kept = [s for s, _ in RunDir(tmp_path / "run").checkpoints()]
+    assert kept == sorted({s for s in telemetry_steps(40) if s % 2 == 0 and s > 0} | {38, 40})
+    with pytest.raises(ValueError, match="keep_checkpoints must be None or an int >= 0"):
+        TrainConfig(steps=4, keep_checkpoints=-1)
+
+
+def test_a_second_trainer_on_a_run_being_written_is_refused(tmp_path):
+    from windtunnel.runs import RunLockedError
+
+    writer = Trainer(_tiny(), tmp_path / "run")
+    with pytest.raises(RunLockedError, match="is being written by another process"):
+        Trainer.resume(tmp_path / "run")
+    writer.fit()
+    assert Trainer.resume(tmp_path / "run").step == 12  # released when fit returned
+
+
+def test_missing_cuda_and_runs_too_big_for_the_machine_are_refused_before_anything_is_written(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="TrainConfig.device is 'cuda' but this machine has no usable CUDA device"):
+            Trainer(dataclasses.replace(_tiny(), train=dataclasses.replace(_tiny().train, device="cuda")), tmp_path / "a")
+    huge = apply_overrides(_tiny(), ["task.n_values=100000000", "task.n_pairs=4"])
+    assert train_mod.estimate_memory_bytes(huge) > 4 * 100_000_000 * 2 * 16  # the embedding alone, four times
+    with pytest.raises(ValueError, match=r"this run needs at least .* GiB .* vocabulary 200000000"):
+        Trainer(huge, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

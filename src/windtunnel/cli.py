@@ -1,19 +1,82 @@
 """The ``windtunnel`` command line: parse options, build configs, call the library.
 
 Each command lives in its own function below; ``reproduce`` groups the paper reproductions.
+Every failure the user can cause ends in one line on stderr, ``windtunnel CMD: error: ...``,
+with exit status 2 for bad input (options, values, files) and 1 for a run that stopped
+(a non-finite loss, a locked run directory, a full disk); a traceback means a bug.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from windtunnel import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group, with one-line errors (see the module docstring)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from windtunnel.runs import RunLockedError
+
+        name = prog_name or "windtunnel"
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            where = err.ctx.command_path if getattr(err, "ctx", None) is not None else name
+            _fail(where, err.format_message(), err.exit_code,
+                  f" (see {where} --help)" if isinstance(err, click.UsageError) and err.ctx is not None else "")
+        except click.Abort:
+            _fail(name, "aborted", 1)
+        except (RunLockedError, FloatingPointError) as err:
+            _fail(_where(name), str(err), 1)
+        except ValueError as err:  # bad input the library refused: a config value, a file, a size
+            _fail(_where(name), str(err), 2)
+        except OSError as err:
+            target = f"{err.filename}: " if err.filename else ""
+            _fail(_where(name), f"{target}{err.strerror or err}", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _where(prog: str) -> str:
+    """``windtunnel CMD`` for the command being run (the context is gone once it raised)."""
+    words = [w for w in sys.argv[1:3] if not w.startswith("-")][:1]
+    return " ".join([prog, *words])
+
+
+def _fail(where: str, message: str, code: int, suffix: str = "") -> None:
+    """Print ``where: error: message`` on one line of stderr and exit with ``code``."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    click.echo(f"{where}: error: {line}{suffix}", err=True)
+    sys.exit(code)
+
+
+def _check_out(path: str | os.PathLike, option: str = "--out", *, is_file: bool = False) -> None:
+    """Refuse, before anything is written, an output path that cannot be created: one under a
+    file, a directory that exists as a file (or a file that exists as a directory), or one whose
+    nearest existing folder is not writable."""
+    path = Path(path)
+    if path.exists() and (path.is_dir() if is_file else not path.is_dir()):
+        kind = "a directory" if is_file else "a file"
+        raise click.BadParameter(f"{path} is {kind}.", param_hint=f"'{option}'")
+    parent = path.parent if is_file else path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{path} lies under {parent}, which is a file.", param_hint=f"'{option}'")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write in {parent} (permission denied).", param_hint=f"'{option}'")
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="windtunnel")
 def main() -> None:
     """windtunnel: the routing law of softmax attention, checked; Bayesian wind tunnels, measured."""
@@ -68,7 +131,12 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Run directory (default runs/<task>-<model>-<preset>).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Dotted override, e.g. --set train.lr=1e-3 --set model.n_layers=4 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its latest checkpoint. It may change only --steps "
+                   "(extend the run; the cosine schedule is recomputed for the new length) and "
+                   "--set train.lr / train.keep_checkpoints; any other option that would change the run "
+                   "is refused.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out (everything in it is deleted).")
 @click.option("--init-from", "init_from", type=click.Path(exists=True), default=None,
               help="Fine-tune: start from the model weights of this run directory's latest checkpoint "
                    "(or of a checkpoint file); optimizer, schedule and step start fresh.")
@@ -76,32 +144,34 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Attach the SPEC §8 probes (geometry, routing law, calibration; for the HMM also "
                    "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
                    "`windtunnel dissociation`.")
-def train_command(task, model_name, preset, steps, seed, out, overrides, resume, init_from, telemetry):
+def train_command(task, model_name, preset, steps, seed, out, overrides, resume, overwrite, init_from, telemetry):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
     from windtunnel.presets import apply_overrides, get_preset
     from windtunnel.train import Trainer
 
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other.")
     out = out or f"runs/{task}-{model_name}-{preset}"
-    try:
-        if resume:
-            trainer = Trainer.resume(out)
-        else:
-            extra = [*overrides]
-            if steps is not None:
-                extra.append(f"train.steps={steps}")
-            if seed is not None:
-                extra.append(f"train.seed={seed}")
-            experiment = apply_overrides(get_preset(task, model_name, preset), extra)
-            if init_from is not None:
-                experiment = dataclasses.replace(experiment, init_from=init_from)
-            trainer = Trainer(experiment, out)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    _check_out(out)
+    if resume:
+        trainer = Trainer.resume(out, changes=_resume_changes(task, model_name, preset, steps, seed, out, overrides, init_from))
+    else:
+        extra = [*overrides]
+        if steps is not None:
+            extra.append(f"train.steps={steps}")
+        if seed is not None:
+            extra.append(f"train.seed={seed}")
+        experiment = apply_overrides(get_preset(task, model_name, preset), extra)
+        if init_from is not None:
+            import dataclasses
+
+            experiment = dataclasses.replace(experiment, init_from=init_from)
+        trainer = Trainer(experiment, out, overwrite=overwrite)
     if telemetry:
         from windtunnel.experiments.telemetry import attach_probes
 
         attach_probes(trainer)
-    click.echo(f"run directory: {out}")
+    click.echo(f"run directory: {out}" + (f" (resumed at step {trainer.step})" if resume else ""))
     if trainer.init_step is not None:
         click.echo(f"model weights from {trainer.experiment.init_from} (step {trainer.init_step})")
     n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -113,6 +183,48 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
                f"{float(cal.entropy_mae_bits):.4f} bits, KL {float(cal.kl_bits):.4f} bits, "
                f"accuracy {float(cal.accuracy):.3f} (Bayes entropy {float(cal.bayes_entropy_bits):.3f} bits); "
                f"{result.wall_s:.0f} s")
+
+
+def _resume_changes(task, model_name, preset, steps, seed, out, overrides, init_from) -> dict[str, Any]:
+    """What ``train --resume`` asks to change in the run of ``out``, as Trainer.resume's ``changes``.
+
+    Options equal to the run's own values change nothing and pass; a differing TASK, --model,
+    --preset, --seed or --init-from, or a --set of another field, is refused by name.
+    """
+    from click.core import ParameterSource
+
+    from windtunnel.presets import apply_overrides
+    from windtunnel.runs import RunDir
+    from windtunnel.train import RESUME_CHANGES, config_differences, flatten_config, load_experiment
+
+    ctx = click.get_current_context()
+    run = RunDir(out)
+    if not run.exists():
+        raise click.BadParameter(f"{out} holds no run to resume (no config.json); drop --resume to start one.", param_hint="'--resume'")
+    experiment = load_experiment(run)
+    refused = []
+    if task != experiment.task_name:
+        refused.append(f"TASK {task} (the run is {experiment.task_name})")
+    given = lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE  # noqa: E731
+    if given("model_name") and model_name != experiment.model_name:
+        refused.append(f"--model {model_name} (the run is {experiment.model_name})")
+    if given("preset") and experiment.name and experiment.name.split("/")[-1] != preset:
+        refused.append(f"--preset {preset} (the run is {experiment.name})")
+    if seed is not None and seed != experiment.train.seed:
+        refused.append(f"--seed {seed} (the run's is {experiment.train.seed})")
+    if init_from is not None and init_from != experiment.init_from:
+        refused.append(f"--init-from {init_from} (the run's is {experiment.init_from})")
+    amended = apply_overrides(experiment, [*overrides, *([f"train.steps={steps}"] if steps is not None else [])])
+    before, after = experiment.to_dict(), amended.to_dict()
+    changed = config_differences(before, after)
+    refused += [f"--set {k}" for k in changed if k not in RESUME_CHANGES]
+    if refused:
+        raise click.UsageError(
+            f"--resume continues the run in {out} as it is; refused: {', '.join(refused)}. --resume may change only "
+            f"--steps, --set train.lr and --set train.keep_checkpoints; for anything else start a new run "
+            f"(another --out, or --init-from {out})."
+        )
+    return {k: v for k, v in flatten_config(after).items() if k in changed}
 
 
 @main.command("eval")
@@ -128,6 +240,7 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
                    "layout); writes eval_shiftN.json, leaving eval.json alone.")
 def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
     """Evaluate a run's latest checkpoint: per-position calibration curves, JSON and a plot."""
+    _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.evaluation import evaluate_run, history_head
 
     try:
@@ -195,6 +308,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
 def memory_command(run_dir, n_sequences, seed, max_lag):
     """HMM: how much the belief hears each earlier observation, at every saved model of a run;
     writes memory.json and memory.png."""
+    _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.evaluation import memory_over_training
 
     try:
@@ -217,6 +331,7 @@ def memory_command(run_dir, n_sequences, seed, max_lag):
               help="Sequences in the fixed probe batch.")
 def dissociation_command(run_dir, n_sequences):
     """Frame–precision dissociation (SPEC §8.6) over a run's saved models; writes dissociation.json/.png."""
+    _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.dissociation import run_dissociation
 
     try:
@@ -239,6 +354,7 @@ def dissociation_command(run_dir, n_sequences):
               help="Seed of the held-out sequences.")
 def ablate_command(run_dir, n_sequences, seed):
     """Ablate every head and layer of a run's latest checkpoint (SPEC §8.5); writes ablation.json."""
+    _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.telemetry import ablate_run
 
     try:
@@ -268,6 +384,7 @@ def ablate_command(run_dir, n_sequences, seed):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default RUN_DIR/report.html.")
 def report_command(run_dir, out):
     """Self-contained HTML report of a run directory (figures embedded; reads the directory only)."""
+    _check_out(out if out is not None else Path(run_dir) / "report.html", "--out", is_file=True)
     from windtunnel.reports import build_report
 
     try:
@@ -294,6 +411,7 @@ def _wind_tunnel_command(task: str):
         from windtunnel.experiments.wind_tunnels import reproduce as run
 
         out = out or f"runs/reproduce-{task}-{preset}"
+        _check_out(out)
         try:
             result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
         except ValueError as err:
@@ -408,6 +526,7 @@ def em_vs_sgd_command(
 
     Writes OUT/results.json, OUT/curves.png, OUT/telemetry.png and OUT/report.md.
     """
+    _check_out(out_dir)
     import torch
     from tqdm import tqdm
 

@@ -207,11 +207,11 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
         section, dot, name = key.partition(".")
         known = {"train": train_fields, "model": model_fields, "task": task_fields}.get(section)
         if not dot or known is None:
-            problems.append(f"--{key} must start with train., model. or task.;{close_matches(key, ['train.', 'model.', 'task.'])}")
+            problems.append(f"--{key} must start with train., model. or task. (or be name, eval_lengths, train_lengths).")
             continue
         if name not in known:
             owner = {"train": "TrainConfig", "model": type(config.model_config()).__name__, "task": type(config.build_task()).__name__}[section]
-            problems.append(f"--{key} is not a field of {owner};{close_matches(name, known)}")
+            problems.append(f"--{key} is not a field of {owner};{close_matches(name, known) or ' its fields: ' + ', '.join(sorted(known)) + '.'}")
             continue
         data[section][name] = value
     if problems:

@@ -51,7 +51,10 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "RESUME_CHANGES",
+    "config_differences",
     "estimate_memory_bytes",
+    "flatten_config",
     "evaluate",
     "learning_rate",
     "load_experiment",
@@ -109,6 +112,10 @@ class TrainConfig:
         eval_batch_size: sequences per evaluation forward pass.
         log_every: log the train loss every this many steps.
         checkpoint_every: save a checkpoint every this many steps (and at the end).
+        divergence_factor: stop the run (as for a NaN) at the first step whose training loss
+            exceeds this multiple of ln(n_out), the loss of a uniform prediction over the model's
+            outputs: a model that far below chance has diverged, and the checkpoints written
+            from then on would hold its blown-up weights. None turns the check off.
         keep_checkpoints: None keeps every periodic checkpoints/step_N.pt; k keeps the k newest
             and every one on the log-spaced schedule of :func:`telemetry_steps` (what
             ``windtunnel dissociation`` and ``memory`` read), deleting the others as training
@@ -135,6 +142,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int | None = None
+    divergence_factor: float | None = 10.0
     seed: int = 0
     device: str = "auto"
 
@@ -156,6 +164,10 @@ class TrainConfig:
             text = check_number(owner, name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=math.isinf(high))
             if text:
                 problems.add_text(text)
+        if self.divergence_factor is not None:
+            text = check_number(owner, "divergence_factor", self.divergence_factor, low=1.0, high=math.inf, low_open=True, high_open=True)
+            if text:
+                problems.add_text(text.replace("a number", "None or a number"))
         if self.grad_clip is not None:
             text = check_number(owner, "grad_clip", self.grad_clip, low=0.0, high=math.inf, low_open=True, high_open=True)
             if text:
@@ -198,7 +210,7 @@ def _dataclass_from_dict(cls: type, data: dict[str, Any], owner: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ValueError(
-            "; ".join(f"{owner}: {k!r} is not a field of {cls.__name__};{close_matches(k, names)}" for k in unknown)
+            "; ".join(f"{owner}: {k!r} is not a field of {cls.__name__};{close_matches(k, names) or ' its fields: ' + ', '.join(sorted(names)) + '.'}" for k in unknown)
         )
     return cls(**data)
 
@@ -709,15 +721,24 @@ class Trainer:
                 f"Trainer.resume: {', '.join(refused)} would make {run.path} another run; --resume may change "
                 f"only {', '.join(RESUME_CHANGES)}. Start a new run (another --out, or --init-from {run.path})."
             )
+        run.lock()  # before reading the checkpoint: a run being written is refused, not half-read
+        try:
+            return cls._resume_locked(run, experiment, changes, probes)
+        except BaseException:
+            run.unlock()
+            raise
+
+    @classmethod
+    def _resume_locked(cls, run: RunDir, experiment: ExperimentConfig, changes: dict[str, Any], probes: Sequence[Probe]) -> Trainer:
         state = run.load_checkpoint()
         step = int(state.get("step", 0))
         try:
             saved = ExperimentConfig.from_dict(state.get("experiment")).to_dict()
         except (ValueError, TypeError) as err:
             raise ValueError(f"Trainer.resume: {run.latest_checkpoint()} holds an invalid experiment: {err}") from None
-        differ = [k for k in _differences(experiment.to_dict(), saved) if k not in RESUME_CHANGES]
+        differ = [k for k in config_differences(experiment.to_dict(), saved) if k not in RESUME_CHANGES]
         if differ:
-            ours, theirs = _flatten(experiment.to_dict()), _flatten(saved)
+            ours, theirs = flatten_config(experiment.to_dict()), flatten_config(saved)
             text = ", ".join(f"{k}: {ours.get(k)!r} in config.json, {theirs.get(k)!r} in the checkpoint" for k in differ)
             raise ValueError(f"Trainer.resume: {run.config_path} and {run.latest_checkpoint()} describe different runs ({text}).")
         train_changes = {k.split(".", 1)[1]: v for k, v in changes.items()}
@@ -882,6 +903,11 @@ class Trainer:
                 aux_value = float(aux_loss.detach()) if aux_loss is not None else 0.0
                 if not math.isfinite(loss_value):
                     raise self._stop(f"the loss is {loss_value}", loss_value, grad_norm)
+                if cfg.divergence_factor is not None and loss_value > cfg.divergence_factor * math.log(logits.shape[-1]):
+                    uniform = math.log(logits.shape[-1])
+                    raise self._stop(
+                        f"the loss diverged ({loss_value:.4g} nats, over {cfg.divergence_factor:g} x the {uniform:.3g} nats of a "
+                        "uniform prediction; --set train.divergence_factor=null to allow it)", loss_value, grad_norm)
                 if not math.isfinite(aux_value):
                     raise self._stop(f"the auxiliary loss is {aux_value}", loss_value, grad_norm)
                 if not math.isfinite(grad_norm):
@@ -923,21 +949,21 @@ class Trainer:
         return TrainResult(step=self.step, final_loss_nats=self.last_loss, calibration=last_eval["eval"], wall_s=time.perf_counter() - start_time)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": x}} -> {"train.lr": x}."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten_config(value, f"{name}."))
         else:
             out[name] = value
     return out
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The dotted keys whose values differ between two nested dicts."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten_config(a), flatten_config(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 

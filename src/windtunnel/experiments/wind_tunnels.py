@@ -18,9 +18,9 @@ import torch
 
 from windtunnel.experiments.evaluation import evaluate_run
 from windtunnel.metrics import trivial_floors
-from windtunnel.presets import PRESETS, get_preset
+from windtunnel.presets import PRESETS, apply_overrides, get_preset
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic, write_text_atomic
-from windtunnel.train import Trainer
+from windtunnel.train import Trainer, config_differences, flatten_config, load_experiment
 
 __all__ = ["PAPER", "reproduce"]
 
@@ -44,19 +44,25 @@ PAPER: dict[str, dict[str, list[tuple[str, float, str]]]] = {
 
 
 def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool) -> None:
+    """Train the preset ``key`` in ``run_dir``; a run there of the same config is resumed (or
+    skipped when finished), a run of another config (another seed) is refused."""
     run = RunDir(run_dir)
     experiment = PRESETS[key]()
-    if run.exists():
-        state = run.load_checkpoint() if run.latest_checkpoint() else None
-        if state is not None and state["step"] >= experiment.train.steps:
-            return
-        if state is not None:
-            Trainer.resume(run_dir).fit(progress=progress)
-            return
     if seed is not None:
-        from windtunnel.presets import apply_overrides
-
         experiment = apply_overrides(experiment, [f"train.seed={seed}"])
+    if run.exists():
+        theirs = load_experiment(run)
+        differ = config_differences(theirs.to_dict(), experiment.to_dict())
+        if differ:
+            there, here = flatten_config(theirs.to_dict()), flatten_config(experiment.to_dict())
+            text = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
+            raise ValueError(f"reproduce: {run_dir} holds a run of another config ({text}); use another --out.")
+        state = run.load_checkpoint() if run.latest_checkpoint() else None
+        if state is None:  # killed before its first checkpoint: nothing to keep
+            Trainer(experiment, run_dir, overwrite=True).fit(progress=progress)
+        elif state["step"] < experiment.train.steps:
+            Trainer.resume(run_dir).fit(progress=progress)
+        return
     Trainer(experiment, run_dir).fit(progress=progress)
 
 
