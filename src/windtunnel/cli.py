@@ -27,29 +27,28 @@ class _Main(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         from windtunnel.runs import RunLockedError
 
-        name = prog_name or "windtunnel"
+        name = "windtunnel"
+        self._running = name
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as err:
-            where = err.ctx.command_path if getattr(err, "ctx", None) is not None else name
-            _fail(where, err.format_message(), err.exit_code,
-                  f" (see {where} --help)" if isinstance(err, click.UsageError) and err.ctx is not None else "")
+            _fail(self._running, err.format_message(), err.exit_code,
+                  f" (see {self._running} --help)" if isinstance(err, click.UsageError) else "")
         except click.Abort:
             _fail(name, "aborted", 1)
         except (RunLockedError, FloatingPointError) as err:
-            _fail(_where(name), str(err), 1)
+            _fail(self._running, str(err), 1)
         except ValueError as err:  # bad input the library refused: a config value, a file, a size
-            _fail(_where(name), str(err), 2)
+            _fail(self._running, str(err), 2)
         except OSError as err:
             target = f"{err.filename}: " if err.filename else ""
-            _fail(_where(name), f"{target}{err.strerror or err}", 1)
+            _fail(self._running, f"{target}{err.strerror or err}", 1)
         sys.exit(code if isinstance(code, int) else 0)
 
-
-def _where(prog: str) -> str:
-    """``windtunnel CMD`` for the command being run (the context is gone once it raised)."""
-    words = [w for w in sys.argv[1:3] if not w.startswith("-")][:1]
-    return " ".join([prog, *words])
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        self._running = f"{self._running} {name}"  # "windtunnel train", or "windtunnel reproduce hmm"
+        return name, command, rest
 
 
 def _fail(where: str, message: str, code: int, suffix: str = "") -> None:
@@ -243,10 +242,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.evaluation import evaluate_run, history_head
 
-    try:
-        report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed, step_shift=step_shift)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed, step_shift=step_shift)
     if step_shift:
         click.echo(f"steps moved {step_shift} along the position table: step t reads the rows of step t + {step_shift}")
     for name, row in report["summary"].items():
@@ -311,10 +307,7 @@ def memory_command(run_dir, n_sequences, seed, max_lag):
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.evaluation import memory_over_training
 
-    try:
-        out = memory_over_training(run_dir, n_sequences=n_sequences, seed=seed, max_lag=max_lag)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    out = memory_over_training(run_dir, n_sequences=n_sequences, seed=seed, max_lag=max_lag)
     lags = [d for d in out["lags"] if d >= 1]
     click.echo("the model's move over the exact filter's when o_{t-d} changes (1 = heard at full weight), "
                "and the entropy MAE on the same sequences:")
@@ -334,10 +327,7 @@ def dissociation_command(run_dir, n_sequences):
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.dissociation import run_dissociation
 
-    try:
-        out = run_dissociation(run_dir, n_sequences=n_sequences)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    out = run_dissociation(run_dir, n_sequences=n_sequences)
     click.echo(f"{len(out['steps'])} checkpoints ({out['steps'][0]}..{out['steps'][-1]})")
     for name, step in out["settling_step"].items():
         click.echo(f"  {name:<32} settles at step {step}")
@@ -357,10 +347,7 @@ def ablate_command(run_dir, n_sequences, seed):
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.telemetry import ablate_run
 
-    try:
-        out = ablate_run(run_dir, n_sequences=n_sequences, seed=seed)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    out = ablate_run(run_dir, n_sequences=n_sequences, seed=seed)
     click.echo(f"intact: entropy MAE {out['intact']['entropy_mae_bits']:.5f} bits")
     for row in sorted(out["rows"], key=lambda r: -r["delta_mae_bits"])[:10]:
         where = f"L{row['layer']}" + (f"H{row['head']}" if row["head"] is not None else "")
@@ -387,10 +374,7 @@ def report_command(run_dir, out):
     _check_out(out if out is not None else Path(run_dir) / "report.html", "--out", is_file=True)
     from windtunnel.reports import build_report
 
-    try:
-        path = build_report(run_dir, out=out)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    path = build_report(run_dir, out=out)
     click.echo(f"wrote {path}")
 
 
@@ -412,10 +396,7 @@ def _wind_tunnel_command(task: str):
 
         out = out or f"runs/reproduce-{task}-{preset}"
         _check_out(out)
-        try:
-            result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
-        except ValueError as err:
-            raise click.UsageError(str(err)) from None
+        result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
         click.echo((Path(out) / "comparison.md").read_text())
         click.echo(f"wrote {out}/comparison.json, comparison.md and comparison.png ({len(result['models'])} models)")
 
