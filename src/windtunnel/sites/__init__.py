@@ -1,4 +1,4 @@
-"""Attention sites: the routing law of arXiv 2512.22473 §2 on any supported transformer.
+"""Attention sites: the routing law of arXiv 2512.22473 on any supported transformer.
 
 An attention site is one softmax attention layer of one forward pass as its softmax saw it: the
 per-head queries (after rotary embeddings), keys and values (per key-value head under
@@ -6,7 +6,7 @@ grouped-query attention, with the query-head -> key-value-head map), the boolean
 used, the score scale, the pattern, the head output z before the output projection and, after
 ``backward()``, u = dL/dz. With them, :func:`routing_law` gives dL/ds_ij = a_ij (b_ij - E_{a_i}[b])
 (b_ij = u_i·v_j), the value pull dL/dv_j = sum_i a_ij u_i and the query and key gradients of every
-head (§2.2–§2.4), for models windtunnel did not build.
+head, for models windtunnel did not build.
 
 Adapters: windtunnel's TinyGPT (its hook points), Hugging Face ``transformers`` models (a
 ``"windtunnel"`` implementation registered with the public ``AttentionInterface``; extra

@@ -2,7 +2,7 @@
 
 Both models expose, per attention layer, identity modules (hook points) that q, k, v, the masked
 scores (``-inf`` off the allowed set), the pattern and the head output z pass through, in the
-TransformerLens layouts of arXiv 2512.22473 §2 quantities. :func:`tap` reads them during one
+TransformerLens layouts of arXiv 2512.22473 quantities. :func:`tap` reads them during one
 forward pass and registers gradient hooks on the same tensors; it removes every hook on exit.
 """
 

@@ -1,7 +1,7 @@
 """The attention-site protocol: what one softmax attention layer exposes to the routing law.
 
 An :class:`AttentionSite` holds, for one attention layer and one forward pass, the tensors of the
-gradient calculus of arXiv 2512.22473 §2 exactly as the model's softmax used them: queries (after
+gradient calculus of arXiv 2512.22473 exactly as the model's softmax used them: queries (after
 any rotary embedding), keys and values (per key-value head under grouped-query attention), the
 boolean "may attend" mask, the score scale, the pattern, the head output z before the output
 projection and, after ``backward()``, u = dL/dz. :func:`routing_law` feeds a site to
@@ -37,7 +37,7 @@ _GRAD_NAMES = ("q", "k", "v", "z", "scores")
 
 @dataclass(frozen=True, eq=False)
 class AttentionSite:
-    """One attention layer of one forward pass, as its softmax saw it (arXiv 2512.22473 §2.1).
+    """One attention layer of one forward pass, as its softmax saw it (arXiv 2512.22473).
 
     For query head h with key-value head c = kv_head_of[h]: s_ij = scale * q_i·k_j on the allowed
     keys (``mask``), a_ij = softmax_j(s_ij) (0 elsewhere; a row with no allowed key is all 0),
@@ -157,7 +157,7 @@ class AttentionSite:
 
     @property
     def u(self) -> torch.Tensor:
-        """u = dL/dz [batch, query_pos, head, d_v], the upstream gradient of arXiv 2512.22473 §2.2.
+        """u = dL/dz [batch, query_pos, head, d_v], the upstream gradient of arXiv 2512.22473.
 
         Raises:
             ValueError: when no gradient reached z: the forward ran under ``torch.no_grad()`` or
@@ -198,7 +198,7 @@ class AttentionSite:
 
 @dataclass(frozen=True)
 class SiteLaw:
-    """The routing law of every head of one site (arXiv 2512.22473 §2.2–§2.4).
+    """The routing law of every head of one site (arXiv 2512.22473).
 
     Attributes:
         heads: :class:`windtunnel.dynamics.AttentionGradients` per query head, in the layout of
@@ -252,8 +252,8 @@ def routing_law(site: AttentionSite, *, dtype: torch.dtype | None = None) -> Sit
     """Closed-form gradients of every head of ``site`` from :func:`dynamics.attention_gradients`.
 
     With b_ij = u_i·v_j: dL/ds_ij = a_ij (b_ij - E_{a_i}[b]), dL/dv_j = sum_i a_ij u_i,
-    dL/dq_i = scale sum_j dL/ds_ij k_j, dL/dk_j = scale sum_i dL/ds_ij q_i (arXiv 2512.22473
-    §2.2–§2.4). Keys and values of a grouped-query layer are expanded to query heads; the
+    dL/dq_i = scale sum_j dL/ds_ij k_j, dL/dk_j = scale sum_i dL/ds_ij q_i (the first two are
+    arXiv 2512.22473's boxed equations; the query and key gradients follow by the chain rule). Keys and values of a grouped-query layer are expanded to query heads; the
     gradient of a key-value head is the sum over the query heads that read it.
 
     Args:
@@ -525,7 +525,7 @@ def check_plain_softmax(
             f"record_sites: {model_name} layer {name!r} is not plain softmax attention over the "
             f"recorded q, k, v ({'; '.join(problems)}): an additive score bias (ALiBi, relative "
             "positions), soft-capping, attention sinks or a transform of q/k after the recorded "
-            "tensors is outside the routing law of arXiv 2512.22473 §2."
+            "tensors is outside the routing law of arXiv 2512.22473."
         )
     return computed
 

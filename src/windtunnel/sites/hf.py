@@ -7,7 +7,7 @@ calls the one the model was using (``"eager"``, the model's own ``eager_attentio
 records what that function received: queries and keys after any rotary embedding, keys and values
 per key-value head, the mask (additive or boolean, or None with ``is_causal``, turned into a
 boolean "may attend" mask), the scaling, and the output before the output projection, whose
-gradient is u (arXiv 2512.22473 §2.2). No per-architecture code: any model class whose attention
+gradient is u (arXiv 2512.22473). No per-architecture code: any model class whose attention
 goes through ``ALL_ATTENTION_FUNCTIONS.get_interface`` works (GPT-2, Llama/Mistral/Qwen, GPT-NeoX
 and the rest); fused flash/flex kernels and classes outside the interface get a clear error.
 
@@ -227,7 +227,7 @@ def _attention(
         if kwargs.get(feature) is not None:
             raise ValueError(
                 f"record_sites: {type(module).__name__} at {path!r} passes {feature}=...; soft-capped, "
-                "biased or sink attention is outside the routing law of arXiv 2512.22473 §2."
+                "biased or sink attention is outside the routing law of arXiv 2512.22473."
             )
     if args and "scaling" not in kwargs:
         raise ValueError(
@@ -276,7 +276,7 @@ def _bool_mask(
         if bool((mask.masked_fill(~allowed, 0) != 0).any()):
             raise ValueError(
                 f"record_sites: the additive attention mask of {where} carries a score bias (values "
-                "other than 0 and -inf), which is outside the routing law of arXiv 2512.22473 §2."
+                "other than 0 and -inf), which is outside the routing law of arXiv 2512.22473."
             )
     return allowed.expand(allowed.shape[0], allowed.shape[1], t_q, t_k)
 

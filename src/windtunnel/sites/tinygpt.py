@@ -1,4 +1,4 @@
-"""Attention sites of windtunnel's own models, read from their hook points (arXiv 2512.22473 §2).
+"""Attention sites of windtunnel's own models, read from their hook points (arXiv 2512.22473).
 
 Every :class:`windtunnel.attention.MultiHeadAttention` in a model (TinyGPT's blocks) already
 exposes ``hook_q``, ``hook_k``, ``hook_v``, ``hook_attn_scores``, ``hook_pattern`` and ``hook_z``;

@@ -4,7 +4,7 @@ For every block the adapter reads ``attn.hook_q`` (``hook_rot_q`` under rotary e
 queries the scores are built from), ``hook_k`` (``hook_rot_k``), ``hook_v``,
 ``hook_attn_scores`` (whose ``-inf`` entries give the mask), ``hook_pattern`` and ``hook_z``; the
 scale is ``1 / attn.attn_scale``. Gradient hooks on the same tensors give u = ``hook_z_grad``
-and the gradients TransformerLens's own backward cache would store (arXiv 2512.22473 §2.2).
+and the gradients TransformerLens's own backward cache would store (arXiv 2512.22473).
 Keys and values of grouped-query models stay per key-value head, as TransformerLens records them.
 
 TransformerLens is never imported here: a model is recognised through ``sys.modules``, so a
