@@ -15,22 +15,12 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
-import time
 
 import torch
+from _timing import median_time_s
 
 from windtunnel.dynamics import attention_gradients
 
-
-def _median_time_s(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,8 +52,8 @@ def main() -> None:
             alpha = torch.softmax(scores.masked_fill(~mask, -math.inf), -1)
             return torch.autograd.grad(alpha @ vr, (qr, kr, vr), grad_outputs=u)
 
-        t_closed = _median_time_s(closed, args.repeats)
-        t_auto = _median_time_s(autograd, args.repeats)
+        t_closed = median_time_s(closed, args.repeats)
+        t_auto = median_time_s(autograd, args.repeats)
         print(f"| {t} | {1e3 * t_closed:.2f} | {1e3 * t_auto:.2f} | {t_closed / t_auto:.2f} |")
 
 
