@@ -270,3 +270,20 @@ def test_fuzz_every_outcome_is_success_or_one_line_and_a_refusal_leaves_nothing(
     one_line_error(result, result.exit_code)
     if result.exit_code == 2:  # refused: nothing written
         assert sorted(p.name for p in root.iterdir()) == ["a_file"], result.output
+
+
+def test_upgrade_gives_a_trusted_old_run_its_hashes_and_refuses_code(trained, tmp_path):
+    run = _copy(trained / "bij", tmp_path / "run")
+    files = [run / "checkpoints" / "latest.pt", *run.glob("checkpoints/step_*.pt")]
+    for path in files:  # as windtunnel 0.1 wrote them: the bare state
+        torch.save(RunDir(run).load_checkpoint(path), path)
+    line = one_line_error(run_cli(["eval", run, "--n", 4]), 2)
+    assert "not a windtunnel checkpoint with a content hash" in line and "before 0.2" in line
+    result = run_cli(["upgrade", run])
+    assert result.exit_code == 0 and f"upgraded {len(files)} of {len(files)}" in result.output, result.output
+    assert run_cli(["eval", run, "--n", 4]).exit_code == 0
+    assert f"upgraded 0 of {len(files)}" in run_cli(["upgrade", run]).output
+    marker = tmp_path / "marker"
+    torch.save({"step": 4, "payload": _Payload(marker)}, run / "checkpoints" / "latest.pt")
+    line = one_line_error(run_cli(["upgrade", run]), 2)
+    assert "latest.pt: refused" in line and not marker.exists()

@@ -3,4 +3,4 @@
 Importing the package changes no global state (no seeding, no device choice, no warnings filters).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

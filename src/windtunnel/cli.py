@@ -378,6 +378,28 @@ def report_command(run_dir, out):
     click.echo(f"wrote {path}")
 
 
+@main.command("upgrade")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def upgrade_command(run_dir):
+    """Give the checkpoints of a run written before windtunnel 0.2 their content hash.
+
+    Only for runs you trust: the old files are read as plain data (weights_only, so no code runs),
+    but damage done to them before the upgrade cannot be detected afterwards.
+    """
+    from windtunnel.runs import RunDir, upgrade_checkpoint_file
+
+    _check_out(run_dir, "RUN_DIR")
+    run = RunDir(run_dir)
+    run.lock()  # no trainer may write meanwhile
+    try:
+        paths = [p for p in (run.latest_checkpoint(),) if p is not None]
+        paths += [p for _, p in run.checkpoints()] + [p for _, p in run.snapshots()]
+        upgraded = [p for p in paths if upgrade_checkpoint_file(p)]
+    finally:
+        run.unlock()
+    click.echo(f"upgraded {len(upgraded)} of {len(paths)} checkpoint files in {run_dir}; the others were already verified")
+
+
 @main.group()
 def reproduce() -> None:
     """Reproduce a paper experiment and write results, figures and a report."""

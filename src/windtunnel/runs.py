@@ -52,7 +52,10 @@ __all__ = [
     "RunLockedError",
     "append_jsonl",
     "checkpoint_digest",
+    "load_checkpoint_file",
+    "read_json",
     "read_jsonl",
+    "upgrade_checkpoint_file",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_jsonl_atomic",
@@ -518,6 +521,34 @@ class RunDir:
 
         tensors = {name: t.detach().to("cpu").clone().contiguous() for name, t in model_state.items()}
         return write_bytes_atomic(self.export_path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def upgrade_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Rewrite a checkpoint written by windtunnel before 0.2 (no content hash) in the verified
+    format; returns False when the file is already verified.
+
+    The old file is read with ``weights_only=True`` too, so this never runs code from it; a file
+    that is not plain data is refused as :func:`load_checkpoint_file` would. The new hash
+    certifies the content as it is now: damage done before the upgrade cannot be detected.
+
+    Raises:
+        CheckpointError: naming the file when it cannot be read as plain data.
+    """
+    path = Path(path)
+    try:
+        load_checkpoint_file(path)
+        return False
+    except CheckpointError as err:
+        if "not a windtunnel checkpoint with a content hash" not in str(err):
+            raise
+    try:
+        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as err:  # refused or unreadable: load_checkpoint_file's wording
+        raise CheckpointError(f"{path}: cannot be upgraded: {str(err).splitlines()[0] if str(err) else type(err).__name__}.") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: cannot be upgraded: it does not hold a dict.")
+    write_bytes_atomic(path, RunDir._checkpoint_bytes(state))
+    return True
 
 
 def _numbered(folder: Path) -> Iterator[tuple[int, Path]]:
