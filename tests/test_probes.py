@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from windtunnel import probes
+from windtunnel.probes import value_update
 from windtunnel.hooks import record
 from windtunnel.runs import RunDir
 from windtunnel.models import PositionwiseMLP, PositionwiseMLPConfig, TinyGPT, TinyGPTConfig
@@ -197,19 +198,19 @@ def test_value_pull_agreement_known_answers():
     g = torch.Generator().manual_seed(0)
     pull = torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64)
     pull[0, 0] = 0.0  # a value nobody attended: no pull, left out of the cosines
-    cos, whole, ratio = probes._value_pull_agreement(-0.1 * pull, pull, lr=0.1)  # plain SGD on v
+    cos, whole, ratio = value_update._value_pull_agreement(-0.1 * pull, pull, lr=0.1)  # plain SGD on v
     assert torch.allclose(cos, torch.ones(2, dtype=torch.float64)) and torch.allclose(whole, torch.ones(2, dtype=torch.float64))
     assert torch.allclose(ratio, torch.ones(2, dtype=torch.float64))
-    cos, _, ratio = probes._value_pull_agreement(0.3 * pull, pull, lr=0.1)  # up the gradient, 3x as far
+    cos, _, ratio = value_update._value_pull_agreement(0.3 * pull, pull, lr=0.1)  # up the gradient, 3x as far
     assert torch.allclose(cos, -torch.ones(2, dtype=torch.float64)) and torch.allclose(ratio, 3 * torch.ones(2, dtype=torch.float64))
     other = torch.randn(3, 5, 2, 4, generator=g, dtype=torch.float64)
     orth = other - (other * pull).sum(-1, keepdim=True) / pull.pow(2).sum(-1, keepdim=True).clamp_min(1e-300) * pull
-    cos, whole, _ = probes._value_pull_agreement(orth, pull, lr=0.1)
+    cos, whole, _ = value_update._value_pull_agreement(orth, pull, lr=0.1)
     assert cos.abs().max() < 1e-12 and whole.abs().max() < 1e-12
     # two positions along the pull, three against it: the mean counts values, the whole-matrix
     # cosine weighs them by their squared pull
     mixed = torch.where(torch.arange(5)[None, :, None, None] < 2, -pull, pull)
-    cos, whole, _ = probes._value_pull_agreement(mixed, pull, lr=1.0)
+    cos, whole, _ = value_update._value_pull_agreement(mixed, pull, lr=1.0)
     sq = pull.pow(2).sum(-1)
     live = sq > 0
     signs = torch.where(torch.arange(5)[None, :, None] < 2, 1.0, -1.0).double()
