@@ -40,6 +40,8 @@ class _Main(click.Group):
             _fail(self._running, str(err), 1)
         except ValueError as err:  # bad input the library refused: a config value, a file, a size
             _fail(self._running, str(err), 2)
+        except ImportError as err:  # an optional dependency (--model hf needs transformers)
+            _fail(self._running, str(err), 1)
         except OSError as err:
             target = f"{err.filename}: " if err.filename else ""
             _fail(self._running, f"{target}{err.strerror or err}", 1)
@@ -121,7 +123,9 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
 @main.command("train")
 @click.argument("task", type=click.Choice(["bijection", "hmm", "recall"]))
 @click.option("--model", "model_name", default="transformer", show_default=True,
-              type=click.Choice(["transformer", "mlp", "lstm"]))
+              type=click.Choice(["transformer", "mlp", "lstm", "hf"]),
+              help="'hf': a Hugging Face architecture, --set model.architecture=llama|gpt2|gpt_neox|... "
+                   "(needs pip install 'windtunnel[hf]').")
 @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
               help="'paper': the paper's recipe; 'cpu': a 2-core recipe (ours).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps.")

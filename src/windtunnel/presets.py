@@ -22,7 +22,7 @@ from typing import Any
 from windtunnel._checks import ConfigError, close_matches
 from windtunnel.train import ExperimentConfig, TrainConfig
 
-__all__ = ["PRESETS", "apply_overrides", "get_preset", "preset_names"]
+__all__ = ["HF_PRESETS", "PRESETS", "apply_overrides", "get_preset", "preset_names"]
 
 
 def _bijection(model_name: str, model: dict[str, Any], train: dict[str, Any], name: str) -> ExperimentConfig:
@@ -155,9 +155,36 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
 }
 
 
+# Hugging Face architectures (``--model hf``; llama unless --set model.architecture=gpt2|gpt_neox|...),
+# sized like the TinyGPT cpu presets, with the same recipes. Kept out of PRESETS, the models each
+# ``windtunnel reproduce`` trains and compares, so that a reproduction never needs transformers.
+
+
+def bijection_hf_cpu() -> ExperimentConfig:
+    """Llama 2L/4H/64, FFN 256 (SwiGLU), RMSNorm, RoPE, tied embeddings; the bijection cpu recipe (ours)."""
+    return _bijection("hf", dict(architecture="llama", **_TINY_BIJ_CPU), _BIJ_CPU_TRAIN, "bijection/hf/cpu")
+
+
+def hmm_hf_cpu() -> ExperimentConfig:
+    """Llama 3L/4H/64, FFN 256, untied Linear(64→5) with bias; the HMM cpu recipe (ours)."""
+    return _hmm("hf", dict(architecture="llama", n_layers=3, n_heads=4, d_model=64, d_mlp=256, head_bias=True), _HMM_CPU_TRAIN, "hmm/hf/cpu")
+
+
+def recall_hf_cpu() -> ExperimentConfig:
+    """The cpu recall task; Llama 2L/4H/64, init std 0.1 (as the TinyGPT recall preset, ours)."""
+    return _recall("hf", _RECALL_CPU_TASK, dict(architecture="llama", n_layers=2, n_heads=4, d_model=64, d_mlp=256, init_std=0.1), _RECALL_CPU_TRAIN, "recall/hf/cpu")
+
+
+HF_PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "bijection/hf/cpu": bijection_hf_cpu,
+    "hmm/hf/cpu": hmm_hf_cpu,
+    "recall/hf/cpu": recall_hf_cpu,
+}
+
+
 def preset_names() -> list[str]:
-    """Every preset key, ``"<task>/<model>/<preset>"``."""
-    return sorted(PRESETS)
+    """Every preset key, ``"<task>/<model>/<preset>"`` (``PRESETS`` and ``HF_PRESETS``)."""
+    return sorted({**PRESETS, **HF_PRESETS})
 
 
 def get_preset(task: str, model: str = "transformer", preset: str = "cpu") -> ExperimentConfig:
@@ -167,9 +194,10 @@ def get_preset(task: str, model: str = "transformer", preset: str = "cpu") -> Ex
         ValueError: naming the available presets when there is no such preset.
     """
     key = f"{task}/{model}/{preset}"
-    if key not in PRESETS:
-        raise ValueError(f"get_preset: no preset {key!r};{close_matches(key, PRESETS)} available: {', '.join(preset_names())}.")
-    return PRESETS[key]()
+    known = {**PRESETS, **HF_PRESETS}
+    if key not in known:
+        raise ValueError(f"get_preset: no preset {key!r};{close_matches(key, known)} available: {', '.join(preset_names())}.")
+    return known[key]()
 
 
 def _parse_value(text: str) -> Any:

@@ -30,6 +30,8 @@ from torch import nn
 from windtunnel._checks import Problems, check_choice, check_number, check_positive_int, close_matches
 from windtunnel.metrics import Calibration
 from windtunnel.models import (
+    HFCausalLM,
+    HFCausalLMConfig,
     LSTMConfig,
     LSTMModel,
     PositionwiseMLP,
@@ -69,6 +71,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "transformer": (TinyGPTConfig, TinyGPT),
     "mlp": (PositionwiseMLPConfig, PositionwiseMLP),
     "lstm": (LSTMConfig, LSTMModel),
+    "hf": (HFCausalLMConfig, HFCausalLM),
 }
 STREAMS = ("data", "init", "eval", "dropout", "probe")
 
@@ -222,7 +225,7 @@ class ExperimentConfig:
     Attributes:
         task_name: a key of ``TASKS`` ("bijection", "hmm", "recall").
         task: keyword arguments of the task class.
-        model_name: a key of ``MODELS`` ("transformer", "mlp", "lstm").
+        model_name: a key of ``MODELS`` ("transformer", "mlp", "lstm", "hf").
         model: fields of the model config, except ``vocab_size``, ``n_positions`` and ``n_out``,
             which are derived from the task unless given.
         train: the :class:`TrainConfig`.
