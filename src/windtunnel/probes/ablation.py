@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import _check_model
+from torch import nn
+
+import windtunnel.sites as sites
+from windtunnel.probes._common import _require
 from windtunnel.probes.calibration import calibrate
 from windtunnel.tasks import Batch
 
@@ -32,25 +34,31 @@ class AblationTable:
         return {"intact": self.intact, "rows": self.rows}
 
 
-def ablation_table(model: TinyGPT, task: Any, batches: Sequence[Batch]) -> AblationTable:
+def ablation_table(model: nn.Module, task: Any, batches: Sequence[Batch]) -> AblationTable:
     """ΔMAE, ΔKL and Δaccuracy of every single-head and single-layer ablation (SPEC §8.5).
 
-    Heads: the post-softmax pattern times 0 (``model.ablated(heads=[(l, h)])``). Layers: the
-    block bypassed, or only its attention output, or only its FFN output, zeroed.
+    Heads: the head's output before W_O zeroed (TinyGPT: its post-softmax pattern times 0).
+    Layers: the block bypassed, or only its attention output, or only its FFN output, zeroed.
+    The ablations come from the model's adapter (:func:`windtunnel.sites.ablated`): TinyGPT's
+    ``model.ablated`` and, for a TransformerLens ``HookedTransformer``, hooks on ``attn.hook_z``,
+    ``hook_attn_out``, ``hook_mlp_out`` and the block.
 
     Raises:
-        ValueError: when ``model`` is not a TinyGPT.
+        ValueError: naming the model class when its adapter cannot ablate: Hugging Face models
+            (no architecture-independent per-head or per-layer switch) and models without
+            attention sites (see :func:`windtunnel.sites.unsupported`).
     """
-    model = _check_model("ablation_table", model)
+    _require("ablation_table", model, "ablation")
+    n_layers, n_heads = sites.ablation_layout(model)
     intact = calibrate(model, task, batches).scalars()
     cases: list[tuple[str, int, int | None, dict[str, Any]]] = [
-        ("head", l, h, {"heads": [(l, h)]}) for l in range(model.config.n_layers) for h in range(model.config.n_heads)
+        ("head", l, h, {"heads": [(l, h)]}) for l in range(n_layers) for h in range(n_heads)
     ]
     for kind in ("bypass", "zero_attn_out", "zero_mlp_out"):
-        cases += [(kind, l, None, {kind: [l]}) for l in range(model.config.n_layers)]
+        cases += [(kind, l, None, {kind: [l]}) for l in range(n_layers)]
     rows = []
     for kind, layer, head, kwargs in cases:
-        with model.ablated(**kwargs):
+        with sites.ablated(model, **kwargs):
             cal = calibrate(model, task, batches).scalars()
         mae, base = cal["entropy_mae_bits"], intact["entropy_mae_bits"]
         rows.append(

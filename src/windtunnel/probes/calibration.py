@@ -10,6 +10,7 @@ from torch import nn
 
 from windtunnel.hooks import eval_mode
 from windtunnel.metrics import Calibration, select_sites, site_metrics, summarize
+from windtunnel.probes._common import _logits
 from windtunnel.tasks import Batch
 
 __all__ = ["auxiliary_loss_nats", "calibrate", "site_loss_nats"]
@@ -53,15 +54,20 @@ def auxiliary_loss_nats(logits: torch.Tensor, batch: Batch, task: Any) -> torch.
 def calibrate(model: nn.Module, task: Any, batches: Sequence[Batch], *, position_ids: torch.Tensor | None = None) -> Calibration:
     """Calibration (entropy MAE, KL, accuracy in bits) of ``model`` in eval mode on fixed batches.
 
-    ``position_ids``, long [seq_len], is passed to the model (a TinyGPT) for every batch, e.g.
-    :func:`windtunnel.train.step_position_ids` to read the steps at other rows of the table;
-    None (the default) calls the model without it."""
+    ``model`` maps tokens [batch, seq_len] to logits [batch, seq_len, n_outputs], or to an output
+    with ``.logits`` (a Hugging Face ``ModelOutput``). ``position_ids``, long [seq_len], is passed
+    to the model for every batch (TinyGPT's keyword), e.g. :func:`windtunnel.train.step_position_ids`
+    to read the steps at other rows of the table; None (the default) calls the model without it.
+
+    Raises:
+        ValueError: when the model's output has no logits.
+    """
     device = next(model.parameters()).device
     extra = {} if position_ids is None else {"position_ids": position_ids.to(device)}
     parts = []
     with eval_mode(model):
         for batch in batches:
-            logits = model(batch.tokens.to(device), **extra)
+            logits = _logits("calibrate", model(batch.tokens.to(device), **extra))
             sl = select_sites(logits, batch.sites.to(device), class_offset=task.class_offset, n_classes=task.n_classes)
             parts.append(site_metrics(sl.cpu(), batch.posterior, batch.labels))
     return summarize(type(parts[0]).cat(parts))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
+import windtunnel.sites as sites
 from windtunnel.geometry import KeyOrthogonality, key_orthogonality
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import _check_model
+from windtunnel.probes._common import _require
 
 __all__ = ["hypothesis_tokens", "layer_key_orthogonality"]
 
@@ -27,17 +28,25 @@ def hypothesis_tokens(task: Any) -> torch.Tensor | None:
     return torch.arange(task.class_offset, task.class_offset + task.n_classes)
 
 
-def layer_key_orthogonality(model: TinyGPT, tokens: torch.Tensor) -> tuple[KeyOrthogonality, ...]:
+def layer_key_orthogonality(model: nn.Module, tokens: torch.Tensor) -> tuple[KeyOrthogonality, ...]:
     """Key orthogonality of every layer on the given hypothesis tokens (SPEC §8.1).
 
-    Layer l uses n_l(e_x) = ``blocks[l].ln1(W_E[x])`` (the block's pre-attention norm with its
-    gain, no position embedding) and that layer's ``W_K``. For l = 0 this is exactly the key a
-    hypothesis token would get at the input; for deeper layers it is the same probe of the key
-    map (the residual there is no longer the bare embedding), a convention kept for comparability.
+    Layer l uses n_l(e_x), the layer's pre-attention norm (with its gain) of the token embedding
+    W_E[x] without position embedding, and that layer's ``W_K``, both from the model's adapter
+    (:func:`windtunnel.sites.token_keys`; TinyGPT: ``blocks[l].ln1`` and ``blocks[l].attn.W_K``;
+    TransformerLens: the same names), in float64. For l = 0 this is exactly the key a hypothesis
+    token would get at the input; for deeper layers it is the same probe of the key map (the
+    residual there is no longer the bare embedding), a convention kept for comparability.
+
+    Shapes: tokens long [n_hyp] -> per layer ``KeyOrthogonality`` over [head] (key-value heads
+    under grouped-query attention).
+
+    Raises:
+        ValueError: naming the model class when its adapter has no key map: Hugging Face models,
+            whose adapter sees attention only through the AttentionInterface and so knows no
+            architecture's W_K or pre-attention norm (see :func:`windtunnel.sites.unsupported`).
     """
-    model = _check_model("layer_key_orthogonality", model)
-    with torch.no_grad():
-        emb = model.embed.W_E[tokens.to(model.embed.W_E.device)].double()  # [n_hyp, d_model]
-        return tuple(
-            key_orthogonality(block.ln1(emb), block.attn.W_K.detach().double()) for block in model.blocks
-        )
+    _require("layer_key_orthogonality", model, "token_keys")
+    return tuple(
+        key_orthogonality(layer.normed_embeddings, layer.w_key) for layer in sites.token_keys(model, tokens, dtype=torch.float64)
+    )

@@ -8,16 +8,13 @@ from typing import Any
 
 import torch
 
-from windtunnel.geometry import (
-    KeyOrthogonality,
-    ValueManifoldPCA,
-    ValueManifoldSummary,
-    attention_entropy,
-    random_abs_cosine,
-)
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import Row, _check_model, _row
+from torch import nn
+
+from windtunnel.geometry import KeyOrthogonality, ValueManifoldSummary, random_abs_cosine
+from windtunnel.probes._common import Row, _require, _row, _supported
+from windtunnel.probes.focusing import AttentionFocusing, attention_focusing
 from windtunnel.probes.frame import hypothesis_tokens, layer_key_orthogonality
+from windtunnel.probes.manifold import manifold_summary
 from windtunnel.probes.states import SiteStates, collect_states
 from windtunnel.tasks import Batch
 
@@ -30,7 +27,7 @@ class GeometrySnapshot:
 
     Attributes:
         key_orthogonality: per layer (``KeyOrthogonality``), or None for tasks without hypothesis
-            tokens (see :func:`hypothesis_tokens`).
+            tokens (see :func:`hypothesis_tokens`) and for models without a key map (Hugging Face).
         baseline_key_orthogonality: the same for ``baseline_model`` (the step-0 model), or None.
         random_baseline: E|cos| of random directions in R^{d_head} (``random_abs_cosine``).
         head_entropy_bits: attention entropy at the sites, [layer, head].
@@ -55,10 +52,7 @@ class GeometrySnapshot:
                 out += [_row(step, f"{name}_abs_cos", v, layer, h) for h, v in enumerate(layer_ko.abs_cosine_per_head.tolist())]
                 out.append(_row(step, f"{name}_abs_cos", layer_ko.mean_abs_cosine, layer))
                 out.append(_row(step, f"{name}_min_abs_cos", layer_ko.min_abs_cosine, layer))
-        for layer, per_head in enumerate(self.head_entropy_bits.tolist()):
-            out += [_row(step, "attn_entropy_bits", v, layer, h) for h, v in enumerate(per_head)]
-            out.append(_row(step, "attn_entropy_bits", self.layer_entropy_bits[layer], layer))
-        out.append(_row(step, "focusing_ratio", self.focusing_ratio))
+        out += AttentionFocusing(self.head_entropy_bits, self.layer_entropy_bits, self.focusing_ratio).rows(step)
         m = self.manifold
         for name in ("pc1_share", "pc12_share", "participation_ratio", "spearman", "pearson", "ordering_score", "probe_r2", "partial_pearson_given_position"):
             value = getattr(m, name)
@@ -68,18 +62,24 @@ class GeometrySnapshot:
 
 
 def geometry_snapshot(
-    model: TinyGPT,
+    model: nn.Module,
     task: Any,
     batch: Batch,
     *,
-    baseline_model: TinyGPT | None = None,
+    baseline_model: nn.Module | None = None,
     generator: torch.Generator | None = None,
     states: SiteStates | None = None,
 ) -> GeometrySnapshot:
     """Key orthogonality, attention entropy and value-manifold statistics (SPEC §8.1–§8.3).
 
+    Composes :func:`layer_key_orthogonality`, :func:`attention_focusing` and
+    :func:`manifold_summary` on one recorded pass (:func:`collect_states`). Key orthogonality is
+    None where the task has no hypothesis tokens or the model's adapter has no key map (Hugging
+    Face models; :func:`layer_key_orthogonality` itself raises there); the rest is computed for
+    every model with attention sites and a readout.
+
     Args:
-        model: the TinyGPT to probe (run in eval mode; its mode is restored).
+        model: the model to probe (run in eval mode; its mode is restored).
         task: the task ``batch`` came from.
         batch: a fixed, seeded probe batch.
         baseline_model: the same architecture at initialisation (step 0), for the §8.1 baseline.
@@ -87,25 +87,25 @@ def geometry_snapshot(
         states: the :func:`collect_states` result of ``model`` on ``batch``, if already computed.
 
     Raises:
-        ValueError: when a model is not a TinyGPT.
+        ValueError: naming the model class when it has no attention sites or no readout (see
+            :func:`windtunnel.sites.unsupported`).
     """
-    model = _check_model("geometry_snapshot", model)
-    states = states if states is not None else collect_states(model, task, batch)
+    _require("geometry_snapshot", model, "sites", "readout")
+    if states is None:
+        states = collect_states(model, task, batch)
     hyp = hypothesis_tokens(task)
     ko = base = None
-    if hyp is not None:
+    if hyp is not None and _supported(model, "token_keys"):
         ko = layer_key_orthogonality(model, hyp)
         if baseline_model is not None:
-            base = layer_key_orthogonality(_check_model("geometry_snapshot", baseline_model), hyp)
-    ent = attention_entropy(states.patterns.double(), states.positions)
-    x, h, pos = states.flat()
-    manifold = ValueManifoldPCA().fit(x, h, positions=pos, generator=generator).summary_
+            base = layer_key_orthogonality(baseline_model, hyp)
+    focusing = attention_focusing(model, task, batch, states=states)
     return GeometrySnapshot(
         key_orthogonality=ko,
         baseline_key_orthogonality=base,
-        random_baseline=random_abs_cosine(model.config.d_head),
-        head_entropy_bits=ent.head_entropy_bits,
-        layer_entropy_bits=ent.layer_entropy_bits,
-        focusing_ratio=float(ent.focusing_ratio),
-        manifold=manifold,
+        random_baseline=random_abs_cosine(states.q.shape[-1]),  # d_head
+        head_entropy_bits=focusing.head_entropy_bits,
+        layer_entropy_bits=focusing.layer_entropy_bits,
+        focusing_ratio=focusing.focusing_ratio,
+        manifold=manifold_summary(states, generator=generator),
     )

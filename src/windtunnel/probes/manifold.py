@@ -1,4 +1,8 @@
-"""The 2-D projection of the value manifold at the prediction sites, for plots (SPEC §8.3)."""
+"""The value manifold at the prediction sites: its §8.3 summary and its 2-D projection for plots.
+
+Reads :class:`~windtunnel.probes.SiteStates` (the final-norm residual the readout reads), so any
+model :func:`~windtunnel.probes.collect_states` supports is supported.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,18 @@ from typing import Any
 
 import torch
 
-from windtunnel.geometry import ValueManifoldPCA
+from windtunnel.geometry import ValueManifoldPCA, ValueManifoldSummary
 from windtunnel.probes.states import SiteStates
 
-__all__ = ["manifold_projection"]
+__all__ = ["manifold_projection", "manifold_summary"]
+
+
+def manifold_summary(states: SiteStates, *, generator: torch.Generator | None = None) -> ValueManifoldSummary:
+    """The §8.3 statistics of the site states against H_Bayes (:class:`~windtunnel.geometry.ValueManifoldPCA`):
+    PC shares, participation ratio, rank correlations, ordering score and, with ``generator``
+    (its 80/20 split), the linear entropy probe's R²; positions are controlled for."""
+    x, h, pos = states.flat()
+    return ValueManifoldPCA().fit(x, h, positions=pos, generator=generator).summary_
 
 
 def manifold_projection(states: SiteStates, *, max_points: int = 2000) -> dict[str, Any]:

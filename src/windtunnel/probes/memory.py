@@ -6,9 +6,11 @@ from typing import Any
 
 import torch
 
+from torch import nn
+
+import windtunnel.sites as sites
 from windtunnel.hooks import eval_mode
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import _check_model, _replayer
+from windtunnel.probes._common import _logits, _replayer, _require
 from windtunnel.tasks import HMMBatch, HMMFiltering, hmm_posterior
 
 __all__ = ["hmm_lag_map", "hmm_lag_response"]
@@ -38,7 +40,8 @@ def hmm_lag_response(
     :func:`windtunnel.experiments.evaluation.memory_ladder`, which compares errors.
 
     Shapes: ``batch`` holds B sequences of ``task``; ``model`` maps tokens [B, seq_len] to logits
-    [B, seq_len, vocab] (any windtunnel model). K + 1 forward passes of B sequences.
+    [B, seq_len, vocab] (any windtunnel model; an output with ``.logits``, as Hugging Face
+    models return, is read through it). K + 1 forward passes of B sequences.
 
     Returns:
         ``{"lags": [0..min(max_lag, K-1)], "bayes_move_tv": [...], "model_move_tv": [...],
@@ -52,12 +55,12 @@ def hmm_lag_response(
     if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 0:
         raise ValueError(f"hmm_lag_response: max_lag must be an int >= 0; got {max_lag!r}.")
     device = next(model.parameters()).device
-    sites = task.sites
+    positions = task.sites
     lo, hi = task.class_offset, task.class_offset + task.n_classes
 
     def beliefs(observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = task.encode(batch.transition_cents, batch.emission_cents, observations)
-        logits = model(tokens.to(device))[:, sites.to(device), lo:hi]
+        logits = _logits("hmm_lag_response", model(tokens.to(device)))[:, positions.to(device), lo:hi]
         exact = hmm_posterior(batch.transition_cents, batch.emission_cents, observations).filtered_probs
         return torch.softmax(logits.double(), -1).cpu(), exact.cpu()
 
@@ -83,11 +86,12 @@ def hmm_lag_response(
 
 
 def hmm_lag_map(
-    model: TinyGPT, task: HMMFiltering, batch: HMMBatch, *, generator: torch.Generator, max_lag: int = 5
+    model: nn.Module, task: HMMFiltering, batch: HMMBatch, *, generator: torch.Generator, max_lag: int = 5
 ) -> dict[str, Any]:
     """Which heads carry which lags: :func:`hmm_lag_response` of the intact model and with each
-    head ablated in turn (``model.ablated(heads=[(l, h)])``), all on the same changed
-    observations (``generator``'s state is replayed for every case).
+    head ablated in turn (:func:`windtunnel.sites.ablated`: TinyGPT's ``model.ablated``, hooks
+    for TransformerLens), all on the same changed observations (``generator``'s state is replayed
+    for every case).
 
     A head whose ablation takes the move at lag d down towards 0 carries o_{t-d}; one whose
     ablation leaves ``response_error_tv`` at lag d unchanged contributes nothing useful there.
@@ -98,9 +102,11 @@ def hmm_lag_map(
         "response_error_tv"}, ...]}`` with the heads in (layer, head) order.
 
     Raises:
-        ValueError: when ``model`` is not a TinyGPT, or as :func:`hmm_lag_response`.
+        ValueError: naming the model class when its adapter cannot ablate heads (Hugging Face
+            models; see :func:`windtunnel.sites.unsupported`), or as :func:`hmm_lag_response`.
     """
-    model = _check_model("hmm_lag_map", model)
+    _require("hmm_lag_map", model, "ablation")
+    n_layers, n_heads = sites.ablation_layout(model)
     replay = _replayer(generator)
 
     def response() -> dict[str, Any]:
@@ -108,9 +114,9 @@ def hmm_lag_map(
 
     intact = response()
     heads = []
-    for layer in range(model.config.n_layers):
-        for head in range(model.config.n_heads):
-            with model.ablated(heads=[(layer, head)]):
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            with sites.ablated(model, heads=[(layer, head)]):
                 r = response()
             heads.append({"layer": layer, "head": head, "model_move_tv": r["model_move_tv"], "response_error_tv": r["response_error_tv"]})
     return {

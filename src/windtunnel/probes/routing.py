@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from windtunnel.dynamics import attention_gradients, check_law
-from windtunnel.hooks import eval_mode, record
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import LossFn, Row, _check_unablated, _row
+from windtunnel.hooks import eval_mode
+from windtunnel.probes._common import LossFn, Row, _device, _logits, _recorded_sites, _require, _row
+from windtunnel.sites import AttentionSite, check_law, model_gradient_errors, routing_law
 from windtunnel.probes.calibration import site_loss_nats
 from windtunnel.tasks import Batch
 
@@ -35,10 +36,11 @@ class RoutingLawStats:
         responsibility_max: max_j R_j (R_j = Σ_i α_ij over live rows), averaged over sequences.
         responsibility_cv: std_j R_j / mean_j R_j, averaged over sequences.
         value_pull_norm: ‖dV‖_F = ‖AᵀU‖_F over the batch.
-        law_rel_error: per layer [layer], worst relative error of ``dynamics.check_law`` (closed
-            forms vs an autograd rebuild of the head, float64, on the first 8 sequences).
+        law_rel_error: per layer [layer], worst relative error of :func:`windtunnel.sites.check_law`
+            (closed forms vs an autograd rebuild of the heads, float64, on the first 8 sequences).
         model_grad_rel_error: per layer [layer], max relative error of the closed-form dQ, dK, dV
-            against the gradients the model's own backward left at ``hook_q/k/v`` (float32 model).
+            against the gradients the model's own backward left at q, k, v
+            (:func:`windtunnel.sites.model_gradient_errors`, in the model's dtype).
     """
 
     loss_nats: float
@@ -74,31 +76,32 @@ class RoutingLawStats:
         return out
 
 
-def _rel_error(closed: torch.Tensor, reference: torch.Tensor) -> float:
-    scale = float(reference.abs().max())
-    err = float((closed - reference).abs().max())
-    return err / scale if scale > 0 else err
-
-
-def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossFn = site_loss_nats) -> RoutingLawStats:
+def routing_law_stats(model: nn.Module, task: Any, batch: Batch, *, loss_fn: LossFn = site_loss_nats) -> RoutingLawStats:
     """Advantage, responsibility and exactness statistics per head (SPEC §8.4).
 
-    One forward pass in eval mode records q, k, v (after any bias; exactly the tensors the scores
-    are built from) and the pattern; one backward of ``loss_fn`` records u = ``hook_z_grad`` and
-    the model's own gradients at q, k, v. Each layer's heads go through
-    :func:`windtunnel.dynamics.attention_gradients` with the causal mask and the attention's own
-    scale. Parameter gradients are restored afterwards, so a probe does not disturb training.
+    One forward pass in eval mode records every layer's attention site
+    (:func:`windtunnel.sites.record_sites`: q, k, v exactly as the scores were built from them, the
+    mask the model used, its scale and the pattern); one backward of ``loss_fn`` gives u = dL/dz
+    and the model's own gradients at q, k, v. Each site goes through
+    :func:`windtunnel.sites.routing_law` in float64 (keys and values of grouped-query layers
+    expanded to query heads, so every statistic is per query head). Parameter gradients are
+    restored afterwards, so a probe does not disturb training.
+
+    Works on every model with an attention-site adapter (TinyGPT, Hugging Face causal LMs,
+    TransformerLens); ``model`` may return logits or an output with ``.logits``, which
+    ``loss_fn(logits, batch, task)`` receives.
 
     Raises:
-        ValueError: when ``model`` is not a TinyGPT, or a head carries an ablation multiplier.
+        ValueError: naming the model class when it has no attention sites (see
+            :func:`windtunnel.sites.unsupported`), or as :func:`windtunnel.sites.record_sites`
+            (e.g. a TinyGPT with heads ablated, a fused attention kernel).
     """
-    model = _check_unablated("routing_law_stats", model)
+    _require("routing_law_stats", model, "sites")
     saved_grads = [p.grad for p in model.parameters()]
-    device = next(model.parameters()).device
-    wanted = lambda name: name.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"))  # noqa: E731
+    device = _device(model)
     try:
-        with eval_mode(model), torch.enable_grad(), record(model, names=wanted, grads=True) as cache:
-            logits = model(batch.tokens.to(device))
+        with eval_mode(model), torch.enable_grad(), _recorded_sites("routing_law_stats", model, grads=True) as recording:
+            logits = _logits("routing_law_stats", model(batch.tokens.to(device)))
             loss = loss_fn(logits, batch.to(device), task)
             loss.backward()
     finally:
@@ -106,12 +109,10 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
             p.grad = g
     stats: dict[str, list[torch.Tensor]] = {name: [] for name in RoutingLawStats._PER_HEAD}
     law_err, model_err = [], []
-    for l, block in enumerate(model.blocks):
-        # hooks are [batch, pos, head, d_head]; dynamics wants [batch, head, pos, d_head]
-        q, k, v, u = (cache[f"blocks.{l}.attn.hook_{n}"].transpose(1, 2).double() for n in ("q", "k", "v", "z_grad"))
-        pos = q.shape[-2]
-        mask = torch.ones(pos, pos, dtype=torch.bool, device=q.device).tril()
-        g = attention_gradients(q, k, v, u, mask=mask, scale=block.attn.scale)
+    for site in recording.sites:
+        law = routing_law(site, dtype=torch.float64)
+        g = law.heads  # [batch, head, query_pos, ...], the layout of windtunnel.dynamics
+        u = site.u.transpose(1, 2)  # [batch, head, query_pos, d_v]
         live = (u.abs().sum(-1) > 0)[..., None] & g.mask  # [batch, head, q, k]
         n_live = live.sum((0, 2, 3)).clamp_min(1)
         rows_live = live.any(-1)  # [batch, head, q]
@@ -134,18 +135,31 @@ def routing_law_stats(model: TinyGPT, task: Any, batch: Batch, *, loss_fn: LossF
         stats["responsibility_cv"].append(cv.mean(0))
         stats["value_pull_norm"].append(g.d_values.pow(2).sum((0, 2, 3)).sqrt())
         # the autograd rebuild costs as much as the stats; 8 sequences are enough for an exactness check
-        few = slice(0, 8)
-        law_err.append(check_law(q[few], k[few], v[few], u[few], mask=mask, scale=block.attn.scale).worst_rel_error)
-        model_err.append(
-            max(
-                _rel_error(g.d_queries, cache[f"blocks.{l}.attn.hook_q_grad"].transpose(1, 2).double()),
-                _rel_error(g.d_keys, cache[f"blocks.{l}.attn.hook_k_grad"].transpose(1, 2).double()),
-                _rel_error(g.d_values, cache[f"blocks.{l}.attn.hook_v_grad"].transpose(1, 2).double()),
-            )
-        )
+        law_err.append(check_law(_first_sequences(site, 8)).worst_rel_error)
+        errors = model_gradient_errors(site, law)
+        model_err.append(max(errors["d_queries"], errors["d_keys"], errors["d_values"]))
     return RoutingLawStats(
         loss_nats=float(loss.detach()),
         **{name: torch.stack(values).float() for name, values in stats.items()},
         law_rel_error=torch.tensor(law_err),
         model_grad_rel_error=torch.tensor(model_err),
+    )
+
+
+def _first_sequences(site: AttentionSite, n: int) -> AttentionSite:
+    """The site restricted to its first ``n`` sequences (for the autograd rebuild of check_law)."""
+    few = slice(0, n)
+    return dataclasses.replace(
+        site,
+        q=site.q[few],
+        k=site.k[few],
+        v=site.v[few],
+        mask=site.mask[few],
+        pattern=site.pattern[few],
+        z=site.z[few],
+        z_grad=site.u[few],
+        q_grad=None,
+        k_grad=None,
+        v_grad=None,
+        scores_grad=None,
     )

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import Row, _replayer, _row
+from windtunnel.probes._common import Row, _replayer, _row, _supported
 from windtunnel.probes.calibration import calibrate
 from windtunnel.probes.geometry import geometry_snapshot
 from windtunnel.probes.manifold import manifold_projection
@@ -27,7 +26,7 @@ def make_probes(
     task: Any,
     *,
     eval_batch: Batch,
-    baseline_model: TinyGPT | None = None,
+    baseline_model: nn.Module | None = None,
     generator: torch.Generator | None = None,
     run_dir: str | Path | None = None,
     save_snapshots: bool = True,
@@ -38,8 +37,11 @@ def make_probes(
     the lags of the observation history being learned one after another.
 
     Each probe is ``probe(model, step) -> rows`` of {step, layer, head, metric, value} (layer and
-    head None where not applicable). The geometry and routing-law probes need a TinyGPT and emit
-    nothing for other models. ``generator`` seeds the entropy probe's 80/20 split: its state is
+    head None where not applicable). The geometry probe runs on every model with attention sites
+    and a readout, the routing-law probe on every model with attention sites (TinyGPT, Hugging
+    Face causal LMs, TransformerLens; :func:`windtunnel.sites.unsupported`), and both emit nothing
+    for other models (the MLP and LSTM baselines); key orthogonality is left out of the geometry
+    rows where the model's adapter has no key map (Hugging Face). ``generator`` seeds the entropy probe's 80/20 split: its state is
     captured once, so every step uses the same split. With ``run_dir``, the geometry probe also
     writes the 2-D projection of the value manifold to ``RUN_DIR/manifold/step_N.json`` and, with
     ``save_snapshots``, the model weights to ``RUN_DIR/snapshots/step_N.pt`` (the log-spaced
@@ -49,7 +51,7 @@ def make_probes(
     out_dir = RunDir(run_dir) if run_dir is not None else None
 
     def geometry_probe(model: nn.Module, step: int) -> list[Row]:
-        if not isinstance(model, TinyGPT):
+        if not _supported(model, "sites", "readout"):
             return []
         states = collect_states(model, task, eval_batch)
         snap = geometry_snapshot(model, task, eval_batch, baseline_model=baseline_model, generator=split(), states=states)
@@ -60,7 +62,7 @@ def make_probes(
         return snap.rows(step)
 
     def routing_probe(model: nn.Module, step: int) -> list[Row]:
-        if not isinstance(model, TinyGPT):
+        if not _supported(model, "sites"):
             return []
         return routing_law_stats(model, task, eval_batch).rows(step)
 

@@ -1,4 +1,9 @@
-"""One recorded forward pass at the prediction sites: the readout's input, patterns, q and k."""
+"""One recorded forward pass at the prediction sites: the readout's input, the patterns, q and k.
+
+Model-agnostic: the patterns, q and k come from :func:`windtunnel.sites.record_sites`, the
+readout's input from :func:`windtunnel.sites.record_readout`, so any model with an attention-site
+adapter and a readout (TinyGPT, Hugging Face causal LMs, TransformerLens) is supported.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from windtunnel.hooks import eval_mode, record
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import _check_model
+import windtunnel.sites as sites
+from windtunnel.hooks import eval_mode
+from windtunnel.probes._common import _device, _logits, _recorded_sites, _require
 from windtunnel.tasks import Batch
 
-__all__ = ["SiteStates", "collect_states"]
+__all__ = ["SiteStates", "collect_states", "record_patterns"]
 
 
 @dataclass(frozen=True)
 class SiteStates:
-    """What one recorded forward pass of a TinyGPT gives the geometry diagnostics.
+    """What one recorded forward pass gives the geometry diagnostics.
 
     Attributes:
         residual: the final-norm residual at the prediction sites *including the norm's gain (and
             LayerNorm bias)*, i.e. exactly what the readout reads, [batch, n_sites, d_model].
-            (``ln_final.hook_normalized`` is taken before the gain; the gain is a per-feature
-            scale, so the z-scored PCA statistics of §8.3 are the same either way.)
+            (TinyGPT's ``ln_final.hook_normalized`` is taken before the gain; the gain is a
+            per-feature scale, so the z-scored PCA statistics of §8.3 are the same either way.)
         entropy_bits: H_Bayes at each site, [batch, n_sites].
         positions: the site positions, long [n_sites].
-        patterns: ``blocks.{l}.attn.hook_pattern`` per layer, [layer, batch, head, pos, pos].
-        q, k: ``hook_q`` / ``hook_k`` per layer, [layer, batch, pos, head, d_head].
+        patterns: each layer's attention pattern (the sites' ``pattern``),
+            [layer, batch, head, pos, pos].
+        q, k: each layer's queries and keys as the scores saw them (after any rotary embedding),
+            [layer, batch, pos, head, d_head]; k has ``kv_head`` heads under grouped-query attention.
         logits: [batch, seq_len, n_outputs].
     """
 
@@ -50,29 +58,40 @@ class SiteStates:
 
 
 @torch.no_grad()
-def collect_states(model: TinyGPT, task: Any, batch: Batch) -> SiteStates:
+def collect_states(model: nn.Module, task: Any, batch: Batch) -> SiteStates:
     """Run ``model`` (in eval mode) on ``batch`` and record what the diagnostics need (SPEC §8.3).
 
     Raises:
-        ValueError: when ``model`` is not a TinyGPT.
+        ValueError: naming the model class when it has no attention sites or no readout (see
+            :func:`windtunnel.sites.unsupported`), or as :func:`windtunnel.sites.record_sites`.
     """
-    model = _check_model("collect_states", model)
-    device = next(model.parameters()).device
-    wanted = lambda name: name == "ln_final.hook_normalized" or name.endswith(("attn.hook_pattern", "attn.hook_q", "attn.hook_k"))  # noqa: E731
-    with eval_mode(model), record(model, names=wanted) as cache:
-        logits = model(batch.tokens.to(device))
-    sites = batch.sites.to(device)
-    norm = model.ln_final
-    residual = cache["ln_final.hook_normalized"][:, sites] * norm.w
-    if getattr(norm, "b", None) is not None:
-        residual = residual + norm.b
-    n = model.config.n_layers
+    _require("collect_states", model, "sites", "readout")
+    device = _device(model)
+    with eval_mode(model), _recorded_sites("collect_states", model, grads=False) as recording, sites.record_readout(model) as readout:
+        logits = _logits("collect_states", model(batch.tokens.to(device)))
+    positions = batch.sites.to(device)
+    layers = recording.sites
     return SiteStates(
-        residual=residual.detach(),
+        residual=readout.input[:, positions],
         entropy_bits=batch.entropy_bits.to(device),
-        positions=sites,
-        patterns=torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(n)]),
-        q=torch.stack([cache[f"blocks.{l}.attn.hook_q"] for l in range(n)]),
-        k=torch.stack([cache[f"blocks.{l}.attn.hook_k"] for l in range(n)]),
+        positions=positions,
+        patterns=torch.stack([site.pattern for site in layers]),
+        q=torch.stack([site.q for site in layers]),
+        k=torch.stack([site.k for site in layers]),
         logits=logits,
     )
+
+
+@torch.no_grad()
+def record_patterns(model: nn.Module, batch: Batch, *, instrument: str = "record_patterns") -> torch.Tensor:
+    """Every layer's attention pattern on ``batch`` (eval mode), [layer, batch, head, pos, pos].
+
+    Needs only the attention sites (no readout, no logits), so a Hugging Face base model works too.
+
+    Raises:
+        ValueError: naming ``instrument`` and the model class when it has no attention sites, or as
+            :func:`windtunnel.sites.record_sites`.
+    """
+    with eval_mode(model), _recorded_sites(instrument, model, grads=False) as recording:
+        model(batch.tokens.to(_device(model)))
+    return torch.stack([site.pattern for site in recording.sites])

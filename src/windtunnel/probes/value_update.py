@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import windtunnel.sites as sites
 from windtunnel._checks import must
-from windtunnel.hooks import eval_mode, record
-from windtunnel.models import TinyGPT
-from windtunnel.probes._common import Row, _check_unablated, _row
+from windtunnel.hooks import eval_mode
+from windtunnel.probes._common import Row, _require, _row
 
 __all__ = ["ValueUpdateProbe", "ValueUpdateStats"]
 
@@ -40,8 +40,8 @@ class ValueUpdateStats:
             never negative, as x ΔW_V · (-AᵀU) = lr ‖XᵀAᵀU‖² (and likewise for b_V).
         norm_ratio: ‖ΔV‖_F / (η ‖AᵀU‖_F); 1 for a plain gradient step on the value vectors.
         own_pull_cosine, own_pull_cosine_all, own_norm_ratio: the same for the part of ΔV due
-            to the head's own W_V and b_V at fixed input, x_j ΔW_V + Δb_V (x the attention's
-            input, the output of ln1, before the step).
+            to the head's own W_V and b_V at fixed input, x_j ΔW_V + Δb_V (x the value
+            projection's input, TinyGPT's ln1 output, before the step).
         gradient_pull_cosine, gradient_pull_cosine_all: the same cosines for the change a plain
             gradient step on W_V and b_V would have made, -x_j dL/dW_V - dL/db_V (the step's
             gradient, after clipping, which does not change its direction). Beside the ``own_``
@@ -95,21 +95,12 @@ def _value_pull_agreement(delta: torch.Tensor, pull: torch.Tensor, lr: float) ->
     return mean_cos, whole, ratio
 
 
-def _value_inputs(model: TinyGPT, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Every layer's value vectors ``blocks.{l}.attn.hook_v`` [batch, pos, head, d_head] and the
-    attention's input ``blocks.{l}.attn.input`` (the output of ln1) [batch, pos, d_model], eval mode."""
-    inputs: dict[str, torch.Tensor] = {}
-    handles = [
-        block.attn.register_forward_pre_hook(lambda _m, args, l=l: inputs.__setitem__(f"blocks.{l}.attn.input", args[0].detach()))
-        for l, block in enumerate(model.blocks)
-    ]
-    try:
-        with torch.no_grad(), eval_mode(model), record(model, names=lambda name: name.endswith("attn.hook_v")) as cache:
-            model(tokens, **({} if position_ids is None else {"position_ids": position_ids}))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {**cache, **inputs}
+def _value_forward(model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> sites.ValueRecording:
+    """Every layer's value vectors v [batch, pos, head, d_head] and the value projection's input x
+    [batch, pos, d_model] (TinyGPT: the output of ln1), from one forward pass in eval mode."""
+    with torch.no_grad(), eval_mode(model), sites.record_values(model) as recording:
+        model(tokens, **({} if position_ids is None else {"position_ids": position_ids}))
+    return recording
 
 
 class ValueUpdateProbe:
@@ -124,7 +115,10 @@ class ValueUpdateProbe:
         stats = probe.finish(model, lr)
 
     The extra forward passes run in eval mode and draw no randomness, so watching a step does not
-    change the training run.
+    change the training run. The value projections come from the model's adapter
+    (:func:`windtunnel.sites.value_projections`): TinyGPT and TransformerLens ``HookedTransformer``
+    (per key-value head under grouped-query attention); Hugging Face models are refused, their
+    adapter knowing no architecture's value projection.
     """
 
     def __init__(self) -> None:
@@ -135,14 +129,18 @@ class ValueUpdateProbe:
         """Record the values before the step and their gradient during the step's backward.
 
         Raises:
-            ValueError: when ``model`` is not a TinyGPT, or a head carries an ablation multiplier.
+            ValueError: naming the model class when its adapter has no value projections (Hugging
+                Face models, a TinyGPT inside ``model.ablated(heads=...)``; see
+                :func:`windtunnel.sites.unsupported`).
         """
-        model = _check_unablated("ValueUpdateProbe.watch", model)
-        before = _value_inputs(model, tokens, position_ids)
-        weights = [(b.attn.W_V.detach().clone(), None if b.attn.b_V is None else b.attn.b_V.detach().clone()) for b in model.blocks]
-        with record(model, names=lambda name: name.endswith("attn.hook_v"), grads=True) as cache:
+        _require("ValueUpdateProbe.watch", model, "value_projections")
+        before = _value_forward(model, tokens, position_ids)
+        weights = [
+            (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone()) for p in before.projections
+        ]
+        with sites.record_values(model, grads=True) as step:
             yield
-        self._pending = (model, tokens, position_ids, before, weights, cache)
+        self._pending = (model, tokens, position_ids, before, weights, step)
 
     def finish(self, model: nn.Module, lr: float) -> ValueUpdateStats:
         """Compare the realised change of the values with their pull, after the optimiser step.
@@ -150,27 +148,26 @@ class ValueUpdateProbe:
         Raises:
             ValueError: when ``lr`` is not positive (the norm ratio divides by it).
             RuntimeError: without a watched step, or when the step's backward did not reach the
-                values (no ``hook_v`` gradient was recorded).
+                values (no gradient at v was recorded).
         """
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(must("ValueUpdateProbe.finish", "lr", "a positive finite learning rate", lr))
         if self._pending is None:
             raise RuntimeError("ValueUpdateProbe.finish: no watched step; wrap the forward and backward in watch() first.")
-        watched, tokens, position_ids, before, weights, cache = self._pending
+        watched, tokens, position_ids, before, weights, step = self._pending
         self._pending = None
         if model is not watched:
             raise RuntimeError("ValueUpdateProbe.finish: called with another model than the watched one.")
-        after = _value_inputs(watched, tokens, position_ids)
+        after = _value_forward(watched, tokens, position_ids)
         stats: dict[str, list[torch.Tensor]] = {name: [] for name in ValueUpdateStats._PER_HEAD}
-        for l, (block, (w_before, b_before)) in enumerate(zip(watched.blocks, weights)):
-            name = f"blocks.{l}.attn.hook_v"
-            if name + "_grad" not in cache:
-                raise RuntimeError(f"ValueUpdateProbe.finish: the watched backward left no gradient at {name}.")
-            pull = cache[name + "_grad"]  # [batch, pos, head, d_head] = (AᵀU)_j per head
-            attn = block.attn
-            if attn.W_V.grad is None:
-                raise RuntimeError(f"ValueUpdateProbe.finish: blocks.{l}.attn.W_V has no gradient; call finish before the next zero_grad.")
-            x = before[f"blocks.{l}.attn.input"].double()  # [batch, pos, d_model]
+        for l, (projection, (w_before, b_before)) in enumerate(zip(before.projections, weights)):
+            pull = step.grads[l]  # [batch, pos, head, d_head] = (AᵀU)_j per head
+            if pull is None:
+                raise RuntimeError(f"ValueUpdateProbe.finish: the watched backward left no gradient at the values of {projection.name}.")
+            w_v, b_v = projection.weight, projection.bias
+            if w_v.grad is None:
+                raise RuntimeError(f"ValueUpdateProbe.finish: the value weight of {projection.name} has no gradient; call finish before the next zero_grad.")
+            x = before.inputs[l].double()  # [batch, pos, d_model]
 
             def change(d_weight: torch.Tensor, d_bias: torch.Tensor | None) -> torch.Tensor:
                 """x ΔW_V + Δb_V, [batch, pos, head, d_head]."""
@@ -178,9 +175,10 @@ class ValueUpdateProbe:
                 return out if d_bias is None else out + d_bias.double()
 
             has_bias = b_before is not None
-            own = change(attn.W_V.detach() - w_before, attn.b_V.detach() - b_before if has_bias else None)
-            gradient = change(-lr * attn.W_V.grad, -lr * attn.b_V.grad if has_bias and attn.b_V.grad is not None else None)
-            for prefix, delta in (("", after[name].double() - before[name].double()), ("own_", own), ("gradient_", gradient)):
+            own = change(w_v.detach() - w_before, b_v.detach() - b_before if has_bias else None)
+            gradient = change(-lr * w_v.grad, -lr * b_v.grad if has_bias and b_v.grad is not None else None)
+            realised = after.values[l].double() - before.values[l].double()
+            for prefix, delta in (("", realised), ("own_", own), ("gradient_", gradient)):
                 cos, whole, ratio = _value_pull_agreement(delta, pull, lr)
                 stats[f"{prefix}pull_cosine"].append(cos)
                 stats[f"{prefix}pull_cosine_all"].append(whole)

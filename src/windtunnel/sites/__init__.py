@@ -23,12 +23,31 @@ Adapters: windtunnel's TinyGPT (its hook points), Hugging Face ``transformers`` 
     for site in recording.sites:  # one per layer, in the order the layers ran
         law = routing_law(site, dtype=torch.float64)
         print(site.name, law.advantage.abs().mean(), model_gradient_errors(site, law))
+
+Beyond the sites, :mod:`windtunnel.probes` needs from some instruments a model's readout input
+(:func:`record_readout`), its key map of token embeddings (:func:`token_keys`), its value
+projections (:func:`value_projections`, :func:`record_values`) and ablations (:func:`ablated`);
+each adapter provides them or refuses with a reason, which :func:`unsupported` reports.
 """
 
+from windtunnel.sites._instruments import (
+    FEATURES,
+    ReadoutRecording,
+    ValueRecording,
+    ablated,
+    ablation_layout,
+    record_readout,
+    record_values,
+    token_keys,
+    unsupported,
+    value_projections,
+)
 from windtunnel.sites._protocol import (
     AttentionSite,
     SiteLaw,
     SiteRecording,
+    TokenKeys,
+    ValueProjection,
     check_law,
     model_gradient_errors,
     routing_law,
@@ -36,11 +55,23 @@ from windtunnel.sites._protocol import (
 from windtunnel.sites._record import record_sites
 
 __all__ = [
+    "FEATURES",
     "AttentionSite",
+    "ReadoutRecording",
     "SiteLaw",
     "SiteRecording",
+    "TokenKeys",
+    "ValueProjection",
+    "ValueRecording",
+    "ablated",
+    "ablation_layout",
     "check_law",
     "model_gradient_errors",
+    "record_readout",
     "record_sites",
+    "record_values",
     "routing_law",
+    "token_keys",
+    "unsupported",
+    "value_projections",
 ]

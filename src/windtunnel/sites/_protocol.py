@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from windtunnel._checks import Problems, describe_tensor
 from windtunnel.dynamics import AttentionGradients, LawCheck, attention_gradients, masked_softmax
@@ -27,6 +28,8 @@ __all__ = [
     "AttentionSite",
     "SiteLaw",
     "SiteRecording",
+    "TokenKeys",
+    "ValueProjection",
     "check_law",
     "model_gradient_errors",
     "routing_law",
@@ -224,6 +227,42 @@ class SiteLaw:
     def advantage(self) -> torch.Tensor:
         """Descent advantage E_{a_i}[b] - b_ij [batch, head, query_pos, key_pos], 0 off the mask."""
         return self.heads.advantage
+
+
+@dataclass(frozen=True)
+class TokenKeys:
+    """Layer l's key map applied to token embeddings, without positions (SPEC §8.1).
+
+    Attributes:
+        normed_embeddings: n_l(W_E[x]), the layer's pre-attention norm (with its gain) of each
+            token's embedding, [n_tokens, d_model].
+        w_key: the layer's key projection in TransformerLens layout [head, d_model, d_head]
+            (per key-value head under grouped-query attention); key biases are left out.
+    """
+
+    normed_embeddings: torch.Tensor
+    w_key: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ValueProjection:
+    """Layer l's value projection v = x W_V + b_V, per (key-value) head.
+
+    Attributes:
+        name: the attention module's path, e.g. ``"blocks.0.attn"``.
+        weight: the parameter W_V [head, d_model, d_v] (the model's own, not a copy).
+        bias: the parameter b_V [head, d_v], or None.
+        values: the module whose forward output is v [batch, pos, head, d_v] (a hook point).
+        inputs: the module whose forward call receives x [batch, pos, d_model].
+        input_of: picks x out of that call's (args, kwargs).
+    """
+
+    name: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    values: nn.Module
+    inputs: nn.Module
+    input_of: Callable[[tuple, dict], torch.Tensor]
 
 
 def _head_tensors(site: AttentionSite, dtype: torch.dtype | None, owner: str) -> tuple[torch.Tensor, ...]:

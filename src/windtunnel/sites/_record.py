@@ -16,7 +16,17 @@ from torch import nn
 from windtunnel.sites import hf, tinygpt, tl
 from windtunnel.sites._protocol import SiteRecording, describe_model
 
-__all__ = ["record_sites"]
+__all__ = ["adapter_for", "record_sites"]
+
+
+def adapter_for(model: Any) -> Any:
+    """The adapter module (tinygpt, tl or hf) that supports ``model``, or None."""
+    if not isinstance(model, nn.Module):
+        return None
+    for adapter in (tinygpt, tl, hf):
+        if adapter.matches(model):
+            return adapter
+    return None
 
 
 @contextlib.contextmanager
@@ -59,14 +69,8 @@ def record_sites(model: nn.Module, *, causal_only: bool = True, grads: bool = Tr
     if not isinstance(model, nn.Module):
         raise TypeError(f"record_sites: model must be a torch.nn.Module; got {name}.")
     recording = SiteRecording(type(model).__name__)
-    adapter: Any
-    if tinygpt.matches(model):
-        adapter = tinygpt
-    elif tl.matches(model):
-        adapter = tl
-    elif hf.matches(model):
-        adapter = hf
-    else:
+    adapter = adapter_for(model)
+    if adapter is None:
         raise TypeError(
             f"record_sites: no attention-site adapter supports {name}. Supported: windtunnel models "
             "built on windtunnel.attention.MultiHeadAttention (TinyGPT); Hugging Face transformers "

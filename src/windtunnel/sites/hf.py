@@ -15,6 +15,12 @@ transformers is imported lazily; without it this module raises ``ModuleNotFoundE
 ``pip install 'windtunnel[hf]'``. A TransformerLens ``TransformerBridge`` cannot be recorded through
 the model it wraps: booting the bridge replaces that model's attention modules with its own
 components, which compute attention without the interface (recording then raises).
+
+Of the instrument features (:mod:`windtunnel.sites._instruments`) only the readout is generic:
+the input of ``get_output_embeddings()``. Key maps, value projections and ablations would need
+per-architecture code (GPT-2's fused ``c_attn`` Conv1D, Llama's ``k_proj``/``v_proj``, GPT-NeoX's
+interleaved ``query_key_value``, each family's norm and block layout), which this adapter keeps out
+by design, so they are refused with that reason.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from windtunnel.sites._protocol import (
     non_causal_error,
 )
 
-__all__ = ["IMPLEMENTATION", "attach", "matches", "register"]
+__all__ = ["IMPLEMENTATION", "attach", "matches", "readout_hook", "register", "unsupported"]
 
 IMPLEMENTATION = "windtunnel"
 """The name under which the recording attention implementation is registered."""
@@ -65,6 +71,32 @@ def matches(model: Any) -> bool:
     if transformers is None:
         return False
     return isinstance(model, transformers.PreTrainedModel)
+
+
+_NO_WEIGHTS = (
+    "the Hugging Face adapter sees attention only through transformers' AttentionInterface (q, k, "
+    "v after their projections) and keeps per-architecture code out, so it knows no model's {what}; "
+    "{instrument} is available for TinyGPT and TransformerLens HookedTransformer models."
+)
+_REFUSED = {
+    "token_keys": _NO_WEIGHTS.format(what="key projection W_K or pre-attention norm", instrument="key orthogonality"),
+    "value_projections": _NO_WEIGHTS.format(what="value projection W_V or its input", instrument="the value-update probe"),
+    "ablation": _NO_WEIGHTS.format(what="per-head output or block layout to ablate", instrument="ablation"),
+}
+
+
+def unsupported(model: nn.Module, feature: str) -> str | None:
+    """Why ``model`` lacks ``feature``, or None (see :func:`windtunnel.sites.unsupported`)."""
+    if feature == "readout":
+        if isinstance(model.get_output_embeddings(), nn.Module):
+            return None
+        return "it has no output embedding (get_output_embeddings() is None), as a base model without a language-model head."
+    return _REFUSED.get(feature)
+
+
+def readout_hook(model: nn.Module, sink: Any) -> Any:
+    """Pass the input of ``get_output_embeddings()`` (the final-norm hidden states) to ``sink``."""
+    return model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: sink(args[0]))
 
 
 def register() -> None:

@@ -4,19 +4,39 @@ Every :class:`windtunnel.attention.MultiHeadAttention` in a model (TinyGPT's blo
 exposes ``hook_q``, ``hook_k``, ``hook_v``, ``hook_attn_scores``, ``hook_pattern`` and ``hook_z``;
 this adapter reads them during one forward pass and registers gradient hooks on the same tensors,
 so that ``hook_z``'s gradient is the site's u. Nothing stays registered after the block.
+
+The instrument features (:mod:`windtunnel.sites._instruments`) read TinyGPT's layout: ``blocks[l]``
+with a pre-attention norm ``ln1`` and ``attn``, the embedding ``embed.W_E``, the final norm
+``ln_final`` and the method ``ablated``; a model built on MultiHeadAttention without that layout
+has the sites but not the features.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from windtunnel.attention import MultiHeadAttention
 from windtunnel.sites._hookpoints import HookedLayer, tap
-from windtunnel.sites._protocol import SiteRecording
+from windtunnel.sites._protocol import SiteRecording, TokenKeys, ValueProjection
 
-__all__ = ["attach", "matches"]
+__all__ = [
+    "ablated",
+    "ablation_layout",
+    "attach",
+    "matches",
+    "readout_hook",
+    "token_keys",
+    "unsupported",
+    "value_projections",
+]
+
+_LAYOUT = "TinyGPT's layout (blocks[l].ln1 and blocks[l].attn, a windtunnel MultiHeadAttention)"
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, MultiHeadAttention]]:
@@ -60,3 +80,74 @@ def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, gra
         for layer, (name, attn) in enumerate(modules)
     ]
     return tap(recording, layers, causal_only=causal_only, grads=grads)
+
+
+# ----------------------------------------------------------------------------- instrument features
+
+
+def _blocks(model: nn.Module) -> list[nn.Module] | None:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        return None
+    ok = all(isinstance(getattr(b, "attn", None), MultiHeadAttention) and isinstance(getattr(b, "ln1", None), nn.Module) for b in blocks)
+    return list(blocks) if ok else None
+
+
+def unsupported(model: nn.Module, feature: str) -> str | None:
+    """Why ``model`` lacks ``feature``, or None (see :func:`windtunnel.sites.unsupported`)."""
+    if feature == "readout":
+        ok = isinstance(getattr(model, "ln_final", None), nn.Module)
+        return None if ok else "the readout is found as TinyGPT's final norm ln_final, which this model lacks."
+    if _blocks(model) is None:
+        return f"{feature} reads {_LAYOUT}, which this model lacks."
+    if feature == "token_keys" and not isinstance(getattr(getattr(model, "embed", None), "W_E", None), torch.Tensor):
+        return "token keys read TinyGPT's token embedding embed.W_E, which this model lacks."
+    if feature == "ablation" and not callable(getattr(model, "ablated", None)):
+        return "ablations use TinyGPT's ablated() method, which this model lacks."
+    if feature == "value_projections" and any(b.attn.head_multiplier is not None for b in _blocks(model)):
+        return "its heads carry ablation multipliers (inside model.ablated(heads=...)); the value probe reads unablated heads."
+    return None
+
+
+def readout_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Pass the output of ``ln_final`` (gain and bias included: what the readout reads) to ``sink``."""
+    return model.ln_final.register_forward_hook(lambda _m, _args, output: sink(output))
+
+
+def token_keys(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> tuple[TokenKeys, ...]:
+    """Layer l: ``blocks[l].ln1(W_E[tokens])`` (no position embedding) and ``blocks[l].attn.W_K``."""
+    w_e = model.embed.W_E
+    emb = w_e[tokens.to(w_e.device)].to(dtype)  # [n_tokens, d_model]
+    return tuple(
+        TokenKeys(normed_embeddings=block.ln1(emb), w_key=block.attn.W_K.detach().to(dtype)) for block in _blocks(model)
+    )
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["x"]
+
+
+def value_projections(model: nn.Module) -> tuple[ValueProjection, ...]:
+    """Layer l: ``blocks[l].attn``'s W_V, b_V and ``hook_v``; x is the attention's input (ln1's output)."""
+    return tuple(
+        ValueProjection(
+            name=f"blocks.{l}.attn",
+            weight=block.attn.W_V,
+            bias=block.attn.b_V,
+            values=block.attn.hook_v,
+            inputs=block.attn,
+            input_of=_first_arg,
+        )
+        for l, block in enumerate(_blocks(model))
+    )
+
+
+def ablation_layout(model: nn.Module) -> tuple[int, int]:
+    """(n_layers, n_heads) of TinyGPT's blocks."""
+    blocks = _blocks(model)
+    return len(blocks), blocks[0].attn.n_heads
+
+
+def ablated(model: nn.Module, **kwargs: Any) -> AbstractContextManager[nn.Module]:
+    """TinyGPT's own ``model.ablated(heads=..., bypass=..., zero_attn_out=..., zero_mlp_out=...)``."""
+    return model.ablated(**kwargs)

@@ -16,20 +16,43 @@ supported: booting it replaces the wrapped Hugging Face model's attention module
 components that compute attention themselves, so the Hugging Face adapter never sees a call (and
 says so), and the bridge's ``hook_attn_scores`` carry no ``-inf`` entries (checked on GPT-2 with
 TransformerLens 3.9), so the mask its softmax applied cannot be read from its hook points.
+
+Instrument features (:mod:`windtunnel.sites._instruments`): the readout is the input of
+``unembed``; token keys are ``blocks[l].ln1(embed.W_E[x])`` with ``attn.W_K`` (``attn._W_K``, per
+key-value head, under grouped-query attention); the value projection is ``attn.W_V``/``b_V``
+(``_W_V``/``_b_V``) with the attention call's ``value_input``; ablations are forward hooks on
+``attn.hook_z``, ``hook_attn_out``, ``hook_mlp_out`` and the block itself. Configurations that feed
+each head its own input (``use_split_qkv_input``, ``use_attn_in``), normalise q and k after the
+projection (``use_qk_norm``) or put the norms after the sublayers (post-norm architectures) have
+no per-layer key map, and the first two no value projection of [batch, pos, d_model] inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from windtunnel._checks import Problems
 from windtunnel.sites._hookpoints import HookedLayer, tap
-from windtunnel.sites._protocol import SiteRecording
+from windtunnel.sites._protocol import SiteRecording, TokenKeys, ValueProjection
 
-__all__ = ["attach", "matches"]
+__all__ = [
+    "ablated",
+    "ablation_layout",
+    "attach",
+    "matches",
+    "readout_hook",
+    "token_keys",
+    "unsupported",
+    "value_projections",
+]
 
 
 def _hooked_transformer_class() -> type | None:
@@ -70,3 +93,121 @@ def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, gra
         for layer, block in enumerate(model.blocks)
     ]
     return tap(recording, layers, causal_only=causal_only, grads=grads)
+
+
+# ----------------------------------------------------------------------------- instrument features
+
+
+def _post_norm(model: nn.Module) -> bool:
+    architectures = sys.modules.get("transformer_lens.utilities.architectures")
+    post_norm = getattr(architectures, "POST_NORM_ARCHITECTURES", ())
+    return getattr(model.cfg, "original_architecture", None) in post_norm
+
+
+def unsupported(model: nn.Module, feature: str) -> str | None:
+    """Why ``model`` lacks ``feature``, or None (see :func:`windtunnel.sites.unsupported`)."""
+    cfg = model.cfg
+    per_head_inputs = bool(getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
+    if feature == "token_keys":
+        if per_head_inputs or getattr(cfg, "use_qk_norm", False) or _post_norm(model):
+            return (
+                "a HookedTransformer with use_split_qkv_input, use_attn_in, use_qk_norm or post-norm "
+                "blocks has no per-layer key map n_l(e_x) W_K to apply to token embeddings."
+            )
+    if feature == "value_projections" and per_head_inputs:
+        return "a HookedTransformer with use_split_qkv_input or use_attn_in feeds every head its own value input."
+    return None
+
+
+def readout_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Pass the input of ``unembed`` (the final norm's output, gain and bias included) to ``sink``."""
+    return model.unembed.register_forward_pre_hook(lambda _m, args: sink(args[0]))
+
+
+def _own(attn: nn.Module, name: str) -> Any:
+    """The stored parameter: ``_W_K`` etc. per key-value head under grouped-query attention."""
+    own = getattr(attn, "_" + name, None)
+    return own if isinstance(own, nn.Parameter) else getattr(attn, name, None)
+
+
+def token_keys(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> tuple[TokenKeys, ...]:
+    """Layer l: ``blocks[l].ln1(W_E[tokens])`` (no positions) and the layer's W_K."""
+    w_e = model.embed.W_E
+    emb = w_e[tokens.to(w_e.device)].to(dtype)[None]  # [1, n_tokens, d_model]: TL norms expect a batch
+    return tuple(
+        TokenKeys(normed_embeddings=block.ln1(emb)[0].to(dtype), w_key=_own(block.attn, "W_K").detach().to(dtype))
+        for block in model.blocks
+    )
+
+
+def _value_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["value_input"] if "value_input" in kwargs else args[2]
+
+
+def value_projections(model: nn.Module) -> tuple[ValueProjection, ...]:
+    """Layer l: the attention's W_V and b_V (per key-value head), ``hook_v``, and its ``value_input``."""
+    return tuple(
+        ValueProjection(
+            name=f"blocks.{l}.attn",
+            weight=_own(block.attn, "W_V"),
+            bias=_own(block.attn, "b_V"),
+            values=block.attn.hook_v,
+            inputs=block.attn,
+            input_of=_value_input,
+        )
+        for l, block in enumerate(model.blocks)
+    )
+
+
+def ablation_layout(model: nn.Module) -> tuple[int, int]:
+    """(n_layers, n_heads) from the model's config."""
+    return int(model.cfg.n_layers), int(model.cfg.n_heads)
+
+
+@contextlib.contextmanager
+def ablated(
+    model: nn.Module, *, heads: list, bypass: list, zero_attn_out: list, zero_mlp_out: list
+) -> Iterator[nn.Module]:
+    """Ablations as forward hooks: a head's ``hook_z`` slice set to 0 (its output before W_O, as
+    TinyGPT's pattern multiplier of 0 gives), a layer's ``hook_attn_out``/``hook_mlp_out`` set to 0,
+    or its block returning its input (bypass). The hooks are removed on exit.
+
+    Raises:
+        ValueError: when a layer or head index is out of range.
+    """
+    n_layers, n_heads = ablation_layout(model)
+    problems = Problems(f"ablated({type(model).__name__})")
+    for field, layers in (("bypass", bypass), ("zero_attn_out", zero_attn_out), ("zero_mlp_out", zero_mlp_out)):
+        bad = [layer for layer in layers if not _is_index(layer, n_layers)]
+        if bad:
+            problems.add(field, f"layer indices in [0, {n_layers})", bad)
+    bad_heads = [p for p in heads if not (isinstance(p, (tuple, list)) and len(p) == 2 and _is_index(p[0], n_layers) and _is_index(p[1], n_heads))]
+    if bad_heads:
+        problems.add("heads", f"(layer, head) pairs in [0, {n_layers}) x [0, {n_heads})", bad_heads)
+    problems.raise_if_any()
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+
+    def zero_heads(index: list[int]) -> Callable:
+        return lambda _m, _args, z: z.index_fill(2, torch.tensor(index, device=z.device), 0.0)  # z [batch, pos, head, d_head]
+
+    def zero(_m: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(output)
+
+    def identity(_m: nn.Module, args: tuple, kwargs: dict, _output: torch.Tensor) -> torch.Tensor:
+        return args[0] if args else kwargs["resid_pre"]
+
+    handles = [model.blocks[layer].attn.hook_z.register_forward_hook(zero_heads(index)) for layer, index in by_layer.items()]
+    handles += [model.blocks[layer].hook_attn_out.register_forward_hook(zero) for layer in zero_attn_out]
+    handles += [model.blocks[layer].hook_mlp_out.register_forward_hook(zero) for layer in zero_mlp_out]
+    handles += [model.blocks[layer].register_forward_hook(identity, with_kwargs=True) for layer in bypass]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _is_index(value: Any, size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size

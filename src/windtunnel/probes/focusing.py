@@ -1,0 +1,72 @@
+"""Attention entropy at the prediction sites and the focusing ratio across layers (SPEC §8.2).
+
+Model-agnostic: the patterns are the sites' (:func:`windtunnel.sites.record_sites`), so every model
+with an attention-site adapter is supported (TinyGPT, Hugging Face causal LMs, TransformerLens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from windtunnel.geometry import attention_entropy
+from windtunnel.probes._common import Row, _row
+from windtunnel.probes.states import SiteStates, record_patterns
+from windtunnel.tasks import Batch
+
+__all__ = ["AttentionFocusing", "attention_focusing"]
+
+
+@dataclass(frozen=True)
+class AttentionFocusing:
+    """Attention entropy in bits at the prediction sites (SPEC §8.2).
+
+    With a_tj the pattern of query (site) t over keys j: H = -Σ_j a_tj log2 a_tj per layer, head,
+    sequence and site (0 log 0 = 0), then averaged.
+
+    Attributes:
+        head_entropy_bits: [layer, head], averaged over sequences and sites.
+        layer_entropy_bits: [layer], the heads averaged after the per-row entropies.
+        focusing_ratio: (H^(0) - H^(last)) / H^(0), how much sharper the last layer attends than
+            the first.
+    """
+
+    head_entropy_bits: torch.Tensor
+    layer_entropy_bits: torch.Tensor
+    focusing_ratio: float
+
+    def rows(self, step: int) -> list[Row]:
+        """Tidy telemetry rows: ``attn_entropy_bits`` per head and per layer, ``focusing_ratio``."""
+        out = []
+        for layer, per_head in enumerate(self.head_entropy_bits.tolist()):
+            out += [_row(step, "attn_entropy_bits", v, layer, h) for h, v in enumerate(per_head)]
+            out.append(_row(step, "attn_entropy_bits", self.layer_entropy_bits[layer], layer))
+        out.append(_row(step, "focusing_ratio", self.focusing_ratio))
+        return out
+
+
+def attention_focusing(model: nn.Module, task: Any, batch: Batch, *, states: SiteStates | None = None) -> AttentionFocusing:
+    """Attention entropy per head and layer at ``batch``'s sites, and the focusing ratio (§8.2).
+
+    Runs ``model`` once in eval mode (:func:`~windtunnel.probes.states.record_patterns`) unless
+    ``states`` (:func:`~windtunnel.probes.collect_states` of the same model and batch) is given;
+    the entropies are computed in float64. ``task`` is unused and kept for the signature every
+    instrument shares.
+
+    Raises:
+        ValueError: naming the model class when it has no attention sites (see
+            :func:`windtunnel.sites.unsupported`), or as :func:`windtunnel.sites.record_sites`.
+    """
+    if states is not None:
+        patterns, positions = states.patterns, states.positions
+    else:
+        patterns, positions = record_patterns(model, batch, instrument="attention_focusing"), batch.sites
+    ent = attention_entropy(patterns.double(), positions.to(patterns.device))
+    return AttentionFocusing(
+        head_entropy_bits=ent.head_entropy_bits,
+        layer_entropy_bits=ent.layer_entropy_bits,
+        focusing_ratio=float(ent.focusing_ratio),
+    )
