@@ -176,7 +176,7 @@ def ablated(
         ValueError: when a layer or head index is out of range.
     """
     n_layers, n_heads = ablation_layout(model)
-    problems = Problems(f"ablated({type(model).__name__})")
+    problems = Problems(f"{type(model).__name__}.ablated")  # worded as TinyGPT.ablated words it
     for field, layers in (("bypass", bypass), ("zero_attn_out", zero_attn_out), ("zero_mlp_out", zero_mlp_out)):
         bad = [layer for layer in layers if not _is_index(layer, n_layers)]
         if bad:
