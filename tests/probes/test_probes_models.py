@@ -217,6 +217,32 @@ def test_calibrate_reads_the_logits_of_a_model_output():
         probes.calibrate(Pair(model), TASK, batches)
 
 
+class _Wrapper(torch.nn.Module):
+    """Maps tokens to logits around a Hugging Face or TransformerLens model (as windtunnel's HFCausalLM does)."""
+
+    def __init__(self, *inner):
+        super().__init__()
+        self.inner = torch.nn.ModuleList(inner)
+
+    def forward(self, tokens):
+        return _logits(self.inner[0](tokens))
+
+
+@pytest.mark.parametrize("arch", ("llama", "tl"))
+def test_a_wrapper_is_probed_through_the_model_it_holds(arch):
+    inner, batch = _build(arch), _batch()
+    wrapped = _Wrapper(inner)
+    through = probes.routing_law_stats(wrapped, TASK, batch)
+    for field, value in vars(probes.routing_law_stats(inner, TASK, batch)).items():
+        got = getattr(through, field)
+        assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, field
+    assert torch.equal(probes.collect_states(wrapped, TASK, batch).residual, probes.collect_states(inner, TASK, batch).residual)
+    if arch == "tl":
+        assert probes.ablation_table(wrapped, TASK, [batch]).to_dict() == probes.ablation_table(inner, TASK, [batch]).to_dict()
+    with pytest.raises(ValueError, match=r"^routing_law_stats: not available for _Wrapper .*no attention-site adapter"):
+        probes.routing_law_stats(_Wrapper(inner, _build(arch)), TASK, batch)  # two models held: ambiguous
+
+
 @pytest.mark.parametrize("arch", ("gpt2", "tl"))
 def test_make_probes_on_hugging_face_and_transformer_lens(arch):
     model, batch = _build(arch), _batch()

@@ -11,8 +11,8 @@ from torch import nn
 
 from windtunnel.hooks import eval_mode
 from windtunnel.probes._common import LossFn, Row, _device, _logits, _recorded_sites, _require, _row
-from windtunnel.sites import AttentionSite, check_law, model_gradient_errors, routing_law
 from windtunnel.probes.calibration import site_loss_nats
+from windtunnel.sites import AttentionSite, check_law, model_gradient_errors, routing_law
 from windtunnel.tasks import Batch
 
 __all__ = ["RoutingLawStats", "routing_law_stats"]

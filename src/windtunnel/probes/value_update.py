@@ -166,7 +166,10 @@ class ValueUpdateProbe:
                 raise RuntimeError(f"ValueUpdateProbe.finish: the watched backward left no gradient at the values of {projection.name}.")
             w_v, b_v = projection.weight, projection.bias
             if w_v.grad is None:
-                raise RuntimeError(f"ValueUpdateProbe.finish: the value weight of {projection.name} has no gradient; call finish before the next zero_grad.")
+                raise RuntimeError(
+                    f"ValueUpdateProbe.finish: the value weight of {projection.name} has no gradient; "
+                    "call finish before the next zero_grad."
+                )
             x = before.inputs[l].double()  # [batch, pos, d_model]
 
             def change(d_weight: torch.Tensor, d_bias: torch.Tensor | None) -> torch.Tensor:

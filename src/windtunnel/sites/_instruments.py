@@ -64,18 +64,19 @@ def unsupported(model: Any, feature: str) -> str | None:
     """
     if feature not in FEATURES:
         raise ValueError(f"unsupported: feature must be one of {FEATURES}; got {feature!r}.")
-    adapter = adapter_for(model)
-    if adapter is None:
+    found = adapter_for(model)
+    if found is None:
         return _NO_ADAPTER
-    return None if feature == "sites" else adapter.unsupported(model, feature)
+    adapter, target = found
+    return None if feature == "sites" else adapter.unsupported(target, feature)
 
 
-def _require(owner: str, model: Any, feature: str) -> Any:
+def _require(owner: str, model: Any, feature: str) -> tuple[Any, nn.Module]:
     reason = unsupported(model, feature)
     if reason is not None:
         name = describe_model(model) if isinstance(model, nn.Module) else type(model).__name__
         raise ValueError(f"{owner}: {name} does not support {feature!r}: {reason}")
-    return adapter_for(model)
+    return adapter_for(model)  # (adapter, the module it reads: the model or the one it wraps)
 
 
 class ReadoutRecording:
@@ -113,9 +114,9 @@ def record_readout(model: nn.Module) -> Iterator[ReadoutRecording]:
     Raises:
         ValueError: naming the model class when its adapter has no readout (see :func:`unsupported`).
     """
-    adapter = _require("record_readout", model, "readout")
+    adapter, target = _require("record_readout", model, "readout")
     recording = ReadoutRecording(type(model).__name__)
-    handle = adapter.readout_hook(model, recording._set)
+    handle = adapter.readout_hook(target, recording._set)
     try:
         yield recording
     finally:
@@ -135,8 +136,8 @@ def token_keys(model: nn.Module, tokens: torch.Tensor, *, dtype: torch.dtype = t
     Raises:
         ValueError: naming the model class when its adapter has no key map (Hugging Face models).
     """
-    adapter = _require("token_keys", model, "token_keys")
-    return adapter.token_keys(model, tokens, dtype)
+    adapter, target = _require("token_keys", model, "token_keys")
+    return adapter.token_keys(target, tokens, dtype)
 
 
 def value_projections(model: nn.Module) -> tuple[ValueProjection, ...]:
@@ -145,8 +146,8 @@ def value_projections(model: nn.Module) -> tuple[ValueProjection, ...]:
     Raises:
         ValueError: naming the model class when its adapter has no value projection (Hugging Face).
     """
-    adapter = _require("value_projections", model, "value_projections")
-    return adapter.value_projections(model)
+    adapter, target = _require("value_projections", model, "value_projections")
+    return adapter.value_projections(target)
 
 
 class ValueRecording:
@@ -211,8 +212,8 @@ def ablation_layout(model: nn.Module) -> tuple[int, int]:
     Raises:
         ValueError: naming the model class when its adapter cannot ablate (Hugging Face).
     """
-    adapter = _require("ablation_layout", model, "ablation")
-    return adapter.ablation_layout(model)
+    adapter, target = _require("ablation_layout", model, "ablation")
+    return adapter.ablation_layout(target)
 
 
 def ablated(
@@ -234,5 +235,7 @@ def ablated(
         ValueError: naming the model class when its adapter cannot ablate (Hugging Face), or when
             a layer or head index is out of range.
     """
-    adapter = _require("ablated", model, "ablation")
-    return adapter.ablated(model, heads=list(heads), bypass=list(bypass), zero_attn_out=list(zero_attn_out), zero_mlp_out=list(zero_mlp_out))
+    adapter, target = _require("ablated", model, "ablation")
+    return adapter.ablated(
+        target, heads=list(heads), bypass=list(bypass), zero_attn_out=list(zero_attn_out), zero_mlp_out=list(zero_mlp_out)
+    )

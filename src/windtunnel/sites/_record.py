@@ -1,7 +1,10 @@
 """One entry point, :func:`record_sites`, that finds the adapter for a model and records its sites.
 
 Adapters are tried in order: windtunnel's own attention modules (TinyGPT), TransformerLens
-``HookedTransformer``, Hugging Face ``PreTrainedModel``. Recording is opt-in: outside a
+``HookedTransformer``, Hugging Face ``PreTrainedModel``. A module that is none of these but holds
+exactly one HookedTransformer or PreTrainedModel (a wrapper such as
+:class:`windtunnel.models.HFCausalLM`, which maps tokens to logits around a Hugging Face model) is
+recorded through the model it holds while the wrapper is called. Recording is opt-in: outside a
 ``record_sites`` block no hook is registered and the model runs exactly as it was built.
 """
 
@@ -19,13 +22,27 @@ from windtunnel.sites._protocol import SiteRecording, describe_model
 __all__ = ["adapter_for", "record_sites"]
 
 
-def adapter_for(model: Any) -> Any:
-    """The adapter module (tinygpt, tl or hf) that supports ``model``, or None."""
+def adapter_for(model: Any) -> tuple[Any, nn.Module] | None:
+    """(adapter module, the module it reads) for ``model``, or None when no adapter supports it.
+
+    The module read is ``model`` itself, or for a wrapper the one HookedTransformer or
+    PreTrainedModel it holds (outermost; the sub-models a PreTrainedModel holds do not count).
+    """
     if not isinstance(model, nn.Module):
         return None
     for adapter in (tinygpt, tl, hf):
         if adapter.matches(model):
-            return adapter
+            return adapter, model
+    held: list[tuple[str, Any, nn.Module]] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(outer + ".") for outer, _, _ in held):
+            continue
+        for adapter in (tl, hf):
+            if adapter.matches(module):
+                held.append((path, adapter, module))
+                break
+    if len(held) == 1:
+        return held[0][1], held[0][2]
     return None
 
 
@@ -49,9 +66,9 @@ def record_sites(model: nn.Module, *, causal_only: bool = True, grads: bool = Tr
 
     Args:
         model: a windtunnel model built on :class:`windtunnel.attention.MultiHeadAttention`
-            (TinyGPT), a TransformerLens ``HookedTransformer``, or a Hugging Face
+            (TinyGPT), a TransformerLens ``HookedTransformer``, a Hugging Face
             ``PreTrainedModel`` whose attention goes through the ``AttentionInterface`` (eager or
-            sdpa).
+            sdpa), or a module holding exactly one of the last two (a wrapper).
         causal_only: refuse a layer whose queries may attend to later keys (an encoder); pass
             False to record bidirectional attention.
         grads: register gradient hooks for u and the q/k/v gradients (when grad mode is on).
@@ -69,8 +86,8 @@ def record_sites(model: nn.Module, *, causal_only: bool = True, grads: bool = Tr
     if not isinstance(model, nn.Module):
         raise TypeError(f"record_sites: model must be a torch.nn.Module; got {name}.")
     recording = SiteRecording(type(model).__name__)
-    adapter = adapter_for(model)
-    if adapter is None:
+    found = adapter_for(model)
+    if found is None:
         raise TypeError(
             f"record_sites: no attention-site adapter supports {name}. Supported: windtunnel models "
             "built on windtunnel.attention.MultiHeadAttention (TinyGPT); Hugging Face transformers "
@@ -78,5 +95,6 @@ def record_sites(model: nn.Module, *, causal_only: bool = True, grads: bool = Tr
             "'windtunnel[hf]'); TransformerLens HookedTransformer (pip install 'windtunnel[tl]'). "
             "For another model, build windtunnel.sites.AttentionSite from its q, k, v, mask and u."
         )
-    with adapter.attach(model, recording, causal_only=causal_only, grads=grads):
+    adapter, target = found
+    with adapter.attach(target, recording, causal_only=causal_only, grads=grads):
         yield recording

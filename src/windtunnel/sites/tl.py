@@ -181,7 +181,11 @@ def ablated(
         bad = [layer for layer in layers if not _is_index(layer, n_layers)]
         if bad:
             problems.add(field, f"layer indices in [0, {n_layers})", bad)
-    bad_heads = [p for p in heads if not (isinstance(p, (tuple, list)) and len(p) == 2 and _is_index(p[0], n_layers) and _is_index(p[1], n_heads))]
+    bad_heads = [
+        p
+        for p in heads
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and _is_index(p[0], n_layers) and _is_index(p[1], n_heads))
+    ]
     if bad_heads:
         problems.add("heads", f"(layer, head) pairs in [0, {n_layers}) x [0, {n_heads})", bad_heads)
     problems.raise_if_any()
