@@ -31,6 +31,7 @@ from windtunnel.models import (
     TinyGPTConfig,
     TransformerBlock,
 )
+from windtunnel.models.hf import HFCausalLM, HFCausalLMConfig
 from windtunnel.tasks import AssociativeRecall, Bijection, HMMFiltering, StickyMarkov
 
 
@@ -41,6 +42,7 @@ def _gen():
 GPT = TinyGPTConfig(vocab_size=5, n_positions=4, n_layers=1, n_heads=1, d_model=4, d_mlp=8)
 MLP = PositionwiseMLPConfig(vocab_size=5, n_positions=4, n_layers=1, d_model=4, d_mlp=8)
 LSTM = LSTMConfig(vocab_size=5, n_layers=1, d_model=4)
+HF = HFCausalLMConfig(architecture="llama", vocab_size=5, n_positions=4, n_layers=1, n_heads=2, d_model=8, d_mlp=16)
 STICKY = StickyTransformerConfig(d_x=3, d_model=8, n_layers=1, n_heads=2, d_mlp=16, n_classes=3)
 TOKENS = torch.zeros(1, 4, dtype=torch.long)
 RESID = torch.zeros(1, 4, 4)
@@ -75,6 +77,9 @@ ENTRY_POINTS = [
     ("LSTMModel.forward", "generator", True, lambda g: LSTMModel(LSTM, generator=None)(TOKENS, generator=g)),
     ("LSTMLayer", "generator", True, lambda g: LSTMLayer(4, generator=g)),
     ("LSTMLayer.reset_parameters", "generator", False, lambda g: LSTMLayer(4, generator=None).reset_parameters(g)),
+    ("HFCausalLM", "generator", True, lambda g: HFCausalLM(HF, generator=g)),
+    ("HFCausalLM.reset_parameters", "generator", False, lambda g: HFCausalLM(HF, generator=None).reset_parameters(g)),
+    ("HFCausalLM.forward", "generator", True, lambda g: HFCausalLM(HF, generator=None)(TOKENS, generator=g)),
     ("StickyTransformer", "generator", False, lambda g: StickyTransformer(STICKY, generator=g)),
     ("StickyTransformer.reset_parameters", "generator", False,
      lambda g: StickyTransformer(STICKY, generator=_gen()).reset_parameters(g)),
