@@ -8,6 +8,7 @@ model. The causal checks run in float64, where a full pass and the prefix passes
 """
 
 import io
+import json
 import sys
 
 import pytest
@@ -185,10 +186,10 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert strip(RunDir(tmp_path / "full").metrics()) == strip(RunDir(tmp_path / "part").metrics())
 
 
-def test_train_then_eval_on_the_command_line_and_the_instruments_that_refuse(tmp_path):
+def test_train_eval_ablate_and_dissociation_on_the_command_line(tmp_path):
     tiny = ["--steps", "2", "--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2",
             "--set", "model.d_mlp=32", "--set", "train.eval_size=10", "--set", "train.warmup_steps=1",
-            "--set", "task.n_values=5", "--set", "task.n_pairs=4"]
+            "--set", "task.n_values=5", "--set", "task.n_pairs=4", "--set", "train.checkpoint_every=1"]
     run = tmp_path / "run"
     trained = CliRunner().invoke(main, ["train", "bijection", "--model", "hf", "--out", str(run), *tiny,
                                         "--set", "model.architecture=gpt_neox", "--set", "model.d_mlp=24"])
@@ -197,8 +198,15 @@ def test_train_then_eval_on_the_command_line_and_the_instruments_that_refuse(tmp
     evaluated = CliRunner().invoke(main, ["eval", str(run), "--n", "4"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "train length: entropy MAE" in evaluated.output and (run / "eval.json").exists()
-    refused = CliRunner().invoke(main, ["ablate", str(run), "--n", "4"])
-    assert refused.exit_code == 2 and "needs a transformer run" in refused.output and "'hf' model" in refused.output
+    ablated = CliRunner().invoke(main, ["ablate", str(run), "--n", "4"])
+    assert ablated.exit_code == 0, ablated.output
+    rows = json.loads((run / "ablation.json").read_text())["rows"]
+    assert [(r["kind"], r["layer"], r["head"]) for r in rows][:3] == [("head", 0, 0), ("head", 0, 1), ("bypass", 0, None)]
+    dissociated = CliRunner().invoke(main, ["dissociation", str(run), "--n", "4"])
+    assert dissociated.exit_code == 0, dissociated.output
+    out = json.loads((run / "dissociation.json").read_text())
+    assert out["steps"] == [0, 1, 2] and set(out["metrics"]["frame_overlap_ratio"]) == {None}  # no key map
+    assert all(v is not None for v in out["metrics"]["js_to_final_bits_mean"])
     bad = CliRunner().invoke(main, ["train", "bijection", "--model", "hf", "--out", str(tmp_path / "bad"), *tiny,
                                     "--set", "model.architecture=bert"])
     assert bad.exit_code == 2 and "architecture must be one of 'gpt2', 'llama', 'gpt_neox'" in bad.output

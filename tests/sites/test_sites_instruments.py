@@ -45,7 +45,14 @@ def test_what_each_adapter_provides():
     assert all(sites.unsupported(_tl(), f) is None for f in sites.FEATURES)
     gpt2 = _gpt2()
     assert sites.unsupported(gpt2, "sites") is None and sites.unsupported(gpt2, "readout") is None
-    assert all("AttentionInterface" in sites.unsupported(gpt2, f) for f in features[1:])
+    assert all("AttentionInterface" in sites.unsupported(gpt2, f) for f in features[1:3])
+    assert sites.unsupported(gpt2, "ablation") is None and sites.unsupported(_gpt2(base=True), "ablation") is None
+    no_mlp = _gpt2()
+    no_mlp.transformer.h[1].mlp = None  # a decoder layer without a child named "mlp"
+    assert "layers [1] have none" in sites.unsupported(no_mlp, "ablation")
+    no_index = _gpt2()
+    no_index.transformer.h[0].attn.layer_idx = None
+    assert "found layer indices [1]" in sites.unsupported(no_index, "ablation")
     assert "get_output_embeddings() is None" in sites.unsupported(_gpt2(base=True), "readout")
     assert all(sites.unsupported(mlp, f).startswith("no attention-site adapter") for f in sites.FEATURES)
     with pytest.raises(ValueError, match=r"^unsupported: feature must be one of .*; got 'keys'"):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+import windtunnel.sites as sites
 from windtunnel.probes import ValueUpdateProbe, ablation_table, hmm_lag_map, make_probes
 from windtunnel.runs import RunDir, write_json_atomic
 from windtunnel.tasks import HMMFiltering
@@ -52,8 +53,12 @@ def ablate_run(run_dir: str | Path, *, n_sequences: int = 2000, seed: int = 1234
     from windtunnel.experiments.evaluation import load_model
 
     experiment, model, step = load_model(run_dir)
-    if experiment.model_name != "transformer":
-        raise ValueError(f"ablate_run: needs a transformer run; {run_dir} holds a {experiment.model_name!r} model.")
+    reason = sites.unsupported(model, "ablation")
+    if reason is not None:
+        raise ValueError(
+            f"ablate_run: needs a run whose model can be ablated (a transformer or hf run); {run_dir} "
+            f"holds a {experiment.model_name!r} model: {reason}"
+        )
     task = experiment.build_task()
     generator = torch.Generator().manual_seed(seed)
     batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]

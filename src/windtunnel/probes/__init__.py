@@ -26,7 +26,7 @@ collect_states,        yes      yes (with an  yes
 manifold                        LM head)
 layer_key_orth.        yes      refused       yes
 ValueUpdateProbe       yes      refused       yes
-ablation_table,        yes      refused       yes
+ablation_table,        yes      yes           yes
 hmm_lag_map
 calibrate,             yes      yes           yes
 hmm_lag_response

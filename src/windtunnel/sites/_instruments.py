@@ -210,7 +210,8 @@ def ablation_layout(model: nn.Module) -> tuple[int, int]:
     """(n_layers, n_heads) that :func:`ablated` indexes.
 
     Raises:
-        ValueError: naming the model class when its adapter cannot ablate (Hugging Face).
+        ValueError: naming the model class when its adapter cannot ablate (a Hugging Face model
+            whose decoder layers cannot be found; see :func:`unsupported`).
     """
     adapter, target = _require("ablation_layout", model, "ablation")
     return adapter.ablation_layout(target)
@@ -229,11 +230,13 @@ def ablated(
     ``heads``: (layer, head) pairs whose output z before W_O is exactly zero; ``bypass``: layers
     made the identity; ``zero_attn_out`` / ``zero_mlp_out``: layers whose attention / MLP output
     alone is zeroed. TinyGPT: its own ``ablated``; TransformerLens: forward hooks on
-    ``attn.hook_z``, ``hook_attn_out``, ``hook_mlp_out`` and the block.
+    ``attn.hook_z``, ``hook_attn_out``, ``hook_mlp_out`` and the block; Hugging Face: the head's
+    output zeroed inside the ``"windtunnel"`` attention implementation, forward hooks on the
+    attention module, the ``mlp`` child and the decoder layer.
 
     Raises:
-        ValueError: naming the model class when its adapter cannot ablate (Hugging Face), or when
-            a layer or head index is out of range.
+        ValueError: naming the model class when its adapter cannot ablate, or when a layer or head
+            index is out of range.
     """
     adapter, target = _require("ablated", model, "ablation")
     return adapter.ablated(
