@@ -382,6 +382,38 @@ def report_command(run_dir, out):
     click.echo(f"wrote {path}")
 
 
+@main.command("inspect")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text file, tokenized with MODEL_DIR's tokenizer.")
+@click.option("--max-tokens", type=click.IntRange(min=3), default=512, show_default=True,
+              help="Read at most this many tokens of the text (and no more than the model's positions).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/inspect", show_default=True,
+              help="Folder for inspect.json and inspect.html.")
+def inspect_command(model_dir, text_file, max_tokens, out):
+    """Routing law, attention focusing and key geometry of every head of a local Hugging Face model.
+
+    MODEL_DIR is a directory written by save_pretrained (config.json, *.safetensors, the
+    tokenizer). Nothing is downloaded, no code from the directory runs and pickled weights are
+    refused. Needs pip install 'windtunnel[hf]'.
+    """
+    _check_out(out)
+    from windtunnel.experiments.inspection import inspect_model_dir
+
+    result = inspect_model_dir(model_dir, text_file, out=out, max_tokens=max_tokens)
+    click.echo(f"{result['model_class']} ({result['model_type']}), {result['n_tokens']} tokens of "
+               f"{result['n_text_tokens']}: next-token cross-entropy {result['loss_nats']:.4f} nats")
+    click.echo("layer  heads  attention entropy (bits)  mean |advantage|  keys mean |cos|  law check rel. error")
+    for row in result["layers"]:
+        layer_heads = [h for h in result["heads"] if h["layer"] == row["layer"]]
+        adv = sum(h["advantage_abs_mean"] or 0.0 for h in layer_heads) / len(layer_heads)
+        cos = sum(h["key_abs_cos"] or 0.0 for h in layer_heads) / len(layer_heads)
+        entropy = row["attn_entropy_bits"]
+        click.echo(f"{row['layer']:>5}  {row['n_heads']:>5}  {entropy if entropy is not None else float('nan'):>24.3f}"
+                   f"  {adv:>16.3g}  {cos:>15.3f}  {row['law_check_rel_error']:>20.1e}")
+    click.echo(f"focusing ratio {result['focusing_ratio']:.3f}; wrote {result['paths']['json']} and {result['paths']['html']}")
+
+
 @main.command("upgrade")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def upgrade_command(run_dir):

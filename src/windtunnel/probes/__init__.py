@@ -40,7 +40,7 @@ from windtunnel.probes.frame import hypothesis_tokens, layer_key_orthogonality
 from windtunnel.probes.geometry import GeometrySnapshot, geometry_snapshot
 from windtunnel.probes.manifold import manifold_projection, manifold_summary
 from windtunnel.probes.memory import hmm_lag_map, hmm_lag_response
-from windtunnel.probes.routing import RoutingLawStats, routing_law_stats
+from windtunnel.probes.routing import RoutingLawStats, routing_law_stats, routing_law_stats_of_sites
 from windtunnel.probes.schedule import make_probes
 from windtunnel.probes.states import SiteStates, collect_states, record_patterns
 from windtunnel.probes.value_update import ValueUpdateProbe, ValueUpdateStats
@@ -68,5 +68,6 @@ __all__ = [
     "manifold_summary",
     "record_patterns",
     "routing_law_stats",
+    "routing_law_stats_of_sites",
     "site_loss_nats",
 ]
