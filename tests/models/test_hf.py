@@ -186,6 +186,20 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert strip(RunDir(tmp_path / "full").metrics()) == strip(RunDir(tmp_path / "part").metrics())
 
 
+def test_telemetry_and_the_value_update_probe_leave_the_run_unchanged(tmp_path):
+    from windtunnel.experiments.telemetry import attach_probes
+
+    experiment = _experiment("bijection", "llama", steps=6, n_kv_heads=1)
+    plain = Trainer(experiment, tmp_path / "plain")
+    plain.fit()
+    watched = attach_probes(Trainer(experiment, tmp_path / "watched"), n_sequences=8)
+    watched.fit()
+    ours, theirs = plain.model.state_dict(), watched.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    metrics = {r["metric"] for r in RunDir(tmp_path / "watched").telemetry()}
+    assert {"advantage_abs_mean", "attn_entropy_bits", "value_update_pull_cosine_all", "value_update_norm_ratio"} <= metrics
+
+
 def test_train_eval_ablate_and_dissociation_on_the_command_line(tmp_path):
     tiny = ["--steps", "2", "--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2",
             "--set", "model.d_mlp=32", "--set", "train.eval_size=10", "--set", "train.warmup_steps=1",

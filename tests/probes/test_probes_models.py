@@ -173,6 +173,37 @@ def test_value_update_probe_on_a_hooked_transformer_under_sgd(arch):
     assert torch.allclose(stats.gradient_pull_cosine_all, stats.own_pull_cosine_all, atol=1e-5)
 
 
+def test_value_update_probe_on_llama_against_values_rebuilt_by_hand():
+    model, batch, lr = _hf("llama").train(), _batch(), 0.05
+    probe = probes.ValueUpdateProbe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    layer0 = model.model.layers[0]
+
+    def values():  # layer 0: v = input_layernorm(embedding) W_V^T, per key-value head (no rotary on v)
+        with torch.no_grad():
+            return layer0.self_attn.v_proj(layer0.input_layernorm(model.model.embed_tokens(batch.tokens))).view(*batch.tokens.shape, 2, 8)
+
+    before, grads = values(), []
+    def keep_grad(_module, _args, out):
+        if out.requires_grad:
+            out.register_hook(grads.append)
+
+    handle = layer0.self_attn.v_proj.register_forward_hook(keep_grad)
+    with probe.watch(model, batch.tokens):
+        probes.site_loss_nats(model(batch.tokens).logits, batch, TASK).backward()
+    handle.remove()
+    optimizer.step()
+    stats = probe.finish(model, lr)
+    delta, pull = (values() - before).double(), grads[0].view(*batch.tokens.shape, 2, 8).double()
+    whole = -(delta * pull).sum((0, 1, 3)) / (delta.pow(2).sum((0, 1, 3)).sqrt() * pull.pow(2).sum((0, 1, 3)).sqrt())
+    ratio = delta.pow(2).sum((0, 1, 3)).sqrt() / (lr * pull.pow(2).sum((0, 1, 3)).sqrt())
+    assert stats.pull_cosine.shape == (N_LAYERS, 2)  # per key-value head
+    assert torch.allclose(stats.pull_cosine_all[0].double(), whole, atol=1e-5)
+    assert torch.allclose(stats.norm_ratio[0].double(), ratio, rtol=1e-4)
+    assert bool(torch.isnan(stats.own_pull_cosine).all() and torch.isnan(stats.gradient_pull_cosine_all).all())  # no W_V
+    assert {r["value"] for r in stats.rows(3) if r["metric"] == "value_update_own_norm_ratio"} == {None}
+
+
 def test_ablation_table_of_a_hooked_transformer_matches_zeroed_weights():
     model, batches = _tl("tl"), [_batch(n=16)]
     table = probes.ablation_table(model, TASK, batches)
@@ -320,9 +351,6 @@ def test_what_hugging_face_models_refuse_names_the_instrument_and_the_class():
     hf = r"not available for GPT2LMHeadModel \(transformers\.models\.gpt2\.modeling_gpt2\): the Hugging Face adapter"
     with pytest.raises(ValueError, match=rf"^layer_key_orthogonality: {hf}.*key projection W_K"):
         probes.layer_key_orthogonality(model, probes.hypothesis_tokens(TASK))
-    with pytest.raises(ValueError, match=rf"^ValueUpdateProbe.watch: {hf}.*value projection W_V"):
-        with probes.ValueUpdateProbe().watch(model, batch.tokens):
-            pass
     base = _hf("gpt2", base=True)  # no language-model head: sites but no readout
     with pytest.raises(ValueError, match=r"^collect_states: not available for GPT2Model .*get_output_embeddings\(\) is None"):
         probes.collect_states(base, TASK, batch)

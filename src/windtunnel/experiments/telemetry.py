@@ -18,7 +18,8 @@ __all__ = ["ablate_run", "attach_probes"]
 
 def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: bool = True) -> Trainer:
     """Give ``trainer`` the geometry, routing-law and calibration probes of :func:`make_probes`,
-    and for a transformer the :class:`~windtunnel.probes.ValueUpdateProbe` of the training steps.
+    and for a transformer (TinyGPT or ``hf``) the :class:`~windtunnel.probes.ValueUpdateProbe` of
+    the training steps.
 
     The probe batch (``n_sequences`` sequences) and the entropy probe's split come from the run's
     "probe" seed stream, and the §8.1 baseline is the model rebuilt from the "init" stream (the
@@ -40,7 +41,7 @@ def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: b
         run_dir=trainer.run.path if trainer.run is not None else None,
         save_snapshots=save_snapshots,
     )
-    if experiment.model_name == "transformer":
+    if experiment.model_name in ("transformer", "hf"):
         trainer.update_probe = ValueUpdateProbe()
     return trainer
 

@@ -25,7 +25,8 @@ attention_focusing     yes      yes           yes
 collect_states,        yes      yes (with an  yes
 manifold                        LM head)
 layer_key_orth.        yes      refused       yes
-ValueUpdateProbe       yes      refused       yes
+ValueUpdateProbe       yes      yes (no W_V   yes
+                                parts)
 ablation_table,        yes      yes           yes
 hmm_lag_map
 calibrate,             yes      yes           yes
