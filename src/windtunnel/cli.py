@@ -144,7 +144,7 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Fine-tune: start from the model weights of this run directory's latest checkpoint "
                    "(or of a checkpoint file); optimizer, schedule and step start fresh.")
 @click.option("--telemetry", is_flag=True,
-              help="Attach the SPEC §8 probes (geometry, routing law, calibration; for the HMM also "
+              help="Attach the probes of docs/theory.md §8 (geometry, routing law, calibration; for the HMM also "
                    "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
                    "`windtunnel dissociation`.")
 def train_command(task, model_name, preset, steps, seed, out, overrides, resume, overwrite, init_from, telemetry):
@@ -327,7 +327,7 @@ def memory_command(run_dir, n_sequences, seed, max_lag):
 @click.option("--n", "n_sequences", type=click.IntRange(min=2), default=256, show_default=True,
               help="Sequences in the fixed probe batch.")
 def dissociation_command(run_dir, n_sequences):
-    """Frame–precision dissociation (SPEC §8.6) over a run's saved models; writes dissociation.json/.png."""
+    """Frame–precision dissociation (docs/theory.md §8.6) over a run's saved models; writes dissociation.json/.png."""
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.dissociation import run_dissociation
 
@@ -347,7 +347,7 @@ def dissociation_command(run_dir, n_sequences):
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
               help="Seed of the held-out sequences.")
 def ablate_command(run_dir, n_sequences, seed):
-    """Ablate every head and layer of a run's latest checkpoint (SPEC §8.5); writes ablation.json."""
+    """Ablate every head and layer of a run's latest checkpoint (docs/theory.md §8.5); writes ablation.json."""
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.telemetry import ablate_run
 
@@ -561,7 +561,7 @@ def _parse_arms(
 def em_vs_sgd_command(
     n_seeds, n_steps, arms, model, out_dir, quick, rng, normalization, telemetry_every, threads
 ) -> None:
-    """Paper II: EM-like (two-timescale) vs SGD on the sticky Markov chain (SPEC §4).
+    """Paper II: EM-like (two-timescale) vs SGD on the sticky Markov chain (docs/theory.md §4).
 
     Writes OUT/results.json, OUT/curves.png, OUT/telemetry.png and OUT/report.md.
     """

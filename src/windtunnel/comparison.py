@@ -1,4 +1,4 @@
-"""Comparing optimiser arms over seeds (SPEC §4.2): summaries, steps-to-threshold, paired t-tests.
+"""Comparing optimiser arms over seeds (docs/theory.md §4.2): summaries, steps-to-threshold, paired t-tests.
 
 Works on plain per-seed records (the ``per_seed`` list of an em-vs-sgd ``results.json``), so a
 comparison can be recomputed from a run directory. Standard deviations use ddof = 0, as the

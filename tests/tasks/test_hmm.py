@@ -206,7 +206,7 @@ def test_generator_matches_its_model():
 
 
 def test_reference_entropy_statistics():
-    """SPEC §5.2 [D]: mean filtered entropy ≈ 2.02 bits at t = 1 and 1.907 overall."""
+    """docs/theory.md §5.2 [D]: mean filtered entropy ≈ 2.02 bits at t = 1 and 1.907 overall."""
     batch = HMMFiltering().sample(2000, generator=torch.Generator().manual_seed(6))
     # Per-site sd is 0.25; sequence means are averages of 20 correlated sites, so the overall
     # mean's standard error is below 0.25 / sqrt(2000) ≈ 0.006; 0.03 is a 5-sigma tolerance.
@@ -216,7 +216,7 @@ def test_reference_entropy_statistics():
 
 
 def _reference_quantise(row, floor_units=5, units=100):
-    """SPEC §5.2's repair rule, written as a plain loop over Python ints."""
+    """docs/theory.md §5.2's repair rule, written as a plain loop over Python ints."""
     cents = [max(round(p * units), floor_units) for p in row]
     while sum(cents) < units:
         i = min(range(len(cents)), key=lambda j: (cents[j], j))

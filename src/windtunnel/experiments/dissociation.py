@@ -1,4 +1,4 @@
-"""Frame–precision dissociation (SPEC §3.4, §8.6): does the frame settle before the precision?
+"""Frame–precision dissociation (docs/theory.md §3.4, §8.6): does the frame settle before the precision?
 
 Reads a run directory's saved models (``snapshots/step_N.pt`` written by the telemetry probes on
 the log-spaced §8.6 schedule, ``checkpoints/step_N.pt`` written by the Trainer, and step 0
@@ -78,7 +78,7 @@ def _w_key(model: torch.nn.Module) -> torch.Tensor | None:
 def run_dissociation(
     run_dir: str | Path, *, n_sequences: int = 256, seed: int | None = None, r: int = 8, rel_tol: float = 0.1
 ) -> dict[str, Any]:
-    """Measure every checkpoint of a run and write dissociation.json / .png (SPEC §8.6).
+    """Measure every checkpoint of a run and write dissociation.json / .png (docs/theory.md §8.6).
 
     Settling step: the first logged step after which a metric stays within ``rel_tol`` of its
     final value (``geometry.settling_step``). The JS divergence to the final checkpoint is 0 at

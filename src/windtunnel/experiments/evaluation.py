@@ -58,7 +58,7 @@ def evaluate_run(
     (and, for an HMM, lag_response.png; for an HMM TinyGPT, history_attention.png).
 
     ``lengths`` applies to tasks with a length parameter (HMM ``n_steps``); an empty list
-    evaluates the training length only. Every metric is per sample (SPEC §7). For the HMM each
+    evaluates the training length only. Every metric is per sample (docs/theory.md §7). For the HMM each
     summary also holds the memory ladder (:func:`memory_ladder`): the entropy MAE of exact
     filters that remember only the last w observations, and the rungs the model falls between.
 

@@ -1,4 +1,4 @@
-"""Telemetry and ablations for a run: attach the §8 probes to a Trainer; ablate a trained run (§8.5)."""
+"""Telemetry and ablations for a run: attach the probes of docs/theory.md §8 to a Trainer; ablate a trained run (§8.5)."""
 
 from __future__ import annotations
 

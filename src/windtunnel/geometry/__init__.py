@@ -1,4 +1,4 @@
-"""Geometry diagnostics of trained attention (SPEC §8): frame, attention maps, value manifold.
+"""Geometry diagnostics of trained attention (docs/theory.md §8): frame, attention maps, value manifold.
 
 Tensors in, tensors or frozen dataclasses out; nothing here knows about models or tasks. The glue
 that runs a model with hooks hands in: hypothesis embeddings after the pre-attention norm and the

@@ -1,4 +1,4 @@
-"""Value-manifold PCA (SPEC §8.3): z-scored PCA of the states at the prediction sites, read against
+"""Value-manifold PCA (docs/theory.md §8.3): z-scored PCA of the states at the prediction sites, read against
 the Bayes entropy; a scikit-learn-style fitted probe and its summary."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _entropy_bins(entropy: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ValueManifoldSummary:
-    """The SPEC §8.3 statistics of one set of states, as plain numbers for logging.
+    """The docs/theory.md §8.3 statistics of one set of states, as plain numbers for logging.
 
     Attributes:
         n_samples, n_features: size of the fitted state matrix.
@@ -80,7 +80,7 @@ class ValueManifoldSummary:
 
 
 class ValueManifoldPCA:
-    """PCA of z-scored states read against the Bayes entropy (SPEC §8.3); scikit-learn style.
+    """PCA of z-scored states read against the Bayes entropy (docs/theory.md §8.3); scikit-learn style.
 
     ``fit(states, entropy_bits)`` z-scores each feature (population std; a constant feature
     becomes 0), takes the SVD Z = U S Vᵀ, and reports eigenvalues λ_i = S_i² / (n - 1) with
@@ -345,7 +345,7 @@ def summarize_value_manifold(
     probe_ridge: float = 0.0,
     position_control: str = "group",
 ) -> ValueManifoldSummary:
-    """``ValueManifoldPCA(...).fit(states, entropy_bits, ...).summary_`` in one call (SPEC §8.3).
+    """``ValueManifoldPCA(...).fit(states, entropy_bits, ...).summary_`` in one call (docs/theory.md §8.3).
 
     Shapes: states [n, d], entropy_bits [n], positions [n].
 
@@ -371,7 +371,7 @@ def level_separation(
     *,
     atol: float = 1e-6,
 ) -> torch.Tensor:
-    """How well consecutive entropy levels separate along a score axis (SPEC §8.6 (b)).
+    """How well consecutive entropy levels separate along a score axis (docs/theory.md §8.6 (b)).
 
     Points whose entropy is within ``atol`` of level L_k form group k, with mean μ_k and
     population std σ_k of ``scores`` (e.g. ``ValueManifoldPCA.pc1_scores_``). For each pair of

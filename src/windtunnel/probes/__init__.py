@@ -1,4 +1,4 @@
-"""Instruments that run a model on fixed batches and return data (SPEC §8); they write no files
+"""Instruments that run a model on fixed batches and return data (docs/theory.md §8); they write no files
 except where :func:`make_probes` is given a run directory.
 
 One instrument per module: :mod:`~windtunnel.probes.routing` (routing-law statistics, §8.4),

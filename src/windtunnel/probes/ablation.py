@@ -1,4 +1,4 @@
-"""Ablation table: the causal effect of every head and every layer on calibration (SPEC §8.5)."""
+"""Ablation table: the causal effect of every head and every layer on calibration (docs/theory.md §8.5)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ __all__ = ["AblationTable", "ablation_table"]
 
 @dataclass(frozen=True)
 class AblationTable:
-    """Effect of ablating each head and each layer (SPEC §8.5).
+    """Effect of ablating each head and each layer (docs/theory.md §8.5).
 
     Attributes:
         intact: scalars of the intact model (``Calibration.scalars()``).
@@ -35,7 +35,7 @@ class AblationTable:
 
 
 def ablation_table(model: nn.Module, task: Any, batches: Sequence[Batch]) -> AblationTable:
-    """ΔMAE, ΔKL and Δaccuracy of every single-head and single-layer ablation (SPEC §8.5).
+    """ΔMAE, ΔKL and Δaccuracy of every single-head and single-layer ablation (docs/theory.md §8.5).
 
     Heads: the head's output before W_O zeroed (TinyGPT: its post-softmax pattern times 0).
     Layers: the block bypassed, or only its attention output, or only its FFN output, zeroed.

@@ -1,4 +1,4 @@
-"""Attention entropy at the prediction sites and the focusing ratio across layers (SPEC §8.2).
+"""Attention entropy at the prediction sites and the focusing ratio across layers (docs/theory.md §8.2).
 
 Model-agnostic: the patterns are the sites' (:func:`windtunnel.sites.record_sites`), so every model
 with an attention-site adapter is supported (TinyGPT, Hugging Face causal LMs, TransformerLens).
@@ -22,7 +22,7 @@ __all__ = ["AttentionFocusing", "attention_focusing"]
 
 @dataclass(frozen=True)
 class AttentionFocusing:
-    """Attention entropy in bits at the prediction sites (SPEC §8.2).
+    """Attention entropy in bits at the prediction sites (docs/theory.md §8.2).
 
     With a_tj the pattern of query (site) t over keys j: H = -Σ_j a_tj log2 a_tj per layer, head,
     sequence and site (0 log 0 = 0), then averaged.

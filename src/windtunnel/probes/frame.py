@@ -1,4 +1,4 @@
-"""Key orthogonality of the hypothesis tokens, layer by layer (SPEC §8.1)."""
+"""Key orthogonality of the hypothesis tokens, layer by layer (docs/theory.md §8.1)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["hypothesis_tokens", "layer_key_orthogonality"]
 
 
 def hypothesis_tokens(task: Any) -> torch.Tensor | None:
-    """Token ids that name the hypotheses (SPEC §8.1), or None when no input token does.
+    """Token ids that name the hypotheses (docs/theory.md §8.1), or None when no input token does.
 
     For hard-label tasks the hypothesis slice indexes the input vocabulary, so the hypothesis
     tokens are ``class_offset .. class_offset + n_classes - 1``: the value tokens V..2V-1 in
@@ -29,7 +29,7 @@ def hypothesis_tokens(task: Any) -> torch.Tensor | None:
 
 
 def layer_key_orthogonality(model: nn.Module, tokens: torch.Tensor) -> tuple[KeyOrthogonality, ...]:
-    """Key orthogonality of every layer on the given hypothesis tokens (SPEC §8.1).
+    """Key orthogonality of every layer on the given hypothesis tokens (docs/theory.md §8.1).
 
     Layer l uses n_l(e_x), the layer's pre-attention norm (with its gain) of the token embedding
     W_E[x] without position embedding, and that layer's ``W_K``, both from the model's adapter

@@ -1,4 +1,4 @@
-"""The §8.1–§8.3 geometry snapshot: key orthogonality, attention entropy and focusing, and the
+"""The geometry snapshot of docs/theory.md §8.1–§8.3: key orthogonality, attention entropy and focusing, and the
 value manifold of one model on one batch."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def geometry_snapshot(
     generator: torch.Generator | None = None,
     states: SiteStates | None = None,
 ) -> GeometrySnapshot:
-    """Key orthogonality, attention entropy and value-manifold statistics (SPEC §8.1–§8.3).
+    """Key orthogonality, attention entropy and value-manifold statistics (docs/theory.md §8.1–§8.3).
 
     Composes :func:`layer_key_orthogonality`, :func:`attention_focusing` and
     :func:`manifold_summary` on one recorded pass (:func:`collect_states`). Key orthogonality is

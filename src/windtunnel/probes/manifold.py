@@ -1,4 +1,4 @@
-"""The value manifold at the prediction sites: its §8.3 summary and its 2-D projection for plots.
+"""The value manifold at the prediction sites: its summary (docs/theory.md §8.3) and its 2-D projection for plots.
 
 Reads :class:`~windtunnel.probes.SiteStates` (the final-norm residual the readout reads), so any
 model :func:`~windtunnel.probes.collect_states` supports is supported.
@@ -25,7 +25,7 @@ def manifold_summary(states: SiteStates, *, generator: torch.Generator | None = 
 
 
 def manifold_projection(states: SiteStates, *, max_points: int = 2000) -> dict[str, Any]:
-    """The first two principal components of the z-scored site states, for plots (SPEC §8.3).
+    """The first two principal components of the z-scored site states, for plots (docs/theory.md §8.3).
 
     Returns a JSON-ready dict {pc1, pc2, entropy_bits, position, pc1_share, pc2_share} over the
     first ``max_points`` (sequence, site) rows in batch order (deterministic, no sampling).

@@ -1,4 +1,4 @@
-"""Routing-law telemetry: advantage, responsibility and exactness statistics per head (SPEC §8.4)."""
+"""Routing-law telemetry: advantage, responsibility and exactness statistics per head (docs/theory.md §8.4)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class RoutingLawStats:
 
 
 def routing_law_stats(model: nn.Module, task: Any, batch: Batch, *, loss_fn: LossFn = site_loss_nats) -> RoutingLawStats:
-    """Advantage, responsibility and exactness statistics per head (SPEC §8.4).
+    """Advantage, responsibility and exactness statistics per head (docs/theory.md §8.4).
 
     One forward pass in eval mode records every layer's attention site
     (:func:`windtunnel.sites.record_sites`: q, k, v exactly as the scores were built from them, the

@@ -59,7 +59,7 @@ class SiteStates:
 
 @torch.no_grad()
 def collect_states(model: nn.Module, task: Any, batch: Batch) -> SiteStates:
-    """Run ``model`` (in eval mode) on ``batch`` and record what the diagnostics need (SPEC §8.3).
+    """Run ``model`` (in eval mode) on ``batch`` and record what the diagnostics need (docs/theory.md §8.3).
 
     Raises:
         ValueError: naming the model class when it has no attention sites or no readout (see

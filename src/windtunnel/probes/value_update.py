@@ -1,4 +1,4 @@
-"""The optimiser's realised change of every head's value vectors against their pull (SPEC §8.4)."""
+"""The optimiser's realised change of every head's value vectors against their pull (docs/theory.md §8.4)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class ValueUpdateStats:
     """The optimiser's realised change of every head's value vectors against their pull (§8.4).
 
     On one training step: the pull is -dL/dv_j = -(AᵀU)_j, the responsibility-weighted sum of the
-    upstream gradients (SPEC §2.3), taken from the step's own backward; the realised change is
+    upstream gradients (docs/theory.md §2.3), taken from the step's own backward; the realised change is
     ΔV = V(θ_after) - V(θ_before) on the same tokens and positions (both in eval mode). Paper II's
     value law is Δv_j = -η (AᵀU)_j for a step taken on the value vectors themselves; a parametric
     model realises it through ΔW_V (and the layers below), filtered by the optimiser's

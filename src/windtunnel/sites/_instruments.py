@@ -225,7 +225,7 @@ def ablated(
     zero_attn_out: Iterable[int] = (),
     zero_mlp_out: Iterable[int] = (),
 ) -> contextlib.AbstractContextManager[nn.Module]:
-    """Run ``model`` with heads or layers ablated inside the block (SPEC §8.5); restored after.
+    """Run ``model`` with heads or layers ablated inside the block (docs/theory.md §8.5); restored after.
 
     ``heads``: (layer, head) pairs whose output z before W_O is exactly zero; ``bypass``: layers
     made the identity; ``zero_attn_out`` / ``zero_mlp_out``: layers whose attention / MLP output

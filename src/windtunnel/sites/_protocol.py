@@ -231,7 +231,7 @@ class SiteLaw:
 
 @dataclass(frozen=True)
 class TokenKeys:
-    """Layer l's key map applied to token embeddings, without positions (SPEC §8.1).
+    """Layer l's key map applied to token embeddings, without positions (docs/theory.md §8.1).
 
     Attributes:
         normed_embeddings: n_l(W_E[x]), the layer's pre-attention norm (with its gain) of each

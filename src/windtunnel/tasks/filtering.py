@@ -1,4 +1,4 @@
-"""Batched forward filtering for discrete hidden-state models (SPEC §4.3, §5.2).
+"""Batched forward filtering for discrete hidden-state models (docs/theory.md §4.3, §5.2).
 
 Shared by the sticky Markov chain (hidden state z_t = y_{t-1}, Gaussian emissions, through the
 log-space API :func:`forward_filter`) and the HMM wind tunnel (categorical emissions, straight

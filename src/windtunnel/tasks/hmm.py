@@ -1,4 +1,4 @@
-"""HMM filtering: accumulation and transport through a fresh HMM read from the prompt (SPEC §5.2).
+"""HMM filtering: accumulation and transport through a fresh HMM read from the prompt (docs/theory.md §5.2).
 
 Each sequence gets a fresh hidden Markov model on a 0.01 grid, written into the prompt as a token
 header, followed by its observations. At every observation the model must report the filtered state
@@ -48,7 +48,7 @@ class HMMPosterior:
         predicted_probs: p(s_t | o_1:t-1), float64 [batch, n_steps, n_states]; uniform at t = 1
             (no transition before o_1).
         next_state_probs: p(s_t+1 | o_1:t) = filtered_t^T T, float64 [batch, n_steps, n_states]
-            (SPEC §5.2's "predicted belief").
+            (docs/theory.md §5.2's "predicted belief").
     """
 
     filtered_probs: torch.Tensor
@@ -532,7 +532,7 @@ def windowed_posterior(
 
 
 def quantise_rows(probs: torch.Tensor, *, floor: float = 0.05, grid: float = 0.01) -> torch.Tensor:
-    """Quantise probability rows to integer grid units that sum exactly to 1/grid (SPEC §5.2).
+    """Quantise probability rows to integer grid units that sum exactly to 1/grid (docs/theory.md §5.2).
 
     Rule: u = round(p / grid); raise entries below floor/grid to floor/grid; then, while a row sums
     to less than 1/grid add 1 to its smallest entry, and while it sums to more subtract 1 from its
