@@ -443,7 +443,8 @@ def reproduce() -> None:
 
 
 def _wind_tunnel_command(task: str):
-    @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]))
+    @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
+                  help="'paper': the paper's recipe (meant for a GPU); 'cpu': ours, sized for 2 CPU cores.")
     @click.option("--out", type=click.Path(file_okay=False), default=None,
                   help=f"Output directory (default runs/reproduce-{task}-<preset>).")
     @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed of every model.")
