@@ -47,10 +47,13 @@ def _grid(heads: list[dict[str, Any]], metric: str) -> list[list[float]]:
 def _heatmaps(heads: list[dict[str, Any]], panels: tuple[tuple[str, str], ...]) -> str:
     fig, axes = _figure(len(panels), width=3.4 * len(panels), height=3.2)
     for ax, (metric, title) in zip(axes, panels):
-        image = ax.imshow(_grid(heads, metric), aspect="auto", cmap="viridis")
-        ax.set(title=title, xlabel="head", ylabel="layer")
+        grid = _grid(heads, metric)
+        image = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(len(grid[0])), yticks=range(len(grid)))
         ax.grid(False)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        bar.formatter.set_useOffset(False)  # plain numbers, never "1e-5 + 4.048"
+        bar.update_ticks()
     return _png(fig)
 
 
@@ -58,7 +61,8 @@ def _entropy_by_layer(layers: list[dict[str, Any]]) -> str:
     fig, axes = _figure(1, width=5, height=3.2)
     values = [row["attn_entropy_bits"] for row in layers]
     axes[0].plot(range(len(values)), [float("nan") if v is None else v for v in values], marker="o")
-    axes[0].set(xlabel="layer", ylabel="bits", title="attention entropy by layer (head mean)")
+    axes[0].set(xlabel="layer", ylabel="bits", title="attention entropy by layer (head mean)", xticks=range(len(values)))
+    axes[0].ticklabel_format(axis="y", useOffset=False)
     return _png(fig)
 
 
@@ -95,7 +99,7 @@ def build_inspection_report(result: dict[str, Any], out: str | Path) -> Path:
             [[row["layer"], row["n_heads"], row["n_kv_heads"], row["attn_entropy_bits"], row["law_check_rel_error"],
               row["model_grad_rel_error"]] for row in layers],
         )),
-        ("Every head", _table(list(_COLUMNS), [[row.get(c) for c in _COLUMNS] for row in heads])),
+        ("Every head", "<div style='overflow-x:auto'>" + _table(list(_COLUMNS), [[row.get(c) for c in _COLUMNS] for row in heads]) + "</div>"),
     ]
     title = f"inspect {result.get('model_dir')}"
     body = "".join(f"<h2>{_esc(name)}</h2>{content}" for name, content in sections)
