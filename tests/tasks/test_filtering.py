@@ -138,13 +138,16 @@ def test_extreme_likelihoods_fall_back_to_log_space():
     assert result.log_filtered_probs[0, 1].item() == pytest.approx(-2000.0, abs=1e-9)
 
 
-def test_structural_zeros_fall_back_to_log_space():
-    # A transition that cannot leave state 0 gives exact zeros: log-probability -inf.
+def test_structural_zeros_stay_in_probability_space():
+    # A transition that cannot leave state 0 gives exact zeros: log-probability -inf. Zero is
+    # exact in probability space, so the scaled recursion keeps them (issue 18) and must give
+    # the enumeration's values, exact zeros included, as the log-space recursion does.
     initial = [1.0, 0.0, 0.0]
     transition = [[1.0, 0.0, 0.0], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]]
     likelihoods = [[0.5, 0.2, 0.9], [0.1, 0.7, 0.7], [0.3, 0.3, 0.3]]
     args = [torch.tensor(x, dtype=torch.float64).log() for x in (initial, transition, likelihoods)]
-    assert _scaled_filter(*args) is None
+    scaled = _scaled_filter(*args)
+    _assert_same_filter(scaled, _log_space_filter(*args), atol=1e-15)
     result = forward_filter(*args)
     filtered, _, log_evidence = _enumerate(initial, transition, likelihoods)
     torch.testing.assert_close(

@@ -343,17 +343,25 @@ def test_quantise_errors():
         quantise_rows(torch.full((1, 25), 0.04))
 
 
-def test_zero_cents_fall_back_to_log_space():
-    # No transition enters state 1, so after the first step every belief in it is exactly 0:
-    # the probability-space recursion declines and the log-space one gives the exact zeros.
+def test_zero_cents_stay_in_probability_space():
+    # No transition enters state 1, so after the first step every belief in it is exactly 0.
+    # Zero is exact in probability space: the recursion keeps it (issue 18) instead of
+    # declining, and gives the enumeration's beliefs with the exact zeros.
     transition = [[100, 0], [100, 0]]
     emission = [[20, 80], [60, 40]]
     observations = [1, 0, 0, 1]
     args = (torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations]))
     trans_probs = args[0].double().permute(1, 2, 0) / 100
     lik = (args[1].double() / 100)[0].T[args[2][0]].unsqueeze(-1)  # [n_steps, S, 1]
-    assert _probability_filter(0.5, trans_probs, lik, n_predicted=5, with_norms=False) is None
+    direct = _probability_filter(0.5, trans_probs, lik, n_predicted=5, with_norms=False)
+    assert direct is not None
     beliefs = hmm_posterior(*args)
+    torch.testing.assert_close(
+        direct.filtered_probs.permute(2, 0, 1), beliefs.filtered_probs, rtol=0, atol=0
+    )
+    exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
+    for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
+        torch.testing.assert_close(getattr(beliefs, name), getattr(exact, name), rtol=0, atol=1e-15)
     for t in range(1, 5):
         expected = _path_marginal(transition, emission, observations[:t], t)
         torch.testing.assert_close(
