@@ -256,8 +256,10 @@ def _block_recursion(
     out subnormal is added to a sum of at least ``tiny``, which it moves by less than its last
     bit; so every stored value is the exact one to rounding. A rescaled slice held
     ``stored x rescale`` before the division, at least ``tiny`` when ``smallest positive x
-    min(1, smallest rescale)`` is. The final division by sums in (0, 1] only raises values;
-    sums above 1 are bounded by the largest one.
+    min(1, smallest rescale)`` is. The predicted rows are read for their smallest positive entry;
+    the joint's is at least ``that x min_factor / max(1, largest rescale)``, and the joint is read
+    only where this bound is below ``tiny``. The final division by sums in (0, 1] only raises
+    values; sums above 1 are bounded by the largest one.
     """
     seq_len, n_predicted = joint.shape[0], predicted.shape[0]
     predicted_t, joint_t = predicted.unbind(0), joint.unbind(0)
@@ -279,21 +281,30 @@ def _block_recursion(
             else:
                 predicted_t[t + 1].copy_(torch.einsum("zb,bzy->yb", now, trans_by_column))
     info = torch.finfo(joint.dtype)
-    low_joint, high_joint = _positive_range(joint)
     low_predicted, high_predicted = _positive_range(predicted)
-    low = min(low_joint, low_predicted)
-    if not (low >= info.tiny and max(high_joint, high_predicted) <= info.max):
+    if not (low_predicted >= info.tiny and high_predicted <= info.max):
         return False  # a subnormal, negative, infinite or NaN value stored
-    if not low * min_factor > 0:
-        return False  # some product of positives may have rounded to zero
+    smallest_rescale, largest_rescale = 1.0, 1.0
     if rescales.numel():
-        smallest_rescale = rescales.amin().item()
-        if not (smallest_rescale > 0 and low_joint * min(1.0, smallest_rescale) >= info.tiny):
+        smallest_rescale, largest_rescale = (x.item() for x in torch.aminmax(rescales))
+        if not smallest_rescale > 0:
             return False
-    sums = joint.sum(1, keepdim=True)  # [seq_len, 1, cols]
+    # A positive joint_t(z) = predicted_t(z) lik_t(z), divided by its rescale sum on rescaled
+    # steps, is at least this bound (rounding is monotone); only when the bound is below ``tiny``
+    # is the block's joint read to find its smallest positive entry.
+    low_joint = low_predicted * min_factor / max(1.0, largest_rescale)
+    if not low_joint >= info.tiny:
+        low_joint = _positive_range(joint)[0]
+        # The rescaled slices held stored x rescale before the division: normal too.
+        if not (low_joint >= info.tiny and low_joint * min(1.0, smallest_rescale) >= info.tiny):
+            return False
+    if not (low_joint * min_factor > 0 and low_predicted * min_factor > 0):
+        return False  # some product of positives may have rounded to zero
+    sums = joint.sum(1, keepdim=True)  # [seq_len, 1, cols]; finite only if every entry is
     smallest_sum, largest_sum = (x.item() for x in torch.aminmax(sums))
-    if not smallest_sum > 0:
-        return False  # an observation the model cannot produce: no posterior exists
+    if not (smallest_sum > 0 and largest_sum <= info.max):
+        return False  # an observation the model cannot produce (no posterior exists), or NaN
+    low = min(low_joint, low_predicted)
     if largest_sum > 1 and not low / largest_sum >= info.tiny:
         return False
     if not high_predicted / smallest_sum <= info.max:
@@ -320,8 +331,10 @@ def _positive_range(x: torch.Tensor) -> tuple[float, float]:
     The smallest positive entry is inf when none is positive; -1.0 when some entry is negative
     and NaN when one is NaN (both fail any ``>= tiny`` test). One pass when no entry is zero.
     """
-    # amin and amax, not aminmax, which copies a strided block first.
-    low, high = float(x.amin().item()), float(x.amax().item())
+    if x.is_contiguous():
+        low, high = (float(v.item()) for v in torch.aminmax(x))
+    else:  # amin and amax: aminmax copies a strided block first
+        low, high = float(x.amin().item()), float(x.amax().item())
     if low == 0:
         top = math.inf if x.is_floating_point() else torch.iinfo(x.dtype).max
         low = float(x.masked_fill(x == 0, top).amin().item())
