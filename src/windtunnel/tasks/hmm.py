@@ -421,7 +421,11 @@ def hmm_posterior(
     # these views as it goes: T as [from, to, batch], E as [symbol, state, batch], and
     # lik[t, s, b] = E[b, s, o_bt] / units, [n_steps, S, batch], gathered block by block.
     lik = torch.empty(n_steps, n_states, batch, dtype=torch.float64, device=observations.device)
-    smallest = min(_min_positive(transition_cents), _min_positive(emission_cents)) / units
+    if transition_cents.is_floating_point() or emission_cents.is_floating_point():
+        smallest = min(_min_positive(transition_cents), _min_positive(emission_cents)) / units
+    else:  # integer cents: the smallest positive one is at least 1 (negative ones are declined)
+        lowest = min(transition_cents.amin().item(), emission_cents.amin().item())
+        smallest = 1 / units if lowest >= 0 else -1.0
     result = _probability_filter(
         torch.tensor(1.0 / n_states, dtype=torch.float64, device=lik.device),
         transition_cents.permute(1, 2, 0),
