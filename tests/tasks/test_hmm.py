@@ -584,3 +584,25 @@ def test_beliefs_below_the_smallest_normal_float_fall_back_to_log_space():
             rtol=0,
             atol=1e-15,
         )
+
+
+def test_probability_filter_reads_likelihoods_from_the_emission_and_observations():
+    # The mode hmm_posterior uses: each block gathers its likelihoods from E and the symbols, in
+    # grid units divided as read, and finds the smallest factor itself when not told: the same
+    # beliefs as from likelihoods gathered beforehand.
+    args = _grid_hmms_with_zeros(5, 3, 4, 9, torch.Generator().manual_seed(2))
+    gathered = _probability_filter(1 / 3, *_time_major(*args), n_predicted=10, with_norms=False)
+    lik = torch.empty(9, 3, 5, dtype=torch.float64)
+    read = _probability_filter(
+        1 / 3,
+        args[0].permute(1, 2, 0),
+        lik,
+        n_predicted=10,
+        with_norms=False,
+        emission=args[1].permute(2, 1, 0),
+        observations=args[2].T,
+        divisor=100,
+    )
+    assert gathered is not None and read is not None
+    assert torch.equal(read.filtered_probs, gathered.filtered_probs)
+    assert torch.equal(read.predicted_probs, gathered.predicted_probs)

@@ -168,7 +168,7 @@ def _probability_filter(
     emission[o_tb, z, b] itself, while the block is in the caches. ``divisor`` divides the
     transition and emission entries as they are read (grid units to probabilities).
     ``min_factor``: a lower bound of the positive entries of the transition and the likelihoods
-    (after the division); computed here when None (one pass over ``likelihoods``).
+    (after the division); computed here when None (a pass over each).
 
     The recursion runs block by block over the batch (``_BLOCK_COLUMNS`` sequences each). Its loop
     is unnormalised, joint_t = (joint_{t-1} @ T) ⊙ lik_t, three kernels per step; it divides
@@ -184,7 +184,11 @@ def _probability_filter(
     seq_len, n_states, batch = likelihoods.shape
     dtype, device = likelihoods.dtype, likelihoods.device
     if min_factor is None:
-        min_factor = min(_min_positive(transition) / divisor, _min_positive(likelihoods))
+        smallest_trans = _min_positive(transition) / divisor
+        if emission is None:
+            min_factor = min(smallest_trans, _min_positive(likelihoods))
+        else:
+            min_factor = min(smallest_trans, _min_positive(emission) / divisor)
     if not min_factor >= torch.finfo(dtype).tiny:  # negative, NaN or subnormal entries
         return None
     predicted = torch.empty(n_predicted, n_states, batch, dtype=dtype, device=device)
@@ -244,8 +248,8 @@ def _block_recursion(
 
     Shapes: predicted [n_predicted, n_states, cols] with row 0 set, trans [n_states, n_states,
     cols] contiguous, joint [seq_len, n_states, cols] holding the likelihoods, products like
-    trans (None above ``_BROADCAST_STATES``), rescales [seq_len // R, 1, cols], norms
-    [seq_len, 1, cols] or None. On True, joint holds filtered_t, predicted row t >= 1 holds
+    trans (None above ``_BROADCAST_STATES``), rescales [seq_len // _RESCALE_EVERY_STEPS, 1, cols],
+    norms [seq_len, 1, cols] or None. On True, joint holds filtered_t, predicted row t >= 1 holds
     filtered_{t-1} @ T and norms the per-step normalisers.
 
     Why the checks suffice: every value the loop stores is a sum of products of a stored value
