@@ -121,7 +121,8 @@ _RESCALE_EVERY_STEPS = 8
 # The recursion runs over blocks of this many sequences (batch columns), one block after the
 # other: a block's transition and product buffers and its time slices stay in the CPU caches,
 # where one pass over the whole batch per step would stream every buffer through memory (at batch
-# 100,000 and 5 states the transition alone is 20 MB). A batch up to this size is one block.
+# 100,000 and 5 states the transition alone is 20 MB). A batch up to this size is one block;
+# on other devices the whole batch is one block.
 _BLOCK_COLUMNS = 4096
 
 
@@ -170,10 +171,10 @@ def _probability_filter(
     ``min_factor``: a lower bound of the positive entries of the transition and the likelihoods
     (after the division); computed here when None (a pass over each).
 
-    The recursion runs block by block over the batch (``_BLOCK_COLUMNS`` sequences each). Its loop
-    is unnormalised, joint_t = (joint_{t-1} @ T) ⊙ lik_t, three kernels per step; it divides
-    joint_t by its sum every ``_RESCALE_EVERY_STEPS`` steps and normalises each time slice after
-    the loop. Zero probabilities (a forbidden transition or symbol, a state no path reaches) are
+    The recursion runs block by block over the batch (``_BLOCK_COLUMNS`` sequences each, on CPU;
+    the whole batch elsewhere). Its loop is unnormalised, joint_t = (joint_{t-1} @ T) ⊙ lik_t,
+    three kernels per step; it divides joint_t by its sum every ``_RESCALE_EVERY_STEPS`` steps and
+    normalises each time slice after the loop. Zero probabilities (a forbidden transition or symbol, a state no path reaches) are
     exact in this arithmetic: they stay exact zeros, as they are -inf in the log-space recursion.
     What can make it differ from the log-space recursion is underflow alone: a positive value that
     becomes subnormal (digits lost) or a positive product that rounds to zero. The checks after
@@ -194,7 +195,8 @@ def _probability_filter(
     predicted = torch.empty(n_predicted, n_states, batch, dtype=dtype, device=device)
     norms = torch.empty(seq_len, 1, batch, dtype=dtype, device=device) if with_norms else None
     initial = torch.as_tensor(initial, dtype=dtype, device=device).broadcast_to(n_states, batch)
-    width = min(batch, _BLOCK_COLUMNS)
+    # Blocks are for CPU caches; an accelerator takes the whole batch per kernel.
+    width = min(batch, _BLOCK_COLUMNS) if device.type == "cpu" else batch
     # Buffers every block reuses: its transition (contiguous), its products, its rescale sums.
     trans_buffer = torch.empty(n_states, n_states, width, dtype=dtype, device=device)
     products = None
