@@ -174,13 +174,13 @@ def _probability_filter(
     The recursion runs block by block over the batch (``_BLOCK_COLUMNS`` sequences each, on CPU;
     the whole batch elsewhere). Its loop is unnormalised, joint_t = (joint_{t-1} @ T) ⊙ lik_t,
     three kernels per step; it divides joint_t by its sum every ``_RESCALE_EVERY_STEPS`` steps and
-    normalises each time slice after the loop. Zero probabilities (a forbidden transition or symbol, a state no path reaches) are
-    exact in this arithmetic: they stay exact zeros, as they are -inf in the log-space recursion.
-    What can make it differ from the log-space recursion is underflow alone: a positive value that
-    becomes subnormal (digits lost) or a positive product that rounds to zero. The checks after
-    each block's loop (:func:`_block_recursion`) exclude both from every value it stores; where
-    they fail (likelihood ratios beyond ~1e300 within a sequence, say) it returns None and callers
-    use the log-space recursion.
+    normalises each time slice after the loop. Zero probabilities (a forbidden transition or
+    symbol, a state no path reaches) are exact in this arithmetic: they stay exact zeros, as they
+    are -inf in the log-space recursion. What can make it differ from the log-space recursion is
+    underflow alone: a positive value that becomes subnormal (digits lost) or a positive product
+    that rounds to zero. The checks after each block's loop (:func:`_block_recursion`) exclude
+    both from every value it stores; where they fail (likelihood ratios beyond ~1e300 within a
+    sequence, say) it returns None and callers use the log-space recursion.
     """
     seq_len, n_states, batch = likelihoods.shape
     dtype, device = likelihoods.dtype, likelihoods.device
