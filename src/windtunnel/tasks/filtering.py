@@ -287,7 +287,7 @@ def _block_recursion(
             else:
                 predicted_t[t + 1].copy_(torch.einsum("zb,bzy->yb", now, trans_by_column))
     info = torch.finfo(joint.dtype)
-    low_predicted, high_predicted = _positive_range(predicted)
+    low_predicted, high_predicted = _positive_range(predicted, scratch=True)
     if not (low_predicted >= info.tiny and high_predicted <= info.max):
         return False  # a subnormal, negative, infinite or NaN value stored
     smallest_rescale, largest_rescale = 1.0, 1.0
@@ -300,7 +300,7 @@ def _block_recursion(
     # is the block's joint read to find its smallest positive entry.
     low_joint = low_predicted * min_factor / max(1.0, largest_rescale)
     if not low_joint >= info.tiny:
-        low_joint = _positive_range(joint)[0]
+        low_joint = _positive_range(joint, scratch=True)[0]
         # The rescaled slices held stored x rescale before the division: normal too.
         if not (low_joint >= info.tiny and low_joint * min(1.0, smallest_rescale) >= info.tiny):
             return False
@@ -331,11 +331,13 @@ def _block_recursion(
     return True
 
 
-def _positive_range(x: torch.Tensor) -> tuple[float, float]:
+def _positive_range(x: torch.Tensor, *, scratch: bool = False) -> tuple[float, float]:
     """(smallest positive entry, largest entry) of a tensor of non-negative values.
 
     The smallest positive entry is inf when none is positive; -1.0 when some entry is negative
     and NaN when one is NaN (both fail any ``>= tiny`` test). One pass when no entry is zero.
+    With ``scratch`` (a buffer of ours, holding no inf), the zeros are masked in place and
+    restored, instead of in a copy as large as ``x``.
     """
     if x.is_contiguous():
         low, high = (float(v.item()) for v in torch.aminmax(x))
@@ -343,7 +345,12 @@ def _positive_range(x: torch.Tensor) -> tuple[float, float]:
         low, high = float(x.amin().item()), float(x.amax().item())
     if low == 0:
         top = math.inf if x.is_floating_point() else torch.iinfo(x.dtype).max
-        low = float(x.masked_fill(x == 0, top).amin().item())
+        zeros = x == 0
+        if scratch and high < top:
+            low = float(x.masked_fill_(zeros, top).amin().item())
+            x.masked_fill_(zeros, 0)
+        else:
+            low = float(x.masked_fill(zeros, top).amin().item())
         if low == top:
             low = math.inf
     elif low < 0:

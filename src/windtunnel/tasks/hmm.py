@@ -424,7 +424,7 @@ def hmm_posterior(
     if transition_cents.is_floating_point() or emission_cents.is_floating_point():
         smallest = min(_min_positive(transition_cents), _min_positive(emission_cents)) / units
     else:  # integer cents: the smallest positive one is at least 1 (negative ones are declined)
-        lowest = min(transition_cents.amin().item(), emission_cents.amin().item())
+        lowest = min(transition_cents.min().item(), emission_cents.min().item())
         smallest = 1 / units if lowest >= 0 else -1.0
     result = _probability_filter(
         torch.tensor(1.0 / n_states, dtype=torch.float64, device=lik.device),
