@@ -27,9 +27,11 @@ Then, side by side in the same process, ``hmm_posterior`` against dynamax's ``hm
 the same cents and observations to the filtered and predicted beliefs, for two kinds of input:
 rows with no zero entry (``HMMFiltering``'s HMMs) and Dirichlet(1) rows quantised to the 0.01
 grid with no floor, which may contain a zero cent (observations drawn from each model, so every
-posterior exists); at each ``--dynamax-batches`` size. JAX compiles before the timing; the two
-calls alternate, and each row reports the median of ``--dynamax-repeats`` calls. Both must agree
-to 1e-12 first. JAX and dynamax are optional: without them this part prints why it is skipped.
+posterior exists); at each ``--dynamax-batches`` size. A third call is the stricter peer:
+dynamax's filter alone, given T in probabilities and the log-likelihoods, prepared outside the
+timing. JAX compiles before the timing; the calls alternate, and each row reports the median of
+``--dynamax-repeats`` calls of each. All must agree to 1e-12 first. JAX and dynamax are optional:
+without them this part prints why it is skipped.
 
 Run: ``python benchmarks/posteriors.py [--batch 1000] [--steps 50] [--repeats 7] [--threads 1]
 [--part all|loops|dynamax] [--dynamax-batches 1000 100000] [--dynamax-repeats 3]``."""
@@ -366,6 +368,14 @@ def dynamax_table(args: argparse.Namespace) -> None:
         return post.filtered_probs, post.predicted_probs
 
     dynamax_call = jax.jit(dynamax_beliefs)
+
+    def filter_alone(trans, log_lik):
+        # The stricter peer: dynamax given float64 T and log-likelihoods [batch, n_steps, S].
+        initial = jnp.full(trans.shape[-1], 1.0 / trans.shape[-1])
+        post = jax.vmap(hmm_filter, in_axes=(None, 0, 0))(initial, trans, log_lik)
+        return post.filtered_probs, post.predicted_probs
+
+    filter_alone_call = jax.jit(filter_alone)
     versions = (
         f"torch {torch.__version__}, jax {jax.__version__}, "
         f"dynamax {_version('dynamax')}, torch threads {torch.get_num_threads()}, "
@@ -375,10 +385,11 @@ def dynamax_table(args: argparse.Namespace) -> None:
           f"float64; median of {args.dynamax_repeats} alternating calls each, JAX compile excluded")
     print(versions)
     print()
-    head = "dynamax CPU ÷ windtunnel CPU"
-    print(f"| input rows | batch | windtunnel wall (ms) | windtunnel CPU (ms) | dynamax wall (ms) "
-          f"| dynamax CPU (ms) | {head} | max abs diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| input rows | batch | windtunnel CPU (ms) | dynamax CPU (ms) | ratio | dynamax filter "
+        "alone CPU (ms) | ratio | walls: windtunnel, dynamax, filter alone (ms) | max abs diff |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for batch_size in args.dynamax_batches:
         for kind in ("no zero", "may contain a zero cent"):
             generator = torch.Generator().manual_seed(args.seed + batch_size)
@@ -390,37 +401,55 @@ def dynamax_table(args: argparse.Namespace) -> None:
                 inputs = grid_hmms_with_zero_cents(batch_size, 5, 5, args.steps, generator)
             n_zero = int((inputs[0] == 0).sum() + (inputs[1] == 0).sum())
             on_jax = [jnp.asarray(x.numpy()) for x in inputs]
-
-            def run_windtunnel(inputs=inputs):
-                return hmm_posterior(*inputs)
-
-            def run_dynamax(on_jax=on_jax):
-                return jax.block_until_ready(dynamax_call(*on_jax))
-
-            # Agreement first; this also compiles the JAX function and warms both up.
-            ours = run_windtunnel()
-            filtered, predicted = run_dynamax()
-            max_diff = max(
-                (ours.filtered_probs - torch.from_numpy(np.array(filtered))).abs().max().item(),
-                (ours.predicted_probs - torch.from_numpy(np.array(predicted))).abs().max().item(),
+            # The filter-alone inputs, prepared outside the timing: T in probabilities and
+            # log p(o_t | s) [batch, n_steps, S] (log 0 = -inf).
+            trans_cents, emit_cents, observations = inputs
+            n_states = trans_cents.shape[-1]
+            index = observations.unsqueeze(-2).expand(-1, n_states, -1)
+            log_lik = torch.log(emit_cents.double() / 100).gather(-1, index).transpose(1, 2)
+            prepared = (
+                jnp.asarray(trans_cents.double().numpy() / 100),
+                jnp.asarray(log_lik.numpy()),
             )
-            del ours, filtered, predicted
+            del log_lik
+
+            calls = {
+                "windtunnel": lambda inputs=inputs: hmm_posterior(*inputs),
+                "dynamax": lambda on_jax=on_jax: jax.block_until_ready(dynamax_call(*on_jax)),
+                "filter alone": lambda prepared=prepared: jax.block_until_ready(
+                    filter_alone_call(*prepared)
+                ),
+            }
+            # Agreement first; this also compiles the JAX functions and warms all three up.
+            ours = calls["windtunnel"]()
+            max_diff = 0.0
+            for name in ("dynamax", "filter alone"):
+                filtered, predicted = calls[name]()
+                pairs = ((ours.filtered_probs, filtered), (ours.predicted_probs, predicted))
+                for mine, theirs in pairs:
+                    diff = (mine - torch.from_numpy(np.array(theirs))).abs().max().item()
+                    max_diff = max(max_diff, diff) if diff == diff else math.nan
+                del filtered, predicted
+            del ours
             if not max_diff <= 1e-12:
                 raise SystemExit(f"hmm_posterior and dynamax disagree: max |diff| = {max_diff:.3g}")
-            times = {"windtunnel": ([], []), "dynamax": ([], [])}
+            times = {name: ([], []) for name in calls}
             for _ in range(args.dynamax_repeats):
-                for name, fn in (("windtunnel", run_windtunnel), ("dynamax", run_dynamax)):
+                for name, fn in calls.items():
                     wall, cpu = time.perf_counter(), time.process_time()
                     out = fn()
                     times[name][1].append(time.process_time() - cpu)
                     times[name][0].append(time.perf_counter() - wall)
                     del out
-            ours_wall, ours_cpu = (statistics.median(x) for x in times["windtunnel"])
-            theirs_wall, theirs_cpu = (statistics.median(x) for x in times["dynamax"])
+            walls = {name: statistics.median(x[0]) * 1e3 for name, x in times.items()}
+            cpus = {name: statistics.median(x[1]) * 1e3 for name, x in times.items()}
+            ours_cpu = cpus["windtunnel"]
             print(
-                f"| {kind} ({n_zero:,} zero cents) | {batch_size:,} | {ours_wall * 1e3:.2f} | "
-                f"{ours_cpu * 1e3:.2f} | {theirs_wall * 1e3:.2f} | {theirs_cpu * 1e3:.2f} | "
-                f"{theirs_cpu / ours_cpu:.2f}x | {max_diff:.1e} |",
+                f"| {kind} ({n_zero:,} zero cents) | {batch_size:,} | {ours_cpu:.2f} | "
+                f"{cpus['dynamax']:.2f} | {cpus['dynamax'] / ours_cpu:.2f}x | "
+                f"{cpus['filter alone']:.2f} | {cpus['filter alone'] / ours_cpu:.2f}x | "
+                f"{walls['windtunnel']:.2f}, {walls['dynamax']:.2f}, {walls['filter alone']:.2f} | "
+                f"{max_diff:.1e} |",
                 flush=True,
             )
 
