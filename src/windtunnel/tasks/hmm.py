@@ -54,7 +54,7 @@ class HMMPosterior:
         predicted_probs: p(s_t | o_1:t-1), float64 [batch, n_steps, n_states]; uniform at t = 1
             (no transition before o_1).
         next_state_probs: p(s_t+1 | o_1:t) = filtered_t^T T, float64 [batch, n_steps, n_states]
-            (SPEC §5.2's "predicted belief").
+            (the "predicted belief" of arXiv 2512.22471).
     """
 
     filtered_probs: torch.Tensor
@@ -549,7 +549,9 @@ def windowed_posterior(
 
 
 def quantise_rows(probs: torch.Tensor, *, floor: float = 0.05, grid: float = 0.01) -> torch.Tensor:
-    """Quantise probability rows to integer grid units that sum exactly to 1/grid (SPEC §5.2).
+    """Quantise probability rows to integer grid units that sum exactly to 1/grid.
+
+    The grid of the HMM wind tunnel of arXiv 2512.22471.
 
     Rule: u = round(p / grid); raise entries below floor/grid to floor/grid; then, while a row sums
     to less than 1/grid add 1 to its smallest entry, and while it sums to more subtract 1 from its
