@@ -11,7 +11,7 @@ Samples a batch of fresh HMMs from ``HMMFiltering`` and times
     the same probability-space recursion inside, with exp and log around it);
   * the batched recursion kept in log space throughout (the path ``forward_filter`` falls back to);
   * reference filters written here that loop over sequences and steps: in log space with one
-    logsumexp per next state, as the reference code of arXiv 2512.22471 does; in numpy with one
+    logsumexp per next state, as the papers' reference code does; in numpy with one
     small matrix-vector product per step (the fastest loop we could write); in plain Python lists.
 ``hmm_posterior`` is timed twice: with repeated calls reusing already-mapped memory, and (where
 glibc's ``malloc_trim`` exists) with freed memory handed back to the OS before every call, so
