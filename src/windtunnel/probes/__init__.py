@@ -32,6 +32,8 @@ ablation_table,        yes      yes           yes
 hmm_lag_map
 calibrate,             yes      yes           yes
 hmm_lag_response
+geometry_variants      yes      yes (weight-  yes
+                                free ones)
 =====================  =======  ============  ================
 """
 
