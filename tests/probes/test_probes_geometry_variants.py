@@ -10,6 +10,7 @@ import torch
 from windtunnel import probes
 from windtunnel.hooks import record
 from windtunnel.models import TinyGPT, TinyGPTConfig
+from windtunnel.reports import PAPER_NUMBERS
 from windtunnel.tasks import Bijection, HMMFiltering
 
 TASK = Bijection(n_values=6, n_pairs=5)  # vocab 12, seq_len 9, value tokens 6..11
@@ -36,9 +37,13 @@ def test_registry_names_every_published_definition_with_one_ours_each():
         assert [name for name, v in quantity.items() if v.ours] == [next(iter(quantity))]  # ours, listed first
         for v in quantity.values():
             assert v.function.__doc__ and ("arXiv" in v.function.__doc__ or "docs/theory.md §" in v.function.__doc__)
-    assert "0.052" in variants["key_orthogonality"]["hypothesis_abs"].paper
-    assert "84–90" in manifold["value_positions_pre_final_norm_raw"].paper
-    assert "85–90" in variants["focusing_ratio"]["sites"].paper
+    # the numbers of the report's paper table (docs/theory.md §10), each beside the one definition it belongs to
+    table = {key: paper for _, paper, _, key in PAPER_NUMBERS["bijection"]}
+    for quantity, variant, number, key in (("key_orthogonality", "hypothesis_abs", "0.052 vs 0.082 random", "key_ortho"),
+                                           ("value_manifold_pc1_share", "value_positions_pre_final_norm_raw", "84–90 %", "pc1"),
+                                           ("focusing_ratio", "sites", "85–90 %", "focusing")):
+        assert number in table[key]
+        assert [name for name, v in variants[quantity].items() if v.paper and number in v.paper] == [variant]
 
 
 @torch.no_grad()
