@@ -67,7 +67,7 @@ def layer_key_orthogonality(model: nn.Module, tokens: torch.Tensor) -> tuple[Key
 
 
 def _per_layer(values: list[float]) -> dict[str, Any]:
-    if not values or any(not math.isfinite(v) for v in values[:1]):
+    if not values or not math.isfinite(values[0]):
         raise VariantUnavailable("no finite value at layer 0 (fewer than two keys to compare).")
     return {"value": values[0], "per_layer": [v if math.isfinite(v) else None for v in values]}
 
