@@ -294,6 +294,17 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
                 f"{layer['earlier_entropy_bits'][head][t - 2]:.1f}" for t in ticks
             ]
             click.echo(f"  block {i}:" + "".join(f"{c:>20}" for c in cells) + f"   (head {head})")
+    geometry = report.get("geometry_variants")
+    if geometry is not None:
+        from windtunnel.reports import geometry_variant_rows
+
+        if geometry.get("unavailable"):
+            click.echo(f"geometry variants: none for this model ({geometry['unavailable']})")
+        else:
+            click.echo(f"geometry under every published definition (first {geometry['n_sequences']} sequences; "
+                       "docs/theory.md §8.1–§8.3): variant: this run [paper]")
+            for quantity, name, value, paper, _, _ in geometry_variant_rows(geometry):
+                click.echo(f"  {quantity}, {name}: {value}" + (f"  [paper: {paper}]" if paper != "—" else ""))
     figures = [report["paths"][k] for k in ("figure", "history_figure", "lag_figure") if k in report["paths"]]
     click.echo(f"wrote {report['paths']['json']} and {' and '.join(figures)}")
 

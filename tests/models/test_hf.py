@@ -212,6 +212,11 @@ def test_train_eval_ablate_and_dissociation_on_the_command_line(tmp_path):
     evaluated = CliRunner().invoke(main, ["eval", str(run), "--n", "4"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "train length: entropy MAE" in evaluated.output and (run / "eval.json").exists()
+    geometry = json.loads((run / "eval.json").read_text())["geometry_variants"]["quantities"]  # weights-free variants only
+    assert "AttentionInterface" in geometry["key_orthogonality"]["hypothesis_abs"]["unavailable"]
+    assert geometry["key_orthogonality"]["in_context_abs"]["value"] is not None
+    assert "final norm" in geometry["value_manifold_pc1_share"]["value_positions_pre_final_norm_raw"]["unavailable"]
+    assert "key orthogonality (layer 0), hypothesis_abs (ours): — (" in evaluated.output
     ablated = CliRunner().invoke(main, ["ablate", str(run), "--n", "4"])
     assert ablated.exit_code == 0, ablated.output
     rows = json.loads((run / "ablation.json").read_text())["rows"]

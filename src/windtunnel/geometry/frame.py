@@ -25,6 +25,7 @@ __all__ = [
     "frame_subspace_overlap",
     "key_orthogonality",
     "mean_abs_cosine",
+    "pooled_mean_cosine",
     "random_abs_cosine",
     "settling_step",
 ]
@@ -76,6 +77,39 @@ def mean_abs_cosine(vectors: torch.Tensor, *, signed: bool = False) -> torch.Ten
             )
         )
     return _mean_offdiag(_cosine_matrix(vectors), signed=signed)
+
+
+def pooled_mean_cosine(vectors: torch.Tensor, mask: torch.Tensor | None = None, *, signed: bool = False) -> torch.Tensor:
+    """Mean |cos| (or cos) over the ordered pairs of distinct members of the same set, pooled over sets.
+
+    With S the sets and M_s the members of set s that ``mask`` keeps,
+
+        (Σ_s Σ_{x≠y ∈ M_s} |cos(v_x, v_y)|) / Σ_s |M_s| (|M_s| - 1),
+
+    so pairs never cross sets and every pair weighs the same. This is key orthogonality "in
+    context" (docs/theory.md §8.1, §9): the sets are sequences, the members the keys of the
+    positions holding a hypothesis token, as the model formed them (position and earlier layers
+    included). With one set and no mask it equals :func:`mean_abs_cosine`. An exactly-zero vector
+    has cosine 0 with everything. NaN when no set has two members.
+
+    Shapes: vectors [..., n_sets, n, d], mask bool [n_sets, n] (None: all) -> [...].
+
+    Raises:
+        ValueError: when vectors is not a floating tensor [..., n_sets, n, d] or the mask does not fit.
+    """
+    owner = "pooled_mean_cosine"
+    check_float_tensor(owner, "vectors", vectors, min_dim=3, shape_text="[..., n_sets, n, d]")
+    n_sets, n = vectors.shape[-3], vectors.shape[-2]
+    if mask is None:
+        mask = torch.ones(n_sets, n, dtype=torch.bool, device=vectors.device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n_sets, n):
+        raise ValueError(must(owner, "mask", f"a bool tensor [n_sets={n_sets}, n={n}]", describe_tensor(mask)))
+    mask = mask.to(vectors.device)
+    cos = _cosine_matrix(vectors)  # [..., n_sets, n, n]
+    pairs = (mask[:, :, None] & mask[:, None, :]) & ~torch.eye(n, dtype=torch.bool, device=vectors.device)
+    vals = cos if signed else cos.abs()
+    count = pairs.sum()
+    return (vals * pairs).sum((-1, -2, -3)) / count.to(vals.dtype)
 
 
 def _cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:

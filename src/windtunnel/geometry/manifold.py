@@ -106,6 +106,10 @@ class ValueManifoldPCA:
         test_fraction: held-out share of the probe split, in (0, 1).
         probe_ridge: ridge penalty of the probe (0 = minimum-norm least squares), >= 0.
         position_control: ``"group"`` or ``"linear"``, see ``partial_correlation``.
+        standardize: z-score each feature (the default, docs/theory.md §8.3); False only centres
+            the states (scale_ = 1), the plain PCA of the authors' figure scripts, where features
+            with a large spread dominate the spectrum. The probe and every statistic then read
+            the centred states.
 
     Attributes (after ``fit``):
         n_samples_, n_features_in_, n_components_: sizes.
@@ -130,6 +134,7 @@ class ValueManifoldPCA:
         test_fraction: float = 0.2,
         probe_ridge: float = 0.0,
         position_control: str = "group",
+        standardize: bool = True,
     ) -> None:
         owner = "ValueManifoldPCA"
         problems = [
@@ -151,6 +156,7 @@ class ValueManifoldPCA:
             ),
             check_number(owner, "probe_ridge", probe_ridge, low=0.0),
             check_choice(owner, "position_control", position_control, ("group", "linear")),
+            None if isinstance(standardize, bool) else f"{owner}: standardize must be a bool; got {standardize!r}.",
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -161,6 +167,7 @@ class ValueManifoldPCA:
         self.test_fraction = test_fraction
         self.probe_ridge = probe_ridge
         self.position_control = position_control
+        self.standardize = standardize
 
     def fit(
         self,
@@ -217,6 +224,8 @@ class ValueManifoldPCA:
         entropy = entropy_bits.to(states.dtype)
 
         z, mean, scale = _zscore(states)
+        if not self.standardize:  # centre only; a constant feature is still exactly 0
+            z, scale = states - mean, torch.ones_like(scale)
         if bool((z == 0).all()):
             raise ValueError(
                 must(

@@ -25,7 +25,7 @@ from typing import Any
 
 from windtunnel.runs import RunDir, read_jsonl, write_text_atomic
 
-__all__ = ["PAPER_NUMBERS", "build_report"]
+__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "geometry_variant_rows"]
 
 # (quantity, paper value, source, how ours is read from the run) per task; docs/theory.md §10.
 PAPER_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
@@ -330,6 +330,52 @@ def _memory_section(saved: Path, evaluation: dict[str, Any] | None, ablation: di
     return text + _png(fig) + over_checkpoints
 
 
+GEOMETRY_VARIANT_HEADER = ["quantity", "variant", "this run", "paper", "definition", "source"]
+"""Columns of :func:`geometry_variant_rows`."""
+
+_QUANTITY_TEXT = {
+    "key_orthogonality": "key orthogonality (layer 0)",
+    "value_manifold_pc1_share": "value manifold PC1 share",
+    "focusing_ratio": "attention focusing ratio",
+}
+
+
+def geometry_variant_rows(geometry: dict[str, Any] | None) -> list[list[str]]:
+    """eval.json's ``geometry_variants`` as table rows of plain text, one per variant, ours marked:
+    [quantity, variant, this run, paper, definition, source] (:data:`GEOMETRY_VARIANT_HEADER`).
+    `windtunnel eval` prints these rows and the report shows them, so both show the same numbers.
+    A variant the run could not measure shows — and the reason; the paper column is — where no
+    paper number belongs to the definition. Empty when there is nothing to show."""
+    if not isinstance(geometry, dict) or not isinstance(geometry.get("quantities"), dict):
+        return []
+    rows = []
+    for quantity, variants in geometry["quantities"].items():
+        if not isinstance(variants, dict):
+            continue
+        for name, v in variants.items():
+            if not isinstance(v, dict):
+                continue
+            value = _text(v.get("value"))
+            if v.get("unavailable"):
+                value = f"— ({v['unavailable']})"
+            rows.append([_QUANTITY_TEXT.get(quantity, str(quantity)), f"{name} (ours)" if v.get("ours") else str(name), value,
+                         _text(v.get("paper")), _text(v.get("description")), _text(v.get("source"))])
+    return rows
+
+
+def _geometry_variants_section(evaluation: dict[str, Any] | None) -> str:
+    geometry = evaluation.get("geometry_variants") if isinstance(evaluation, dict) else None
+    if isinstance(geometry, dict) and geometry.get("unavailable"):
+        return f"<p>No geometry variants for this model: {_esc(geometry['unavailable'])}</p>"
+    rows = geometry_variant_rows(geometry)
+    if not rows:
+        return "<p>No geometry variants in eval.json: run <code>windtunnel eval RUN_DIR</code>.</p>"
+    text = (f"<p>From eval.json: step {_fmt(evaluation.get('step'))}, the first {_fmt(geometry.get('n_sequences'))} evaluation "
+            "sequences. Each quantity under every published definition (docs/theory.md §8.1–§8.3, §9), ours first; the "
+            "paper's number stands beside the definition it belongs to.</p>")
+    return text + _table(GEOMETRY_VARIANT_HEADER, rows)
+
+
 def _ablation_section(ablation: dict[str, Any] | None) -> str:
     if ablation is None:
         return "<p>No ablation.json: run <code>windtunnel ablate RUN_DIR</code>.</p>"
@@ -411,6 +457,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         ("Per-position calibration vs Bayes", _calibration_section(evaluation)),
         ("Value manifold coloured by Bayes entropy", _manifold_section(run.manifold_dir)),
         ("Key orthogonality, attention entropy, manifold statistics", _geometry_section(tel)),
+        ("Geometry under every published definition (docs/theory.md §8.1–§8.3)", _geometry_variants_section(evaluation)),
         ("Frame–precision dissociation (docs/theory.md §8.6)", _dissociation_section(run.path, diss)),
         ("Routing-law telemetry (docs/theory.md §8.4)", _routing_section(tel)),
         ("Ablations (docs/theory.md §8.5)", _ablation_section(ablation)),

@@ -238,10 +238,13 @@ class TokenKeys:
             token's embedding, [n_tokens, d_model].
         w_key: the layer's key projection in TransformerLens layout [head, d_model, d_head]
             (per key-value head under grouped-query attention); key biases are left out.
+        embeddings: W_E[x] itself, before the norm, [n_tokens, d_model] (the same for every
+            layer), or None where the adapter does not give it.
     """
 
     normed_embeddings: torch.Tensor
     w_key: torch.Tensor
+    embeddings: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

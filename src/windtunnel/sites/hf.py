@@ -85,6 +85,7 @@ _NO_WEIGHTS = (
 _REFUSED = {
     "token_keys": _NO_WEIGHTS.format(what="key projection W_K or pre-attention norm", instrument="key orthogonality"),
     "value_projections": _NO_WEIGHTS.format(what="value projection W_V or its input", instrument="the value-update probe"),
+    "final_residual": _NO_WEIGHTS.format(what="final norm (its name differs per architecture)", instrument="the residual before the final norm"),
 }
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "ablated",
     "ablation_layout",
     "attach",
+    "final_residual_hook",
     "matches",
     "readout_hook",
     "token_keys",
@@ -123,6 +124,13 @@ def readout_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> Remo
     return model.unembed.register_forward_pre_hook(lambda _m, args: sink(args[0]))
 
 
+def final_residual_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Pass the input of ``ln_final`` (of ``unembed`` when the model has no final norm) to ``sink``."""
+    norm = getattr(model, "ln_final", None)
+    target = norm if isinstance(norm, nn.Module) else model.unembed
+    return target.register_forward_pre_hook(lambda _m, args: sink(args[0]))
+
+
 def _own(attn: nn.Module, name: str) -> Any:
     """The stored parameter: ``_W_K`` etc. per key-value head under grouped-query attention."""
     own = getattr(attn, "_" + name, None)
@@ -134,7 +142,7 @@ def token_keys(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> tu
     w_e = model.embed.W_E
     emb = w_e[tokens.to(w_e.device)].to(dtype)[None]  # [1, n_tokens, d_model]: TL norms expect a batch
     return tuple(
-        TokenKeys(normed_embeddings=block.ln1(emb)[0].to(dtype), w_key=_own(block.attn, "W_K").detach().to(dtype))
+        TokenKeys(normed_embeddings=block.ln1(emb)[0].to(dtype), w_key=_own(block.attn, "W_K").detach().to(dtype), embeddings=emb[0].detach())
         for block in model.blocks
     )
 
