@@ -281,3 +281,11 @@ def test_sigkill_of_the_driver_then_a_rerun_completes_the_sweep(tmp_path):
         torch.set_num_threads(threads)
     final = [r for r in sweep.run(name).metrics() if r["split"] == "eval" and r["step"] == steps]
     assert len(final) == 1 and {k: final[0][k] for k in reference} == reference
+
+
+def test_the_ray_backend_without_ray_is_one_error_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` raises ImportError
+    out = tmp_path / "sweep"
+    line = one_line_error(run_cli(sweep_args(out, "--seeds", "0", "--backend", "ray")), 1)
+    assert line == "windtunnel sweep: error: the ray backend needs Ray Tune: pip install 'windtunnel[ray]'"
+    assert not out.exists()
