@@ -76,6 +76,13 @@ def test_a_bad_grid_is_one_error_before_anything_is_written(tmp_path, extra, exp
     assert not out.exists()
 
 
+def test_a_folder_that_is_not_a_sweep_is_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    line = one_line_error(run_cli(sweep_args(tmp_path, "--seeds", "0")), 2)
+    assert "is not empty and is not a sweep directory" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_a_failing_trial_is_recorded_while_the_others_finish(tmp_path):
     out = tmp_path / "sweep"
     result = run_cli(sweep_args(out, "--seeds", "0", "--grid", "train.lr=1e-3,1e30"))

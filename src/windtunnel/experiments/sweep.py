@@ -249,16 +249,26 @@ def _parsed(text: str) -> Any:
 # --- one trial (runs in a worker) -------------------------------------------------------------
 
 
+_VERIFIED: dict[tuple[str, int, int], tuple[int, float]] = {}
+
+
 def _checkpoint_step(run: RunDir) -> tuple[int | None, float]:
-    """(step, elapsed_s) of the run's latest checkpoint, verified; (None, 0) without one.
+    """(step, elapsed_s) of the run's latest checkpoint, verified; (None, 0) without one. A file
+    is verified once per version (path, modification time, size): the driver asks after every
+    trial, and a checkpoint is only ever replaced whole.
 
     Raises:
         CheckpointError: when it exists but cannot be trusted.
     """
-    if run.latest_checkpoint() is None:
+    path = run.latest_checkpoint()
+    if path is None:
         return None, 0.0
-    state = run.load_checkpoint()
-    return int(state["step"]), float(state.get("elapsed_s", 0.0))
+    info = path.stat()
+    key = (str(path.resolve()), info.st_mtime_ns, info.st_size)
+    if key not in _VERIFIED:
+        state = run.load_checkpoint(path)
+        _VERIFIED[key] = (int(state["step"]), float(state.get("elapsed_s", 0.0)))
+    return _VERIFIED[key]
 
 
 def run_trial(
@@ -366,7 +376,7 @@ def _final_metrics(run: RunDir, step: int) -> dict[str, float | None]:
                 if key not in ("step", "split") and key != "n_sequences" and (value is None or isinstance(value, (int, float))):
                     out[prefix + key] = value
     if last_train is not None:
-        out["train.loss_nats"] = last_train.get("loss_nats")
+        out["train_loss_nats"] = last_train.get("loss_nats")
     return out
 
 
@@ -377,7 +387,7 @@ def write_summary(sweep: SweepDir, spec: dict[str, Any] | None = None) -> dict[s
 
     CSV columns: trial, seed, the grid keys, status, step, wall_s, the final metrics (the
     evaluation at the last step; other evaluation lengths prefixed ``eval_lenN.``; the last
-    training loss as ``train.loss_nats``), error.
+    training loss as ``train_loss_nats``), error.
     """
     spec = spec if spec is not None else sweep.read_spec()
     events = sweep.events()
@@ -509,6 +519,8 @@ def run_sweep(
     if backend == "ray":
         _import_ray()
     sweep = SweepDir(out)
+    if not sweep.exists() and sweep.path.is_dir() and any(p.name != ".lock" for p in sweep.path.iterdir()):
+        raise ValueError(f"{sweep.path} is not empty and is not a sweep directory; choose another --out.")
     sweep.path.mkdir(parents=True, exist_ok=True)
     sweep.lock()
     try:
@@ -613,7 +625,8 @@ def _run_local(sweep, todo, *, workers, threads, gpus, address, echo) -> None:
                 result = future.result()
             except BrokenProcessPool as err:
                 result = {"name": trial["name"], "status": "failed", "from_step": None, "to_step": None, "wall_s": None,
-                          "error": f"the worker process died ({_one_line(err)})"}
+                          "error": f"a worker process died (killed, or out of memory), which stops the pool ({_one_line(err)}); "
+                                   "rerun with --retry-failed"}
             _record(sweep, spec, result, done, len(todo), echo)
 
 
@@ -682,7 +695,7 @@ def _run_ray(sweep, todo, *, workers, threads, gpus, address, echo) -> None:
             tune_config=tune.TuneConfig(max_concurrent_trials=workers),
             run_config=tune.RunConfig(
                 storage_path=str(sweep.ray_dir.resolve()),
-                name=time.strftime("tune-%Y%m%d-%H%M%S"),
+                name=time.strftime("tune-%Y%m%d-%H%M%S") + f"-{os.getpid()}",
                 failure_config=tune.FailureConfig(max_failures=2),
                 callbacks=[Progress()],
                 verbose=0,
