@@ -224,7 +224,7 @@ def _wait_unlocked(path, timeout_s=30.0):
 
 def test_sigkill_of_the_driver_then_a_rerun_completes_the_sweep(tmp_path):
     out = tmp_path / "sweep"
-    steps = 200
+    steps = 120
     args = [sys.executable, "-m", "windtunnel", *map(str, sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3")), "--steps", str(steps),
             "--set", "train.eval_every=100", "--set", "train.checkpoint_every=10"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2] / "src"), os.environ.get("PYTHONPATH")]))}

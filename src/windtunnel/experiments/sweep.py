@@ -453,8 +453,8 @@ def _json_ready(obj: Any) -> Any:
 def _prepare(sweep: SweepDir, spec: dict[str, Any]) -> None:
     """Save the spec, or check that the directory holds this very sweep."""
     if sweep.exists():
-        saved = sweep.read_spec()
-        if saved != json.loads(json.dumps(spec)):
+        saved, spec = sweep.read_spec(), json.loads(json.dumps(spec))
+        if saved != spec:
             differ = [k for k in spec if saved.get(k) != spec[k]]
             raise ValueError(
                 f"{sweep.path} holds another sweep (it differs in {', '.join(differ) or 'its format'}); rerun it "
