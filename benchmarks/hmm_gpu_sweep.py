@@ -14,7 +14,7 @@ processes, a step-rate probe and a wall-clock budget): the sweep runs, resumes a
 
 Usage (on a machine with CUDA, from the repository root, without installing):
     PYTHONPATH=src python benchmarks/hmm_gpu_sweep.py --out runs/gpu-sweep --steps 12000 [--seeds 0-2]
-    PYTHONPATH=src python benchmarks/hmm_gpu_sweep.py --out /tmp/smoke --steps 20 --device cpu   (a smoke test)
+    PYTHONPATH=src python benchmarks/hmm_gpu_sweep.py --out runs/gpu-sweep-smoke --steps 20 --device cpu   (a smoke test)
 """
 
 from __future__ import annotations
