@@ -1,16 +1,17 @@
-"""Batched HMM posteriors vs per-sequence Python-loop filters (SPEC §11.11).
+"""Batched HMM posteriors vs per-sequence Python-loop filters and dynamax's HMM filter.
 
 Samples a batch of fresh HMMs from ``HMMFiltering`` and times
   * ``hmm_posterior``: the library call end to end, from integer cents to the filtered,
-    predicted and next-state beliefs; the recursion runs in probability space (no logs);
+    predicted and next-state beliefs; the recursion runs in probability space (no logs), zero
+    cents included;
   * ``hmm_posterior``'s log-space route, ``forward_filter`` on the logs of the cents plus the
-    next-state product: what ``hmm_posterior`` did before, and still does when some belief would
-    underflow;
+    next-state product: what ``hmm_posterior`` did before, and still does when some positive
+    belief would underflow;
   * ``forward_filter``: the batched filter's log-space API alone (log inputs prepared beforehand;
     the same probability-space recursion inside, with exp and log around it);
   * the batched recursion kept in log space throughout (the path ``forward_filter`` falls back to);
   * reference filters written here that loop over sequences and steps: in log space with one
-    logsumexp per next state, as the reference code's filters do (SPEC §11.11); in numpy with one
+    logsumexp per next state, as the papers' reference code does; in numpy with one
     small matrix-vector product per step (the fastest loop we could write); in plain Python lists.
 ``hmm_posterior`` is timed twice: with repeated calls reusing already-mapped memory, and (where
 glibc's ``malloc_trim`` exists) with freed memory handed back to the OS before every call, so
@@ -21,8 +22,19 @@ that every implementation agrees to 1e-12. Torch runs single-threaded by default
 tiny, and on a shared machine extra threads only add contention. Speedups use process CPU time,
 which other processes on a shared machine disturb far less than wall time.
 
-Run: ``python benchmarks/posteriors.py [--batch 1000] [--steps 50] [--repeats 7] [--threads 1]``.
-"""
+Then, side by side in the same process, ``hmm_posterior`` against dynamax's ``hmm_filter``
+(JAX, ``jit`` of a ``vmap`` over sequences, float64, XLA on one thread when ``--threads 1``) from
+the same cents and observations to the filtered and predicted beliefs, for two kinds of input:
+rows with no zero entry (``HMMFiltering``'s HMMs) and Dirichlet(1) rows quantised to the 0.01
+grid with no floor, which may contain a zero cent (observations drawn from each model, so every
+posterior exists); at each ``--dynamax-batches`` size. A third call is the stricter peer:
+dynamax's filter alone, given T in probabilities and the log-likelihoods, prepared outside the
+timing. JAX compiles before the timing; the calls alternate, and each row reports the median of
+``--dynamax-repeats`` calls of each. All must agree to 1e-12 first. JAX and dynamax are optional:
+without them this part prints why it is skipped.
+
+Run: ``python benchmarks/posteriors.py [--batch 1000] [--steps 50] [--repeats 7] [--threads 1]
+[--part all|loops|dynamax] [--dynamax-batches 1000 100000] [--dynamax-repeats 3]``."""
 
 from __future__ import annotations
 
@@ -30,6 +42,7 @@ import argparse
 import ctypes
 import ctypes.util
 import math
+import os
 import platform
 import statistics
 import time
@@ -37,7 +50,7 @@ import time
 import numpy as np
 import torch
 
-from windtunnel.tasks import HMMFiltering, forward_filter, hmm_posterior
+from windtunnel.tasks import HMMFiltering, forward_filter, hmm_posterior, quantise_rows
 from windtunnel.tasks.filtering import _log_space_filter
 from windtunnel.tasks.hmm import _log_space_posterior
 
@@ -142,9 +155,21 @@ def main() -> None:
     parser.add_argument("--python-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--part", choices=("all", "loops", "dynamax"), default="all")
+    parser.add_argument("--dynamax-batches", type=int, nargs="+", default=[1000, 100_000])
+    parser.add_argument("--dynamax-repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part in ("all", "loops"):
+        loop_table(args)
+    if args.part in ("all", "dynamax"):
+        if args.part == "all":
+            print()
+        dynamax_table(args)
 
+
+def loop_table(args: argparse.Namespace) -> None:
+    """The batched implementations and the per-sequence loops at ``--batch`` (no zero cents)."""
     task = HMMFiltering(n_steps=args.steps)
     batch = task.sample(args.batch, generator=torch.Generator().manual_seed(args.seed))
     trans_cents, emit_cents, obs = batch.transition_cents, batch.emission_cents, batch.observations
@@ -268,6 +293,175 @@ def main() -> None:
         print("... and over each loop when hmm_posterior gets fresh pages every call:")
         for name, cpu in loops:
             print(f"  {name}: {cpu / fresh_cpu_s:.0f}x")
+
+def grid_hmms_with_zero_cents(
+    batch: int, n_states: int, n_symbols: int, n_steps: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HMMs whose rows may contain a zero cent, with observations drawn from each model.
+
+    Rows are Dirichlet(1) draws (normalised Exponential(1) draws) quantised to the 0.01 grid by
+    ``quantise_rows`` with no floor, so an entry below half a cent becomes a zero (about one
+    entry in 50 for 5-wide rows). The states and observations are drawn from the quantised
+    model, so every observation sequence has positive probability.
+
+    Returns:
+        (transition_cents long [batch, S, S], emission_cents long [batch, S, O], observations
+        long [batch, n_steps]).
+    """
+
+    def rows(width: int) -> torch.Tensor:
+        u = torch.rand(batch, n_states, width, generator=generator, dtype=torch.float64)
+        draws = -torch.log1p(-u)
+        return quantise_rows(draws / draws.sum(-1, keepdim=True), floor=0.0, grid=0.01)
+
+    transition, emission = rows(n_states), rows(n_symbols)
+    trans_cum, emit_cum = transition.cumsum(-1), emission.cumsum(-1)
+    index = torch.arange(batch)
+
+    def draw(cum_rows: torch.Tensor) -> torch.Tensor:
+        # The first cumulative sum above r, r uniform on 0..99: index j with probability cents/100.
+        r = torch.randint(100, (batch, 1), generator=generator)
+        return (cum_rows <= r).sum(-1)
+
+    observations = torch.empty(batch, n_steps, dtype=torch.long)
+    state = torch.randint(n_states, (batch,), generator=generator)
+    for t in range(n_steps):
+        if t > 0:
+            state = draw(trans_cum[index, state])
+        observations[:, t] = draw(emit_cum[index, state])
+    return transition, emission, observations
+
+
+def dynamax_table(args: argparse.Namespace) -> None:
+    """``hmm_posterior`` against dynamax's ``hmm_filter`` on both input kinds, same process."""
+    if args.threads == 1:
+        # XLA's CPU client on one thread; read when JAX initialises its backend, so set first.
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices from dynamax's dependencies
+            import jax
+            import jax.numpy as jnp
+            from dynamax.hidden_markov_model import hmm_filter
+    except ImportError as error:
+        print(
+            f"dynamax rows skipped: JAX and dynamax are not installed ({error}); "
+            "`pip install jax dynamax` in the benchmark's environment to run them."
+        )
+        return
+    jax.config.update("jax_enable_x64", True)
+
+    def dynamax_beliefs(trans_cents, emit_cents, observations):
+        # The same inputs as hmm_posterior: cents and symbols, to float64 beliefs.
+        n_states = trans_cents.shape[-1]
+        emit = emit_cents / 100.0
+        # log p(o_t | s), [batch, n_steps, S]: the observed column of E (log 0 = -inf).
+        columns = jnp.take_along_axis(emit, observations[:, None, :].repeat(n_states, 1), 2)
+        initial = jnp.full(n_states, 1.0 / n_states)
+        post = jax.vmap(hmm_filter, in_axes=(None, 0, 0))(
+            initial, trans_cents / 100.0, jnp.log(columns).transpose(0, 2, 1)
+        )
+        return post.filtered_probs, post.predicted_probs
+
+    dynamax_call = jax.jit(dynamax_beliefs)
+
+    def filter_alone(trans, log_lik):
+        # The stricter peer: dynamax given float64 T and log-likelihoods [batch, n_steps, S].
+        initial = jnp.full(trans.shape[-1], 1.0 / trans.shape[-1])
+        post = jax.vmap(hmm_filter, in_axes=(None, 0, 0))(initial, trans, log_lik)
+        return post.filtered_probs, post.predicted_probs
+
+    filter_alone_call = jax.jit(filter_alone)
+    versions = (
+        f"torch {torch.__version__}, jax {jax.__version__}, "
+        f"dynamax {_version('dynamax')}, torch threads {torch.get_num_threads()}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
+    print(f"hmm_posterior vs dynamax hmm_filter: K = {args.steps} steps, 5 states x 5 symbols, "
+          f"float64; median of {args.dynamax_repeats} alternating calls each, JAX compile excluded")
+    print(versions)
+    print()
+    print(
+        "| input rows | batch | windtunnel CPU (ms) | dynamax CPU (ms) | ratio | dynamax filter "
+        "alone CPU (ms) | ratio | walls: windtunnel, dynamax, filter alone (ms) | max abs diff |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for batch_size in args.dynamax_batches:
+        for kind in ("no zero", "may contain a zero cent"):
+            generator = torch.Generator().manual_seed(args.seed + batch_size)
+            if kind == "no zero":
+                sample = HMMFiltering(n_steps=args.steps).sample(batch_size, generator=generator)
+                inputs = (sample.transition_cents, sample.emission_cents, sample.observations)
+                del sample
+            else:
+                inputs = grid_hmms_with_zero_cents(batch_size, 5, 5, args.steps, generator)
+            n_zero = int((inputs[0] == 0).sum() + (inputs[1] == 0).sum())
+            on_jax = [jnp.asarray(x.numpy()) for x in inputs]
+            # The filter-alone inputs, prepared outside the timing: T in probabilities and
+            # log p(o_t | s) [batch, n_steps, S] (log 0 = -inf).
+            trans_cents, emit_cents, observations = inputs
+            n_states = trans_cents.shape[-1]
+            index = observations.unsqueeze(-2).expand(-1, n_states, -1)
+            log_lik = torch.log(emit_cents.double() / 100).gather(-1, index).transpose(1, 2)
+            prepared = (
+                jnp.asarray(trans_cents.double().numpy() / 100),
+                jnp.asarray(log_lik.numpy()),
+            )
+            del log_lik
+
+            calls = {
+                "windtunnel": lambda inputs=inputs: hmm_posterior(*inputs),
+                "dynamax": lambda on_jax=on_jax: jax.block_until_ready(dynamax_call(*on_jax)),
+                "filter alone": lambda prepared=prepared: jax.block_until_ready(
+                    filter_alone_call(*prepared)
+                ),
+            }
+            # Agreement first; this also compiles the JAX functions and warms all three up.
+            ours = calls["windtunnel"]()
+            max_diff = 0.0
+            for name in ("dynamax", "filter alone"):
+                filtered, predicted = calls[name]()
+                pairs = ((ours.filtered_probs, filtered), (ours.predicted_probs, predicted))
+                for mine, theirs in pairs:
+                    diff = (mine - torch.from_numpy(np.array(theirs))).abs().max().item()
+                    max_diff = max(max_diff, diff) if diff == diff else math.nan
+                del filtered, predicted
+            del ours
+            if not max_diff <= 1e-12:
+                raise SystemExit(f"hmm_posterior and dynamax disagree: max |diff| = {max_diff:.3g}")
+            times = {name: ([], []) for name in calls}
+            for _ in range(args.dynamax_repeats):
+                for name, fn in calls.items():
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    out = fn()
+                    times[name][1].append(time.process_time() - cpu)
+                    times[name][0].append(time.perf_counter() - wall)
+                    del out
+            walls = {name: statistics.median(x[0]) * 1e3 for name, x in times.items()}
+            cpus = {name: statistics.median(x[1]) * 1e3 for name, x in times.items()}
+            ours_cpu = cpus["windtunnel"]
+            print(
+                f"| {kind} ({n_zero:,} zero cents) | {batch_size:,} | {ours_cpu:.2f} | "
+                f"{cpus['dynamax']:.2f} | {cpus['dynamax'] / ours_cpu:.2f}x | "
+                f"{cpus['filter alone']:.2f} | {cpus['filter alone'] / ours_cpu:.2f}x | "
+                f"{walls['windtunnel']:.2f}, {walls['dynamax']:.2f}, {walls['filter alone']:.2f} | "
+                f"{max_diff:.1e} |",
+                flush=True,
+            )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
 
 if __name__ == "__main__":
     main()

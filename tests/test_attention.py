@@ -298,7 +298,7 @@ def test_bad_head_multiplier():
 
 
 def test_recorded_hooks_satisfy_the_routing_law():
-    """SPEC §2.2–2.3 from recorded tensors alone: dL/ds = A ⊙ (B - rowsum(A ⊙ B)), dL/dv = A^T U.
+    """docs/theory.md §2.2–2.3 from recorded tensors alone: dL/ds = A ⊙ (B - rowsum(A ⊙ B)), dL/dv = A^T U.
 
     B = u_i·v_j uses u = hook_z_grad; the left-hand sides are the recorded hook_attn_scores_grad
     and hook_v_grad, so this checks that the hooks expose exactly the law's quantities, padding

@@ -1,4 +1,4 @@
-"""The closed-form gradient calculus against autograd, on hundreds of random heads (SPEC §2).
+"""The closed-form gradient calculus against autograd, on hundreds of random heads (docs/theory.md §2).
 
 The reference here is written independently of windtunnel.dynamics: a head built from
 ``torch.softmax`` and a genuinely non-linear downstream loss, differentiated by autograd.
@@ -285,7 +285,7 @@ def test_first_order_error_shrinks_like_lr_squared(seed, update):
             continue
         ratio = big[field] / small[field]
         assert 70 < ratio < 130, (field, ratio)
-    # The closed forms of SPEC §2.6 for the free step.
+    # The closed forms of docs/theory.md §2.6 for the free step.
     lr = 1e-3
     if "values" in update:
         q, k, v, u, mask = _free_head(seed)

@@ -1,4 +1,4 @@
-"""Calibration metrics: hand values, oracle vs copy model, the curve-first trap, SPEC §7 floors."""
+"""Calibration metrics: hand values, oracle vs copy model, the curve-first trap, docs/theory.md §7 floors."""
 
 import math
 
@@ -117,7 +117,7 @@ def test_select_sites_reads_the_slice():
     for b in range(3):
         for k, s in enumerate([0, 4, 8]):
             assert torch.equal(picked[b, k], logits[b, s, 5:11])
-    # Softmax over the slice equals the full softmax renormalised on the slice (SPEC §7).
+    # Softmax over the slice equals the full softmax renormalised on the slice (docs/theory.md §7).
     full = torch.softmax(logits.double(), -1)[:, sites, 5:11]
     torch.testing.assert_close(
         torch.softmax(picked.double(), -1), full / full.sum(-1, keepdim=True)
@@ -219,7 +219,7 @@ def test_bijection_uniform_floor():
     # Without replacement every sequence has H = log2(20 - i): the floor is exact, not sampled.
     closed = sum(math.log2(20) - math.log2(20 - i) for i in range(19)) / 19
     assert floors.uniform_entropy_mae_bits == pytest.approx(closed, abs=1e-12)
-    assert floors.uniform_entropy_mae_bits == pytest.approx(1.107, abs=5e-4)  # SPEC §7
+    assert floors.uniform_entropy_mae_bits == pytest.approx(1.107, abs=5e-4)  # docs/theory.md §7
     assert floors.bayes_cross_entropy_nats == pytest.approx(2.228, abs=5e-4)
     assert floors.bayes_entropy_bits == pytest.approx(3.215, abs=5e-4)
     assert floors.uniform_cross_entropy_nats == pytest.approx(math.log(20), abs=1e-12)
@@ -232,7 +232,7 @@ def test_hmm_uniform_floor():
     )
     # Monte Carlo: per-site |log2 5 - H| has sd ≈ 0.25; the 20 sites of a sequence are positively
     # correlated, so the standard error of the mean over 2000 sequences is at most
-    # 0.25 / sqrt(2000) ≈ 0.0056. SPEC §7's 0.415 is itself an estimate, so 0.02 (~3.5 se) it is.
+    # 0.25 / sqrt(2000) ≈ 0.0056. docs/theory.md §7's 0.415 is itself an estimate, so 0.02 (~3.5 se) it is.
     assert floors.uniform_entropy_mae_bits == pytest.approx(0.415, abs=0.02)
     assert floors.bayes_cross_entropy_nats == pytest.approx(1.32, abs=0.02)
     assert floors.bayes_entropy_bits == pytest.approx(1.907, abs=0.03)

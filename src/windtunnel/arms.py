@@ -1,4 +1,4 @@
-"""Optimiser arms for the single head (SPEC §3.2-§3.3) and a batched trainer for them.
+"""Optimiser arms for the single head (docs/theory.md §3.2-§3.3) and a batched trainer for them.
 
 Every arm starts from one forward/backward pass and updates all weights simultaneously, as the
 reference does. Parameters split into a *value* group (``W_V`` by default) and a *routing* group
@@ -150,7 +150,7 @@ def em_value_update(
     step: float,
     eps: float,
 ) -> torch.Tensor:
-    """The closed-form EM-style change of W_V (SPEC §3.3), one per replica.
+    """The closed-form EM-style change of W_V (docs/theory.md §3.3), one per replica.
 
     Each value moves by the responsibility-weighted *mean* per-position error, as a mixture
     M-step moves a prototype:
@@ -362,7 +362,7 @@ def train_adamw_cosine(
     dropout_generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """The deep variant's recipe (SPEC §4.5): full-batch AdamW, cosine annealing over ``n_steps``,
+    """The deep variant's recipe (docs/theory.md §4.5): full-batch AdamW, cosine annealing over ``n_steps``,
     gradient-norm clipping; returns the pre-update losses [n_steps] (nats).
 
     Shapes: x [batch, pos, d_x]; targets long [batch, pos]; ``model(x, generator=...)`` gives

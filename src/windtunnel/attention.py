@@ -1,9 +1,9 @@
-"""Instrumented multi-head causal self-attention with an eager softmax path (SPEC §2.1, §6.1).
+"""Instrumented multi-head causal self-attention with an eager softmax path (docs/theory.md §2.1, §6.1).
 
 Every quantity of the gradient calculus is exposed at a hook point: queries, keys, values, the
 scaled scores S, the pattern A and the per-head output G (``hook_z``), whose recorded gradient
-``hook_z_grad`` is the upstream gradient u taken before the output projection W_O (SPEC §2.2,
-"multi-head"). A per-head multiplier on the pattern supports head ablation (SPEC §8.5).
+``hook_z_grad`` is the upstream gradient u taken before the output projection W_O (docs/theory.md §2.2,
+"multi-head"). A per-head multiplier on the pattern supports head ablation (docs/theory.md §8.5).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class MultiHeadAttention(nn.Module):
         hook_pattern: the pattern actually used, [batch, head, query_pos, key_pos]; rows sum to 1
             over M(i) (to m_h under a head multiplier, 0 for rows with empty M(i)).
         hook_z: per-head output before W_O, [batch, pos, head, d_head]. Its gradient
-            ``hook_z_grad`` is u^(h)_i = dL/dg^(h)_i of SPEC §2.2.
+            ``hook_z_grad`` is u^(h)_i = dL/dg^(h)_i of docs/theory.md §2.2.
 
     Parameters (TransformerLens layout): W_Q, W_K, W_V [head, d_model, d_head];
     W_O [head, d_head, d_model]; with ``bias=True`` also b_Q, b_K, b_V [head, d_head] and
@@ -144,7 +144,7 @@ class MultiHeadAttention(nn.Module):
         """Multiply each head's post-softmax pattern by a factor; None restores the plain module.
 
         A factor 0 ablates the head: its pattern, hence its output z, is exactly zero
-        (SPEC §8.5). The recorded ``hook_pattern`` and ``hook_z`` show the multiplied values.
+        (docs/theory.md §8.5). The recorded ``hook_pattern`` and ``hook_z`` show the multiplied values.
 
         Args:
             multiplier: float [head] (same for every sequence) or [batch, head] (one row per

@@ -144,7 +144,7 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Fine-tune: start from the model weights of this run directory's latest checkpoint "
                    "(or of a checkpoint file); optimizer, schedule and step start fresh.")
 @click.option("--telemetry", is_flag=True,
-              help="Attach the SPEC §8 probes (geometry, routing law, calibration; for the HMM also "
+              help="Attach the probes of docs/theory.md §8 (geometry, routing law, calibration; for the HMM also "
                    "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
                    "`windtunnel dissociation`.")
 def train_command(task, model_name, preset, steps, seed, out, overrides, resume, overwrite, init_from, telemetry):
@@ -294,8 +294,34 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
                 f"{layer['earlier_entropy_bits'][head][t - 2]:.1f}" for t in ticks
             ]
             click.echo(f"  block {i}:" + "".join(f"{c:>20}" for c in cells) + f"   (head {head})")
+    geometry = report.get("geometry_variants")
+    if geometry is not None:
+        from windtunnel.reports import geometry_variant_rows
+
+        if geometry.get("unavailable"):
+            click.echo(f"geometry variants: none for this model ({geometry['unavailable']})")
+        else:
+            click.echo(f"geometry under every published definition (first {geometry['n_sequences']} sequences; "
+                       "docs/theory.md §8.1–§8.3): variant: this run [paper]")
+            reasons: dict[str, list[str]] = {}  # one line per reason, not one per variant
+            for (quantity, name, value, paper, _, _), raw in zip(geometry_variant_rows(geometry), _variant_reasons(geometry)):
+                if raw is not None:
+                    reasons.setdefault(raw, []).append(f"{quantity}, {name}" + (f" [paper: {paper}]" if paper != "—" else ""))
+                    continue
+                click.echo(f"  {quantity}, {name}: {value}" + (f"  [paper: {paper}]" if paper != "—" else ""))
+            for reason, names in reasons.items():
+                click.echo(f"  not measured ({reason.rstrip('.')}): " + "; ".join(names))
     figures = [report["paths"][k] for k in ("figure", "history_figure", "lag_figure") if k in report["paths"]]
     click.echo(f"wrote {report['paths']['json']} and {' and '.join(figures)}")
+
+
+def _variant_reasons(geometry: dict) -> list[str | None]:
+    """Per row of ``geometry_variant_rows`` (same order), why the variant was not measured, or None."""
+    return [
+        v.get("unavailable") or None
+        for variants in geometry.get("quantities", {}).values() if isinstance(variants, dict)
+        for v in variants.values() if isinstance(v, dict)
+    ]
 
 
 @main.command("memory")
@@ -327,7 +353,7 @@ def memory_command(run_dir, n_sequences, seed, max_lag):
 @click.option("--n", "n_sequences", type=click.IntRange(min=2), default=256, show_default=True,
               help="Sequences in the fixed probe batch.")
 def dissociation_command(run_dir, n_sequences):
-    """Frame–precision dissociation (SPEC §8.6) over a run's saved models; writes dissociation.json/.png."""
+    """Frame–precision dissociation (docs/theory.md §8.6) over a run's saved models; writes dissociation.json/.png."""
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.dissociation import run_dissociation
 
@@ -347,7 +373,7 @@ def dissociation_command(run_dir, n_sequences):
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
               help="Seed of the held-out sequences.")
 def ablate_command(run_dir, n_sequences, seed):
-    """Ablate every head and layer of a run's latest checkpoint (SPEC §8.5); writes ablation.json."""
+    """Ablate every head and layer of a run's latest checkpoint (docs/theory.md §8.5); writes ablation.json."""
     _check_out(run_dir, "RUN_DIR")
     from windtunnel.experiments.telemetry import ablate_run
 
@@ -380,6 +406,38 @@ def report_command(run_dir, out):
 
     path = build_report(run_dir, out=out)
     click.echo(f"wrote {path}")
+
+
+@main.command("inspect")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text file, tokenized with MODEL_DIR's tokenizer.")
+@click.option("--max-tokens", type=click.IntRange(min=3), default=512, show_default=True,
+              help="Read at most this many tokens of the text (and no more than the model's positions).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/inspect", show_default=True,
+              help="Folder for inspect.json and inspect.html.")
+def inspect_command(model_dir, text_file, max_tokens, out):
+    """Routing law, attention focusing and key geometry of every head of a local Hugging Face model.
+
+    MODEL_DIR is a directory written by save_pretrained (config.json, *.safetensors, the
+    tokenizer). Nothing is downloaded, no code from the directory runs and pickled weights are
+    refused. Needs pip install 'windtunnel[hf]'.
+    """
+    _check_out(out)
+    from windtunnel.experiments.inspection import inspect_model_dir
+
+    result = inspect_model_dir(model_dir, text_file, out=out, max_tokens=max_tokens)
+    click.echo(f"{result['model_class']} ({result['model_type']}), {result['n_tokens']} tokens of "
+               f"{result['n_text_tokens']}: next-token cross-entropy {result['loss_nats']:.4f} nats")
+    click.echo("layer  heads  attention entropy (bits)  mean |advantage|  keys mean |cos|  law check rel. error")
+    for row in result["layers"]:
+        layer_heads = [h for h in result["heads"] if h["layer"] == row["layer"]]
+        adv = sum(h["advantage_abs_mean"] or 0.0 for h in layer_heads) / len(layer_heads)
+        cos = sum(h["key_abs_cos"] or 0.0 for h in layer_heads) / len(layer_heads)
+        entropy = row["attn_entropy_bits"]
+        click.echo(f"{row['layer']:>5}  {row['n_heads']:>5}  {entropy if entropy is not None else float('nan'):>24.3f}"
+                   f"  {adv:>16.3g}  {cos:>15.3f}  {row['law_check_rel_error']:>20.1e}")
+    click.echo(f"focusing ratio {result['focusing_ratio']:.3f}; wrote {result['paths']['json']} and {result['paths']['html']}")
 
 
 @main.command("upgrade")
@@ -489,7 +547,8 @@ def reproduce() -> None:
 
 
 def _wind_tunnel_command(task: str):
-    @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]))
+    @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
+                  help="'paper': the paper's recipe (meant for a GPU); 'cpu': ours, sized for 2 CPU cores.")
     @click.option("--out", type=click.Path(file_okay=False), default=None,
                   help=f"Output directory (default runs/reproduce-{task}-<preset>).")
     @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed of every model.")
@@ -607,7 +666,7 @@ def _parse_arms(
 def em_vs_sgd_command(
     n_seeds, n_steps, arms, model, out_dir, quick, rng, normalization, telemetry_every, threads
 ) -> None:
-    """Paper II: EM-like (two-timescale) vs SGD on the sticky Markov chain (SPEC §4).
+    """Paper II: EM-like (two-timescale) vs SGD on the sticky Markov chain (docs/theory.md §4).
 
     Writes OUT/results.json, OUT/curves.png, OUT/telemetry.png and OUT/report.md.
     """

@@ -1,6 +1,6 @@
 """Statistics over seeds: one summary (:func:`seed_statistics`) shared by ``reproduce em-vs-sgd``
-and ``windtunnel sweep``; comparing optimiser arms (Paper II, arXiv 2512.22473): steps-to-threshold
-and paired t-tests.
+and ``windtunnel sweep``; comparing optimiser arms over seeds (docs/theory.md §4.2):
+steps-to-threshold and paired t-tests.
 
 :func:`summarize_arms` works on plain per-seed records (the ``per_seed`` list of an em-vs-sgd
 ``results.json``), so a comparison can be recomputed from a run directory; its standard

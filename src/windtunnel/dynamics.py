@@ -1,6 +1,6 @@
-"""The exact gradient calculus of one softmax attention head (SPEC §2), and its first-order step.
+"""The exact gradient calculus of one softmax attention head (docs/theory.md §2), and its first-order step.
 
-Notation (SPEC §2.1). Rows are positions; any leading dimensions (batch, head) broadcast.
+Notation (docs/theory.md §2.1). Rows are positions; any leading dimensions (batch, head) broadcast.
 s_ij = scale * q_i·k_j on allowed keys, a_ij = softmax_j(s_ij) (exactly 0 off the mask),
 g_i = sum_j a_ij v_j, u_i = dL/dg_i (from ANY downstream network and loss), b_ij = u_i·v_j.
 
@@ -9,13 +9,13 @@ g_i = sum_j a_ij v_j, u_i = dL/dg_i (from ANY downstream network and loss), b_ij
 * Query / key gradients:   dQ = scale * dS K,   dK = scale * dS^T Q.
 * Weights of a linear head (q = x W_Q ...):   grad W_Q = X^T dQ, grad W_K = X_kv^T dK, grad W_V = X_kv^T dV.
 
-Sign convention (SPEC §2.7): ``advantage`` is the DESCENT advantage adv_ij = E_{a_i}[b] - b_ij =
+Sign convention (docs/theory.md §2.7): ``advantage`` is the DESCENT advantage adv_ij = E_{a_i}[b] - b_ij =
 u_i·(g_i - v_j); a plain gradient step raises s_ij exactly where adv_ij > 0, and
 ``d_scores = -alpha * advantage``. Paper II writes the gradient a(b - E[b]); some write-ups call
 u_i·(v_j - g_i) the advantage, which is our ``-advantage``.
 
 Everything here is exact (chain rule) except the ``predict_*`` functions, which are first order in
-the step size eta with u held fixed (SPEC §2.6, §2.8); ``measure_change`` gives the same quantities
+the step size eta with u held fixed (docs/theory.md §2.6, §2.8); ``measure_change`` gives the same quantities
 after a real step so the prediction error can be reported.
 
 Every public function that takes q, k, v, u, x or weights refuses NaN and inf in them
@@ -66,7 +66,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AttentionGradients:
-    """Exact first-order quantities of one softmax attention head (SPEC §2.2–§2.4).
+    """Exact first-order quantities of one softmax attention head (docs/theory.md §2.2–§2.4).
 
     Shapes use B = the broadcast of the leading dimensions of q, k, v, u; d_values, d_queries and
     d_keys are summed back to the shapes of v, q and k (as autograd would).
@@ -104,7 +104,7 @@ class AttentionGradients:
 
 @dataclass(frozen=True)
 class LinearHeadGradients:
-    """Weight gradients of a linear head q = x W_Q, k = x_kv W_K, v = x_kv W_V (SPEC §2.5).
+    """Weight gradients of a linear head q = x W_Q, k = x_kv W_K, v = x_kv W_V (docs/theory.md §2.5).
 
     Attributes:
         attention: the head-level quantities, :class:`AttentionGradients`.
@@ -126,7 +126,7 @@ class LinearHeadGradients:
 
 @dataclass(frozen=True)
 class ReadoutGradients:
-    """Mean cross-entropy of a linear readout z = g W_O and its gradients (SPEC §2.5).
+    """Mean cross-entropy of a linear readout z = g W_O and its gradients (docs/theory.md §2.5).
 
     The loss is the mean over the N labelled positions of all leading dimensions, so every
     gradient carries 1/N; ``upstream * n_labelled`` is the length-free u~ = N u.
@@ -154,7 +154,7 @@ class ReadoutGradients:
 class HeadChange:
     """Change of a head's quantities over one step, predicted (first order) or measured.
 
-    u is held fixed (it is an input, SPEC §2.6). Shapes as in :class:`AttentionGradients`.
+    u is held fixed (it is an input, docs/theory.md §2.6). Shapes as in :class:`AttentionGradients`.
 
     Attributes:
         delta_queries, delta_keys, delta_values: changes of q, k, v.
@@ -273,7 +273,7 @@ def attention_gradients(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> AttentionGradients:
-    """Exact first-order gradients of one softmax attention head (SPEC §2.2–§2.4).
+    """Exact first-order gradients of one softmax attention head (docs/theory.md §2.2–§2.4).
 
     With s_ij = scale * q_i·k_j, a_ij = softmax_j(s_ij) over allowed keys, g_i = sum_j a_ij v_j
     and u_i = dL/dg_i, define b_ij = u_i·v_j. Then
@@ -363,7 +363,7 @@ def linear_head_gradients(
     scale: float | None = None,
     x_kv: torch.Tensor | None = None,
 ) -> LinearHeadGradients:
-    """Exact weight gradients of a linear softmax head (SPEC §2.5).
+    """Exact weight gradients of a linear softmax head (docs/theory.md §2.5).
 
     q = x W_Q, k = x_kv W_K, v = x_kv W_V (x_kv = x for self-attention). With dS, dQ, dK, dV
     from :func:`attention_gradients`:
@@ -415,7 +415,7 @@ def cross_entropy_readout(
     *,
     site_mask: torch.Tensor | None = None,
 ) -> ReadoutGradients:
-    """Mean cross-entropy of a linear readout and its exact gradients (SPEC §2.5).
+    """Mean cross-entropy of a linear readout and its exact gradients (docs/theory.md §2.5).
 
     z_i = g_i W_O, p_i = softmax(z_i), L = (1/N) sum_{labelled i} -sum_c t_ic log p_ic, so
     dL/dz_i = (p_i - t_i)/N at labelled positions (0 elsewhere), dL/dg_i = W_O (p_i - t_i)/N and
@@ -562,7 +562,7 @@ def predict_free_step(
     scale: float | None = None,
     update: tuple[str, ...] | str = _UPDATABLE,
 ) -> HeadChange:
-    """First-order effect of one plain gradient step when q, k, v are free vectors (SPEC §2.6).
+    """First-order effect of one plain gradient step when q, k, v are free vectors (docs/theory.md §2.6).
 
     The step is Δq = -lr dQ, Δk = -lr dK, Δv = -lr dV (only the blocks named in ``update``).
     In closed form: Δv_j = -lr sum_i a_ij u_i (the responsibility-weighted pull);
@@ -602,7 +602,7 @@ def predict_linear_step(
 
     ΔW = -lr grad W, so the realised projections move by ΔQ = X ΔW_Q, ΔK = X_kv ΔW_K and
     ΔV = X_kv ΔW_V = -lr X_kv X_kv^T A^T U (summed over the batch): the responsibility-weighted
-    pull mixed by the input Gram matrix (SPEC §2.3), so the boxed Δv_j is exact only for free
+    pull mixed by the input Gram matrix (docs/theory.md §2.3), so the boxed Δv_j is exact only for free
     values. Every downstream quantity then follows :func:`propagate_first_order`.
 
     Shapes: as in :func:`linear_head_gradients`.

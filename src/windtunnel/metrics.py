@@ -1,4 +1,4 @@
-"""Calibration against the exact posterior in bits: entropy MAE, KL, accuracy, floors (SPEC §7).
+"""Calibration against the exact posterior in bits: entropy MAE, KL, accuracy, floors (docs/theory.md §7).
 
 Tensors in, tensors out. Every metric is computed over the task's hypothesis slice of the logits
 (softmax over the slice only, which equals the full softmax renormalised on the slice), never over
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 PROB_CLIP = 1e-10
-"""Both distributions are clipped at this value inside the KL's logarithm (SPEC §7)."""
+"""Both distributions are clipped at this value inside the KL's logarithm (docs/theory.md §7)."""
 
 _LN2 = math.log(2.0)
 
@@ -287,7 +287,7 @@ def mae_curve_first(
     """Curve-first "MAE", mean_k |mean_n H_model(n, k) - mean_n H_bayes(n, k)|, in bits.
 
     This is WRONG as a calibration metric and is offered only to compare with reference code
-    that computes it (SPEC §7, §11.3): averaging over sequences before the absolute value lets
+    that computes it (docs/theory.md §7, §11.3): averaging over sequences before the absolute value lets
     over- and under-confident sequences cancel, so it is always <= :func:`entropy_mae` and can be
     0 for a badly miscalibrated model.
 
@@ -299,7 +299,7 @@ def mae_curve_first(
 
 @dataclass(frozen=True)
 class Floors:
-    """Trivial reference points of a task (SPEC §7), Monte Carlo over sampled sequences.
+    """Trivial reference points of a task (docs/theory.md §7), Monte Carlo over sampled sequences.
 
     A trained model must beat the uniform numbers; a failed model lands on them.
 
@@ -335,7 +335,7 @@ def trivial_floors(
     n_sequences: int = 2000,
     batch_size: int = 500,
 ) -> Floors:
-    """Floors of SPEC §7 for any task: the uniform predictor and the Bayes CE, by Monte Carlo.
+    """Floors of docs/theory.md §7 for any task: the uniform predictor and the Bayes CE, by Monte Carlo.
 
     Samples ``n_sequences`` sequences from ``task.sample`` (in chunks of ``batch_size``) and scores
     a predictor with equal logits over the hypothesis slice against each batch's ``posterior`` and

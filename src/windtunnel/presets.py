@@ -5,10 +5,10 @@ printed and saved before anything is built. Keys are ``"<task>/<model>/<preset>"
 Overrides use dotted keys (``train.lr=1e-3``, ``model.n_layers=4``, ``task.n_values=13``);
 an unknown key is an error that lists the close matches.
 
-Sources (SPEC §6): bijection transformer = the [JL] production recipe (AdamW 3e-4, wd 0.1,
+Sources (docs/theory.md §6): bijection transformer = the production recipe of the authors' follow-up (bayesian-wind-tunnel, experiments/jlens) (AdamW 3e-4, wd 0.1,
 batch 256, warmup 2k, cosine to 0 at 50k, clip 1); HMM transformer = 9L/8H/256, pre-LayerNorm,
 dropout 0.1, AdamW 3e-4, wd 0.01, batch 64, warmup 1k, cosine, ≈78k steps; LSTM and MLP
-baselines as in SPEC §6.1. The "cpu" presets are ours: smaller models and budgets chosen so a
+baselines as in docs/theory.md §6.1. The "cpu" presets are ours: smaller models and budgets chosen so a
 run fits a 2-core machine; their measured results are in BENCHMARKS.md.
 """
 
@@ -35,7 +35,7 @@ _TINY_BIJ_CPU = dict(n_layers=2, n_heads=4, d_model=64, d_mlp=256)
 
 
 def bijection_transformer_paper() -> ExperimentConfig:
-    """TinyGPT 6L/6H/192, FFN 768, RMSNorm, tied embeddings (2,677,440 parameters); [JL] recipe."""
+    """TinyGPT 6L/6H/192, FFN 768, RMSNorm, tied embeddings (2,677,440 parameters); the authors' follow-up recipe (docs/theory.md §6.2)."""
     return _bijection("transformer", dict(n_layers=6, n_heads=6, d_model=192, d_mlp=768), _BIJ_PAPER_TRAIN, "bijection/transformer/paper")
 
 
@@ -45,7 +45,7 @@ def bijection_transformer_cpu() -> ExperimentConfig:
 
 
 def bijection_mlp_paper() -> ExperimentConfig:
-    """Position-wise MLP control: 9 pre-LN residual blocks 192→768→192, tied head ([JL])."""
+    """Position-wise MLP control: 9 pre-LN residual blocks 192→768→192, tied head; the authors' follow-up (bayesian-wind-tunnel, experiments/jlens)."""
     return _bijection("mlp", dict(n_layers=9, d_model=192, d_mlp=768), _BIJ_PAPER_TRAIN, "bijection/mlp/paper")
 
 
@@ -93,7 +93,7 @@ def hmm_transformer_cpu() -> ExperimentConfig:
 
 
 def hmm_lstm_paper() -> ExperimentConfig:
-    """LSTM 9×256, token embedding only, LayerNorm, Linear→5 (SPEC §6.1)."""
+    """LSTM 9×256, token embedding only, LayerNorm, Linear→5 (docs/theory.md §6.1)."""
     return _hmm("lstm", dict(n_layers=9, d_model=256, n_positions=None, head_bias=True), {**_HMM_PAPER_TRAIN, "warmup_steps": 0, "schedule": "constant"}, "hmm/lstm/paper")
 
 

@@ -1,4 +1,4 @@
-"""Routing-law telemetry of one attention head during training (SPEC §8.4), from the forward cache.
+"""Routing-law telemetry of one attention head during training (docs/theory.md §8.4), from the forward cache.
 
 Tensors in, tensors out: queries, keys, values, the upstream gradient u = dL/dz at the head
 output, and the optimiser's realised change of the values. All per-pair quantities come from
@@ -24,7 +24,7 @@ class RoutingTelemetry:
 
     Attributes:
         mean_abs_advantage: mean of |adv_ij| over causal pairs j <= i, [...], with
-            adv_ij = E_{alpha_i}[b] - b_ij and b_ij = u_i·v_j (descent convention, SPEC §2.2).
+            adv_ij = E_{alpha_i}[b] - b_ij and b_ij = u_i·v_j (descent convention, docs/theory.md §2.2).
         weighted_abs_advantage: sum_ij alpha_ij |adv_ij| / n_queries, [...].
         positive_advantage_mass: mean over queries of sum_j alpha_ij 1[adv_ij > 0], [...]: the
             attention on keys that the next step will reinforce.

@@ -454,7 +454,7 @@ def step_position_ids(seq_len: int, step_layout: tuple[int, int], shift: int | t
 
 
 def telemetry_steps(total_steps: int) -> list[int]:
-    """The log-spaced probe schedule of SPEC §8.6, dense early, and always the last step.
+    """The log-spaced probe schedule of docs/theory.md §8.6, dense early, and always the last step.
 
     0, 1, 2, 4, ..., 512; then every 100 to 1,000, every 500 to 5,000, every 1,000 to 10,000 and
     every 5,000 after that.

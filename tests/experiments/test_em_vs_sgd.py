@@ -115,7 +115,7 @@ def test_independent_rng_mode_and_deep_model_run():
 
 
 def test_reference_data_and_init_give_the_spec_step_zero_loss():
-    # SPEC §4.4: the mean pre-update loss at step 0 over the five reference seeds is 2.0798.
+    # docs/theory.md §4.4: the mean pre-update loss at step 0 over the five reference seeds is 2.0798.
     task = StickyMarkov()
     seeds = (42, 2024, 1337, 7777, 9999)
     batches = [
@@ -129,7 +129,7 @@ def test_reference_data_and_init_give_the_spec_step_zero_loss():
     y = torch.stack([b.targets for b in batches])
     assert round(model.exact_gradients(x, y).loss_nats.mean().item(), 4) == 2.0798
     bayes = [round(task.bayes_scores(b).loss_nats, 3) for b in batches]
-    assert bayes == [1.841, 1.809, 1.820, 1.850, 1.828]  # SPEC §4.3
+    assert bayes == [1.841, 1.809, 1.820, 1.850, 1.828]  # docs/theory.md §4.3
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Attention entropy, focusing, QK maps and JS divergence (SPEC §8.2, §8.6).
+"""Attention entropy, focusing, QK maps and JS divergence (docs/theory.md §8.2, §8.6).
 
 Checked against plain loops, scipy and hand-derivable values.
 """
@@ -65,7 +65,7 @@ def test_attention_entropy_uniform_is_log2_allowed_and_normalizes_to_one():
 
 def test_attention_entropy_averages_heads_after_entropy_and_focusing():
     # Two heads, each one-hot on a different key: the per-head entropies are 0; averaging the
-    # patterns first would give 1 bit (the Jensen bias the SPEC warns about).
+    # patterns first would give 1 bit (the Jensen bias docs/theory.md §8.2 warns about).
     t = 4
     a = torch.zeros(1, 2, t, t, dtype=F64)
     a[:, 0, :, 0] = 1.0

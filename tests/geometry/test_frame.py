@@ -39,7 +39,7 @@ def test_random_abs_cosine_closed_forms(d, value):
 def test_random_abs_cosine_large_d_and_spec_values():
     for d in (1000, 10_000, 100_000):
         assert g.random_abs_cosine(d) == pytest.approx(math.sqrt(2 / (math.pi * d)), rel=1 / d)
-    # SPEC §8.1 quotes 0.141 (d=32), 0.100, 0.082, 0.058. The exact value at d=32 is 0.1422
+    # docs/theory.md §8.1 quotes 0.141 (d=32), 0.100, 0.082, 0.058. The exact value at d=32 is 0.1422
     # (0.141 is the sqrt(2/(πd)) approximation), so allow 1.5e-3.
     for d, quoted in [(32, 0.141), (64, 0.100), (96, 0.082), (192, 0.058)]:
         assert abs(g.random_abs_cosine(d) - quoted) < 1.5e-3

@@ -1,4 +1,4 @@
-"""Value-manifold PCA (SPEC §8.3) against numpy SVD, scipy and constructed manifolds."""
+"""Value-manifold PCA (docs/theory.md §8.3) against numpy SVD, scipy and constructed manifolds."""
 
 import math
 

@@ -8,6 +8,7 @@ model. The causal checks run in float64, where a full pass and the prefix passes
 """
 
 import io
+import json
 import sys
 
 import pytest
@@ -185,10 +186,24 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert strip(RunDir(tmp_path / "full").metrics()) == strip(RunDir(tmp_path / "part").metrics())
 
 
-def test_train_then_eval_on_the_command_line_and_the_instruments_that_refuse(tmp_path):
+def test_telemetry_and_the_value_update_probe_leave_the_run_unchanged(tmp_path):
+    from windtunnel.experiments.telemetry import attach_probes
+
+    experiment = _experiment("bijection", "llama", steps=6, n_kv_heads=1)
+    plain = Trainer(experiment, tmp_path / "plain")
+    plain.fit()
+    watched = attach_probes(Trainer(experiment, tmp_path / "watched"), n_sequences=8)
+    watched.fit()
+    ours, theirs = plain.model.state_dict(), watched.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    metrics = {r["metric"] for r in RunDir(tmp_path / "watched").telemetry()}
+    assert {"advantage_abs_mean", "attn_entropy_bits", "value_update_pull_cosine_all", "value_update_norm_ratio"} <= metrics
+
+
+def test_train_eval_ablate_and_dissociation_on_the_command_line(tmp_path):
     tiny = ["--steps", "2", "--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2",
             "--set", "model.d_mlp=32", "--set", "train.eval_size=10", "--set", "train.warmup_steps=1",
-            "--set", "task.n_values=5", "--set", "task.n_pairs=4"]
+            "--set", "task.n_values=5", "--set", "task.n_pairs=4", "--set", "train.checkpoint_every=1"]
     run = tmp_path / "run"
     trained = CliRunner().invoke(main, ["train", "bijection", "--model", "hf", "--out", str(run), *tiny,
                                         "--set", "model.architecture=gpt_neox", "--set", "model.d_mlp=24"])
@@ -197,8 +212,20 @@ def test_train_then_eval_on_the_command_line_and_the_instruments_that_refuse(tmp
     evaluated = CliRunner().invoke(main, ["eval", str(run), "--n", "4"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "train length: entropy MAE" in evaluated.output and (run / "eval.json").exists()
-    refused = CliRunner().invoke(main, ["ablate", str(run), "--n", "4"])
-    assert refused.exit_code == 2 and "needs a transformer run" in refused.output and "'hf' model" in refused.output
+    geometry = json.loads((run / "eval.json").read_text())["geometry_variants"]["quantities"]  # weights-free variants only
+    assert "AttentionInterface" in geometry["key_orthogonality"]["hypothesis_abs"]["unavailable"]
+    assert geometry["key_orthogonality"]["in_context_abs"]["value"] is not None
+    assert "final norm" in geometry["value_manifold_pc1_share"]["value_positions_pre_final_norm_raw"]["unavailable"]
+    assert "key orthogonality (layer 0), hypothesis_abs (ours): — (" in evaluated.output
+    ablated = CliRunner().invoke(main, ["ablate", str(run), "--n", "4"])
+    assert ablated.exit_code == 0, ablated.output
+    rows = json.loads((run / "ablation.json").read_text())["rows"]
+    assert [(r["kind"], r["layer"], r["head"]) for r in rows][:3] == [("head", 0, 0), ("head", 0, 1), ("bypass", 0, None)]
+    dissociated = CliRunner().invoke(main, ["dissociation", str(run), "--n", "4"])
+    assert dissociated.exit_code == 0, dissociated.output
+    out = json.loads((run / "dissociation.json").read_text())
+    assert out["steps"] == [0, 1, 2] and set(out["metrics"]["frame_overlap_ratio"]) == {None}  # no key map
+    assert all(v is not None for v in out["metrics"]["js_to_final_bits_mean"])
     bad = CliRunner().invoke(main, ["train", "bijection", "--model", "hf", "--out", str(tmp_path / "bad"), *tiny,
                                     "--set", "model.architecture=bert"])
     assert bad.exit_code == 2 and "architecture must be one of 'gpt2', 'llama', 'gpt_neox'" in bad.output

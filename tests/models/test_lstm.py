@@ -51,7 +51,7 @@ def test_parameter_counts():
     bijection = LSTMModel(LSTMConfig(vocab_size=40, n_positions=38, dropout=0.1), generator=None)
     lstm = 6 * (4 * 192 * (192 + 192) + 2 * 4 * 192)  # nn.LSTM(192, 192, num_layers=6)
     expected = 40 * 192 + 38 * 192 + lstm + 2 * 192
-    assert expected == 1_794_048  # "≈1.80M" in SPEC §6.1
+    assert expected == 1_794_048  # "≈1.80M" in docs/theory.md §6.1
     assert sum(p.numel() for p in bijection.parameters()) == expected
     hmm = LSTMModel(
         LSTMConfig(

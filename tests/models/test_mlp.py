@@ -26,7 +26,7 @@ def test_bijection_control_parameter_count():
     # Embeddings 40*192 + 38*192; 9 blocks of LN (2*192) + 192*768 + 768 + 768*192 + 192; final LN.
     per_block = 2 * 192 + 192 * 768 + 768 + 768 * 192 + 192
     expected = 40 * 192 + 38 * 192 + 9 * per_block + 2 * 192
-    assert expected == 2_681_664  # "≈2.68M" in SPEC §6.1
+    assert expected == 2_681_664  # "≈2.68M" in docs/theory.md §6.1
     assert sum(p.numel() for p in model.parameters()) == expected
 
 

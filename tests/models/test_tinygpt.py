@@ -32,7 +32,7 @@ def _n_params(model):
 def test_bijection_parameter_count_is_2_677_440():
     config = TinyGPTConfig(vocab_size=40, n_positions=38)  # defaults: 6 layers, 6 heads, 192, 768
     model = TinyGPT(config, generator=None)
-    # Hand count (SPEC §6.1): embeddings 40*192 + 38*192; per layer 4*192² (Q, K, V, O, no bias)
+    # Hand count (docs/theory.md §6.1): embeddings 40*192 + 38*192; per layer 4*192² (Q, K, V, O, no bias)
     # + 192*768 + 768 + 768*192 + 192 (FFN with biases) + 2*192 (two RMSNorm gains); final gain 192.
     per_layer = 4 * 192**2 + (192 * 768 + 768 + 768 * 192 + 192) + 2 * 192
     assert 40 * 192 + 38 * 192 + 6 * per_layer + 192 == 2_677_440

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 transformer_lens = pytest.importorskip("transformer_lens")
 
 from windtunnel import probes  # noqa: E402
+from windtunnel import sites as probes_sites  # noqa: E402
 from windtunnel.sites import record_sites, routing_law  # noqa: E402
 from windtunnel.tasks import Bijection  # noqa: E402
 
@@ -172,6 +173,37 @@ def test_value_update_probe_on_a_hooked_transformer_under_sgd(arch):
     assert torch.allclose(stats.gradient_pull_cosine_all, stats.own_pull_cosine_all, atol=1e-5)
 
 
+def test_value_update_probe_on_llama_against_values_rebuilt_by_hand():
+    model, batch, lr = _hf("llama").train(), _batch(), 0.05
+    probe = probes.ValueUpdateProbe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    layer0 = model.model.layers[0]
+
+    def values():  # layer 0: v = input_layernorm(embedding) W_V^T, per key-value head (no rotary on v)
+        with torch.no_grad():
+            return layer0.self_attn.v_proj(layer0.input_layernorm(model.model.embed_tokens(batch.tokens))).view(*batch.tokens.shape, 2, 8)
+
+    before, grads = values(), []
+    def keep_grad(_module, _args, out):
+        if out.requires_grad:
+            out.register_hook(grads.append)
+
+    handle = layer0.self_attn.v_proj.register_forward_hook(keep_grad)
+    with probe.watch(model, batch.tokens):
+        probes.site_loss_nats(model(batch.tokens).logits, batch, TASK).backward()
+    handle.remove()
+    optimizer.step()
+    stats = probe.finish(model, lr)
+    delta, pull = (values() - before).double(), grads[0].view(*batch.tokens.shape, 2, 8).double()
+    whole = -(delta * pull).sum((0, 1, 3)) / (delta.pow(2).sum((0, 1, 3)).sqrt() * pull.pow(2).sum((0, 1, 3)).sqrt())
+    ratio = delta.pow(2).sum((0, 1, 3)).sqrt() / (lr * pull.pow(2).sum((0, 1, 3)).sqrt())
+    assert stats.pull_cosine.shape == (N_LAYERS, 2)  # per key-value head
+    assert torch.allclose(stats.pull_cosine_all[0].double(), whole, atol=1e-5)
+    assert torch.allclose(stats.norm_ratio[0].double(), ratio, rtol=1e-4)
+    assert bool(torch.isnan(stats.own_pull_cosine).all() and torch.isnan(stats.gradient_pull_cosine_all).all())  # no W_V
+    assert {r["value"] for r in stats.rows(3) if r["metric"] == "value_update_own_norm_ratio"} == {None}
+
+
 def test_ablation_table_of_a_hooked_transformer_matches_zeroed_weights():
     model, batches = _tl("tl"), [_batch(n=16)]
     table = probes.ablation_table(model, TASK, batches)
@@ -194,6 +226,66 @@ def test_ablation_table_of_a_hooked_transformer_matches_zeroed_weights():
         assert by[("zero_mlp_out", layer, None)]["entropy_mae_bits"] == pytest.approx(mae(zero_mlp), abs=1e-6)
         assert by[("bypass", layer, None)]["delta_mae_bits"] != 0.0
     assert table.intact == probes.calibrate(model, TASK, batches).scalars()  # every hook removed
+
+
+def _hf_parts(model, layer):
+    """(output projection, MLP output projection, final norm, decoder layers) of the two test architectures."""
+    if isinstance(model, transformers.GPT2LMHeadModel):
+        block = model.transformer.h[layer]
+        return block.attn.c_proj, block.mlp.c_proj, model.transformer.ln_f, model.transformer.h
+    block = model.model.layers[layer]
+    return block.self_attn.o_proj, block.mlp.down_proj, model.model.norm, model.model.layers
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_ablations_of_hugging_face_models_match_zeroed_weights_and_a_skipped_layer(arch):
+    model, batch = _hf(arch), _batch(n=16)
+    d_head = model.config.hidden_size // N_HEADS
+    tokens = batch.tokens
+
+    def edited(edit):
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            edit(clone)
+        return clone(tokens).logits
+
+    def zero_head_columns(m, layer, head):
+        proj = _hf_parts(m, layer)[0]  # GPT-2's Conv1D is x @ W [d_in, d_out]; Linear is x @ W.T
+        rows = slice(head * d_head, (head + 1) * d_head)
+        (proj.weight[rows] if arch == "gpt2" else proj.weight[:, rows]).zero_()
+
+    def zero_linear(m, layer, which):
+        proj = _hf_parts(m, layer)[which]
+        proj.weight.zero_()
+        if getattr(proj, "bias", None) is not None:
+            proj.bias.zero_()
+
+    for layer in range(N_LAYERS):
+        with probes_sites.ablated(model, heads=[(layer, 1), (layer, 3)]) as same:
+            assert same is model
+            got = model(tokens).logits
+        want = edited(lambda m: (zero_head_columns(m, layer, 1), zero_head_columns(m, layer, 3)))
+        assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
+        with probes_sites.ablated(model, zero_attn_out=[layer]):
+            got = model(tokens).logits
+        assert torch.allclose(got, edited(lambda m: zero_linear(m, layer, 0)), atol=1e-5)
+        with probes_sites.ablated(model, zero_mlp_out=[layer]):
+            got = model(tokens).logits
+        assert torch.allclose(got, edited(lambda m: zero_linear(m, layer, 1)), atol=1e-5)
+    with probes_sites.ablated(model, bypass=[1]):
+        got = model(tokens).logits
+    with torch.no_grad():  # layer 1 skipped: the final norm and head read layer 0's output
+        hidden = model(tokens, output_hidden_states=True).hidden_states[1]
+        want = model.lm_head(_hf_parts(model, 0)[2](hidden))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(model(tokens).logits, copy.deepcopy(model)(tokens).logits)  # every hook removed
+    assert model.config._attn_implementation == "sdpa"
+    table = probes.ablation_table(model, TASK, [batch])
+    assert len(table.rows) == N_LAYERS * N_HEADS + 3 * N_LAYERS
+    assert table.intact == probes.calibrate(model, TASK, [batch]).scalars()
+    with pytest.raises(ValueError, match=r"^\w+\.ablated\.heads must be \(layer, head\) pairs in \[0, 2\) x \[0, 4\)"):
+        with probes_sites.ablated(model, heads=[(0, 4)]):
+            pass
 
 
 def test_calibrate_reads_the_logits_of_a_model_output():
@@ -259,13 +351,6 @@ def test_what_hugging_face_models_refuse_names_the_instrument_and_the_class():
     hf = r"not available for GPT2LMHeadModel \(transformers\.models\.gpt2\.modeling_gpt2\): the Hugging Face adapter"
     with pytest.raises(ValueError, match=rf"^layer_key_orthogonality: {hf}.*key projection W_K"):
         probes.layer_key_orthogonality(model, probes.hypothesis_tokens(TASK))
-    with pytest.raises(ValueError, match=rf"^ValueUpdateProbe.watch: {hf}.*value projection W_V"):
-        with probes.ValueUpdateProbe().watch(model, batch.tokens):
-            pass
-    with pytest.raises(ValueError, match=rf"^ablation_table: {hf}.*ablation is available for TinyGPT"):
-        probes.ablation_table(model, TASK, [batch])
-    with pytest.raises(ValueError, match=rf"^hmm_lag_map: {hf}"):
-        probes.hmm_lag_map(model, TASK, batch, generator=torch.Generator())
     base = _hf("gpt2", base=True)  # no language-model head: sites but no readout
     with pytest.raises(ValueError, match=r"^collect_states: not available for GPT2Model .*get_output_embeddings\(\) is None"):
         probes.collect_states(base, TASK, batch)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from windtunnel.cli import main
@@ -196,3 +197,48 @@ def test_a_corrupt_json_file_is_named(tmp_path, name, content):
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))) as caught:
         build_report(tmp_path)
     assert not isinstance(caught.value, (json.JSONDecodeError, UnicodeDecodeError))
+
+
+def test_eval_and_report_show_the_same_geometry_numbers(full_run):
+    """One trained model: eval.json's geometry variants are those of the loaded checkpoint on the first
+    evaluation batch, and the report shows the same numbers beside the paper's, row for row."""
+    from windtunnel.experiments.evaluation import load_model
+    from windtunnel.probes import geometry_variants
+    from windtunnel.reports import geometry_variant_rows
+
+    stored = json.loads((full_run / "eval.json").read_text())["geometry_variants"]
+    experiment, model, _ = load_model(full_run)
+    task = experiment.build_task()
+    batch = task.sample(64, generator=torch.Generator().manual_seed(12345))  # the fixture's eval: 64 sequences, seed 12345
+    assert stored["n_sequences"] == 64
+    assert stored["quantities"] == json.loads(json.dumps(geometry_variants(model, task, batch)))
+    quantities = stored["quantities"]
+    assert set(quantities) == {"key_orthogonality", "value_manifold_pc1_share", "focusing_ratio"}
+    assert all(v["value"] is not None for q in quantities.values() for v in q.values())  # a TinyGPT bijection run has them all
+    rows = geometry_variant_rows(stored)
+    assert len(rows) == sum(len(q) for q in quantities.values())
+    page = build_report(full_run).read_text()
+    for row in rows:
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in row)
+        assert f"<tr>{cells}</tr>" in page, row[:2]
+    ours = [r for r in rows if r[1] == "hypothesis_abs (ours)"][0]
+    assert ours[3].startswith("0.052 vs 0.082 random") and ours[2] != "—"
+
+
+def test_eval_command_prints_the_geometry_rows_of_its_eval_json(tmp_path, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    result = CliRunner().invoke(main, ["eval", str(run), "--n", "16"])
+    assert result.exit_code == 0, result.output
+    from windtunnel.reports import geometry_variant_rows
+
+    stored = json.loads((run / "eval.json").read_text())["geometry_variants"]
+    assert stored["n_sequences"] == 16
+    lines = result.output.splitlines()
+    for quantity, name, value, paper, _, _ in geometry_variant_rows(stored):
+        if value.startswith("— ("):  # not measured: listed once under its reason
+            reason = value[3:-1].rstrip(".")
+            assert any(l.startswith(f"  not measured ({reason}): ") and f"{quantity}, {name}" in l for l in lines), name
+            continue
+        line = f"  {quantity}, {name}: {value}" + (f"  [paper: {paper}]" if paper != "—" else "")
+        assert line in lines

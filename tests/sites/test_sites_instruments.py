@@ -45,7 +45,14 @@ def test_what_each_adapter_provides():
     assert all(sites.unsupported(_tl(), f) is None for f in sites.FEATURES)
     gpt2 = _gpt2()
     assert sites.unsupported(gpt2, "sites") is None and sites.unsupported(gpt2, "readout") is None
-    assert all("AttentionInterface" in sites.unsupported(gpt2, f) for f in features[1:])
+    assert all("AttentionInterface" in sites.unsupported(gpt2, f) for f in features[1:3])
+    assert sites.unsupported(gpt2, "ablation") is None and sites.unsupported(_gpt2(base=True), "ablation") is None
+    no_mlp = _gpt2()
+    no_mlp.transformer.h[1].mlp = None  # a decoder layer without a child named "mlp"
+    assert "layers [1] have none" in sites.unsupported(no_mlp, "ablation")
+    no_index = _gpt2()
+    no_index.transformer.h[0].attn.layer_idx = None
+    assert "found layer indices [1]" in sites.unsupported(no_index, "ablation")
     assert "get_output_embeddings() is None" in sites.unsupported(_gpt2(base=True), "readout")
     assert all(sites.unsupported(mlp, f).startswith("no attention-site adapter") for f in sites.FEATURES)
     with pytest.raises(ValueError, match=r"^unsupported: feature must be one of .*; got 'keys'"):
@@ -90,3 +97,27 @@ def test_transformer_lens_ablations_are_removed_and_checked():
     with pytest.raises(ValueError, match=r"(?s)2 problems in HookedTransformer.ablated:.*HookedTransformer.ablated.bypass must be layer indices in \[0, 2\).*heads must be"):
         with sites.ablated(model, heads=[(0, 2)], bypass=[5]):
             pass
+
+
+def test_final_residual_is_the_final_norms_input_and_token_keys_keep_the_embeddings():
+    model = _tiny(norm="layernorm")
+    with record(model, names="blocks.1.hook_resid_post") as cache, sites.record_final_residual(model) as pre, sites.record_readout(model) as post:
+        model(TOKENS)
+    assert torch.equal(pre.input, cache["blocks.1.hook_resid_post"])
+    torch.testing.assert_close(post.input, model.ln_final(pre.input))
+    keys = sites.token_keys(model, torch.arange(5))
+    assert all(torch.equal(k.embeddings, model.embed.W_E[:5].double()) for k in keys)
+    tl = _tl()
+    with sites.record_final_residual(tl) as tl_pre:
+        _, tl_cache = tl.run_with_cache(TOKENS)
+    assert torch.equal(tl_pre.input, tl_cache["blocks.1.hook_resid_post"])
+    assert torch.equal(sites.token_keys(tl, torch.arange(5))[1].embeddings, tl.W_E[:5].double())
+    gpt2 = _gpt2()
+    assert "final norm" in sites.unsupported(gpt2, "final_residual")
+    with pytest.raises(ValueError, match=r"^record_final_residual: GPT2LMHeadModel .* does not support 'final_residual'"):
+        with sites.record_final_residual(gpt2):
+            pass
+    with pytest.raises(RuntimeError, match="^record_final_residual: no forward pass"):
+        with sites.record_final_residual(model) as empty:
+            pass
+        empty.input

@@ -102,7 +102,7 @@ def test_layout_and_labels(fmt):
 
 @pytest.mark.parametrize("fmt", ["A", "B"])
 def test_labels_are_next_tokens_not_copies(fmt):
-    """The copy-label bug (SPEC §5.1, §11.1) puts a value's label at its own position."""
+    """The copy-label bug (docs/theory.md §5.1, §11.1) puts a value's label at its own position."""
     task = Bijection(n_values=20, n_pairs=19, format=fmt)
     batch = task.sample(256, generator=torch.Generator().manual_seed(1))
     label_ids = batch.labels + task.class_offset  # [batch, n_sites] as token ids

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from windtunnel.tasks import entropy_bits, forward_filter
@@ -138,13 +138,16 @@ def test_extreme_likelihoods_fall_back_to_log_space():
     assert result.log_filtered_probs[0, 1].item() == pytest.approx(-2000.0, abs=1e-9)
 
 
-def test_structural_zeros_fall_back_to_log_space():
-    # A transition that cannot leave state 0 gives exact zeros: log-probability -inf.
+def test_structural_zeros_stay_in_probability_space():
+    # A transition that cannot leave state 0 gives exact zeros: log-probability -inf. Zero is
+    # exact in probability space, so the scaled recursion keeps them (issue 18) and must give
+    # the enumeration's values, exact zeros included, as the log-space recursion does.
     initial = [1.0, 0.0, 0.0]
     transition = [[1.0, 0.0, 0.0], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]]
     likelihoods = [[0.5, 0.2, 0.9], [0.1, 0.7, 0.7], [0.3, 0.3, 0.3]]
     args = [torch.tensor(x, dtype=torch.float64).log() for x in (initial, transition, likelihoods)]
-    assert _scaled_filter(*args) is None
+    scaled = _scaled_filter(*args)
+    _assert_same_filter(scaled, _log_space_filter(*args), atol=1e-15)
     result = forward_filter(*args)
     filtered, _, log_evidence = _enumerate(initial, transition, likelihoods)
     torch.testing.assert_close(
@@ -155,6 +158,52 @@ def test_structural_zeros_fall_back_to_log_space():
     )
     assert torch.all(result.log_filtered_probs[:, 1:] == -math.inf)
     assert result.log_evidence_nats.item() == pytest.approx(log_evidence, rel=1e-14)
+
+
+@st.composite
+def _models_with_zeros(draw):
+    """As ``_models``, with some initial, transition and likelihood entries set to exactly 0.
+
+    Initial and transition rows stay distributions (renormalised; a row left all zero keeps its
+    original entries), as the enumeration assumes.
+    """
+    initial, transition, likelihoods = draw(_models())
+
+    def zero_some(row, normalise):
+        mask = draw(st.lists(st.booleans(), min_size=len(row), max_size=len(row)))
+        kept = [0.0 if m else x for x, m in zip(row, mask)]
+        if not normalise:
+            return kept
+        return [x / sum(kept) for x in kept] if sum(kept) > 0 else row
+
+    return (
+        zero_some(initial, True),
+        [zero_some(row, True) for row in transition],
+        [zero_some(row, False) for row in likelihoods],
+    )
+
+
+@given(model=_models_with_zeros())
+@settings(max_examples=60)
+def test_zero_probabilities_stay_in_probability_space(model):
+    # Zero entries anywhere (log -inf) are exact in probability space: the scaled recursion must
+    # accept them (issue 18) and give the enumeration's beliefs and evidence, zeros included.
+    initial, transition, likelihoods = model
+    args = [torch.tensor(x, dtype=torch.float64).log() for x in (initial, transition, likelihoods)]
+    exact = _log_space_filter(*args)
+    assume(bool(torch.isfinite(exact.log_evidence_nats)))  # else no posterior exists
+    scaled = _scaled_filter(*args)
+    _assert_same_filter(scaled, exact, atol=1e-12)
+    filtered, predicted, log_evidence = _enumerate(initial, transition, likelihoods)
+    result = forward_filter(*args)
+    for name, expected in (("log_filtered_probs", filtered), ("log_predicted_probs", predicted)):
+        torch.testing.assert_close(
+            getattr(result, name).exp(),
+            torch.tensor(expected, dtype=torch.float64),
+            rtol=0,
+            atol=1e-12,
+        )
+    assert result.log_evidence_nats.item() == pytest.approx(log_evidence, rel=1e-12, abs=1e-12)
 
 
 def _assert_same_filter(scaled, exact, *, atol):

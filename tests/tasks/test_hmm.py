@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from windtunnel.tasks import (
@@ -51,19 +51,62 @@ def _rows(width, floor_units=5, units=100):
 
 
 @st.composite
-def _hmms(draw):
+def _hmms(draw, floor_units=5):
     n_states = draw(st.integers(1, 4))
     n_symbols = draw(st.integers(1, 4))
-    transition = [draw(_rows(n_states)) for _ in range(n_states)]
-    emission = [draw(_rows(n_symbols)) for _ in range(n_states)]
+    transition = [draw(_rows(n_states, floor_units)) for _ in range(n_states)]
+    emission = [draw(_rows(n_symbols, floor_units)) for _ in range(n_states)]
     observations = draw(st.lists(st.integers(0, n_symbols - 1), min_size=1, max_size=6))
     return transition, emission, observations
+
+
+def _evidence(transition, emission, observations):
+    """p(o_1:K) in grid units^(2K - 1) by summing over all state paths (0 when impossible)."""
+    n_states = len(transition)
+    total = 0
+    for path in itertools.product(range(n_states), repeat=len(observations)):
+        weight = 1
+        for t, s in enumerate(path):
+            if t > 0:
+                weight *= transition[path[t - 1]][s]
+            weight *= emission[s][observations[t]]
+        total += weight
+    return total
+
+
+def _time_major(transition_cents, emission_cents, observations, units=100):
+    """The [from, to, batch] transition and [n_steps, S, batch] likelihoods of hmm_posterior."""
+    batch, n_states = transition_cents.shape[:2]
+    n_steps = observations.shape[1]
+    trans_probs = transition_cents.double().permute(1, 2, 0) / units
+    index = observations.T.unsqueeze(1).expand(n_steps, n_states, batch)
+    lik = (emission_cents.double() / units).permute(2, 1, 0).gather(0, index)
+    return trans_probs, lik
 
 
 @given(hmm=_hmms())
 @settings(max_examples=40)
 def test_beliefs_equal_path_enumeration(hmm):
+    _assert_beliefs_equal_path_enumeration(*hmm)
+
+
+@given(hmm=_hmms(floor_units=0))
+@settings(max_examples=60)
+def test_beliefs_with_zero_cents_equal_path_enumeration(hmm):
+    # Rows on the grid that may hold zero cents (forbidden transitions and symbols): the
+    # probability-space recursion must keep them (not decline) and give the exact beliefs.
     transition, emission, observations = hmm
+    assume(_evidence(transition, emission, observations) > 0)  # else no posterior exists
+    args = (torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations]))
+    n_states = len(transition)
+    accepted = _probability_filter(
+        1.0 / n_states, *_time_major(*args), n_predicted=len(observations) + 1, with_norms=False
+    )
+    assert accepted is not None
+    _assert_beliefs_equal_path_enumeration(transition, emission, observations)
+
+
+def _assert_beliefs_equal_path_enumeration(transition, emission, observations):
     beliefs = hmm_posterior(
         torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations])
     )
@@ -206,7 +249,7 @@ def test_generator_matches_its_model():
 
 
 def test_reference_entropy_statistics():
-    """SPEC §5.2 [D]: mean filtered entropy ≈ 2.02 bits at t = 1 and 1.907 overall."""
+    """docs/theory.md §5.2 [D]: mean filtered entropy ≈ 2.02 bits at t = 1 and 1.907 overall."""
     batch = HMMFiltering().sample(2000, generator=torch.Generator().manual_seed(6))
     # Per-site sd is 0.25; sequence means are averages of 20 correlated sites, so the overall
     # mean's standard error is below 0.25 / sqrt(2000) ≈ 0.006; 0.03 is a 5-sigma tolerance.
@@ -216,7 +259,7 @@ def test_reference_entropy_statistics():
 
 
 def _reference_quantise(row, floor_units=5, units=100):
-    """SPEC §5.2's repair rule, written as a plain loop over Python ints."""
+    """docs/theory.md §5.2's repair rule, written as a plain loop over Python ints."""
     cents = [max(round(p * units), floor_units) for p in row]
     while sum(cents) < units:
         i = min(range(len(cents)), key=lambda j: (cents[j], j))
@@ -343,17 +386,25 @@ def test_quantise_errors():
         quantise_rows(torch.full((1, 25), 0.04))
 
 
-def test_zero_cents_fall_back_to_log_space():
-    # No transition enters state 1, so after the first step every belief in it is exactly 0:
-    # the probability-space recursion declines and the log-space one gives the exact zeros.
+def test_zero_cents_stay_in_probability_space():
+    # No transition enters state 1, so after the first step every belief in it is exactly 0.
+    # Zero is exact in probability space: the recursion keeps it (issue 18) instead of
+    # declining, and gives the enumeration's beliefs with the exact zeros.
     transition = [[100, 0], [100, 0]]
     emission = [[20, 80], [60, 40]]
     observations = [1, 0, 0, 1]
     args = (torch.tensor([transition]), torch.tensor([emission]), torch.tensor([observations]))
     trans_probs = args[0].double().permute(1, 2, 0) / 100
     lik = (args[1].double() / 100)[0].T[args[2][0]].unsqueeze(-1)  # [n_steps, S, 1]
-    assert _probability_filter(0.5, trans_probs, lik, n_predicted=5, with_norms=False) is None
+    direct = _probability_filter(0.5, trans_probs, lik, n_predicted=5, with_norms=False)
+    assert direct is not None
     beliefs = hmm_posterior(*args)
+    torch.testing.assert_close(
+        direct.filtered_probs.permute(2, 0, 1), beliefs.filtered_probs, rtol=0, atol=0
+    )
+    exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
+    for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
+        torch.testing.assert_close(getattr(beliefs, name), getattr(exact, name), rtol=0, atol=1e-15)
     for t in range(1, 5):
         expected = _path_marginal(transition, emission, observations[:t], t)
         torch.testing.assert_close(
@@ -465,3 +516,93 @@ def test_windowed_posterior_window_error(window):
         windowed_posterior(
             batch.transition_cents, batch.emission_cents, batch.observations, window=2, transported=1
         )
+
+
+def _grid_hmms_with_zeros(batch, n_states, n_symbols, n_steps, generator):
+    """Random grid HMMs whose rows may hold zero cents, with observations drawn from each model
+    (so every one has a posterior): (transition, emission, observations) long tensors."""
+
+    def rows(width):
+        # Exponential draws to the 4th power: rows more uneven than Dirichlet(1), zeros common.
+        draws = torch.log1p(-torch.rand(batch, n_states, width, generator=generator)) ** 4
+        return quantise_rows(draws / draws.sum(-1, keepdim=True), floor=0.0, grid=0.01)
+
+    transition, emission = rows(n_states), rows(n_symbols)
+    observations = torch.empty(batch, n_steps, dtype=torch.long)
+    rows_of = torch.arange(batch)
+    state = torch.randint(n_states, (batch,), generator=generator)
+    for t in range(n_steps):
+        if t > 0:
+            state = torch.multinomial(transition[rows_of, state].double(), 1, generator=generator)
+            state = state[:, 0]
+        symbol = torch.multinomial(emission[rows_of, state].double(), 1, generator=generator)
+        observations[:, t] = symbol[:, 0]
+    return transition, emission, observations
+
+
+def test_blocks_of_sequences_match_one_block_and_the_log_space_posterior(monkeypatch):
+    # The recursion runs over blocks of _BLOCK_COLUMNS sequences; with blocks of 3 over 8
+    # sequences (the last one partial) every belief must be the one-block result bit for bit,
+    # and agree with the log-space recursion. Zero cents included.
+    from windtunnel.tasks import filtering
+
+    args = _grid_hmms_with_zeros(8, 4, 3, 12, torch.Generator().manual_seed(11))
+    assert (args[0] == 0).any() and (args[1] == 0).any()
+    whole = hmm_posterior(*args)
+    monkeypatch.setattr(filtering, "_BLOCK_COLUMNS", 3)
+    blocked = hmm_posterior(*args)
+    assert _probability_filter(0.25, *_time_major(*args), n_predicted=13, with_norms=False)
+    exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
+    for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
+        assert torch.equal(getattr(blocked, name), getattr(whole, name))
+        torch.testing.assert_close(getattr(blocked, name), getattr(exact, name), rtol=0, atol=1e-12)
+
+
+def test_beliefs_below_the_smallest_normal_float_fall_back_to_log_space():
+    # State 0 emits symbol 0 with probability 1e-152 and never leaves; state 1 emits it with 0.5.
+    # After three 0s the belief in state 0 is ~1e-456: its products underflow in float64, so the
+    # probability-space recursion must decline, and the log-space one gives the beliefs.
+    transition = [[100.0, 0.0], [0.0, 100.0]]
+    emission = [[1e-150, 100.0 - 1e-150], [50.0, 50.0]]
+    observations = [0, 0, 0, 1]
+    args = (
+        torch.tensor([transition], dtype=torch.float64),
+        torch.tensor([emission], dtype=torch.float64),
+        torch.tensor([observations]),
+    )
+    assert _probability_filter(0.5, *_time_major(*args), n_predicted=5, with_norms=False) is None
+    beliefs = hmm_posterior(*args)
+    exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
+    for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
+        assert torch.equal(getattr(beliefs, name), getattr(exact, name))
+    assert beliefs.filtered_probs[0, 0, 0].item() == pytest.approx(2e-152, rel=1e-12)
+    for t in range(1, 5):
+        expected = _path_marginal(transition, emission, observations[:t], t)
+        torch.testing.assert_close(
+            beliefs.filtered_probs[0, t - 1],
+            torch.tensor(expected, dtype=torch.float64),
+            rtol=0,
+            atol=1e-15,
+        )
+
+
+def test_probability_filter_reads_likelihoods_from_the_emission_and_observations():
+    # The mode hmm_posterior uses: each block gathers its likelihoods from E and the symbols, in
+    # grid units divided as read, and finds the smallest factor itself when not told: the same
+    # beliefs as from likelihoods gathered beforehand.
+    args = _grid_hmms_with_zeros(5, 3, 4, 9, torch.Generator().manual_seed(2))
+    gathered = _probability_filter(1 / 3, *_time_major(*args), n_predicted=10, with_norms=False)
+    lik = torch.empty(9, 3, 5, dtype=torch.float64)
+    read = _probability_filter(
+        1 / 3,
+        args[0].permute(1, 2, 0),
+        lik,
+        n_predicted=10,
+        with_norms=False,
+        emission=args[1].permute(2, 1, 0),
+        observations=args[2].T,
+        divisor=100,
+    )
+    assert gathered is not None and read is not None
+    assert torch.equal(read.filtered_probs, gathered.filtered_probs)
+    assert torch.equal(read.predicted_probs, gathered.predicted_probs)

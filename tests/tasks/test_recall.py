@@ -9,7 +9,7 @@ from windtunnel.tasks import AssociativeRecall, Task
 
 
 def _check_batch(task, batch):
-    """Parse every sequence by hand and check it against the layout of SPEC §5.3."""
+    """Parse every sequence by hand and check it against the layout of docs/theory.md §5.3."""
     n, m = task.n_pairs, task.n_queries
     assert batch.tokens.shape[1] == task.seq_len
     assert batch.labels.shape == (batch.tokens.shape[0], m)

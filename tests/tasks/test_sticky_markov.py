@@ -73,7 +73,7 @@ def test_means_are_the_reference_draw_and_fixed():
     assert torch.equal(task.means, expected)
     dist = torch.cdist(task.means.double(), task.means.double())
     off = dist[~torch.eye(8, dtype=torch.bool)]
-    assert round(off.mean().item(), 2) == 6.13 and round(off.min().item(), 2) == 3.92  # SPEC §4.1
+    assert round(off.mean().item(), 2) == 6.13 and round(off.min().item(), 2) == 3.92  # docs/theory.md §4.1
 
 
 def _enumerated_predictive(inputs, means, transition, noise_std):
@@ -156,7 +156,7 @@ def test_reference_seed_42_training_sequence_has_the_spec_bayes_loss():
     batch = task.sample(1, generator=torch.Generator().manual_seed(42), draw_order="reference")
     assert (
         round(task.bayes_scores(batch).loss_nats, 3) == 1.841
-    )  # SPEC §4.3, first reference sequence
+    )  # docs/theory.md §4.3, first reference sequence
 
 
 def test_vectorised_sampling_follows_the_transition_matrix():

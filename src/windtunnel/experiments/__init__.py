@@ -1,1 +1,1 @@
-"""Paper reproductions: each file composes library calls into one experiment (SPEC §10)."""
+"""Paper reproductions: each file composes library calls into one experiment (docs/theory.md §10)."""

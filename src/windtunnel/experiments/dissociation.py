@@ -1,4 +1,4 @@
-"""Frame–precision dissociation (SPEC §3.4, §8.6): does the frame settle before the precision?
+"""Frame–precision dissociation (docs/theory.md §3.4, §8.6): does the frame settle before the precision?
 
 Reads a run directory's saved models (``snapshots/step_N.pt`` written by the telemetry probes on
 the log-spaced §8.6 schedule, ``checkpoints/step_N.pt`` written by the Trainer, and step 0
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+import windtunnel.sites as sites
 from windtunnel.geometry import (
     ValueManifoldPCA,
     attention_js_divergence_bits,
@@ -65,15 +66,19 @@ def load_checkpoints(run_dir: str | Path) -> tuple[ExperimentConfig, dict[int, d
     return experiment, dict(sorted(states.items()))
 
 
-def _w_key(model: torch.nn.Module) -> torch.Tensor:
-    w = model.blocks[0].attn.W_K.detach().double()  # [head, d_model, d_head]
-    return w.permute(1, 0, 2).reshape(w.shape[1], -1)  # [d_model, head * d_head]
+def _w_key(model: torch.nn.Module) -> torch.Tensor | None:
+    """Layer 0's key projection [d_model, head * d_head], or None when the model's adapter has no
+    key map (a Hugging Face model; see :func:`windtunnel.sites.unsupported`)."""
+    if sites.unsupported(model, "token_keys") is not None:
+        return None
+    w = sites.token_keys(model, torch.arange(1))[0].w_key  # [head, d_model, d_head], float64
+    return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
 def run_dissociation(
     run_dir: str | Path, *, n_sequences: int = 256, seed: int | None = None, r: int = 8, rel_tol: float = 0.1
 ) -> dict[str, Any]:
-    """Measure every checkpoint of a run and write dissociation.json / .png (SPEC §8.6).
+    """Measure every checkpoint of a run and write dissociation.json / .png (docs/theory.md §8.6).
 
     Settling step: the first logged step after which a metric stays within ``rel_tol`` of its
     final value (``geometry.settling_step``). The JS divergence to the final checkpoint is 0 at
@@ -81,11 +86,17 @@ def run_dissociation(
     The batch is drawn from ``seed`` (default: the run's "probe" stream, the telemetry batch).
 
     Raises:
-        ValueError: when the run is not a transformer run or has fewer than 2 saved models.
+        ValueError: when the run's model has no attention sites or readout (an MLP or LSTM run) or
+            fewer than 2 models are saved. A model without a key map (a Hugging Face
+            architecture) gets None for key orthogonality and the frame overlap.
     """
     experiment, states = load_checkpoints(run_dir)
-    if experiment.model_name != "transformer":
-        raise ValueError(f"run_dissociation: needs a transformer run; {run_dir} holds a {experiment.model_name!r} model.")
+    reason = sites.unsupported(experiment.build_model(None), "readout")
+    if reason is not None:
+        raise ValueError(
+            f"run_dissociation: needs a run whose model has attention sites and a readout (a transformer "
+            f"or hf run); {run_dir} holds a {experiment.model_name!r} model: {reason}"
+        )
     if len(states) < 2:
         raise ValueError(f"run_dissociation: {run_dir} needs at least 2 saved models; found steps {list(states)}.")
     task = experiment.build_task()
@@ -118,7 +129,8 @@ def run_dissociation(
         ko = snap.key_orthogonality
         put("key_ortho_layer0", ko[0].mean_abs_cosine if ko else None)
         put("key_ortho_layer0_min_head", ko[0].min_abs_cosine if ko else None)
-        put("frame_overlap_ratio", frame_subspace_overlap(_w_key(model), final_wk, r=r).ratio_to_null)
+        w_key = _w_key(model)
+        put("frame_overlap_ratio", None if w_key is None else frame_subspace_overlap(w_key, final_wk, r=r).ratio_to_null)
         put("focusing_ratio", snap.focusing_ratio)
         for name in ("pc1_share", "pc12_share", "spearman", "ordering_score", "probe_r2", "participation_ratio"):
             put(name, getattr(snap.manifold, name))
@@ -143,7 +155,6 @@ def run_dissociation(
         settling[name] = settling_step(steps, vals, rel_tol=rel_tol, abs_tol=abs_tol)
     frame = [settling[m] for m in FRAME_METRICS if settling.get(m) is not None]
     precision = [settling[m] for m in ("entropy_mae_bits", "kl_bits") if settling.get(m) is not None]
-    mae = [v for v in series["entropy_mae_bits"] if v is not None]
     out = {
         "run_dir": str(run_dir),
         "steps": steps,

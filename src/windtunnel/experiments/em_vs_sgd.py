@@ -1,8 +1,8 @@
-"""Paper II, sticky Markov chain: EM-like (two-timescale) vs SGD over several seeds (SPEC §4).
+"""Paper II, sticky Markov chain: EM-like (two-timescale) vs SGD over several seeds (docs/theory.md §4).
 
 Every seed x arm is one replica of a batched :class:`SingleHeadAttention`; all replicas of a
 seed share its data and initial weights, and one closed-form gradient pass per step serves them
-all. ``rng="reference"`` reproduces the authors' data and initialisation streams (SPEC §4.1 RNG)
+all. ``rng="reference"`` reproduces the authors' data and initialisation streams (docs/theory.md §4.1 RNG)
 with private generators; the held-out sequence is drawn the same way from seed + 10000.
 """
 
@@ -49,7 +49,7 @@ class EmVsSgdConfig:
         seeds: run seeds; each gives one training sequence, one held-out sequence and one init.
         n_steps: full-batch optimiser steps per arm.
         arms: optimiser arms (:data:`windtunnel.arms.ARM_NAMES`) for ``model="single"``.
-        model: ``"single"`` (the reference single head) or ``"deep"`` (SPEC §4.5, AdamW).
+        model: ``"single"`` (the reference single head) or ``"deep"`` (docs/theory.md §4.5, AdamW).
         rng: ``"reference"`` (the authors' draw order, bit-exact on CPU) or ``"independent"``
             (vectorised sampling; data, init and held-out generators derived from the seed).
         lr: routing learning rate eta_r.

@@ -12,7 +12,8 @@ import torch
 from windtunnel.geometry import linear_probe_r2
 from windtunnel.hooks import eval_mode, record
 from windtunnel.models import TinyGPT
-from windtunnel.probes import hmm_lag_response
+from windtunnel.probes import geometry_variants, hmm_lag_response
+from windtunnel.sites import unsupported
 from windtunnel.reports import draw_lag_response
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
@@ -22,6 +23,7 @@ __all__ = [
     "CIRCUIT_QUANTITIES",
     "MEMORY_WINDOWS",
     "evaluate_run",
+    "geometry_of_run",
     "hmm_attention_mass",
     "hmm_circuit_probe",
     "load_model",
@@ -58,7 +60,7 @@ def evaluate_run(
     (and, for an HMM, lag_response.png; for an HMM TinyGPT, history_attention.png).
 
     ``lengths`` applies to tasks with a length parameter (HMM ``n_steps``); an empty list
-    evaluates the training length only. Every metric is per sample (SPEC §7). For the HMM each
+    evaluates the training length only. Every metric is per sample (docs/theory.md §7). For the HMM each
     summary also holds the memory ladder (:func:`memory_ladder`): the entropy MAE of exact
     filters that remember only the last w observations, and the rungs the model falls between.
 
@@ -69,6 +71,12 @@ def evaluate_run(
     at the read positions, and where each head attends. For every HMM run, ``lag_response``
     (:func:`hmm_lag_response`, on up to 200 further sequences of the training length): how the
     belief moves when one earlier observation changes, by lag, against the exact filter.
+
+    For every model with attention sites and a readout, eval.json holds ``geometry_variants``
+    (:func:`geometry_of_run`): key orthogonality, the value manifold's PC1 share and attention
+    focusing under every published definition (:data:`windtunnel.probes.GEOMETRY_VARIANTS`), with
+    the paper's number beside the definition it belongs to, on the first evaluation batch of the
+    training length (up to ``batch_size`` sequences); for other models the reason they have none.
 
     ``step_shift`` > 0 (an HMM TinyGPT only) evaluates the same sequences with their steps moved
     that many whole steps along the position table (:func:`windtunnel.train.step_position_ids`,
@@ -100,8 +108,11 @@ def evaluate_run(
             raise ValueError(f"evaluate_run: {name} needs {needed} positions{moved}; the model has {n_positions}.")
     generator = torch.Generator().manual_seed(seed)
     summary, curves, history = {}, {}, {}
+    geometry: dict[str, Any] | None = None
     for name, task in tasks.items():
         batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]
+        if geometry is None and not step_shift and task.seq_len == base.seq_len:
+            geometry = geometry_of_run(model, task, batches[0])
         ids = step_position_ids(task.seq_len, task.step_layout, step_shift) if step_shift else None
         cal = evaluate(model, task, batches, position_ids=ids)
         summary[name] = cal.scalars()
@@ -113,6 +124,8 @@ def evaluate_run(
     out = {"step": step, "n_sequences": n_sequences, "seed": seed, "summary": summary, "per_position": curves}
     if step_shift:
         out["step_shift"] = step_shift
+    if geometry is not None:
+        out["geometry_variants"] = geometry
     if history:
         out["history_attention"] = history
     if isinstance(base, HMMFiltering) and isinstance(model, TinyGPT) and base.n_steps >= 2 and not step_shift:
@@ -177,6 +190,17 @@ def memory_over_training(
     title = experiment.name or experiment.task_name
     paths = {"json": str(write_json_atomic(run.memory_path, out)), "figure": str(_plot_memory(out, run.memory_figure_path, title=title))}
     return {**out, "paths": paths}
+
+
+def geometry_of_run(model: torch.nn.Module, task: Any, batch: Any) -> dict[str, Any]:
+    """Every geometry variant (:func:`windtunnel.probes.geometry_variants`, docs/theory.md §8.1–§8.3)
+    of ``model`` on ``batch``, as eval.json stores it: ``{"n_sequences", "quantities": {quantity:
+    {variant: {...}}}}``, or ``{"unavailable": reason}`` for a model without attention sites or a
+    readout (the LSTM and the MLP)."""
+    reason = unsupported(model, "sites") or unsupported(model, "readout")
+    if reason is not None:
+        return {"unavailable": reason}
+    return {"n_sequences": int(batch.tokens.shape[0]), "quantities": geometry_variants(model, task, batch)}
 
 
 MEMORY_WINDOWS = (1, 2, 3, 4, 6, 8)

@@ -1,4 +1,4 @@
-"""Telemetry and ablations for a run: attach the §8 probes to a Trainer; ablate a trained run (§8.5)."""
+"""Telemetry and ablations for a run: attach the probes of docs/theory.md §8 to a Trainer; ablate a trained run (§8.5)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+import windtunnel.sites as sites
 from windtunnel.probes import ValueUpdateProbe, ablation_table, hmm_lag_map, make_probes
 from windtunnel.runs import RunDir, write_json_atomic
 from windtunnel.tasks import HMMFiltering
@@ -17,7 +18,8 @@ __all__ = ["ablate_run", "attach_probes"]
 
 def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: bool = True) -> Trainer:
     """Give ``trainer`` the geometry, routing-law and calibration probes of :func:`make_probes`,
-    and for a transformer the :class:`~windtunnel.probes.ValueUpdateProbe` of the training steps.
+    and for a transformer (TinyGPT or ``hf``) the :class:`~windtunnel.probes.ValueUpdateProbe` of
+    the training steps.
 
     The probe batch (``n_sequences`` sequences) and the entropy probe's split come from the run's
     "probe" seed stream, and the §8.1 baseline is the model rebuilt from the "init" stream (the
@@ -39,7 +41,7 @@ def attach_probes(trainer: Trainer, *, n_sequences: int = 128, save_snapshots: b
         run_dir=trainer.run.path if trainer.run is not None else None,
         save_snapshots=save_snapshots,
     )
-    if experiment.model_name == "transformer":
+    if experiment.model_name in ("transformer", "hf"):
         trainer.update_probe = ValueUpdateProbe()
     return trainer
 
@@ -52,8 +54,12 @@ def ablate_run(run_dir: str | Path, *, n_sequences: int = 2000, seed: int = 1234
     from windtunnel.experiments.evaluation import load_model
 
     experiment, model, step = load_model(run_dir)
-    if experiment.model_name != "transformer":
-        raise ValueError(f"ablate_run: needs a transformer run; {run_dir} holds a {experiment.model_name!r} model.")
+    reason = sites.unsupported(model, "ablation")
+    if reason is not None:
+        raise ValueError(
+            f"ablate_run: needs a run whose model can be ablated (a transformer or hf run); {run_dir} "
+            f"holds a {experiment.model_name!r} model: {reason}"
+        )
     task = experiment.build_task()
     generator = torch.Generator().manual_seed(seed)
     batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]

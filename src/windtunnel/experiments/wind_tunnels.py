@@ -1,8 +1,8 @@
-"""Paper I's wind tunnels: train the transformer and its baselines, compare with the paper (SPEC §10).
+"""Paper I's wind tunnels: train the transformer and its baselines, compare with the paper (docs/theory.md §10).
 
 ``reproduce(task, preset=..., out=...)`` trains every preset model of the task (transformer, and
 the LSTM and position-wise MLP where defined) in ``out/<model>/``, evaluates each on fresh seeded
-held-out sequences (one causal pass per sequence, per-sample MAE, SPEC §7), and writes
+held-out sequences (one causal pass per sequence, per-sample MAE, docs/theory.md §7), and writes
 ``comparison.json``, ``comparison.md`` and ``comparison.png`` beside the paper's numbers and the
 task's trivial floors. A model whose run directory already holds its final checkpoint is not
 trained again, and an interrupted run resumes from its latest checkpoint.
@@ -24,15 +24,15 @@ from windtunnel.train import Trainer, config_differences, flatten_config, load_e
 
 __all__ = ["PAPER", "reproduce"]
 
-# What the papers report (SPEC §10), by task and model: (metric, value, source).
+# What the papers report (docs/theory.md §10), by task and model: (metric, value, source).
 PAPER: dict[str, dict[str, list[tuple[str, float, str]]]] = {
     "bijection": {
-        "transformer": [("entropy MAE (bits)", 0.007, "README, Paper I v3, [JL] 0.0067"), ("entropy MAE (bits)", 3e-3, "Paper I v1")],
-        "lstm": [("entropy MAE (bits)", 0.009, "README, v3 ([JL] 0.009–0.018)")],
-        "mlp": [("entropy MAE (bits)", 1.107, "uniform floor, position-wise control [JL]; Paper I's 1.85 is a different model")],
+        "transformer": [("entropy MAE (bits)", 0.007, "authors' README; arXiv 2512.22471v3; authors' follow-up 0.0067"), ("entropy MAE (bits)", 3e-3, "arXiv 2512.22471v1")],
+        "lstm": [("entropy MAE (bits)", 0.009, "authors' README; arXiv 2512.22471v3 (authors' follow-up 0.009–0.018)")],
+        "mlp": [("entropy MAE (bits)", 1.107, "uniform floor, position-wise control (authors' follow-up); arXiv 2512.22471's 1.85 is a different model")],
     },
     "hmm": {
-        "transformer": [("entropy MAE (bits), K=20", 7.5e-5, "README, Paper I v1"), ("mean MAE K=30", 0.012, "README"), ("mean MAE K=50", 0.029, "README")],
+        "transformer": [("entropy MAE (bits), K=20", 7.5e-5, "authors' README; arXiv 2512.22471v1"), ("mean MAE K=30", 0.012, "authors' README"), ("mean MAE K=50", 0.029, "authors' README")],
         "lstm": [("entropy MAE (bits)", 0.411, "Paper I v3")],
         "mlp": [("entropy MAE (bits)", 0.40, "Paper I v3")],
     },
@@ -134,7 +134,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"| {row['model'] if first else ''} | {row['n_params']:,} |{row['steps'] if first else ''} | {wall} | {name} | "
                 f"{ev['entropy_mae_bits']:.5f} | {ev['kl_bits']:.5f} | {ev['accuracy']:.4f} | {paper if first else ''} |"
             )
-    lines += ["", "Every metric is per sample over 2,000 fresh held-out sequences (SPEC §7); KL is KL(Bayes ‖ model)."]
+    lines += ["", "Every metric is per sample over 2,000 fresh held-out sequences (docs/theory.md §7); KL is KL(Bayes ‖ model)."]
     chance = result.get("chance_accuracy") or {}
     if chance:
         lines += ["", "Chance accuracy: " + "; ".join(f"{text} {value:.2%}" for text, value in chance.items()) + "."]
@@ -146,7 +146,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
 
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.subplots()
-    # A delta posterior (recall) makes accuracy the metric that matters (SPEC §5.3); otherwise the
+    # A delta posterior (recall) makes accuracy the metric that matters (docs/theory.md §5.3); otherwise the
     # per-sample entropy MAE against the exact posterior.
     chance = result.get("chance_accuracy") or {}
     labels, values = [], []

@@ -1,4 +1,4 @@
-"""Geometry diagnostics of trained attention (SPEC §8): frame, attention maps, value manifold.
+"""Geometry diagnostics of trained attention (docs/theory.md §8): frame, attention maps, value manifold.
 
 Tensors in, tensors or frozen dataclasses out; nothing here knows about models or tasks. The glue
 that runs a model with hooks hands in: hypothesis embeddings after the pre-attention norm and the
@@ -23,6 +23,7 @@ from windtunnel.geometry.frame import (
     frame_subspace_overlap,
     key_orthogonality,
     mean_abs_cosine,
+    pooled_mean_cosine,
     random_abs_cosine,
     settling_step,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "linear_probe_r2",
     "mean_abs_cosine",
     "participation_ratio",
+    "pooled_mean_cosine",
     "partial_correlation",
     "pearson_correlation",
     "qk_alignment",

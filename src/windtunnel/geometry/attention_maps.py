@@ -1,4 +1,4 @@
-"""Attention maps at the prediction sites (SPEC §8.2, §8.6): entropy in bits, the focusing ratio,
+"""Attention maps at the prediction sites (docs/theory.md §8.2, §8.6): entropy in bits, the focusing ratio,
 query–key cosine maps with a feasible/eliminated split, and the Jensen–Shannon divergence between
 two checkpoints' maps. Inputs are hook tensors in TransformerLens layout."""
 
@@ -33,7 +33,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AttentionEntropy:
-    """Attention entropy at the prediction sites, per layer and head (SPEC §8.2).
+    """Attention entropy at the prediction sites, per layer and head (docs/theory.md §8.2).
 
     H^(l,h)_{b,t} = -Σ_j α_{btj} log2 α_{btj}, computed per row and only then averaged, so the
     head average has no Jensen bias. The layer axis has size 1 for a single-layer input.
@@ -59,7 +59,7 @@ class AttentionEntropy:
 
 
 def focusing_ratio(layer_entropy_bits: torch.Tensor) -> torch.Tensor:
-    """(H^(0) - H^(last)) / H^(0) over the layer axis (SPEC §8.2).
+    """(H^(0) - H^(last)) / H^(0) over the layer axis (docs/theory.md §8.2).
 
     1 means the last layer is one-hot where the first was spread; 0 means no focusing; negative
     means the last layer is broader. NaN when H^(0) = 0 (nothing to focus).
@@ -87,7 +87,7 @@ def attention_entropy(
     mask: torch.Tensor | None = None,
     normalize: bool = False,
 ) -> AttentionEntropy:
-    """Attention entropy in bits at the prediction sites and the focusing ratio (SPEC §8.2).
+    """Attention entropy in bits at the prediction sites and the focusing ratio (docs/theory.md §8.2).
 
     For each layer l, head h, sequence b and site t: H = -Σ_j α_tj log2 α_tj (0 log 0 = 0).
     Averages over heads are taken after the per-row entropies. With ``normalize``, each row is
@@ -148,7 +148,7 @@ def attention_entropy(
 
 @dataclass(frozen=True)
 class QKAlignment:
-    """Query–key cosine maps at the prediction sites (SPEC §8.2; the definition is ours, §12 #22).
+    """Query–key cosine maps at the prediction sites (docs/theory.md §8.2; the definition is ours, §12 #22).
 
     ``...`` is any leading axis of q and k (e.g. layer). Statistics pool every allowed
     (sequence, head, site, key) entry; the std is the population std.
@@ -192,7 +192,7 @@ def qk_alignment(
     candidates: torch.Tensor | None = None,
     pattern: torch.Tensor | None = None,
 ) -> QKAlignment:
-    """cos(q_t, k_j) per site t, head and allowed key j <= t, with summary statistics (SPEC §8.2).
+    """cos(q_t, k_j) per site t, head and allowed key j <= t, with summary statistics (docs/theory.md §8.2).
 
     Optionally splits the keys into *feasible* (still-possible hypotheses at site t) and
     *eliminated* (candidate keys that are not feasible) and reports the mean cosine and the

@@ -1,4 +1,4 @@
-"""The hypothesis frame (SPEC §8.1, §8.6): key orthogonality, its random baseline, the frame
+"""The hypothesis frame (docs/theory.md §8.1, §8.6): key orthogonality, its random baseline, the frame
 subspace overlap between checkpoints, and the settling step of any logged metric."""
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ __all__ = [
     "frame_subspace_overlap",
     "key_orthogonality",
     "mean_abs_cosine",
+    "pooled_mean_cosine",
     "random_abs_cosine",
     "settling_step",
 ]
 
 
 def random_abs_cosine(d: int) -> float:
-    """Expected |cos| between two independent uniformly random directions in R^d (SPEC §8.1).
+    """Expected |cos| between two independent uniformly random directions in R^d (docs/theory.md §8.1).
 
     E|cos| = Γ(d/2) / (√π Γ((d+1)/2)), evaluated with lgamma so large d does not overflow; for
     large d it approaches sqrt(2/(π d)). Values: 0.141 (d=32), 0.100 (64), 0.082 (96), 0.058 (192).
@@ -50,7 +51,7 @@ def mean_abs_cosine(vectors: torch.Tensor, *, signed: bool = False) -> torch.Ten
     """Mean off-diagonal cosine of a set of directions: (1/(n(n-1))) Σ_{x≠y} |cos(v_x, v_y)|.
 
     Scale-invariant per vector. An exactly-zero vector has cosine 0 with everything. For the
-    Paper III variant (SPEC §9) pass the d_head columns of a head's key weight,
+    Paper III variant (docs/theory.md §9) pass the d_head columns of a head's key weight,
     ``w_key[h].T`` [d_head, d_model].
 
     Args:
@@ -78,6 +79,39 @@ def mean_abs_cosine(vectors: torch.Tensor, *, signed: bool = False) -> torch.Ten
     return _mean_offdiag(_cosine_matrix(vectors), signed=signed)
 
 
+def pooled_mean_cosine(vectors: torch.Tensor, mask: torch.Tensor | None = None, *, signed: bool = False) -> torch.Tensor:
+    """Mean |cos| (or cos) over the ordered pairs of distinct members of the same set, pooled over sets.
+
+    With S the sets and M_s the members of set s that ``mask`` keeps,
+
+        (Σ_s Σ_{x≠y ∈ M_s} |cos(v_x, v_y)|) / Σ_s |M_s| (|M_s| - 1),
+
+    so pairs never cross sets and every pair weighs the same. This is key orthogonality "in
+    context" (docs/theory.md §8.1, §9): the sets are sequences, the members the keys of the
+    positions holding a hypothesis token, as the model formed them (position and earlier layers
+    included). With one set and no mask it equals :func:`mean_abs_cosine`. An exactly-zero vector
+    has cosine 0 with everything. NaN when no set has two members.
+
+    Shapes: vectors [..., n_sets, n, d], mask bool [n_sets, n] (None: all) -> [...].
+
+    Raises:
+        ValueError: when vectors is not a floating tensor [..., n_sets, n, d] or the mask does not fit.
+    """
+    owner = "pooled_mean_cosine"
+    check_float_tensor(owner, "vectors", vectors, min_dim=3, shape_text="[..., n_sets, n, d]")
+    n_sets, n = vectors.shape[-3], vectors.shape[-2]
+    if mask is None:
+        mask = torch.ones(n_sets, n, dtype=torch.bool, device=vectors.device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n_sets, n):
+        raise ValueError(must(owner, "mask", f"a bool tensor [n_sets={n_sets}, n={n}]", describe_tensor(mask)))
+    mask = mask.to(vectors.device)
+    cos = _cosine_matrix(vectors)  # [..., n_sets, n, n]
+    pairs = (mask[:, :, None] & mask[:, None, :]) & ~torch.eye(n, dtype=torch.bool, device=vectors.device)
+    vals = cos if signed else cos.abs()
+    count = pairs.sum()
+    return (vals * pairs).sum((-1, -2, -3)) / count.to(vals.dtype)
+
+
 def _cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     unit = _unit_rows(vectors)
     return unit @ unit.transpose(-1, -2)
@@ -92,7 +126,7 @@ def _mean_offdiag(cos: torch.Tensor, *, signed: bool) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KeyOrthogonality:
-    """Key orthogonality of one layer's heads on the hypothesis tokens (SPEC §8.1).
+    """Key orthogonality of one layer's heads on the hypothesis tokens (docs/theory.md §8.1).
 
     Attributes:
         cosine: cos(k_x, k_y) per head, [head, n_hyp, n_hyp] (diagonal 1 for nonzero keys).
@@ -123,7 +157,7 @@ class KeyOrthogonality:
 
 
 def key_orthogonality(normed_embeddings: torch.Tensor, w_key: torch.Tensor) -> KeyOrthogonality:
-    """Mean absolute off-diagonal cosine of the hypothesis keys, per head (SPEC §8.1).
+    """Mean absolute off-diagonal cosine of the hypothesis keys, per head (docs/theory.md §8.1).
 
     With n(e_x) the hypothesis-token embedding passed through the block's pre-attention norm (no
     position embedding), each head's key is k_x^(h) = n(e_x) @ w_key[h] (the row-vector
@@ -190,7 +224,7 @@ def key_orthogonality(normed_embeddings: torch.Tensor, w_key: torch.Tensor) -> K
 
 @dataclass(frozen=True)
 class FrameOverlap:
-    """Frame-subspace overlap between two key weights (SPEC §8.6; the definition is ours, §12 #23).
+    """Frame-subspace overlap between two key weights (docs/theory.md §8.6; the definition is ours, §12 #23).
 
     Attributes:
         overlap: ‖U_aᵀ U_b‖²_F / r ∈ [0, 1], [...] (1 = same subspace).
@@ -211,7 +245,7 @@ class FrameOverlap:
 def frame_subspace_overlap(
     w_key: torch.Tensor, w_key_reference: torch.Tensor, *, r: int = 8, side: str = "input"
 ) -> FrameOverlap:
-    """‖U_tᵀ U_f‖²_F / r for the top-r singular subspaces of two key weights (SPEC §8.6).
+    """‖U_tᵀ U_f‖²_F / r for the top-r singular subspaces of two key weights (docs/theory.md §8.6).
 
     Weights follow the row-vector convention k = x @ w_key, w_key [..., d_model, d_k] (all
     heads of a layer: ``W_K.permute(1, 0, 2).reshape(d_model, n_heads * d_head)`` from
@@ -274,7 +308,7 @@ def settling_step(
     Args:
         steps: strictly increasing optimizer steps, length n >= 1.
         values: the metric at those steps, length n; the last must be finite.
-        rel_tol: relative band, >= 0 (SPEC: 0.1).
+        rel_tol: relative band, >= 0 (docs/theory.md §8.6: 0.1).
         abs_tol: absolute floor of the band, >= 0.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Value-manifold PCA (SPEC §8.3): z-scored PCA of the states at the prediction sites, read against
+"""Value-manifold PCA (docs/theory.md §8.3): z-scored PCA of the states at the prediction sites, read against
 the Bayes entropy; a scikit-learn-style fitted probe and its summary."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _entropy_bins(entropy: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ValueManifoldSummary:
-    """The SPEC §8.3 statistics of one set of states, as plain numbers for logging.
+    """The docs/theory.md §8.3 statistics of one set of states, as plain numbers for logging.
 
     Attributes:
         n_samples, n_features: size of the fitted state matrix.
@@ -80,7 +80,7 @@ class ValueManifoldSummary:
 
 
 class ValueManifoldPCA:
-    """PCA of z-scored states read against the Bayes entropy (SPEC §8.3); scikit-learn style.
+    """PCA of z-scored states read against the Bayes entropy (docs/theory.md §8.3); scikit-learn style.
 
     ``fit(states, entropy_bits)`` z-scores each feature (population std; a constant feature
     becomes 0), takes the SVD Z = U S Vᵀ, and reports eigenvalues λ_i = S_i² / (n - 1) with
@@ -106,6 +106,10 @@ class ValueManifoldPCA:
         test_fraction: held-out share of the probe split, in (0, 1).
         probe_ridge: ridge penalty of the probe (0 = minimum-norm least squares), >= 0.
         position_control: ``"group"`` or ``"linear"``, see ``partial_correlation``.
+        standardize: z-score each feature (the default, docs/theory.md §8.3); False only centres
+            the states (scale_ = 1), the plain PCA of the authors' figure scripts, where features
+            with a large spread dominate the spectrum. The probe and every statistic then read
+            the centred states.
 
     Attributes (after ``fit``):
         n_samples_, n_features_in_, n_components_: sizes.
@@ -130,6 +134,7 @@ class ValueManifoldPCA:
         test_fraction: float = 0.2,
         probe_ridge: float = 0.0,
         position_control: str = "group",
+        standardize: bool = True,
     ) -> None:
         owner = "ValueManifoldPCA"
         problems = [
@@ -151,6 +156,7 @@ class ValueManifoldPCA:
             ),
             check_number(owner, "probe_ridge", probe_ridge, low=0.0),
             check_choice(owner, "position_control", position_control, ("group", "linear")),
+            None if isinstance(standardize, bool) else f"{owner}: standardize must be a bool; got {standardize!r}.",
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -161,6 +167,7 @@ class ValueManifoldPCA:
         self.test_fraction = test_fraction
         self.probe_ridge = probe_ridge
         self.position_control = position_control
+        self.standardize = standardize
 
     def fit(
         self,
@@ -217,6 +224,8 @@ class ValueManifoldPCA:
         entropy = entropy_bits.to(states.dtype)
 
         z, mean, scale = _zscore(states)
+        if not self.standardize:  # centre only; a constant feature is still exactly 0
+            z, scale = states - mean, torch.ones_like(scale)
         if bool((z == 0).all()):
             raise ValueError(
                 must(
@@ -345,7 +354,7 @@ def summarize_value_manifold(
     probe_ridge: float = 0.0,
     position_control: str = "group",
 ) -> ValueManifoldSummary:
-    """``ValueManifoldPCA(...).fit(states, entropy_bits, ...).summary_`` in one call (SPEC §8.3).
+    """``ValueManifoldPCA(...).fit(states, entropy_bits, ...).summary_`` in one call (docs/theory.md §8.3).
 
     Shapes: states [n, d], entropy_bits [n], positions [n].
 
@@ -371,7 +380,7 @@ def level_separation(
     *,
     atol: float = 1e-6,
 ) -> torch.Tensor:
-    """How well consecutive entropy levels separate along a score axis (SPEC §8.6 (b)).
+    """How well consecutive entropy levels separate along a score axis (docs/theory.md §8.6 (b)).
 
     Points whose entropy is within ``atol`` of level L_k form group k, with mean μ_k and
     population std σ_k of ``scores`` (e.g. ``ValueManifoldPCA.pc1_scores_``). For each pair of

@@ -1,5 +1,5 @@
 """Rank and correlation statistics in torch (ties get average ranks, as scipy's defaults), the
-partial correlation used as the position control of SPEC §8.3, and the participation ratio."""
+partial correlation used as the position control of docs/theory.md §8.3, and the participation ratio."""
 
 from __future__ import annotations
 
@@ -119,12 +119,12 @@ def _residualize(v: torch.Tensor, control: torch.Tensor, kind: str) -> torch.Ten
 def partial_correlation(
     x: torch.Tensor, y: torch.Tensor, control: torch.Tensor, *, kind: str = "group"
 ) -> torch.Tensor:
-    """Pearson correlation of x and y after removing what ``control`` explains (SPEC §8.3 Control).
+    """Pearson correlation of x and y after removing what ``control`` explains (docs/theory.md §8.3 Control).
 
     ``kind="group"`` treats control as categorical (e.g. the position of a site) and subtracts the
     per-group means from x and y: the within-position correlation. ``kind="linear"`` regresses
     x and y on [1, control] and correlates the residuals. When y is a function of a categorical
-    control (bijection format B without replacement, SPEC §8.3) the group residual of y is 0 and
+    control (bijection format B without replacement, docs/theory.md §8.3) the group residual of y is 0 and
     the result is NaN: position and entropy cannot be separated on such data. A residual whose
     norm is within 16·sqrt(n)·eps of the input's norm counts as 0.
 

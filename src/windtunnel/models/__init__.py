@@ -1,4 +1,4 @@
-"""Models for the wind tunnels (SPEC §4.2, §4.5, §6.1): TinyGPT, the position-wise MLP control,
+"""Models for the wind tunnels (docs/theory.md §4.2, §4.5, §6.1): TinyGPT, the position-wise MLP control,
 the LSTM, Hugging Face causal LMs (GPT-2, Llama, GPT-NeoX, ...; transformers imported only when
 one is built), and the single attention head and deep transformer of the Paper II sticky chain.
 

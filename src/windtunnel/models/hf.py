@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from windtunnel.models._layers import (
     config_to_dict,
 )
 
-__all__ = ["ARCHITECTURES", "HFCausalLM", "HFCausalLMConfig"]
+__all__ = ["ARCHITECTURES", "HFCausalLM", "HFCausalLMConfig", "load_local_causal_lm"]
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -400,3 +401,74 @@ class HFCausalLM(nn.Module):
         return (f"architecture={cfg.architecture!r}, n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, "
                 f"n_kv_heads={cfg.n_kv_heads or cfg.n_heads}, d_model={cfg.d_model}, d_mlp={cfg.d_mlp}")
 
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""Files that hold a tokenizer's vocabulary; one of them must be in a directory given to inspect."""
+
+
+def load_local_causal_lm(model_dir: str | Path) -> tuple[nn.Module, Any]:
+    """A Hugging Face causal LM and its tokenizer from a local directory, never running its code.
+
+    ``from_pretrained`` on the path with ``local_files_only=True`` (no hub access),
+    ``trust_remote_code=False`` (no code from the directory runs) and ``use_safetensors=True``
+    (weights from ``model.safetensors`` only: a pickled ``pytorch_model.bin`` is refused), in
+    float32 with the ``"sdpa"`` attention, in eval mode.
+
+    Returns:
+        (model, tokenizer): a ``PreTrainedModel`` with an LM head and the directory's tokenizer.
+
+    Raises:
+        ValueError: naming the directory when it is not a directory, has no config.json, holds no
+            safetensors weights, its model type has no causal-LM class in transformers, or it has
+            no tokenizer; naming the file when a weights file cannot be read.
+        ModuleNotFoundError: without transformers (``pip install 'windtunnel[hf]'``).
+    """
+    transformers = _transformers()
+    path = Path(model_dir)
+    owner = "load_local_causal_lm"
+    if not path.is_dir():
+        raise ValueError(f"{owner}: {path} is not a directory (a local Hugging Face model directory is needed; nothing is downloaded).")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{owner}: {path} has no config.json; is it a Hugging Face model directory (save_pretrained)?")
+    weights = sorted(p.name for p in path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        extra = f" It holds {', '.join(pickled)}: pickled weights, which windtunnel never loads (unpickling can run code); convert them to safetensors where you trust the file." if pickled else ""
+        raise ValueError(f"{owner}: {path} holds no *.safetensors weights.{extra}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as error:
+        raise ValueError(f"{owner}: {path / 'config.json'}: {error}") from None
+    from safetensors import SafetensorError
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # weights missing from the file are drawn from the global RNG; leave the caller's alone
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                path, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True,
+            )
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ValueError(f"{owner}: {path}: model type {config.model_type!r} has no causal-LM class in transformers.") from None
+        raise ValueError(f"{owner}: {path} ({', '.join(weights)}): the weights could not be loaded: {error}") from None
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"{owner}: {path} ({', '.join(weights)}): the weights could not be read: {error}") from None
+    partial = {key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(partial.values()):
+        listed = "; ".join(f"{key.replace('_', ' ')}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                           for key, names in partial.items() if names)
+        raise ValueError(
+            f"{owner}: {path} ({', '.join(weights)}) does not hold exactly the model's weights ({listed}); "
+            "refused rather than run with some weights left at random."
+        )
+    found = [name for name in _TOKENIZER_FILES if (path / name).is_file()]
+    if not found:
+        raise ValueError(f"{owner}: {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save it there with tokenizer.save_pretrained.")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{owner}: {path} has no usable tokenizer (tokenizer.json / tokenizer_config.json): {error}") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise ValueError(f"{owner}: {path} has no tokenizer (tokenizer.json / tokenizer_config.json).")
+    return model.eval(), tokenizer

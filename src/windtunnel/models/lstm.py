@@ -1,4 +1,4 @@
-"""The LSTM baseline (SPEC §6.1): embeddings, stacked LSTM layers, a final norm, a readout.
+"""The LSTM baseline (docs/theory.md §6.1): embeddings, stacked LSTM layers, a final norm, a readout.
 
 The stack is built from one single-layer ``nn.LSTM`` per layer so that each layer's output is a
 hook point and the dropout between layers draws from an explicit generator (``nn.LSTM``'s own
@@ -44,7 +44,7 @@ class LSTMConfig:
         n_layers: number of stacked LSTM layers.
         d_model: embedding width and LSTM hidden size.
         dropout: drop probability on each LSTM layer's output except the last (as in
-            ``nn.LSTM``); needs ``forward(..., generator=g)`` in training. SPEC §6.1 uses 0.1.
+            ``nn.LSTM``); needs ``forward(..., generator=g)`` in training. docs/theory.md §6.1 uses 0.1.
         norm: ``"layernorm"`` or ``"rmsnorm"``, applied to the last layer's output.
         norm_eps: epsilon inside the norm's square root.
         tie_embeddings: read out with the transpose of the token embedding.

@@ -1,4 +1,4 @@
-"""The position-wise MLP control (SPEC §6.1): TinyGPT's embeddings and readout with no attention.
+"""The position-wise MLP control (docs/theory.md §6.1): TinyGPT's embeddings and readout with no attention.
 
 Each position is processed alone, so the model cannot see context. On the bijection its
 cross-entropy optimum is uniform over the values, the 1.107-bit floor.
@@ -38,10 +38,10 @@ class PositionwiseMLPConfig:
     Attributes:
         vocab_size: number of token ids.
         n_positions: size of the learned position table (the longest sequence).
-        n_layers: number of residual blocks (9 in SPEC §6.1).
+        n_layers: number of residual blocks (9 in docs/theory.md §6.1).
         d_model: residual-stream width.
         d_mlp: hidden width of each block.
-        norm: ``"layernorm"`` (SPEC §6.1: pre-LN) or ``"rmsnorm"``.
+        norm: ``"layernorm"`` (docs/theory.md §6.1: pre-LN) or ``"rmsnorm"``.
         norm_eps: epsilon inside the norm's square root.
         mlp_bias: biases on the two linear layers of each block.
         final_norm: apply a norm before the readout (default True, as in TinyGPT).

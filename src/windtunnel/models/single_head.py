@@ -1,4 +1,4 @@
-"""The single softmax attention head of the Paper II sticky-chain experiment (SPEC §4.2).
+"""The single softmax attention head of the Paper II sticky-chain experiment (docs/theory.md §4.2).
 
 One head reads the inputs directly: q = x W_Q, k = x W_K, v = x W_V, a causal softmax over
 q k^T / sqrt(d_k), z = alpha v and logits = z W_O. No bias, residual, normalisation or position
@@ -6,7 +6,7 @@ information. Several independent copies ("replicas": seeds x optimiser arms) liv
 along a leading dimension, so they train in one batched computation.
 
 Besides the autograd ``forward`` the module has a closed-form gradient pass,
-:meth:`SingleHeadAttention.exact_gradients`, that applies the routing law of SPEC §2 block by
+:meth:`SingleHeadAttention.exact_gradients`, that applies the routing law of docs/theory.md §2 block by
 block over query rows. It never materialises a full [query_pos, key_pos] matrix, skips the
 masked upper triangle, and returns the per-value quantities (dL/dV, responsibilities) that the
 EM-style arm needs.
@@ -36,7 +36,7 @@ __all__ = [
     "single_head_telemetry",
 ]
 
-#: Parameter names in the reference draw order (RNG step 5 of SPEC §4.1).
+#: Parameter names in the reference draw order (RNG step 5 of docs/theory.md §4.1).
 PARAMETER_NAMES = ("W_Q", "W_K", "W_V", "W_O")
 
 
@@ -169,7 +169,7 @@ def single_head_gradients(
 
         alpha_ij = softmax_j(s_ij),  z_i = sum_j alpha_ij v_j,  p_i = softmax(z_i W_O),
         dL/dlogits_i = (p_i - e_{y_i}) / N,  u_i = dL/dz_i = dL/dlogits_i W_O^T,
-        dL/ds_ij = alpha_ij (u_i·v_j - u_i·z_i)        (the advantage law, SPEC §2.2),
+        dL/ds_ij = alpha_ij (u_i·v_j - u_i·z_i)        (the advantage law, docs/theory.md §2.2),
         dL/dv_j = sum_i alpha_ij u_i,  dL/dq_i = sum_j dL/ds_ij k_j / sqrt(d_k),
         dL/dk_j = sum_i dL/ds_ij q_i / sqrt(d_k),  dL/dW_O = sum_i z_i^T dL/dlogits_i,
 
@@ -359,7 +359,7 @@ def single_head_telemetry(
     *,
     n_workers: int = 1,
 ) -> RoutingTelemetry:
-    """Routing telemetry (SPEC §8.4) of every replica at ``weights``, for one optimiser step.
+    """Routing telemetry (docs/theory.md §8.4) of every replica at ``weights``, for one optimiser step.
 
     Rebuilds q, k, v and u = dL/dz of the mean CE from the weights, and compares each value's
     realised change Delta v_j = x_j Delta W_V with its pull -dL/dv_j; see
@@ -408,7 +408,7 @@ def single_head_law_residual(
 
 
 class SingleHeadAttention(nn.Module):
-    """A batch of independent single attention heads with a linear readout (SPEC §4.2).
+    """A batch of independent single attention heads with a linear readout (docs/theory.md §4.2).
 
     logits = softmax_causal(x W_Q (x W_K)^T / sqrt(d_k)) (x W_V) W_O, one set of weights per
     replica. Weights are used as x @ W, so W_Q is [d_x, d_k] per replica.
@@ -454,7 +454,7 @@ class SingleHeadAttention(nn.Module):
 
         For each replica in turn: W_Q, W_K, W_V, W_O, each as ``randn(shape) * init_std`` from
         ``generator``. A CPU generator seeded s therefore gives one replica exactly the reference
-        initialisation of seed s (RNG step 5 of SPEC §4.1).
+        initialisation of seed s (RNG step 5 of docs/theory.md §4.1).
 
         Args:
             generator: the source of randomness.

@@ -1,4 +1,4 @@
-"""The deep variant of the sticky-chain experiment (SPEC §4.5): a small pre-LN transformer.
+"""The deep variant of the sticky-chain experiment (docs/theory.md §4.5): a small pre-LN transformer.
 
 ``Linear(d_x -> d_model)``, ``n_layers`` pre-LayerNorm blocks (causal multi-head attention with
 biased Q/K/V/O projections, then a GELU MLP), a final LayerNorm and ``Linear(d_model ->
@@ -121,7 +121,7 @@ class _Block(nn.Module):
 
 
 class StickyTransformer(nn.Module):
-    """Pre-LN causal transformer on continuous inputs, logits per position (SPEC §4.5).
+    """Pre-LN causal transformer on continuous inputs, logits per position (docs/theory.md §4.5).
 
     Args:
         config: shapes and dropout rate.

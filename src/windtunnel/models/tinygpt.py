@@ -1,9 +1,9 @@
-"""TinyGPT: the decoder-only transformer of the bijection and HMM wind tunnels (SPEC §6.1).
+"""TinyGPT: the decoder-only transformer of the bijection and HMM wind tunnels (docs/theory.md §6.1).
 
 Pre-norm residual blocks built on :class:`windtunnel.attention.MultiHeadAttention`, so every head's
 queries, keys, values, pattern and output (and the gradient at that output) can be recorded.
 Blocks can be bypassed, or have only their attention or only their FFN output zeroed, and heads
-can be ablated, for the ablations of SPEC §8.5.
+can be ablated, for the ablations of docs/theory.md §8.5.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = ["TinyGPT", "TinyGPTConfig", "TransformerBlock"]
 
 @dataclass(frozen=True, kw_only=True)
 class TinyGPTConfig:
-    """Shape and options of a :class:`TinyGPT`. Defaults are the bijection model (SPEC §6.1).
+    """Shape and options of a :class:`TinyGPT`. Defaults are the bijection model (docs/theory.md §6.1).
 
     Attributes:
         vocab_size: number of token ids.
@@ -226,7 +226,7 @@ class TransformerBlock(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Decoder-only causal transformer with learned absolute positions (SPEC §6.1).
+    """Decoder-only causal transformer with learned absolute positions (docs/theory.md §6.1).
 
     logits = readout(LN_final(blocks(W_E[tokens] + W_pos[:seq_len]))), with the readout
     ``x @ W_E^T`` (tied) or ``x @ W_U + b_U`` (untied, ``n_out`` logits).
@@ -344,7 +344,7 @@ class TinyGPT(nn.Module):
         zero_attn_out: Iterable[int] = (),
         zero_mlp_out: Iterable[int] = (),
     ) -> Iterator[TinyGPT]:
-        """Run the model with heads or layers ablated (SPEC §8.5); restores the previous state.
+        """Run the model with heads or layers ablated (docs/theory.md §8.5); restores the previous state.
 
         Example::
 

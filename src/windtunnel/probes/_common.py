@@ -86,3 +86,8 @@ def _recorded_sites(instrument: str, model: nn.Module, *, grads: bool) -> Iterat
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+class VariantUnavailable(Exception):
+    """A geometry variant (docs/theory.md §8.1–§8.3) that cannot be measured on this model or task;
+    its message is the reason, which the variant table reports instead of a number."""

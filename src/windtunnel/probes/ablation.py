@@ -1,4 +1,4 @@
-"""Ablation table: the causal effect of every head and every layer on calibration (SPEC §8.5)."""
+"""Ablation table: the causal effect of every head and every layer on calibration (docs/theory.md §8.5)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ __all__ = ["AblationTable", "ablation_table"]
 
 @dataclass(frozen=True)
 class AblationTable:
-    """Effect of ablating each head and each layer (SPEC §8.5).
+    """Effect of ablating each head and each layer (docs/theory.md §8.5).
 
     Attributes:
         intact: scalars of the intact model (``Calibration.scalars()``).
@@ -35,18 +35,19 @@ class AblationTable:
 
 
 def ablation_table(model: nn.Module, task: Any, batches: Sequence[Batch]) -> AblationTable:
-    """ΔMAE, ΔKL and Δaccuracy of every single-head and single-layer ablation (SPEC §8.5).
+    """ΔMAE, ΔKL and Δaccuracy of every single-head and single-layer ablation (docs/theory.md §8.5).
 
     Heads: the head's output before W_O zeroed (TinyGPT: its post-softmax pattern times 0).
     Layers: the block bypassed, or only its attention output, or only its FFN output, zeroed.
     The ablations come from the model's adapter (:func:`windtunnel.sites.ablated`): TinyGPT's
-    ``model.ablated`` and, for a TransformerLens ``HookedTransformer``, hooks on ``attn.hook_z``,
-    ``hook_attn_out``, ``hook_mlp_out`` and the block.
+    ``model.ablated``; for a TransformerLens ``HookedTransformer``, hooks on ``attn.hook_z``,
+    ``hook_attn_out``, ``hook_mlp_out`` and the block; for a Hugging Face model, the head's output
+    zeroed inside the ``"windtunnel"`` attention implementation and hooks on its layers.
 
     Raises:
-        ValueError: naming the model class when its adapter cannot ablate: Hugging Face models
-            (no architecture-independent per-head or per-layer switch) and models without
-            attention sites (see :func:`windtunnel.sites.unsupported`).
+        ValueError: naming the model class when its adapter cannot ablate (a model without
+            attention sites or whose layers cannot be found; see
+            :func:`windtunnel.sites.unsupported`).
     """
     _require("ablation_table", model, "ablation")
     n_layers, n_heads = sites.ablation_layout(model)

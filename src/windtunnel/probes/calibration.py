@@ -1,4 +1,4 @@
-"""The site loss, the auxiliary loss and calibration in bits of a model on fixed batches (SPEC §7)."""
+"""The site loss, the auxiliary loss and calibration in bits of a model on fixed batches (docs/theory.md §7)."""
 
 from __future__ import annotations
 

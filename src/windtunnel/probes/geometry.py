@@ -1,8 +1,11 @@
-"""The §8.1–§8.3 geometry snapshot: key orthogonality, attention entropy and focusing, and the
-value manifold of one model on one batch."""
+"""The geometry snapshot of docs/theory.md §8.1–§8.3: key orthogonality, attention entropy and focusing, and the
+value manifold of one model on one batch; and every published definition of the three, named
+(:data:`GEOMETRY_VARIANTS`, :func:`geometry_variants`)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,14 +14,27 @@ import torch
 from torch import nn
 
 from windtunnel.geometry import KeyOrthogonality, ValueManifoldSummary, random_abs_cosine
-from windtunnel.probes._common import Row, _require, _row, _supported
-from windtunnel.probes.focusing import AttentionFocusing, attention_focusing
-from windtunnel.probes.frame import hypothesis_tokens, layer_key_orthogonality
-from windtunnel.probes.manifold import manifold_summary
-from windtunnel.probes.states import SiteStates, collect_states
+from windtunnel.probes._common import Row, VariantUnavailable, _require, _row, _supported
+from windtunnel.probes.focusing import (
+    AttentionFocusing,
+    attention_focusing,
+    focusing_all_positions,
+    focusing_final_position,
+    focusing_sites,
+)
+from windtunnel.probes.frame import (
+    hypothesis_tokens,
+    key_ortho_hypothesis_abs,
+    key_ortho_in_context_abs,
+    key_ortho_vocabulary_signed,
+    key_ortho_weight_columns_abs,
+    layer_key_orthogonality,
+)
+from windtunnel.probes.manifold import MANIFOLD_VARIANT_FUNCTIONS, manifold_summary
+from windtunnel.probes.states import GeometryStates, SiteStates, collect_geometry_states, collect_states
 from windtunnel.tasks import Batch
 
-__all__ = ["GeometrySnapshot", "geometry_snapshot"]
+__all__ = ["GEOMETRY_VARIANTS", "GeometrySnapshot", "GeometryVariant", "geometry_snapshot", "geometry_variants"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,7 @@ def geometry_snapshot(
     generator: torch.Generator | None = None,
     states: SiteStates | None = None,
 ) -> GeometrySnapshot:
-    """Key orthogonality, attention entropy and value-manifold statistics (SPEC §8.1–§8.3).
+    """Key orthogonality, attention entropy and value-manifold statistics (docs/theory.md §8.1–§8.3).
 
     Composes :func:`layer_key_orthogonality`, :func:`attention_focusing` and
     :func:`manifold_summary` on one recorded pass (:func:`collect_states`). Key orthogonality is
@@ -109,3 +125,113 @@ def geometry_snapshot(
         focusing_ratio=focusing.focusing_ratio,
         manifold=manifold_summary(states, generator=generator),
     )
+
+
+@dataclass(frozen=True)
+class GeometryVariant:
+    """One published definition of a geometry quantity (docs/theory.md §8.1–§8.3, §9).
+
+    Attributes:
+        function: (model, task, GeometryStates) -> {"value": float, ...}; raises
+            VariantUnavailable with the reason where the model or task lacks what it reads.
+        description: what it measures, in one line.
+        source: whose definition it is (ours, the authors' code, a paper), with the docs section.
+        paper: the paper's number that belongs to this definition, with its source, or None.
+        ours: the package's default definition (the telemetry's and the snapshot's).
+    """
+
+    function: Callable[[Any, Any, GeometryStates], dict[str, Any]]
+    description: str
+    source: str
+    paper: str | None = None
+    ours: bool = False
+
+
+_MANIFOLD_TEXT = {
+    "sites_final_norm_zscored": ("final-norm residual at the prediction sites, z-scored", "ours, docs/theory.md §8.3",
+                                 "PC1 > 80 % with a strong entropy correlation (authors' REPRODUCE.md)", True),
+    "sites_final_norm_raw": ("final-norm residual at the prediction sites, centred only", "the authors' Paper I analysis script, docs/theory.md §11.7", None, False),
+    "sites_pre_final_norm_zscored": ("residual before the final norm at the sites, z-scored", "docs/theory.md §8.3 (alternative states)", None, False),
+    "sites_pre_final_norm_raw": ("residual before the final norm at the sites, centred only", "docs/theory.md §8.3 (alternative states)", None, False),
+    "value_positions_final_norm_zscored": ("final-norm residual at the value positions, z-scored", "docs/theory.md §8.3 (value positions)", None, False),
+    "value_positions_final_norm_raw": ("final-norm residual at the value positions, centred only", "docs/theory.md §8.3 (value positions)", None, False),
+    "value_positions_pre_final_norm_zscored": ("last block's output (before the final norm) at the value positions, z-scored", "docs/theory.md §8.3 (value positions)", None, False),
+    "value_positions_pre_final_norm_raw": ("last block's output (before the final norm) at the value positions, centred only",
+                                           "the authors' figure script of arXiv 2512.22471's final-layer manifold figure",
+                                           "PC1 84–90 %, PC1+PC2 88–95 % (arXiv 2512.23752, recalling arXiv 2512.22471)", False),
+    "head_values_zscored": ("last layer's value vectors over heads at the sites, z-scored", "arXiv 2512.23752 (Paper III) recipe, docs/theory.md §9",
+                            "LLMs only: PC1+PC2 51–99.7 % (arXiv 2512.23752 Table 1)", False),
+    "head_values_raw": ("last layer's value vectors over heads at the sites, centred only", "docs/theory.md §9 (unscaled)", None, False),
+}
+
+GEOMETRY_VARIANTS: dict[str, dict[str, GeometryVariant]] = {
+    "key_orthogonality": {
+        "hypothesis_abs": GeometryVariant(
+            key_ortho_hypothesis_abs, "mean |cos| of the hypothesis tokens' keys after the block's norm, layer 0",
+            "ours, docs/theory.md §8.1", "0.052 vs 0.082 random (arXiv 2512.22471v3); < 0.1 (authors' REPRODUCE.md)", ours=True),
+        "vocabulary_signed": GeometryVariant(
+            key_ortho_vocabulary_signed, "signed mean cos of the keys of every vocabulary id, raw embeddings, layer 0",
+            "the authors' Paper I analysis script, docs/theory.md §11.7"),
+        "in_context_abs": GeometryVariant(
+            key_ortho_in_context_abs, "mean |cos| of the keys formed in context at the hypothesis-token positions, layer 0",
+            "docs/theory.md §8.1, §9 (the in-context reading of windtunnel inspect)"),
+        "weight_columns_abs": GeometryVariant(
+            key_ortho_weight_columns_abs, "mean |cos| of the columns of each head's W_K, layer 0",
+            "arXiv 2512.23752 (Paper III), docs/theory.md §9",
+            "0.09–0.12 vs 0.40–0.45 at init (arXiv 2512.23752's recap); LLMs 0.034–0.18 (its Table 1)"),
+    },
+    "value_manifold_pc1_share": {
+        name: GeometryVariant(MANIFOLD_VARIANT_FUNCTIONS[name], *_MANIFOLD_TEXT[name][:3], ours=_MANIFOLD_TEXT[name][3])
+        for name in MANIFOLD_VARIANT_FUNCTIONS
+    },
+    "focusing_ratio": {
+        "sites": GeometryVariant(
+            focusing_sites, "attention-entropy reduction, first to last layer, at the prediction sites",
+            "ours, docs/theory.md §8.2", "85–90 % (arXiv 2512.23752, recalling arXiv 2512.22471)", ours=True),
+        "final_position": GeometryVariant(
+            focusing_final_position, "the same at the final position only", "arXiv 2512.23752 (Paper III), docs/theory.md §9",
+            "LLMs only: 82 %, 86 %, 31 % (arXiv 2512.23752 Table 1)"),
+        "all_positions": GeometryVariant(
+            focusing_all_positions, "the same over every query row with two or more keys", "docs/theory.md §9 (windtunnel inspect)"),
+    },
+}
+"""Every published definition of key orthogonality, the value manifold's PC1 share and attention
+focusing: quantity -> variant name -> :class:`GeometryVariant`, ours first. Each function's
+docstring says which paper figure, table or script it follows."""
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_json_number(v) for v in value]
+    return value
+
+
+def geometry_variants(model: nn.Module, task: Any, batch: Batch, *, states: GeometryStates | None = None) -> dict[str, Any]:
+    """Every variant of :data:`GEOMETRY_VARIANTS` on one recorded pass of ``model`` over ``batch``.
+
+    Returns a JSON-ready dict ``{quantity: {variant: {"value": float or None, "unavailable":
+    reason or None, "description", "source", "paper", "ours", and the variant's details}}}``; a
+    variant the model or task cannot support (no key map on Hugging Face models, no hypothesis
+    tokens in the HMM, no residual before the final norm, ...) has ``value`` None and the reason,
+    and never raises. Non-finite details become None.
+
+    Raises:
+        ValueError: naming the model class when it has no attention sites or no readout (see
+            :func:`windtunnel.sites.unsupported`).
+    """
+    if states is None:
+        states = collect_geometry_states(model, task, batch)
+    out: dict[str, Any] = {}
+    for quantity, variants in GEOMETRY_VARIANTS.items():
+        out[quantity] = {}
+        for name, variant in variants.items():
+            entry = {"value": None, "unavailable": None, "description": variant.description, "source": variant.source,
+                     "paper": variant.paper, "ours": variant.ours}
+            try:
+                entry.update({k: _json_number(v) for k, v in variant.function(model, task, states).items()})
+            except VariantUnavailable as reason:
+                entry["unavailable"] = str(reason)
+            out[quantity][name] = entry
+    return out

@@ -102,8 +102,8 @@ def hmm_lag_map(
         "response_error_tv"}, ...]}`` with the heads in (layer, head) order.
 
     Raises:
-        ValueError: naming the model class when its adapter cannot ablate heads (Hugging Face
-            models; see :func:`windtunnel.sites.unsupported`), or as :func:`hmm_lag_response`.
+        ValueError: naming the model class when its adapter cannot ablate heads (see
+            :func:`windtunnel.sites.unsupported`), or as :func:`hmm_lag_response`.
     """
     _require("hmm_lag_map", model, "ablation")
     n_layers, n_heads = sites.ablation_layout(model)

@@ -1,8 +1,9 @@
-"""Routing-law telemetry: advantage, responsibility and exactness statistics per head (SPEC §8.4)."""
+"""Routing-law telemetry: advantage, responsibility and exactness statistics per head (docs/theory.md §8.4)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from windtunnel.probes.calibration import site_loss_nats
 from windtunnel.sites import AttentionSite, check_law, model_gradient_errors, routing_law
 from windtunnel.tasks import Batch
 
-__all__ = ["RoutingLawStats", "routing_law_stats"]
+__all__ = ["RoutingLawStats", "routing_law_stats", "routing_law_stats_of_sites"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class RoutingLawStats:
 
 
 def routing_law_stats(model: nn.Module, task: Any, batch: Batch, *, loss_fn: LossFn = site_loss_nats) -> RoutingLawStats:
-    """Advantage, responsibility and exactness statistics per head (SPEC §8.4).
+    """Advantage, responsibility and exactness statistics per head (docs/theory.md §8.4).
 
     One forward pass in eval mode records every layer's attention site
     (:func:`windtunnel.sites.record_sites`: q, k, v exactly as the scores were built from them, the
@@ -107,9 +108,21 @@ def routing_law_stats(model: nn.Module, task: Any, batch: Batch, *, loss_fn: Los
     finally:
         for p, g in zip(model.parameters(), saved_grads):
             p.grad = g
+    return routing_law_stats_of_sites(recording.sites, loss_nats=float(loss.detach()))
+
+
+def routing_law_stats_of_sites(recorded: Sequence[AttentionSite], *, loss_nats: float) -> RoutingLawStats:
+    """The statistics of :func:`routing_law_stats` from sites already recorded with their u (a
+    forward and backward pass of any loss inside :func:`windtunnel.sites.record_sites`), one site
+    per layer in layer order; ``loss_nats`` is that loss, reported as is.
+
+    Raises:
+        ValueError: as :func:`windtunnel.sites.routing_law` when a site has no u (no backward
+            pass reached it).
+    """
     stats: dict[str, list[torch.Tensor]] = {name: [] for name in RoutingLawStats._PER_HEAD}
     law_err, model_err = [], []
-    for site in recording.sites:
+    for site in recorded:
         law = routing_law(site, dtype=torch.float64)
         g = law.heads  # [batch, head, query_pos, ...], the layout of windtunnel.dynamics
         u = site.u.transpose(1, 2)  # [batch, head, query_pos, d_v]
@@ -139,7 +152,7 @@ def routing_law_stats(model: nn.Module, task: Any, batch: Batch, *, loss_fn: Los
         errors = model_gradient_errors(site, law)
         model_err.append(max(errors["d_queries"], errors["d_keys"], errors["d_values"]))
     return RoutingLawStats(
-        loss_nats=float(loss.detach()),
+        loss_nats=float(loss_nats),
         **{name: torch.stack(values).float() for name, values in stats.items()},
         law_rel_error=torch.tensor(law_err),
         model_grad_rel_error=torch.tensor(model_err),

@@ -1,4 +1,4 @@
-"""Trainer probes: every instrument as a ``probe(model, step) -> rows`` callable (SPEC §8)."""
+"""Trainer probes: every instrument as a ``probe(model, step) -> rows`` callable (docs/theory.md §8)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ adapter and a readout (TinyGPT, Hugging Face causal LMs, TransformerLens) is sup
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from windtunnel.hooks import eval_mode
 from windtunnel.probes._common import _device, _logits, _recorded_sites, _require
 from windtunnel.tasks import Batch
 
-__all__ = ["SiteStates", "collect_states", "record_patterns"]
+__all__ = ["GeometryStates", "SiteStates", "collect_geometry_states", "collect_states", "record_patterns", "value_positions"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class SiteStates:
 
 @torch.no_grad()
 def collect_states(model: nn.Module, task: Any, batch: Batch) -> SiteStates:
-    """Run ``model`` (in eval mode) on ``batch`` and record what the diagnostics need (SPEC §8.3).
+    """Run ``model`` (in eval mode) on ``batch`` and record what the diagnostics need (docs/theory.md §8.3).
 
     Raises:
         ValueError: naming the model class when it has no attention sites or no readout (see
@@ -95,3 +96,85 @@ def record_patterns(model: nn.Module, batch: Batch, *, instrument: str = "record
     with eval_mode(model), _recorded_sites(instrument, model, grads=False) as recording:
         model(batch.tokens.to(_device(model)))
     return torch.stack([site.pattern for site in recording.sites])
+
+
+@dataclass(frozen=True)
+class GeometryStates:
+    """One recorded forward pass with everything the named geometry variants read (docs/theory.md §8.1–§8.3).
+
+    Attributes:
+        tokens: the batch's tokens, long [batch, pos].
+        entropy_bits: H_Bayes at each prediction site, [batch, n_sites].
+        sites: the site positions, long [n_sites].
+        readout: the residual after the final norm (what the readout reads) at every position,
+            [batch, pos, d_model].
+        final_residual: the residual before the final norm at every position, [batch, pos,
+            d_model], or None where the model's adapter has no such hook.
+        final_residual_missing: why ``final_residual`` is None (None when it is not).
+        patterns: each layer's attention pattern, [layer, batch, head, pos, pos].
+        k: each layer's keys as the scores saw them, [layer, batch, pos, kv_head, d_head].
+        last_values: the last layer's values v, [batch, pos, kv_head, d_v].
+    """
+
+    tokens: torch.Tensor
+    entropy_bits: torch.Tensor
+    sites: torch.Tensor
+    readout: torch.Tensor
+    final_residual: torch.Tensor | None
+    final_residual_missing: str | None
+    patterns: torch.Tensor
+    k: torch.Tensor
+    last_values: torch.Tensor
+
+
+@torch.no_grad()
+def collect_geometry_states(model: nn.Module, task: Any, batch: Batch) -> GeometryStates:
+    """Run ``model`` once (eval mode) on ``batch`` and record what the geometry variants read.
+
+    ``task`` is unused and kept for the signature every instrument shares.
+
+    Raises:
+        ValueError: naming the model class when it has no attention sites or no readout (see
+            :func:`windtunnel.sites.unsupported`), or as :func:`windtunnel.sites.record_sites`.
+    """
+    _require("collect_geometry_states", model, "sites", "readout")
+    device = _device(model)
+    missing = sites.unsupported(model, "final_residual")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        recording = stack.enter_context(_recorded_sites("collect_geometry_states", model, grads=False))
+        readout = stack.enter_context(sites.record_readout(model))
+        pre = None if missing else stack.enter_context(sites.record_final_residual(model))
+        model(batch.tokens.to(device))
+    layers = recording.sites
+    return GeometryStates(
+        tokens=batch.tokens.to(device),
+        entropy_bits=batch.entropy_bits.to(device),
+        sites=batch.sites.to(device),
+        readout=readout.input,
+        final_residual=None if pre is None else pre.input,
+        final_residual_missing=missing,
+        patterns=torch.stack([site.pattern for site in layers]),
+        k=torch.stack([site.k for site in layers]),
+        last_values=layers[-1].v,
+    )
+
+
+def value_positions(tokens: torch.Tensor, sites_: torch.Tensor, hypothesis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value positions of a task: the position just after each prediction site where, in every
+    sequence, a hypothesis token stands (the value the site predicted, now revealed; docs/theory.md
+    §8.3). Bijection format B: the value tokens 2i + 1 of every key site but the last.
+
+    Shapes: tokens long [batch, pos], sites_ long [n_sites], hypothesis long [n_hyp] or None ->
+    (positions long [n], index into sites_ of the site each follows, long [n]); both empty when
+    there are none (no hypothesis tokens, or none after the sites).
+    """
+    empty = torch.zeros(0, dtype=torch.long, device=tokens.device)
+    if hypothesis is None:
+        return empty, empty
+    after = sites_.to(tokens.device) + 1
+    inside = after < tokens.shape[1]
+    index = torch.arange(sites_.numel(), device=tokens.device)[inside]
+    after = after[inside]
+    is_value = torch.isin(tokens[:, after], hypothesis.to(tokens.device)).all(0)
+    return after[is_value], index[is_value]

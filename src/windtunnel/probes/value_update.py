@@ -1,4 +1,4 @@
-"""The optimiser's realised change of every head's value vectors against their pull (SPEC §8.4)."""
+"""The optimiser's realised change of every head's value vectors against their pull (docs/theory.md §8.4)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class ValueUpdateStats:
     """The optimiser's realised change of every head's value vectors against their pull (§8.4).
 
     On one training step: the pull is -dL/dv_j = -(AᵀU)_j, the responsibility-weighted sum of the
-    upstream gradients (SPEC §2.3), taken from the step's own backward; the realised change is
+    upstream gradients (docs/theory.md §2.3), taken from the step's own backward; the realised change is
     ΔV = V(θ_after) - V(θ_before) on the same tokens and positions (both in eval mode). Paper II's
     value law is Δv_j = -η (AᵀU)_j for a step taken on the value vectors themselves; a parametric
     model realises it through ΔW_V (and the layers below), filtered by the optimiser's
@@ -103,6 +103,23 @@ def _value_forward(model: nn.Module, tokens: torch.Tensor, position_ids: torch.T
     return recording
 
 
+def _read_through_sites(model: nn.Module) -> bool:
+    """True for a model the Hugging Face adapter reads (no value projections by design)."""
+    from windtunnel.sites import hf
+    from windtunnel.sites._record import adapter_for
+
+    found = adapter_for(model)
+    return found is not None and found[0] is hf
+
+
+def _site_values(model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every layer's values as its attention received them, [batch, pos, kv_head, d_head], from
+    one forward pass in eval mode recorded through :func:`windtunnel.sites.record_sites`."""
+    with torch.no_grad(), eval_mode(model), sites.record_sites(model, grads=False) as recording:
+        model(tokens, **({} if position_ids is None else {"position_ids": position_ids}))
+    return [site.v for site in recording.sites]
+
+
 class ValueUpdateProbe:
     """Measures :class:`ValueUpdateStats` on chosen training steps; used by the Trainer.
 
@@ -117,8 +134,8 @@ class ValueUpdateProbe:
     The extra forward passes run in eval mode and draw no randomness, so watching a step does not
     change the training run. The value projections come from the model's adapter
     (:func:`windtunnel.sites.value_projections`): TinyGPT and TransformerLens ``HookedTransformer``
-    (per key-value head under grouped-query attention); Hugging Face models are refused, their
-    adapter knowing no architecture's value projection.
+    (per key-value head under grouped-query attention); Hugging Face models through their
+    attention sites, without the parts that need W_V.
     """
 
     def __init__(self) -> None:
@@ -128,11 +145,22 @@ class ValueUpdateProbe:
     def watch(self, model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Record the values before the step and their gradient during the step's backward.
 
+        A model whose adapter has attention sites but no value projection (a Hugging Face model)
+        is read through its sites: v and dL/dv as the attention received them, per key-value
+        head. Its realised change and pull are measured as for the others; the ``own_`` and
+        ``gradient_`` statistics, which need W_V, are NaN.
+
         Raises:
-            ValueError: naming the model class when its adapter has no value projections (Hugging
-                Face models, a TinyGPT inside ``model.ablated(heads=...)``; see
-                :func:`windtunnel.sites.unsupported`).
+            ValueError: naming the model class when it has neither value projections nor attention
+                sites, or has value projections it cannot read (a TinyGPT inside
+                ``model.ablated(heads=...)``; see :func:`windtunnel.sites.unsupported`).
         """
+        if sites.unsupported(model, "value_projections") is not None and _read_through_sites(model):
+            before_v = _site_values(model, tokens, position_ids)
+            with sites.record_sites(model, grads=True) as step:
+                yield
+            self._pending = (model, tokens, position_ids, before_v, None, step)
+            return
         _require("ValueUpdateProbe.watch", model, "value_projections")
         before = _value_forward(model, tokens, position_ids)
         weights = [
@@ -158,8 +186,20 @@ class ValueUpdateProbe:
         self._pending = None
         if model is not watched:
             raise RuntimeError("ValueUpdateProbe.finish: called with another model than the watched one.")
-        after = _value_forward(watched, tokens, position_ids)
         stats: dict[str, list[torch.Tensor]] = {name: [] for name in ValueUpdateStats._PER_HEAD}
+        if weights is None:  # read through the attention sites: no W_V, so no own_/gradient_ parts
+            after_v = _site_values(watched, tokens, position_ids)
+            for site, v_before, v_after in zip(step.sites, before, after_v):
+                if site.v_grad is None:
+                    raise RuntimeError(f"ValueUpdateProbe.finish: the watched backward left no gradient at the values of {site.name}.")
+                cos, whole, ratio = _value_pull_agreement(v_after.double() - v_before.double(), site.v_grad, lr)
+                nan = torch.full_like(cos, math.nan)
+                for name, value in (("pull_cosine", cos), ("pull_cosine_all", whole), ("norm_ratio", ratio)):
+                    stats[name].append(value)
+                for name in ValueUpdateStats._PER_HEAD[3:]:
+                    stats[name].append(nan)
+            return ValueUpdateStats(lr=float(lr), **{name: torch.stack(v).float() for name, v in stats.items()})
+        after = _value_forward(watched, tokens, position_ids)
         for l, (projection, (w_before, b_before)) in enumerate(zip(before.projections, weights)):
             pull = step.grads[l]  # [batch, pos, head, d_head] = (AᵀU)_j per head
             if pull is None:

@@ -1,5 +1,11 @@
 """Reports built from a run directory alone (never from the training stack)."""
 
-from windtunnel.reports.html import PAPER_NUMBERS, build_report, draw_lag_response
+from windtunnel.reports.html import (
+    GEOMETRY_VARIANT_HEADER,
+    PAPER_NUMBERS,
+    build_report,
+    draw_lag_response,
+    geometry_variant_rows,
+)
 
-__all__ = ["PAPER_NUMBERS", "build_report", "draw_lag_response"]
+__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "draw_lag_response", "geometry_variant_rows"]

@@ -16,7 +16,7 @@ from windtunnel.runs import write_bytes_atomic, write_json_atomic, write_text_at
 
 __all__ = ["PAPER", "render_em_vs_sgd", "write_em_vs_sgd_outputs"]
 
-#: Reference numbers (SPEC §4.4, §10, §3.3): the authors' script rerun on CPU, 5 seeds x 1000 steps.
+#: Reference numbers (docs/theory.md §4.4, §10, §3.3): the authors' script rerun on CPU, 5 seeds x 1000 steps.
 PAPER = {
     "sgd": {
         "final_loss": (2.0310, 0.0214),
@@ -36,7 +36,7 @@ PAPER = {
         "ttest_t": -20.6,
     },
     "em": {"final_loss": (1.9027, 0.0129), "final_accuracy": (0.292, None)},
-    "claims": "README: 'EM converges 2.3x faster'; REPRODUCE: '430 vs 1000 steps'",
+    "claims": "the authors' README: 'EM converges 2.3x faster'; their REPRODUCE.md: '430 vs 1000 steps'",
     "h_min_nats": 1.8292,
     "expected_bayes_loss_nats": 1.836,
 }
@@ -159,11 +159,11 @@ def _pm(mean: float | None, std: float | None = None, digits: int = 4) -> str:
 
 
 def report_markdown(results: dict) -> str:
-    """The report: our numbers beside the paper's (SPEC §4.4, §10) and what the ``em`` arm means."""
+    """The report: our numbers beside the paper's (docs/theory.md §4.4, §10) and what the ``em`` arm means."""
     cfg, agg = results["config"], results["aggregate"]
     deep = cfg["model"] == "deep"
     optimiser = (
-        f"AdamW lr {cfg['deep_lr']}, cosine schedule, clip 1.0 (SPEC §4.5)"
+        f"AdamW lr {cfg['deep_lr']}, cosine schedule, clip 1.0 (docs/theory.md §4.5)"
         if deep
         else f"routing lr {cfg['lr']}, value-lr ratio {cfg['value_lr_ratio']}"
     )
@@ -180,12 +180,12 @@ def report_markdown(results: dict) -> str:
         "Reference lines: exact Bayes CE on the training sequences "
         f"**{results['bayes_loss_nats']:.4f} nats** (held-out {results['bayes_heldout_loss_nats']:.4f}; "
         f"Bayes accuracy {results['bayes_accuracy']:.3f}); the paper's H_min = H(Y_t | Y_t-1) = "
-        f"**{results['conditional_entropy_nats']:.4f} nats** is a lower bound, not the Bayes risk (SPEC §4.3).",
+        f"**{results['conditional_entropy_nats']:.4f} nats** is a lower bound, not the Bayes risk (docs/theory.md §4.3).",
         "",
         "## Final metrics (training sequence; std over seeds, ddof = 0 as in the reference)",
         "",
         "'Reference rerun' columns: the authors' script rerun with its defaults on a 2-core CPU "
-        "(SPEC §4.4); the authors report only the speed-up (README: 2.3×; REPRODUCE: 430 vs 1000 steps).",
+        "(docs/theory.md §4.4); the authors report only the speed-up (their README: 2.3×; REPRODUCE.md: 430 vs 1000 steps).",
         "",
         "| arm | final CE (nats) | reference rerun | entropy (nats) | reference rerun | accuracy | "
         "reference rerun | held-out CE | "
@@ -205,7 +205,7 @@ def report_markdown(results: dict) -> str:
     if not deep:
         lines += [
             "",
-            "The paper's rerun (SPEC §4.4) at step 1000: CE − Bayes 0.10 (`two_timescale`) and 0.20 "
+            "The paper's rerun (docs/theory.md §4.4) at step 1000: CE − Bayes 0.10 (`two_timescale`) and 0.20 "
             "(`sgd`); entropy − H_min 0.12 and 0.23 nats. 'Close to minimum Bayesian entropy' is "
             "therefore not reproduced at the default length; these gaps are metrics, not pass/fail "
             "checks.",
@@ -284,7 +284,7 @@ def report_markdown(results: dict) -> str:
     if deep:
         lines += [
             "",
-            "The deep variant has no reference numbers (SPEC §4.5): the authors' script "
+            "The deep variant has no reference numbers (docs/theory.md §4.5): the authors' script "
             "has it, but it was not rerun. Its held-out CE is the reference's test metric.",
             "",
         ]
@@ -299,7 +299,7 @@ def _em_paragraph(results: dict) -> str:
         "The reference's 'EM-like' arm is `two_timescale`: one forward/backward pass, then plain "
         "gradient steps with a 10× learning rate on W_V only (W_O stays with the routing weights); "
         "nothing in it is closed-form. `em` is our concrete reading of the paper's 'closed-form "
-        "EM-style update' (SPEC §3.3): each value v_j moves by the responsibility-weighted *mean* of "
+        "EM-style update' (docs/theory.md §3.3): each value v_j moves by the responsibility-weighted *mean* of "
         "the per-position error signals it receives, δv_j = −η_v Σ_i α_ij N u_i / max(R_j, ε), as a "
         "mixture M-step moves a prototype to the responsibility-weighted mean of its points; the tied "
         "values (v = x W_V) realise these targets by ridge least squares, and W_Q, W_K, W_O take the "

@@ -1,4 +1,4 @@
-"""A self-contained HTML report of one run, built from its run directory alone (SPEC §8, §10).
+"""A self-contained HTML report of one run, built from its run directory alone (docs/theory.md §8, §10).
 
 Reads ``config.json``, ``metrics.jsonl``, ``telemetry.jsonl``, and when present ``eval.json``,
 ``dissociation.json`` / ``dissociation.png``, ``ablation.json`` and ``manifold/step_N.json``. HMM runs
@@ -25,24 +25,24 @@ from typing import Any
 
 from windtunnel.runs import RunDir, read_jsonl, write_text_atomic
 
-__all__ = ["PAPER_NUMBERS", "build_report"]
+__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "geometry_variant_rows"]
 
-# (quantity, paper value, source, how ours is read from the run) per task; SPEC §10.
+# (quantity, paper value, source, how ours is read from the run) per task; docs/theory.md §10.
 PAPER_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
     "bijection": [
-        ("entropy MAE (bits)", "0.007 (0.0067); 3e-3 (v1); 0.0008 format-B retrain", "README, v3, [JL]", "mae"),
-        ("layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random; < 0.1", "v3; REPRODUCE", "key_ortho"),
-        ("value manifold PC1 share", "84–90 % (PC1+PC2 88–95 %)", "P3 recap; REPRODUCE", "pc1"),
-        ("attention focusing ratio", "85–90 %", "P3 recap", "focusing"),
-        ("bypass any single layer: MAE ratio", "> 10×", "v1; SPEC §10 target 8", "bypass"),
-        ("frame settles before precision", "frame by steps 300–500; MAE improves > 10× after", "[JL] (SPEC §3.4)", "dissociation"),
+        ("entropy MAE (bits)", "0.007 (0.0067); 3e-3 (v1); 0.0008 format-B retrain", "authors' README; arXiv 2512.22471v3; authors' follow-up", "mae"),
+        ("layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random; < 0.1", "arXiv 2512.22471v3; authors' REPRODUCE.md", "key_ortho"),
+        ("value manifold PC1 share", "84–90 % (PC1+PC2 88–95 %)", "arXiv 2512.23752 (recap); authors' REPRODUCE.md", "pc1"),
+        ("attention focusing ratio", "85–90 %", "arXiv 2512.23752 (recap)", "focusing"),
+        ("bypass any single layer: MAE ratio", "> 10×", "arXiv 2512.22471v1; docs/theory.md §10 target 8", "bypass"),
+        ("frame settles before precision", "frame by steps 300–500; MAE improves > 10× after", "authors' follow-up (docs/theory.md §3.4)", "dissociation"),
     ],
     "hmm": [
-        ("entropy MAE, K = 20 (bits)", "7.5e-5", "README, v1", "mae"),
-        ("entropy MAE, K = 30 / 50 (bits)", "0.012 / 0.029", "README / REPRODUCE, v1", "mae_lengths"),
-        ("attention focusing ratio", "85–90 %", "P3 recap", "focusing"),
+        ("entropy MAE, K = 20 (bits)", "7.5e-5", "authors' README; arXiv 2512.22471v1", "mae"),
+        ("entropy MAE, K = 30 / 50 (bits)", "0.012 / 0.029", "authors' README and REPRODUCE.md; arXiv 2512.22471v1", "mae_lengths"),
+        ("attention focusing ratio", "85–90 %", "arXiv 2512.23752 (recap)", "focusing"),
     ],
-    "recall": [("accuracy", "≈100 % (Transformer)", "v3", "accuracy")],
+    "recall": [("accuracy", "≈100 % (Transformer)", "arXiv 2512.22471v3", "accuracy")],
 }
 
 
@@ -330,6 +330,52 @@ def _memory_section(saved: Path, evaluation: dict[str, Any] | None, ablation: di
     return text + _png(fig) + over_checkpoints
 
 
+GEOMETRY_VARIANT_HEADER = ["quantity", "variant", "this run", "paper", "definition", "source"]
+"""Columns of :func:`geometry_variant_rows`."""
+
+_QUANTITY_TEXT = {
+    "key_orthogonality": "key orthogonality (layer 0)",
+    "value_manifold_pc1_share": "value manifold PC1 share",
+    "focusing_ratio": "attention focusing ratio",
+}
+
+
+def geometry_variant_rows(geometry: dict[str, Any] | None) -> list[list[str]]:
+    """eval.json's ``geometry_variants`` as table rows of plain text, one per variant, ours marked:
+    [quantity, variant, this run, paper, definition, source] (:data:`GEOMETRY_VARIANT_HEADER`).
+    `windtunnel eval` prints these rows and the report shows them, so both show the same numbers.
+    A variant the run could not measure shows — and the reason; the paper column is — where no
+    paper number belongs to the definition. Empty when there is nothing to show."""
+    if not isinstance(geometry, dict) or not isinstance(geometry.get("quantities"), dict):
+        return []
+    rows = []
+    for quantity, variants in geometry["quantities"].items():
+        if not isinstance(variants, dict):
+            continue
+        for name, v in variants.items():
+            if not isinstance(v, dict):
+                continue
+            value = _text(v.get("value"))
+            if v.get("unavailable"):
+                value = f"— ({v['unavailable']})"
+            rows.append([_QUANTITY_TEXT.get(quantity, str(quantity)), f"{name} (ours)" if v.get("ours") else str(name), value,
+                         _text(v.get("paper")), _text(v.get("description")), _text(v.get("source"))])
+    return rows
+
+
+def _geometry_variants_section(evaluation: dict[str, Any] | None) -> str:
+    geometry = evaluation.get("geometry_variants") if isinstance(evaluation, dict) else None
+    if isinstance(geometry, dict) and geometry.get("unavailable"):
+        return f"<p>No geometry variants for this model: {_esc(geometry['unavailable'])}</p>"
+    rows = geometry_variant_rows(geometry)
+    if not rows:
+        return "<p>No geometry variants in eval.json: run <code>windtunnel eval RUN_DIR</code>.</p>"
+    text = (f"<p>From eval.json: step {_fmt(evaluation.get('step'))}, the first {_fmt(geometry.get('n_sequences'))} evaluation "
+            "sequences. Each quantity under every published definition (docs/theory.md §8.1–§8.3, §9), ours first; the "
+            "paper's number stands beside the definition it belongs to.</p>")
+    return text + _table(GEOMETRY_VARIANT_HEADER, rows)
+
+
 def _ablation_section(ablation: dict[str, Any] | None) -> str:
     if ablation is None:
         return "<p>No ablation.json: run <code>windtunnel ablate RUN_DIR</code>.</p>"
@@ -406,14 +452,15 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         ("Run", f"<p>Task <code>{_esc(task)}</code> {_esc(json.dumps(config.get('task', {})))}, model "
                 f"<code>{_esc(config.get('model_name'))}</code> {_esc(json.dumps(config.get('model', {})))}; "
                 f"{_fmt(train.get('steps'))} steps × batch {_fmt(train.get('batch_size'))}, lr {_fmt(train.get('lr'))}, seed {_fmt(train.get('seed'))}.</p>"),
-        ("Paper numbers beside ours (SPEC §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
+        ("Paper numbers beside ours (docs/theory.md §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
         ("Loss and held-out calibration", _loss_section(metrics)),
         ("Per-position calibration vs Bayes", _calibration_section(evaluation)),
         ("Value manifold coloured by Bayes entropy", _manifold_section(run.manifold_dir)),
         ("Key orthogonality, attention entropy, manifold statistics", _geometry_section(tel)),
-        ("Frame–precision dissociation (SPEC §8.6)", _dissociation_section(run.path, diss)),
-        ("Routing-law telemetry (SPEC §8.4)", _routing_section(tel)),
-        ("Ablations (SPEC §8.5)", _ablation_section(ablation)),
+        ("Geometry under every published definition (docs/theory.md §8.1–§8.3)", _geometry_variants_section(evaluation)),
+        ("Frame–precision dissociation (docs/theory.md §8.6)", _dissociation_section(run.path, diss)),
+        ("Routing-law telemetry (docs/theory.md §8.4)", _routing_section(tel)),
+        ("Ablations (docs/theory.md §8.5)", _ablation_section(ablation)),
     ]
     if task == "hmm":
         sections.insert(4, ("Memory: how the belief responds to each earlier observation", _memory_section(run.memory_figure_path, evaluation, ablation, tel)))

@@ -25,7 +25,7 @@ Adapters: windtunnel's TinyGPT (its hook points), Hugging Face ``transformers`` 
         print(site.name, law.advantage.abs().mean(), model_gradient_errors(site, law))
 
 Beyond the sites, :mod:`windtunnel.probes` needs from some instruments a model's readout input
-(:func:`record_readout`), its key map of token embeddings (:func:`token_keys`), its value
+(:func:`record_readout`) and the residual before the final norm (:func:`record_final_residual`), its key map of token embeddings (:func:`token_keys`), its value
 projections (:func:`value_projections`, :func:`record_values`) and ablations (:func:`ablated`);
 each adapter provides them or refuses with a reason, which :func:`unsupported` reports.
 """
@@ -36,6 +36,7 @@ from windtunnel.sites._instruments import (
     ValueRecording,
     ablated,
     ablation_layout,
+    record_final_residual,
     record_readout,
     record_values,
     token_keys,
@@ -67,6 +68,7 @@ __all__ = [
     "ablation_layout",
     "check_law",
     "model_gradient_errors",
+    "record_final_residual",
     "record_readout",
     "record_sites",
     "record_values",

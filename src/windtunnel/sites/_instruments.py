@@ -1,10 +1,13 @@
 """What the :mod:`windtunnel.probes` instruments need from a model beyond its attention sites.
 
-Four features, each implemented (or refused, with the reason) by the model's adapter, so that no
+Five features, each implemented (or refused, with the reason) by the model's adapter, so that no
 instrument needs to know a model class:
 
 * ``"readout"``: the readout's input, the residual after the final norm (gain and bias included)
   that the unembedding reads [batch, pos, d_model] (:func:`record_readout`);
+* ``"final_residual"``: the residual stream before the final norm, the final norm's input
+  [batch, pos, d_model] (:func:`record_final_residual`, for the value-manifold variants of
+  docs/theory.md §8.3);
 * ``"token_keys"``: per layer, the pre-attention norm of the token embeddings and the key
   projection W_K [head, d_model, d_head] (:func:`token_keys`, for key orthogonality);
 * ``"value_projections"``: per layer, the value projection v = x W_V + b_V, its parameters and,
@@ -37,6 +40,7 @@ __all__ = [
     "ValueRecording",
     "ablated",
     "ablation_layout",
+    "record_final_residual",
     "record_readout",
     "record_values",
     "token_keys",
@@ -44,7 +48,7 @@ __all__ = [
     "value_projections",
 ]
 
-FEATURES = ("sites", "readout", "token_keys", "value_projections", "ablation")
+FEATURES = ("sites", "readout", "final_residual", "token_keys", "value_projections", "ablation")
 """What :func:`unsupported` can be asked about; ``"sites"`` is :func:`record_sites` itself."""
 
 _NO_ADAPTER = (
@@ -80,26 +84,29 @@ def _require(owner: str, model: Any, feature: str) -> tuple[Any, nn.Module]:
 
 
 class ReadoutRecording:
-    """The readout's input of the forward pass run inside :func:`record_readout`."""
+    """The readout's input (or, from :func:`record_final_residual`, the final norm's input) of the
+    forward pass run inside the recording block."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, owner: str = "record_readout") -> None:
         self.model_name = model_name
+        self.owner = owner
         self._input: torch.Tensor | None = None
 
     def _set(self, x: torch.Tensor) -> None:
         if self._input is not None:
-            raise RuntimeError(f"record_readout: {self.model_name} read out twice in one block; run one forward pass per block.")
+            raise RuntimeError(f"{self.owner}: {self.model_name} read out twice in one block; run one forward pass per block.")
         self._input = x.detach()
 
     @property
     def input(self) -> torch.Tensor:
-        """The final-norm residual the unembedding read, [batch, pos, d_model], detached.
+        """The recorded residual, [batch, pos, d_model], detached: after the final norm for
+        :func:`record_readout`, before it for :func:`record_final_residual`.
 
         Raises:
             RuntimeError: when no forward pass ran in the block.
         """
         if self._input is None:
-            raise RuntimeError(f"record_readout: no forward pass of {self.model_name} ran in the block.")
+            raise RuntimeError(f"{self.owner}: no forward pass of {self.model_name} ran in the block.")
         return self._input
 
 
@@ -117,6 +124,26 @@ def record_readout(model: nn.Module) -> Iterator[ReadoutRecording]:
     adapter, target = _require("record_readout", model, "readout")
     recording = ReadoutRecording(type(model).__name__)
     handle = adapter.readout_hook(target, recording._set)
+    try:
+        yield recording
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def record_final_residual(model: nn.Module) -> Iterator[ReadoutRecording]:
+    """Record the residual stream before the final norm (the final norm's input) during one forward pass.
+
+    TinyGPT: the input of ``ln_final``; TransformerLens: the input of ``ln_final`` (of ``unembed``
+    when the model has no final norm). Hugging Face models are refused: the final norm has a
+    different name in every architecture. Shape [batch, pos, d_model].
+
+    Raises:
+        ValueError: naming the model class when its adapter has no such hook (see :func:`unsupported`).
+    """
+    adapter, target = _require("record_final_residual", model, "final_residual")
+    recording = ReadoutRecording(type(model).__name__, owner="record_final_residual")
+    handle = adapter.final_residual_hook(target, recording._set)
     try:
         yield recording
     finally:
@@ -210,7 +237,8 @@ def ablation_layout(model: nn.Module) -> tuple[int, int]:
     """(n_layers, n_heads) that :func:`ablated` indexes.
 
     Raises:
-        ValueError: naming the model class when its adapter cannot ablate (Hugging Face).
+        ValueError: naming the model class when its adapter cannot ablate (a Hugging Face model
+            whose decoder layers cannot be found; see :func:`unsupported`).
     """
     adapter, target = _require("ablation_layout", model, "ablation")
     return adapter.ablation_layout(target)
@@ -224,16 +252,18 @@ def ablated(
     zero_attn_out: Iterable[int] = (),
     zero_mlp_out: Iterable[int] = (),
 ) -> contextlib.AbstractContextManager[nn.Module]:
-    """Run ``model`` with heads or layers ablated inside the block (SPEC §8.5); restored after.
+    """Run ``model`` with heads or layers ablated inside the block (docs/theory.md §8.5); restored after.
 
     ``heads``: (layer, head) pairs whose output z before W_O is exactly zero; ``bypass``: layers
     made the identity; ``zero_attn_out`` / ``zero_mlp_out``: layers whose attention / MLP output
     alone is zeroed. TinyGPT: its own ``ablated``; TransformerLens: forward hooks on
-    ``attn.hook_z``, ``hook_attn_out``, ``hook_mlp_out`` and the block.
+    ``attn.hook_z``, ``hook_attn_out``, ``hook_mlp_out`` and the block; Hugging Face: the head's
+    output zeroed inside the ``"windtunnel"`` attention implementation, forward hooks on the
+    attention module, the ``mlp`` child and the decoder layer.
 
     Raises:
-        ValueError: naming the model class when its adapter cannot ablate (Hugging Face), or when
-            a layer or head index is out of range.
+        ValueError: naming the model class when its adapter cannot ablate, or when a layer or head
+            index is out of range.
     """
     adapter, target = _require("ablated", model, "ablation")
     return adapter.ablated(

@@ -231,17 +231,20 @@ class SiteLaw:
 
 @dataclass(frozen=True)
 class TokenKeys:
-    """Layer l's key map applied to token embeddings, without positions (SPEC §8.1).
+    """Layer l's key map applied to token embeddings, without positions (docs/theory.md §8.1).
 
     Attributes:
         normed_embeddings: n_l(W_E[x]), the layer's pre-attention norm (with its gain) of each
             token's embedding, [n_tokens, d_model].
         w_key: the layer's key projection in TransformerLens layout [head, d_model, d_head]
             (per key-value head under grouped-query attention); key biases are left out.
+        embeddings: W_E[x] itself, before the norm, [n_tokens, d_model] (the same for every
+            layer), or None where the adapter does not give it.
     """
 
     normed_embeddings: torch.Tensor
     w_key: torch.Tensor
+    embeddings: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -572,3 +575,35 @@ def check_plain_softmax(
 def describe_model(model: Any) -> str:
     cls = type(model)
     return f"{cls.__name__} ({cls.__module__})"
+
+
+def _is_index(value: Any, size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size
+
+
+def ablation_heads_by_layer(
+    owner: str, n_layers: int, n_heads: int, *, heads: list, bypass: list, zero_attn_out: list, zero_mlp_out: list
+) -> dict[int, list[int]]:
+    """Check the indices of an ablation (worded as TinyGPT.ablated words it) and group ``heads`` by
+    layer: {layer: [head, ...]}.
+
+    Raises:
+        ValueError: listing every layer or head index out of range.
+    """
+    problems = Problems(owner)
+    for name, layers in (("bypass", bypass), ("zero_attn_out", zero_attn_out), ("zero_mlp_out", zero_mlp_out)):
+        bad = [layer for layer in layers if not _is_index(layer, n_layers)]
+        if bad:
+            problems.add(name, f"layer indices in [0, {n_layers})", bad)
+    bad_heads = [
+        p
+        for p in heads
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and _is_index(p[0], n_layers) and _is_index(p[1], n_heads))
+    ]
+    if bad_heads:
+        problems.add("heads", f"(layer, head) pairs in [0, {n_layers}) x [0, {n_heads})", bad_heads)
+    problems.raise_if_any()
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    return by_layer

@@ -16,11 +16,14 @@ transformers is imported lazily; without it this module raises ``ModuleNotFoundE
 the model it wraps: booting the bridge replaces that model's attention modules with its own
 components, which compute attention without the interface (recording then raises).
 
-Of the instrument features (:mod:`windtunnel.sites._instruments`) only the readout is generic:
-the input of ``get_output_embeddings()``. Key maps, value projections and ablations would need
-per-architecture code (GPT-2's fused ``c_attn`` Conv1D, Llama's ``k_proj``/``v_proj``, GPT-NeoX's
-interleaved ``query_key_value``, each family's norm and block layout), which this adapter keeps out
-by design, so they are refused with that reason.
+Of the instrument features (:mod:`windtunnel.sites._instruments`), two are generic: the readout
+(the input of ``get_output_embeddings()``) and ablations (a head's output zeroed inside the same
+``"windtunnel"`` implementation; a layer's attention module, its ``mlp`` child or the whole
+decoder layer short-circuited by forward hooks, the decoder layers being found through the
+attention modules' ``layer_idx``). Key maps and value projections would need per-architecture
+code (GPT-2's fused ``c_attn`` Conv1D, Llama's ``k_proj``/``v_proj``, GPT-NeoX's interleaved
+``query_key_value``, each family's norm), which this adapter keeps out by design, so they are
+refused with that reason.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from torch import nn
 from windtunnel.sites._protocol import (
     SiteRecording,
     _RawSite,
+    ablation_heads_by_layer,
     causal_violation,
     check_plain_softmax,
     non_causal_error,
 )
 
-__all__ = ["IMPLEMENTATION", "attach", "matches", "readout_hook", "register", "unsupported"]
+__all__ = ["IMPLEMENTATION", "ablated", "ablation_layout", "attach", "matches", "readout_hook", "register", "unsupported"]
 
 IMPLEMENTATION = "windtunnel"
 """The name under which the recording attention implementation is registered."""
@@ -81,8 +85,53 @@ _NO_WEIGHTS = (
 _REFUSED = {
     "token_keys": _NO_WEIGHTS.format(what="key projection W_K or pre-attention norm", instrument="key orthogonality"),
     "value_projections": _NO_WEIGHTS.format(what="value projection W_V or its input", instrument="the value-update probe"),
-    "ablation": _NO_WEIGHTS.format(what="per-head output or block layout to ablate", instrument="ablation"),
+    "final_residual": _NO_WEIGHTS.format(what="final norm (its name differs per architecture)", instrument="the residual before the final norm"),
 }
+
+
+def _layers(model: nn.Module) -> tuple[list[tuple[nn.Module, nn.Module]], str | None]:
+    """[(decoder layer, its attention module)] in layer order, or ([], why not).
+
+    Found without per-architecture names: the attention modules are the modules carrying an int
+    ``layer_idx`` (transformers gives every attention module its layer index), one for each of
+    0 .. num_hidden_layers - 1, and each one's decoder layer is the element of a ``ModuleList``
+    that holds it.
+    """
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(n_layers, int) or n_layers < 1:
+        return [], "its config has no num_hidden_layers."
+    by_layer: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int) and not isinstance(index, bool) and hasattr(module, "config"):
+            by_layer.setdefault(index, []).append((path, module))
+    if sorted(by_layer) != list(range(n_layers)) or any(len(found) != 1 for found in by_layer.values()):
+        return [], (
+            f"its attention modules are found by their layer_idx (one per layer 0..{n_layers - 1}); "
+            f"found layer indices {sorted(by_layer)} with {sum(map(len, by_layer.values()))} modules."
+        )
+    lists = {path: module for path, module in model.named_modules() if isinstance(module, nn.ModuleList)}
+    layers = []
+    for index in range(n_layers):
+        path, attention = by_layer[index][0]
+        parts = path.split(".")
+        owner = next(
+            (
+                lists[".".join(parts[:cut - 1])][int(parts[cut - 1])]
+                for cut in range(len(parts) - 1, 1, -1)
+                if ".".join(parts[:cut - 1]) in lists and parts[cut - 1].isdigit()
+            ),
+            None,
+        )
+        if owner is None:
+            return [], f"its attention module {path!r} is not inside a ModuleList of decoder layers."
+        layers.append((owner, attention))
+    return layers, None
+
+
+def _n_heads(model: nn.Module) -> int | None:
+    n = getattr(model.config, "num_attention_heads", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def unsupported(model: nn.Module, feature: str) -> str | None:
@@ -91,7 +140,95 @@ def unsupported(model: nn.Module, feature: str) -> str | None:
         if isinstance(model.get_output_embeddings(), nn.Module):
             return None
         return "it has no output embedding (get_output_embeddings() is None), as a base model without a language-model head."
+    if feature == "ablation":
+        layers, why = _layers(model)
+        if why is not None:
+            return "ablations find the decoder layers without per-architecture code, and " + why
+        if _n_heads(model) is None:
+            return "its config has no num_attention_heads."
+        missing = [i for i, (layer, _) in enumerate(layers) if not isinstance(getattr(layer, "mlp", None), nn.Module)]
+        if missing:
+            return f"zeroing the MLP output needs a child module named 'mlp' in each decoder layer; layers {missing} have none."
+        return None
     return _REFUSED.get(feature)
+
+
+def ablation_layout(model: nn.Module) -> tuple[int, int]:
+    """(n_layers, n_heads) from the model's config: num_hidden_layers, num_attention_heads."""
+    return int(model.config.num_hidden_layers), int(model.config.num_attention_heads)
+
+
+class _Ablator:
+    """Zeroes chosen heads' outputs (before the output projection) as the attention function returns them."""
+
+    def __init__(self, heads_by_layer: dict[int, list[int]], layer_of: dict[int, int]) -> None:
+        self.heads_by_layer = heads_by_layer
+        self.layer_of = layer_of  # id(attention module) -> layer index
+        self.calls = 0
+        self.default = "sdpa"
+
+    def check(self, module: nn.Module, path: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        return None
+
+    def process(
+        self, module: nn.Module, path: str, original: str, query: torch.Tensor, key: torch.Tensor,
+        value: torch.Tensor, attention_mask: Any, output: torch.Tensor, weights: Any, kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        self.calls += 1
+        heads = self.heads_by_layer.get(self.layer_of.get(id(module), -1))
+        if not heads:
+            return output
+        # output [batch, query_pos, head, d_head]: the heads' z, exactly 0 for the ablated ones
+        return output.index_fill(2, torch.tensor(heads, device=output.device), 0.0)
+
+
+def _first_output(output: Any, value: torch.Tensor) -> Any:
+    """``output`` with its hidden states (the tensor itself, or a tuple's first item) replaced."""
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    return value
+
+
+@contextlib.contextmanager
+def ablated(
+    model: nn.Module, *, heads: list, bypass: list, zero_attn_out: list, zero_mlp_out: list
+) -> Iterator[nn.Module]:
+    """Ablations on a Hugging Face model, with no per-architecture code: a head's output before
+    the output projection set to exactly 0 through the ``"windtunnel"`` attention implementation;
+    a layer's attention module or ``mlp`` child returning zeros; a decoder layer returning its
+    input hidden states (bypass). Restored on exit.
+
+    Raises:
+        ValueError: when a layer or head index is out of range, or as :func:`attach` when the
+            model's attention cannot be wrapped.
+    """
+    n_layers, n_heads = ablation_layout(model)
+    by_layer = ablation_heads_by_layer(
+        f"{type(model).__name__}.ablated", n_layers, n_heads, heads=heads, bypass=bypass,
+        zero_attn_out=zero_attn_out, zero_mlp_out=zero_mlp_out,
+    )
+    layers, _ = _layers(model)
+
+    def zero(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        return _first_output(output, torch.zeros_like(hidden))
+
+    def identity(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return _first_output(output, args[0] if args else kwargs["hidden_states"])
+
+    handles = [layers[l][1].register_forward_hook(zero) for l in zero_attn_out]
+    handles += [layers[l][0].mlp.register_forward_hook(zero) for l in zero_mlp_out]
+    handles += [layers[l][0].register_forward_hook(identity, with_kwargs=True) for l in bypass]
+    try:
+        if by_layer:
+            ablator = _Ablator(by_layer, {id(attention): l for l, (_, attention) in enumerate(layers)})
+            with _switched(model, ablator, f"{type(model).__name__}.ablated", count_layers=lambda: ablator.calls):
+                yield model
+        else:
+            yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def readout_hook(model: nn.Module, sink: Any) -> Any:
@@ -144,55 +281,71 @@ def attach(model: nn.Module, recording: SiteRecording, *, causal_only: bool, gra
         ValueError: naming the model class when it runs a fused kernel (flash, flex, paged) rather
             than ``"eager"`` or ``"sdpa"``, or when its attention does not go through the
             AttentionInterface.
-        RuntimeError: when the model is already being recorded.
+        RuntimeError: when the model is already being recorded or ablated.
+    """
+    recorder = _Recorder(recording, causal_only=causal_only, grads=grads)
+    with _switched(model, recorder, "record_sites", count_layers=lambda: len(recording)):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(model: nn.Module, handler: Any, owner: str, *, count_layers: Any) -> Iterator[None]:
+    """Run ``model``'s attention through the ``"windtunnel"`` implementation, which calls the
+    implementation the model used and passes its inputs and output to ``handler.process`` (whose
+    return value is the output the model gets); restore the model's implementation after.
+
+    ``count_layers()`` says how many attention calls the handler saw: a forward pass with none
+    means the model's attention bypasses the interface, which is an error, not a silent no-op.
     """
     register()
     name = type(model).__name__
     current = model.config._attn_implementation
     if current not in _WRAPPABLE:
         raise ValueError(
-            f"record_sites: {name} runs attn_implementation={current!r}; windtunnel records "
+            f"{owner}: {name} runs attn_implementation={current!r}; windtunnel wraps "
             f"{' or '.join(map(repr, _WRAPPABLE))} attention only (fused kernels never form the "
-            "pattern). Call model.set_attn_implementation('sdpa') before recording."
+            "pattern). Call model.set_attn_implementation('sdpa') first."
         )
     if not model._can_set_attn_implementation():
         raise ValueError(
-            f"record_sites: {name} does not route its attention through transformers' "
+            f"{owner}: {name} does not route its attention through transformers' "
             "AttentionInterface (ALL_ATTENTION_FUNCTIONS), so its attention cannot be wrapped; "
-            "record a model class that uses the interface, or build the sites yourself "
+            "use a model class that uses the interface, or build the sites yourself "
             "(windtunnel.sites.AttentionSite)."
         )
     if any(id(m) in _MODULES for m in model.modules()):
-        raise RuntimeError(f"record_sites: {name} is already being recorded; nest no record_sites blocks.")
+        raise RuntimeError(
+            f"{owner}: {name} is already being recorded or ablated; nest no record_sites or "
+            "ablated blocks on a Hugging Face model."
+        )
     configs = _configs(model)
     before = {id(c): (c, c._attn_implementation) for c in configs}
-    recorder = _Recorder(recording, causal_only=causal_only, grads=grads)
     for path, module in model.named_modules():
-        _MODULES[id(module)] = (recorder, path)
+        _MODULES[id(module)] = (handler, path)
     forward_calls = [0]
     counter = model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
     try:
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
-                f"record_sites: {name} refused attn_implementation={IMPLEMENTATION!r}; its attention "
+                f"{owner}: {name} refused attn_implementation={IMPLEMENTATION!r}; its attention "
                 "does not go through transformers' AttentionInterface."
             )
         for config, original in before.values():
             if config._attn_implementation == IMPLEMENTATION:
                 if original not in _WRAPPABLE:
                     raise ValueError(
-                        f"record_sites: a sub-model of {name} runs attn_implementation={original!r}; "
-                        "call model.set_attn_implementation('sdpa') before recording."
+                        f"{owner}: a sub-model of {name} runs attn_implementation={original!r}; "
+                        "call model.set_attn_implementation('sdpa') first."
                     )
                 _ORIGINAL[id(config)] = original
-        recorder.default = current
+        handler.default = current
         yield
-        if forward_calls[0] and not len(recording):
+        if forward_calls[0] and not count_layers():
             raise ValueError(
-                f"record_sites: {name} ran a forward pass but none of its attention layers called "
+                f"{owner}: {name} ran a forward pass but none of its attention layers called "
                 "transformers' AttentionInterface (were they replaced, e.g. by a TransformerLens "
-                "TransformerBridge?); no site was recorded."
+                "TransformerBridge?); nothing was recorded or ablated."
             )
     finally:
         counter.remove()
@@ -249,25 +402,16 @@ def _attention(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the model's own implementation, then record what it received and returned."""
+    """Run the model's own implementation; the handler (recorder or ablator) sees what it
+    received and returned, and gives the output the model gets."""
     entry = _MODULES.get(id(module))
     if entry is None:
         raise _outside("implementation")
-    recorder, path = entry
-    original = _ORIGINAL.get(id(getattr(module, "config", None)), recorder.default)
-    for feature in ("softcap", "position_bias", "s_aux"):
-        if kwargs.get(feature) is not None:
-            raise ValueError(
-                f"record_sites: {type(module).__name__} at {path!r} passes {feature}=...; soft-capped, "
-                "biased or sink attention is outside the routing law of arXiv 2512.22473."
-            )
-    if args and "scaling" not in kwargs:
-        raise ValueError(
-            f"record_sites: {type(module).__name__} at {path!r} passes extra positional arguments to "
-            "its attention function; windtunnel reads scaling and dropout by keyword only."
-        )
+    handler, path = entry
+    original = _ORIGINAL.get(id(getattr(module, "config", None)), handler.default)
+    handler.check(module, path, args, kwargs)
     output, weights = _original_function(module, original)(module, query, key, value, attention_mask, *args, **kwargs)
-    recorder.record(module, path, original, query, key, value, attention_mask, output, weights, kwargs)
+    output = handler.process(module, path, original, query, key, value, attention_mask, output, weights, kwargs)
     return output, weights
 
 
@@ -321,6 +465,25 @@ class _Recorder:
         self.causal_only = causal_only
         self.grads = grads
         self.default = "sdpa"
+
+    def check(self, module: nn.Module, path: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Refuse what the routing law does not cover, before the attention runs."""
+        for feature in ("softcap", "position_bias", "s_aux"):
+            if kwargs.get(feature) is not None:
+                raise ValueError(
+                    f"record_sites: {type(module).__name__} at {path!r} passes {feature}=...; soft-capped, "
+                    "biased or sink attention is outside the routing law of arXiv 2512.22473."
+                )
+        if args and "scaling" not in kwargs:
+            raise ValueError(
+                f"record_sites: {type(module).__name__} at {path!r} passes extra positional arguments to "
+                "its attention function; windtunnel reads scaling and dropout by keyword only."
+            )
+
+    def process(self, *args: Any) -> torch.Tensor:
+        """Record the call as a site; the output is returned unchanged."""
+        self.record(*args)
+        return args[7]
 
     def record(
         self,

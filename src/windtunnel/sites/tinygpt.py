@@ -29,6 +29,7 @@ __all__ = [
     "ablated",
     "ablation_layout",
     "attach",
+    "final_residual_hook",
     "matches",
     "readout_hook",
     "token_keys",
@@ -95,9 +96,9 @@ def _blocks(model: nn.Module) -> list[nn.Module] | None:
 
 def unsupported(model: nn.Module, feature: str) -> str | None:
     """Why ``model`` lacks ``feature``, or None (see :func:`windtunnel.sites.unsupported`)."""
-    if feature == "readout":
+    if feature in ("readout", "final_residual"):
         ok = isinstance(getattr(model, "ln_final", None), nn.Module)
-        return None if ok else "the readout is found as TinyGPT's final norm ln_final, which this model lacks."
+        return None if ok else f"the {feature} is found at TinyGPT's final norm ln_final, which this model lacks."
     if _blocks(model) is None:
         return f"{feature} reads {_LAYOUT}, which this model lacks."
     if feature == "token_keys" and not isinstance(getattr(getattr(model, "embed", None), "W_E", None), torch.Tensor):
@@ -114,12 +115,18 @@ def readout_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> Remo
     return model.ln_final.register_forward_hook(lambda _m, _args, output: sink(output))
 
 
+def final_residual_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Pass the input of ``ln_final`` (the residual stream before the final norm) to ``sink``."""
+    return model.ln_final.register_forward_pre_hook(lambda _m, args: sink(args[0]))
+
+
 def token_keys(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> tuple[TokenKeys, ...]:
     """Layer l: ``blocks[l].ln1(W_E[tokens])`` (no position embedding) and ``blocks[l].attn.W_K``."""
     w_e = model.embed.W_E
     emb = w_e[tokens.to(w_e.device)].to(dtype)  # [n_tokens, d_model]
     return tuple(
-        TokenKeys(normed_embeddings=block.ln1(emb), w_key=block.attn.W_K.detach().to(dtype)) for block in _blocks(model)
+        TokenKeys(normed_embeddings=block.ln1(emb), w_key=block.attn.W_K.detach().to(dtype), embeddings=emb.detach())
+        for block in _blocks(model)
     )
 
 

@@ -39,14 +39,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from windtunnel._checks import Problems
 from windtunnel.sites._hookpoints import HookedLayer, tap
-from windtunnel.sites._protocol import SiteRecording, TokenKeys, ValueProjection
+from windtunnel.sites._protocol import SiteRecording, TokenKeys, ValueProjection, ablation_heads_by_layer
 
 __all__ = [
     "ablated",
     "ablation_layout",
     "attach",
+    "final_residual_hook",
     "matches",
     "readout_hook",
     "token_keys",
@@ -124,6 +124,13 @@ def readout_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> Remo
     return model.unembed.register_forward_pre_hook(lambda _m, args: sink(args[0]))
 
 
+def final_residual_hook(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Pass the input of ``ln_final`` (of ``unembed`` when the model has no final norm) to ``sink``."""
+    norm = getattr(model, "ln_final", None)
+    target = norm if isinstance(norm, nn.Module) else model.unembed
+    return target.register_forward_pre_hook(lambda _m, args: sink(args[0]))
+
+
 def _own(attn: nn.Module, name: str) -> Any:
     """The stored parameter: ``_W_K`` etc. per key-value head under grouped-query attention."""
     own = getattr(attn, "_" + name, None)
@@ -135,7 +142,7 @@ def token_keys(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> tu
     w_e = model.embed.W_E
     emb = w_e[tokens.to(w_e.device)].to(dtype)[None]  # [1, n_tokens, d_model]: TL norms expect a batch
     return tuple(
-        TokenKeys(normed_embeddings=block.ln1(emb)[0].to(dtype), w_key=_own(block.attn, "W_K").detach().to(dtype))
+        TokenKeys(normed_embeddings=block.ln1(emb)[0].to(dtype), w_key=_own(block.attn, "W_K").detach().to(dtype), embeddings=emb[0].detach())
         for block in model.blocks
     )
 
@@ -176,22 +183,10 @@ def ablated(
         ValueError: when a layer or head index is out of range.
     """
     n_layers, n_heads = ablation_layout(model)
-    problems = Problems(f"{type(model).__name__}.ablated")  # worded as TinyGPT.ablated words it
-    for field, layers in (("bypass", bypass), ("zero_attn_out", zero_attn_out), ("zero_mlp_out", zero_mlp_out)):
-        bad = [layer for layer in layers if not _is_index(layer, n_layers)]
-        if bad:
-            problems.add(field, f"layer indices in [0, {n_layers})", bad)
-    bad_heads = [
-        p
-        for p in heads
-        if not (isinstance(p, (tuple, list)) and len(p) == 2 and _is_index(p[0], n_layers) and _is_index(p[1], n_heads))
-    ]
-    if bad_heads:
-        problems.add("heads", f"(layer, head) pairs in [0, {n_layers}) x [0, {n_heads})", bad_heads)
-    problems.raise_if_any()
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
+    by_layer = ablation_heads_by_layer(
+        f"{type(model).__name__}.ablated", n_layers, n_heads, heads=heads, bypass=bypass,
+        zero_attn_out=zero_attn_out, zero_mlp_out=zero_mlp_out,
+    )
 
     def zero_heads(index: list[int]) -> Callable:
         return lambda _m, _args, z: z.index_fill(2, torch.tensor(index, device=z.device), 0.0)  # z [batch, pos, head, d_head]
@@ -211,7 +206,3 @@ def ablated(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _is_index(value: Any, size: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size

@@ -1,4 +1,4 @@
-"""Wind tunnels: tasks whose Bayes posterior is exact at every prediction site (SPEC §4–§5)."""
+"""Wind tunnels: tasks whose Bayes posterior is exact at every prediction site (docs/theory.md §4–§5)."""
 
 from windtunnel.tasks.base import Batch, Task
 from windtunnel.tasks.bijection import Bijection

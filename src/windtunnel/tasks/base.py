@@ -1,4 +1,4 @@
-"""The wind-tunnel task protocol and the sampled batch it returns (SPEC §5).
+"""The wind-tunnel task protocol and the sampled batch it returns (docs/theory.md §5).
 
 A task samples sequences whose exact Bayes posterior is known at every prediction site. Sites
 sit at the same positions in every sequence of a task, so a batch stores them once.

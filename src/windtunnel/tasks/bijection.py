@@ -1,4 +1,4 @@
-"""Bijection elimination: belief accumulation over a fresh random permutation (SPEC §5.1).
+"""Bijection elimination: belief accumulation over a fresh random permutation (docs/theory.md §5.1).
 
 Each sequence draws a uniform permutation pi of {0..V-1} and shows L (key, value) pairs with
 v = pi(k). At every key the model must predict the key's value. The exact posterior is closed form:

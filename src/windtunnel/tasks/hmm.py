@@ -1,8 +1,9 @@
-"""HMM filtering: accumulation and transport through a fresh HMM read from the prompt (SPEC §5.2).
+"""HMM filtering: accumulation and transport through a fresh HMM read from the prompt (docs/theory.md §5.2).
 
 Each sequence gets a fresh hidden Markov model on a 0.01 grid, written into the prompt as a token
 header, followed by its observations. At every observation the model must report the filtered state
-posterior p(s_t | o_1:t), computed exactly by the shared log-space forward filter.
+posterior p(s_t | o_1:t), computed exactly by the shared forward filter (the HMM wind tunnel of
+arXiv 2512.22471).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from windtunnel._checks import (
     must,
 )
 from windtunnel.tasks.base import Batch
-from windtunnel.tasks.filtering import _probability_filter, entropy_bits, forward_filter
+from windtunnel.tasks.filtering import (
+    _min_positive,
+    _probability_filter,
+    entropy_bits,
+    forward_filter,
+)
 
 __all__ = [
     "HMMBatch",
@@ -48,7 +54,7 @@ class HMMPosterior:
         predicted_probs: p(s_t | o_1:t-1), float64 [batch, n_steps, n_states]; uniform at t = 1
             (no transition before o_1).
         next_state_probs: p(s_t+1 | o_1:t) = filtered_t^T T, float64 [batch, n_steps, n_states]
-            (SPEC §5.2's "predicted belief").
+            (docs/theory.md §5.2's "predicted belief").
     """
 
     filtered_probs: torch.Tensor
@@ -394,9 +400,11 @@ def hmm_posterior(
     grid units; rows sum to ``units``), observations long [batch, n_steps] in 0..O-1.
 
     The grid probabilities need no logs: the recursion runs in probability space (the filter
-    module's ``_probability_filter``, one pass for all three beliefs). Where some belief would
-    fall below the smallest normal float64 (zero cents, say), it runs in log space instead
-    (:func:`forward_filter`); both agree with path enumeration to rounding.
+    module's ``_probability_filter``, one pass for all three beliefs, block by block over the
+    batch), zero cents included: a zero probability is exact there. Only where some positive
+    belief would fall below the smallest normal float64 (2.2e-308, far beyond what grid HMMs of
+    moderate length reach) does it run in log space instead (:func:`forward_filter`); both agree
+    with path enumeration to rounding.
 
     Returns:
         An :class:`HMMPosterior` with float64 [batch, n_steps, S] tensors. They are permuted views
@@ -409,20 +417,29 @@ def hmm_posterior(
     _check_hmm("hmm_posterior", transition_cents, emission_cents, observations)
     batch, n_states = transition_cents.shape[:2]
     n_steps = observations.shape[-1]
-    trans_probs = transition_cents.to(torch.float64) / units  # [batch, S, S]
-    emit_probs = emission_cents.to(torch.float64) / units  # [batch, S, O]
-    # Time-major, batch-last layouts for the recursion. p(o_t | s) for every t: gather the
-    # observed column of E, lik[t, s, b] = E[b, s, o_bt], [n_steps, S, batch].
-    index = observations.T.unsqueeze(1).expand(n_steps, n_states, batch)
-    lik = emit_probs.permute(2, 1, 0).gather(0, index)
+    # Time-major, batch-last layouts for the recursion, which reads its blocks of sequences from
+    # these views as it goes: T as [from, to, batch], E as [symbol, state, batch], and
+    # lik[t, s, b] = E[b, s, o_bt] / units, [n_steps, S, batch], gathered block by block.
+    lik = torch.empty(n_steps, n_states, batch, dtype=torch.float64, device=observations.device)
+    if transition_cents.is_floating_point() or emission_cents.is_floating_point():
+        smallest = min(_min_positive(transition_cents), _min_positive(emission_cents)) / units
+    else:  # integer cents: the smallest positive one is at least 1 (negative ones are declined)
+        lowest = min(transition_cents.min().item(), emission_cents.min().item())
+        smallest = 1 / units if lowest >= 0 else -1.0
     result = _probability_filter(
-        torch.tensor(1.0 / n_states, dtype=torch.float64, device=trans_probs.device),
-        trans_probs.permute(1, 2, 0).contiguous(),  # [from, to, batch]
+        torch.tensor(1.0 / n_states, dtype=torch.float64, device=lik.device),
+        transition_cents.permute(1, 2, 0),
         lik,
         n_predicted=n_steps + 1,
         with_norms=False,
+        min_factor=smallest,
+        emission=emission_cents.permute(2, 1, 0),
+        observations=observations.T,
+        divisor=units,
     )
-    if result is None:  # zero or extreme probabilities: the exact log-space recursion
+    if result is None:  # beliefs below the smallest normal float64: the exact log-space recursion
+        trans_probs = transition_cents.to(torch.float64) / units  # [batch, S, S]
+        emit_probs = emission_cents.to(torch.float64) / units  # [batch, S, O]
         return _log_space_posterior(trans_probs, emit_probs, observations)
     # [n_steps (+ 1), S, batch] -> [batch, n_steps, S], permuted views. Row t + 1 of the
     # predicted beliefs, filtered_t @ T, is both predicted_{t+1} and next_state_t.
@@ -532,7 +549,7 @@ def windowed_posterior(
 
 
 def quantise_rows(probs: torch.Tensor, *, floor: float = 0.05, grid: float = 0.01) -> torch.Tensor:
-    """Quantise probability rows to integer grid units that sum exactly to 1/grid (SPEC §5.2).
+    """Quantise probability rows to integer grid units that sum exactly to 1/grid (docs/theory.md §5.2).
 
     Rule: u = round(p / grid); raise entries below floor/grid to floor/grid; then, while a row sums
     to less than 1/grid add 1 to its smallest entry, and while it sums to more subtract 1 from its

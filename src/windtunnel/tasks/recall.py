@@ -1,4 +1,4 @@
-"""Associative recall: random-access binding of distinct keys to distinct values (SPEC §5.3).
+"""Associative recall: random-access binding of distinct keys to distinct values (docs/theory.md §5.3).
 
 The prompt stores N (key, value) pairs, then asks for the values of M stored keys after filler.
 The posterior at a query is a delta on the stored value, so the metric that matters is accuracy.

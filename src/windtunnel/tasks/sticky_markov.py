@@ -1,4 +1,4 @@
-"""The sticky Markov chain of Paper II (SPEC §4.1, §4.3): sampling and the exact Bayes predictor.
+"""The sticky Markov chain of Paper II (docs/theory.md §4.1, §4.3): sampling and the exact Bayes predictor.
 
 A chain y_0 .. y_{T-1} over ``n_symbols`` symbols with circulant transitions is observed through
 noisy embeddings x_t = mu_{y_{t-1}} + eps_t (t = 1 .. T-1); the label at input t is y_t. The exact
@@ -246,7 +246,7 @@ class StickyBatch:
 
 @dataclass(frozen=True, kw_only=True)
 class StickyMarkov:
-    """Sticky Markov chain with Gaussian-embedded observations (SPEC §4.1).
+    """Sticky Markov chain with Gaussian-embedded observations (docs/theory.md §4.1).
 
     Attributes:
         n_symbols: alphabet size n (8 in the paper).
@@ -320,7 +320,7 @@ class StickyMarkov:
         """H_min = H(Y_t | Y_{t-1}) = -sum_i pi_i sum_j P_ij ln P_ij, nats (1.8292 at the defaults).
 
         The authors average the row entropies, which equals this because pi is uniform. It is a
-        lower bound on the Bayes risk, not the Bayes risk itself (SPEC §4.3).
+        lower bound on the Bayes risk, not the Bayes risk itself (docs/theory.md §4.3).
         """
         p = self.transition
         row_entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
