@@ -14,8 +14,9 @@ drops the log rows written after it, so each step is logged once) and starts the
 that raises (a non-finite loss, a run that does not fit) is recorded as failed in
 SWEEP_DIR/sweep.jsonl with its error and the others go on; a rerun leaves it failed unless asked
 to retry it. The driver logs in sweep.jsonl every segment it submits (the step it starts from)
-and every segment that ends (from step, to step), and rewrites summary.csv and summary.json
-(atomically) after each trial.
+and every segment that ends (from step, to step; a segment that finished while the driver was
+being killed is logged by the next run, marked "recovered"), and rewrites summary.csv and
+summary.json (atomically) after each trial.
 
 Backends. ``local``: a pool of spawned worker processes, each trial with a fixed number of torch
 threads, so that workers x threads <= the cores; workers die with the driver (a killed driver
@@ -530,6 +531,13 @@ def run_sweep(
         todo, counts = [], {"finished": 0, "failed": 0}
         for trial in spec["trials"]:
             state = trial_status(sweep, trial, events)
+            mine = [e for e in events if e.get("trial") == trial["name"]]
+            if state["status"] == "finished" and not any(e.get("event") == "finished" for e in mine):
+                # it finished training, but the driver died before logging it: log it now, as the
+                # segment submitted last (from its step to the end)
+                submitted = [e for e in mine if e.get("event") == "submitted"]
+                sweep.log_event({"event": "finished", "trial": trial["name"], "from_step": submitted[-1]["from_step"] if submitted else None,
+                                 "to_step": state["step"], "wall_s": state["wall_s"], "recovered": True, "time": time.time()})
             if state["status"] == "finished" or (state["status"] == "failed" and not retry_failed):
                 counts[state["status"]] += 1
                 continue
