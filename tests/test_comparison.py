@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from windtunnel.comparison import steps_to_threshold, summarize_arms
+from windtunnel.comparison import seed_statistics, steps_to_threshold, summarize_arms
 
 
 def test_steps_to_threshold_by_hand():
@@ -53,3 +53,34 @@ def test_summary_of_two_hand_made_seeds():
     assert out["sgd"]["ttest_p_vs_sgd"] is None and out["sgd"]["steps_to_sgd_mean_final"] == 3.0
     no_baseline = summarize_arms(per_seed, ["fast"], n_steps=4, h_min_nats=1.5)
     assert "speedup_vs_sgd" not in no_baseline["fast"]
+
+
+def test_seed_statistics_by_hand():
+    # 1, 2, 3: mean 2, sample std 1; with 2 degrees of freedom the t quantile has the closed form
+    # (2q - 1) / sqrt(2 q (1 - q)), q = 0.975 (about 4.3027); the interval is 2 ± t / sqrt(3)
+    out = seed_statistics([1.0, 2.0, 3.0])
+    half = (2 * 0.975 - 1) / (2 * 0.975 * 0.025) ** 0.5 / 3**0.5
+    assert out["mean"] == 2.0 and out["std"] == 1.0 and out["n"] == 3
+    assert out["ci_low"] == pytest.approx(2.0 - half, rel=1e-12) and out["ci_high"] == pytest.approx(2.0 + half, rel=1e-12)
+    assert seed_statistics([1.0, 2.0, 3.0], ddof=0)["std"] == pytest.approx((2 / 3) ** 0.5)  # the em-vs-sgd convention
+    assert seed_statistics([1.0, 2.0, 3.0], confidence=0.5)["ci_high"] < out["ci_high"]
+    assert seed_statistics([0.5]) == {"mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "n": 1}
+    assert seed_statistics([0.5, 0.5])["ci_low"] == seed_statistics([0.5, 0.5])["ci_high"] == 0.5
+
+
+@pytest.mark.parametrize("values, kwargs, match", [([], {}, "no values"), ([1.0, float("nan")], {}, "finite"),
+                                                    ([1.0, 2.0], {"confidence": 1.0}, "confidence")])
+def test_seed_statistics_refuses(values, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        seed_statistics(values, **kwargs)
+
+
+def test_summarize_arms_reports_the_shared_statistics():
+    per_seed = [
+        _record(1.8, {"sgd": (2.0, [2.2, 2.0])}),
+        _record(1.9, {"sgd": (2.2, [2.4, 2.2])}),
+    ]
+    out = summarize_arms(per_seed, ["sgd"], n_steps=2, h_min_nats=1.5)["sgd"]
+    stats = seed_statistics([2.0, 2.2], ddof=0)
+    assert (out["final_loss_mean"], out["final_loss_std"]) == (stats["mean"], stats["std"])
+    assert (out["final_loss_ci95_low"], out["final_loss_ci95_high"]) == (stats["ci_low"], stats["ci_high"])

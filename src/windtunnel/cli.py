@@ -462,6 +462,84 @@ def upgrade_command(run_dir):
     click.echo(f"upgraded {len(upgraded)} of {len(paths)} checkpoint files in {run_dir}; the others were already verified")
 
 
+@main.command("sweep")
+@click.argument("task", type=click.Choice(["bijection", "hmm", "recall"]))
+@click.option("--model", "model_name", default="transformer", show_default=True,
+              type=click.Choice(["transformer", "mlp", "lstm", "hf"]), help="The model of every trial (as for train).")
+@click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
+              help="The recipe every trial starts from (as for train).")
+@click.option("--seeds", required=True, metavar="SEEDS",
+              help="train.seed of the trials: a range and/or a list, e.g. 0-4 or 0,3,7; every grid point runs every seed.")
+@click.option("--grid", "grid", multiple=True, metavar="SECTION.FIELD=V1,V2",
+              help="A key and its values, e.g. --grid train.lr=1e-3,3e-4 (repeatable; the trials are every combination).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="An override common to every trial, as for train (repeatable).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps of every trial.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The sweep directory: sweep.json, runs/<trial>/, summary.csv, summary.json. Rerunning the same "
+                   "command continues it: finished trials are skipped, killed ones resume from their checkpoints.")
+@click.option("--backend", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: worker processes on this machine; ray: Ray Tune on a local Ray instance or on --address "
+                   "(needs pip install 'windtunnel[ray]').")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Trials at once [default: local: cores // --threads (GPUs / --gpus-per-trial with GPUs); "
+                   "ray: as the cluster allows].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per trial (a Ray trial asks for this many CPUs) [default: local: cores // workers; ray: 1].")
+@click.option("--address", default=None, help="Ray cluster to join ('auto' or HOST:PORT; --backend ray); the sweep "
+              "directory must be on a file system every node sees.")
+@click.option("--gpus-per-trial", "gpus_per_trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPU share of each trial, e.g. 0.25 trains four trials side by side on one GPU; 0 trains on the CPU.")
+@click.option("--retry-failed", is_flag=True, help="Resume the trials a previous run recorded as failed, too.")
+def sweep_command(task, model_name, preset, seeds, grid, overrides, steps, out, backend, workers, threads, address,
+                  gpus_per_trial, retry_failed):
+    """Train a grid of settings over several seeds; each trial is an ordinary run directory.
+
+    Every trial's config is checked before anything starts. A failing trial is recorded as failed
+    (with its error) and the others go on; the command then exits with status 1. Writes
+    OUT/summary.csv (one row per trial) and OUT/summary.json (per grid point: mean, standard
+    deviation, 95 % interval over seeds, n); `windtunnel compare OUT` prints and draws them.
+    """
+    _check_out(out)
+    from windtunnel.experiments.sweep import compare_sweeps, parse_grid, parse_seeds, plan_sweep, run_sweep
+
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix("--seeds ").removeprefix("--seeds: "), param_hint="'--seeds'") from None
+    if address is not None and backend != "ray":
+        raise click.UsageError("--address names a Ray cluster; add --backend ray.")
+    spec = plan_sweep(task, model_name, preset, seed_list, parse_grid(grid), overrides, steps)
+    summary = run_sweep(spec, out, backend=backend, workers=workers, threads=threads, gpus_per_trial=gpus_per_trial,
+                        address=address, retry_failed=retry_failed, echo=click.echo)
+    if summary["metrics"]:
+        click.echo(compare_sweeps([out], metric="entropy_mae_bits" if "entropy_mae_bits" in summary["metrics"] else summary["metrics"][0])["text"])
+    counts = summary["counts"]
+    click.echo(f"wrote {out}/summary.csv and summary.json: {counts['finished']} finished, {counts['failed']} failed, "
+               f"{counts['partial'] + counts['pending']} not finished")
+    if counts["failed"]:
+        raise click.ClickException(f"{counts['failed']} of {len(summary['trials'])} trials failed; their errors are in "
+                                   f"{out}/summary.csv (rerun with --retry-failed to resume them).")
+
+
+@main.command("compare")
+@click.argument("sweep_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--metric", default="entropy_mae_bits", show_default=True,
+              help="The final metric to compare (a column of summary.csv, e.g. kl_bits, accuracy, eval_len50.entropy_mae_bits).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="The figure [default: FIRST_SWEEP_DIR/compare.png].")
+def compare_command(sweep_dirs, metric, out):
+    """Print and draw sweeps side by side: a metric's mean and 95 % interval over seeds per grid point."""
+    from windtunnel.experiments.sweep import compare_sweeps
+    from windtunnel.runs import SweepDir
+
+    out = out or str(SweepDir(sweep_dirs[0]).figure_path)
+    _check_out(out, "--out", is_file=True)
+    result = compare_sweeps(sweep_dirs, metric=metric, figure=out)
+    click.echo(result["text"])
+    click.echo(f"wrote {result['figure']}")
+
+
 @main.group()
 def reproduce() -> None:
     """Reproduce a paper experiment and write results, figures and a report."""

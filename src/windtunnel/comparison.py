@@ -1,8 +1,11 @@
-"""Comparing optimiser arms over seeds (docs/theory.md §4.2): summaries, steps-to-threshold, paired t-tests.
+"""Statistics over seeds: one summary (:func:`seed_statistics`) shared by ``reproduce em-vs-sgd``
+and ``windtunnel sweep``; comparing optimiser arms over seeds (docs/theory.md §4.2):
+steps-to-threshold and paired t-tests.
 
-Works on plain per-seed records (the ``per_seed`` list of an em-vs-sgd ``results.json``), so a
-comparison can be recomputed from a run directory. Standard deviations use ddof = 0, as the
-reference does (``np.std``).
+:func:`summarize_arms` works on plain per-seed records (the ``per_seed`` list of an em-vs-sgd
+``results.json``), so a comparison can be recomputed from a run directory; its standard
+deviations use ddof = 0, as the reference does (``np.std``). Sweeps report the sample standard
+deviation (ddof = 1). Either way the 95 % interval is Student's t interval of the mean.
 """
 
 from __future__ import annotations
@@ -13,7 +16,46 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.stats
 
-__all__ = ["steps_to_threshold", "summarize_arms"]
+__all__ = ["seed_statistics", "steps_to_threshold", "summarize_arms"]
+
+
+def seed_statistics(values: Sequence[float] | np.ndarray, *, ddof: int = 1, confidence: float = 0.95) -> dict[str, float | int | None]:
+    """Mean, standard deviation and a confidence interval of one quantity over seeds.
+
+    With n values, mean m and sample standard deviation s (ddof = 1), the interval is Student's t
+    interval of the mean, m ± t_{(1+confidence)/2, n-1} · s / sqrt(n); it needs n >= 2 (None for
+    one value). ``std`` is reported with ``ddof`` (1: the sample standard deviation; 0: the
+    population one, as ``reproduce em-vs-sgd`` reports it after the reference); the interval
+    always uses ddof = 1.
+
+    Args:
+        values: one number per seed, shape [n]; NaN values are not allowed.
+        ddof: delta degrees of freedom of the reported ``std``.
+        confidence: coverage of the interval, in (0, 1).
+
+    Returns:
+        {"mean", "std", "ci_low", "ci_high", "n"}; ``std`` is None when n <= ddof, the interval
+        None when n < 2 (and both ends equal the mean when every value is the same).
+
+    Raises:
+        ValueError: for no values, a non-finite value, or ``confidence`` outside (0, 1).
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("seed_statistics: no values.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"seed_statistics: every value must be finite; got {x.tolist()}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"seed_statistics: confidence must lie in (0, 1); got {confidence!r}.")
+    n = int(x.size)
+    mean = float(x.mean())
+    std = float(x.std(ddof=ddof)) if n > ddof else None
+    if n < 2:
+        low = high = None
+    else:
+        half = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return {"mean": mean, "std": std, "ci_low": low, "ci_high": high, "n": n}
 
 
 def steps_to_threshold(losses: Sequence[float] | np.ndarray, threshold: float) -> int:
@@ -34,7 +76,8 @@ def summarize_arms(
     h_min_nats: float,
     baseline: str = "sgd",
 ) -> dict[str, dict]:
-    """Mean ± std of each arm's final metrics over seeds, and its speed against ``baseline``.
+    """Mean ± std of each arm's final metrics over seeds (:func:`seed_statistics`, ddof = 0), the
+    95 % interval of its final loss, and its speed against ``baseline``.
 
     Each record holds ``bayes.train.loss_nats``, ``arms[name][split][metric]`` for split in
     (train, heldout) and metric in (loss_nats, entropy_nats, accuracy), and ``curves[name]``, the
@@ -62,17 +105,27 @@ def summarize_arms(
         final, entropy = column(name, "train", "loss_nats"), column(name, "train", "entropy_nats")
         accuracy = column(name, "train", "accuracy")
         curves = np.array([s["curves"][name] for s in per_seed])
+        stats = {
+            "final_loss": seed_statistics(final, ddof=0),
+            "final_entropy": seed_statistics(entropy, ddof=0),
+            "final_accuracy": seed_statistics(accuracy, ddof=0),
+            "heldout_loss": seed_statistics(column(name, "heldout", "loss_nats"), ddof=0),
+            "heldout_entropy": seed_statistics(column(name, "heldout", "entropy_nats"), ddof=0),
+            "heldout_accuracy": seed_statistics(column(name, "heldout", "accuracy"), ddof=0),
+        }
         summary = {
-            "final_loss_mean": final.mean(),
-            "final_loss_std": final.std(),
-            "final_entropy_mean": entropy.mean(),
-            "final_entropy_std": entropy.std(),
-            "final_accuracy_mean": accuracy.mean(),
-            "final_accuracy_std": accuracy.std(),
-            "heldout_loss_mean": column(name, "heldout", "loss_nats").mean(),
-            "heldout_loss_std": column(name, "heldout", "loss_nats").std(),
-            "heldout_entropy_mean": column(name, "heldout", "entropy_nats").mean(),
-            "heldout_accuracy_mean": column(name, "heldout", "accuracy").mean(),
+            "final_loss_mean": stats["final_loss"]["mean"],
+            "final_loss_std": stats["final_loss"]["std"],
+            "final_loss_ci95_low": stats["final_loss"]["ci_low"],
+            "final_loss_ci95_high": stats["final_loss"]["ci_high"],
+            "final_entropy_mean": stats["final_entropy"]["mean"],
+            "final_entropy_std": stats["final_entropy"]["std"],
+            "final_accuracy_mean": stats["final_accuracy"]["mean"],
+            "final_accuracy_std": stats["final_accuracy"]["std"],
+            "heldout_loss_mean": stats["heldout_loss"]["mean"],
+            "heldout_loss_std": stats["heldout_loss"]["std"],
+            "heldout_entropy_mean": stats["heldout_entropy"]["mean"],
+            "heldout_accuracy_mean": stats["heldout_accuracy"]["mean"],
             "gap_to_bayes_nats_mean": (final - bayes).mean(),
             "gap_to_h_min_nats_mean": final.mean() - h_min_nats,
             "entropy_gap_to_h_min_nats_mean": entropy.mean() - h_min_nats,

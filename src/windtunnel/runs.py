@@ -15,6 +15,19 @@ Layout of a run directory::
                                      outputs of the analysis commands
     RUN_DIR/.lock                    held (flock) by the one process that trains the run
 
+A sweep directory (``windtunnel sweep``, :class:`SweepDir`) holds ordinary run directories, one
+per trial, under ``runs/``::
+
+    SWEEP_DIR/sweep.json             the sweep's spec: task, model, preset, grid, seeds, every trial
+    SWEEP_DIR/runs/NAME/             one run directory per trial, named by its grid values and seed
+    SWEEP_DIR/sweep.jsonl            events: each trained segment (from step, to step) and each failure
+    SWEEP_DIR/summary.csv            one row per trial: grid values, seed, status, final metrics, wall time
+    SWEEP_DIR/summary.json           per grid point: mean, std, 95 % interval over seeds, n
+    SWEEP_DIR/ray/                   Ray Tune's own records (the ray backend)
+    SWEEP_DIR/.lock                  held (flock) by the one process that drives the sweep
+
+:func:`load` reads a run or a sweep directory into a tidy pandas DataFrame.
+
 Every whole-file write goes to a temporary file in the same directory and is renamed into
 place, so a crash never leaves a half-written file; the trainer removes the temporary files a
 killed writer left behind. Appends to the JSONL logs write one line at a time; a reader skips a
@@ -32,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Collection, Iterable, Iterator
@@ -50,8 +64,10 @@ __all__ = [
     "CheckpointError",
     "RunDir",
     "RunLockedError",
+    "SweepDir",
     "append_jsonl",
     "checkpoint_digest",
+    "load",
     "load_checkpoint_file",
     "read_json",
     "read_jsonl",
@@ -521,6 +537,128 @@ class RunDir:
 
         tensors = {name: t.detach().to("cpu").clone().contiguous() for name, t in model_state.items()}
         return write_bytes_atomic(self.export_path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+class SweepDir:
+    """A sweep directory (see the module docstring for its layout): its paths, its trials' run
+    directories and the lock of the one process that drives it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock = RunDir(self.path)  # the same flock on SWEEP_DIR/.lock
+
+    @property
+    def spec_path(self) -> Path:
+        return self.path / "sweep.json"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.path / "runs"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "sweep.jsonl"
+
+    @property
+    def summary_csv_path(self) -> Path:
+        return self.path / "summary.csv"
+
+    @property
+    def summary_json_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def figure_path(self) -> Path:
+        """The figure of ``windtunnel compare`` with this sweep first."""
+        return self.path / "compare.png"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.path / "ray"
+
+    def run(self, name: str) -> RunDir:
+        """The run directory of trial ``name``."""
+        return RunDir(self.runs_dir / name)
+
+    def exists(self) -> bool:
+        """True when the directory holds a sweep.json."""
+        return self.spec_path.exists()
+
+    def read_spec(self) -> dict[str, Any]:
+        """sweep.json as a dict.
+
+        Raises:
+            ValueError: naming the file when the directory has none or it is not a sweep spec.
+        """
+        if not self.spec_path.exists():
+            raise ValueError(f"SweepDir: {self.path} is not a sweep directory (no sweep.json).")
+        spec = read_json(self.spec_path)
+        if not (isinstance(spec, dict) and isinstance(spec.get("trials"), list)):
+            raise ValueError(f"{self.spec_path}: not a windtunnel sweep spec (no list of trials).")
+        return spec
+
+    def write_spec(self, spec: dict[str, Any]) -> None:
+        write_json_atomic(self.spec_path, spec)
+
+    def log_event(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.events_path, [row])
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.events_path)
+
+    def lock(self) -> None:
+        """Take the sweep's lock (see :meth:`RunDir.lock`).
+
+        Raises:
+            RunLockedError: when another process drives this sweep.
+        """
+        self._lock.lock()
+
+    def unlock(self) -> None:
+        self._lock.unlock()
+
+
+def load(path: str | os.PathLike) -> Any:
+    """The metrics of a run directory or of a sweep directory as one tidy pandas DataFrame.
+
+    One row per logged value: columns ``run`` (the run directory's name; a sweep's trial name),
+    ``seed`` (train.seed), one column per grid key of a sweep (e.g. ``train.lr``, holding the
+    trial's value), then ``step``, ``split`` ("train", "eval", or "eval_lenN" for an extra
+    evaluation length), ``metric`` (e.g. ``entropy_mae_bits``, ``loss_nats``) and ``value``
+    (float; NaN where the log holds null). Rows come from each run's metrics.jsonl, in order;
+    a sweep's trials in the order of its spec (trials with no metrics yet add no rows).
+
+    Raises:
+        ValueError: when ``path`` is neither a run directory (config.json) nor a sweep
+            directory (sweep.json), or a file in it cannot be read.
+        ImportError: without pandas.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    sweep = SweepDir(path)
+    if sweep.exists():
+        spec = sweep.read_spec()
+        grid_keys = [str(k) for k in spec.get("grid_keys", [])]
+        runs = [(sweep.run(t["name"]), {k: t.get("grid", {}).get(k) for k in grid_keys}) for t in spec["trials"]]
+    elif RunDir(path).exists():
+        grid_keys, runs = [], [(RunDir(path), {})]
+    else:
+        raise ValueError(f"load: {path} is neither a run directory (config.json) nor a sweep directory (sweep.json).")
+    records = []
+    for run, grid in runs:
+        if not run.exists():
+            continue
+        seed = run.read_config().get("train", {}).get("seed")
+        for row in run.metrics():
+            step, split = row.get("step"), row.get("split")
+            for metric, value in row.items():
+                if metric in ("step", "split") or isinstance(value, (str, bool, list, dict)):
+                    continue
+                records.append((run.path.name, seed, *grid.values(), step, split, metric, math.nan if value is None else float(value)))
+    columns = ["run", "seed", *grid_keys, "step", "split", "metric", "value"]
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    return frame.astype({"value": "float64"})
 
 
 def upgrade_checkpoint_file(path: str | os.PathLike) -> bool:

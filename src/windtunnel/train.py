@@ -848,8 +848,17 @@ class Trainer:
             f"{what} at step {self.step} (loss {loss_value:.4g} nats, gradient norm {grad_norm:.4g}; {last}); {kept}; {hint}"
         )
 
-    def fit(self, *, stop_at: int | None = None, progress: bool = False) -> TrainResult:
+    def fit(
+        self,
+        *,
+        stop_at: int | None = None,
+        progress: bool = False,
+        on_eval: Callable[[int, dict[str, Calibration]], None] | None = None,
+    ) -> TrainResult:
         """Train from the current step to ``config.steps`` (or to ``stop_at``, then checkpoint).
+
+        ``on_eval(step, calibrations)``, when given, is called after each evaluation has been
+        logged, with {split: Calibration} (a sweep reports them to Ray Tune as the trial trains).
 
         The loss, the gradient norm and the weights after each optimizer step are checked every
         step; the first non-finite value stops the run. No checkpoint holds a non-finite value,
@@ -864,11 +873,11 @@ class Trainer:
         if self.run is not None:
             self.run.lock()
         try:
-            return self._fit(stop_at=stop_at, progress=progress)
+            return self._fit(stop_at=stop_at, progress=progress, on_eval=on_eval)
         finally:
             self.close()
 
-    def _fit(self, *, stop_at: int | None, progress: bool) -> TrainResult:
+    def _fit(self, *, stop_at: int | None, progress: bool, on_eval: Callable[[int, dict[str, Calibration]], None] | None = None) -> TrainResult:
         cfg = self.config
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         probe_steps = set(telemetry_steps(cfg.steps)) if self.probes or self.update_probe is not None else set()
@@ -934,6 +943,8 @@ class Trainer:
                     last_eval = self.evaluate()
                     for name, cal in last_eval.items():
                         self._log({"step": self.step, "split": name, **cal.scalars()})
+                    if on_eval is not None:
+                        on_eval(self.step, last_eval)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_value:.4f}", mae_bits=f"{float(last_eval['eval'].entropy_mae_bits):.4f}")
                 elif bar is not None and self.step % cfg.log_every == 0:

@@ -1,0 +1,300 @@
+"""``windtunnel sweep`` and ``compare`` on the local backend, and ``runs.load``: the grid checked
+before anything starts, failing trials recorded while the others finish, trials that are ordinary
+run directories, reruns that skip finished trials, and a driver killed with SIGKILL mid-way whose
+rerun completes the sweep with every step trained once (issue 16)."""
+
+import csv
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from windtunnel import runs
+from windtunnel.cli import main
+from windtunnel.comparison import seed_statistics
+from windtunnel.experiments.sweep import trial_status
+from windtunnel.runs import RunDir, SweepDir
+from windtunnel.train import Trainer, load_experiment
+
+TINY = ["--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_mlp=32",
+        "--set", "train.eval_size=20", "--set", "train.warmup_steps=2", "--set", "task.n_values=5", "--set", "task.n_pairs=4",
+        "--set", "train.batch_size=8", "--set", "train.checkpoint_every=5", "--set", "train.eval_every=10",
+        "--set", "train.log_every=1"]
+NAMES = ["train.lr=1e-3_seed=0", "train.lr=1e-3_seed=1", "train.lr=3e-3_seed=0", "train.lr=3e-3_seed=1"]
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def sweep_args(out, *extra):
+    return ["sweep", "bijection", "--out", out, "--steps", 20, "--workers", 2, "--threads", 1, *TINY, *extra]
+
+
+def one_line_error(result, code):
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("windtunnel sweep: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--seeds", "0-1", "--grid", "train.lrr=1e-3,3e-3"], "--grid train.lrr is not a field of TrainConfig; did you mean 'lr'?"),
+        (["--seeds", "0-1", "--grid", "train.lr=1e-3,-1"], "--grid train.lr=-1: TrainConfig.lr must be a number in (0.0, inf); got -1."),
+        (["--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3", "--grid", "train.position_shift=false,true"],
+         "--grid train.position_shift=true: ExperimentConfig: train.position_shift needs a task made of steps (the HMM)"),
+        (["--seeds", "0-1", "--grid", "model.n_heads=2,3"], "--grid model.n_heads is also given with --set model.n_heads"),
+        (["--seeds", "0-1", "--grid", "train.seed=1,2"], "give the seeds with --seeds"),
+        (["--seeds", "0-1", "--grid", "model.n_layers=1,2"], "--grid model.n_layers is also given with --set model.n_layers"),
+        (["--seeds", "0-1", "--grid", "train.lr=1e-3,1e-3"], "--grid train.lr repeats a value"),
+        (["--seeds", "0-1", "--grid", "train.lr"], "must look like section.field=v1,v2"),
+        (["--seeds", "1-0"], "the range 1-0 runs backwards"),
+        (["--seeds", "zero"], "must be seeds >= 0 and ranges like 0-4"),
+        (["--seeds", "0", "--address", "auto"], "--address names a Ray cluster"),
+    ],
+)
+def test_a_bad_grid_is_one_error_before_anything_is_written(tmp_path, extra, expected):
+    out = tmp_path / "sweep"
+    line = one_line_error(run_cli(sweep_args(out, *extra)), 2)
+    assert expected in line
+    assert not out.exists()
+
+
+def test_a_folder_that_is_not_a_sweep_is_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    line = one_line_error(run_cli(sweep_args(tmp_path, "--seeds", "0")), 2)
+    assert "is not empty and is not a sweep directory" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_failing_trial_is_recorded_while_the_others_finish(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli(sweep_args(out, "--seeds", "0", "--grid", "train.lr=1e-3,1e30"))
+    line = one_line_error(result, 1)
+    assert "1 of 2 trials failed" in line and "summary.csv" in line
+    rows = {r["trial"]: r for r in read_csv(out / "summary.csv")}
+    assert list(rows) == ["train.lr=1e-3_seed=0", "train.lr=1e30_seed=0"]
+    good, bad = rows["train.lr=1e-3_seed=0"], rows["train.lr=1e30_seed=0"]
+    assert good["status"] == "finished" and good["step"] == "20" and float(good["entropy_mae_bits"]) > 0 and not good["error"]
+    assert bad["status"] == "failed" and bad["error"].startswith("FloatingPointError: the loss is nan at step")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 1, "failed": 1, "partial": 0, "pending": 0}
+    assert [g["n_finished"] for g in summary["groups"]] == [1, 0]
+    # a rerun leaves the failed trial failed (and says so) unless --retry-failed
+    again = run_cli(sweep_args(out, "--seeds", "0", "--grid", "train.lr=1e-3,1e30"))
+    assert again.exit_code == 1 and "1 finished, 1 failed (rerun with --retry-failed to resume them), 0 to run" in again.output
+    retry = run_cli(sweep_args(out, "--seeds", "0", "--grid", "train.lr=1e-3,1e30", "--retry-failed"))
+    assert retry.exit_code == 1 and "1 to run" in retry.output and "[1/1] train.lr=1e30_seed=0: FAILED" in retry.output
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    """2 seeds x 2 learning rates, tiny bijection trials, on the local backend (2 workers x 1 thread)."""
+    out = tmp_path_factory.mktemp("sweeps") / "lr"
+    result = run_cli(sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3"))
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_local_sweep_trials_are_ordinary_finished_run_directories(local_sweep):
+    out, output = local_sweep
+    assert "local backend: 2 worker processes x 1 torch thread" in output
+    sweep = SweepDir(out)
+    spec = sweep.read_spec()
+    assert [t["name"] for t in spec["trials"]] == NAMES
+    assert sorted(p.name for p in sweep.runs_dir.iterdir()) == NAMES
+    for trial in spec["trials"]:
+        run = sweep.run(trial["name"])
+        experiment = load_experiment(run)
+        assert experiment.train.seed == trial["seed"] and experiment.train.lr == trial["grid"]["train.lr"]
+        assert run.load_checkpoint()["step"] == 20 and run.export_path.exists()
+    rows = read_csv(out / "summary.csv")
+    assert [r["trial"] for r in rows] == NAMES and {r["status"] for r in rows} == {"finished"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [g["grid"] for g in summary["groups"]] == [{"train.lr": 0.001}, {"train.lr": 0.003}]
+    for group, lr in zip(summary["groups"], ("0.001", "0.003")):
+        values = [float(r["kl_bits"]) for r in rows if r["train.lr"] == lr]
+        assert group["n_finished"] == 2 and group["seeds"] == [0, 1]
+        assert group["metrics"]["kl_bits"] == seed_statistics(values, ddof=1)
+        stats = group["metrics"]["entropy_mae_bits"]
+        assert stats["n"] == 2 and stats["ci_low"] < stats["mean"] < stats["ci_high"]
+
+
+def test_a_trial_is_the_run_that_train_makes(local_sweep, tmp_path):
+    """The same options through `windtunnel train` give the same metrics, row for row."""
+    out, _ = local_sweep
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sweep's workers
+    try:
+        result = run_cli(["train", "bijection", "--out", tmp_path / "run", "--steps", 20, "--seed", 1, *TINY, "--set", "train.lr=3e-3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(RunDir(tmp_path / "run").metrics()) == strip(SweepDir(out).run("train.lr=3e-3_seed=1").metrics())
+    assert run_cli(["eval", SweepDir(out).run("train.lr=3e-3_seed=1").path, "--n", 20]).exit_code == 0
+
+
+def test_a_rerun_skips_the_finished_trials(local_sweep):
+    out, _ = local_sweep
+    before = (out / "summary.csv").read_text()
+    events = SweepDir(out).events()
+    result = run_cli(sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3"))
+    assert result.exit_code == 0, result.output
+    assert "4 trials; 4 finished, 0 failed, 0 to run" in result.output
+    assert SweepDir(out).events() == events
+    assert (out / "summary.csv").read_text() == before
+
+
+def test_another_sweep_in_the_same_directory_is_refused(local_sweep):
+    out, _ = local_sweep
+    line = one_line_error(run_cli(sweep_args(out, "--seeds", "0-2", "--grid", "train.lr=1e-3,3e-3")), 2)
+    assert "holds another sweep (it differs in seeds, trials)" in line
+
+
+def test_runs_load_gives_a_tidy_frame(local_sweep):
+    out, _ = local_sweep
+    frame = runs.load(out)
+    assert list(frame.columns) == ["run", "seed", "train.lr", "step", "split", "metric", "value"]
+    assert list(frame["run"].unique()) == NAMES
+    one = frame[(frame["run"] == "train.lr=3e-3_seed=1") & (frame["split"] == "eval") & (frame["metric"] == "kl_bits")]
+    logged = [r for r in SweepDir(out).run("train.lr=3e-3_seed=1").metrics() if r["split"] == "eval"]
+    assert one["step"].tolist() == [10, 20] and one["value"].tolist() == [r["kl_bits"] for r in logged]
+    assert set(one["seed"]) == {1} and set(one["train.lr"]) == {0.003}
+    train = frame[(frame["split"] == "train") & (frame["metric"] == "loss_nats")]
+    assert train.groupby("run")["step"].apply(list).tolist() == [list(range(1, 21))] * 4
+    single = runs.load(SweepDir(out).run(NAMES[0]).path)
+    assert list(single.columns) == ["run", "seed", "step", "split", "metric", "value"] and set(single["run"]) == {NAMES[0]}
+    with pytest.raises(ValueError, match="neither a run directory"):
+        runs.load(out / "runs")
+
+
+def test_compare_prints_and_draws(local_sweep, tmp_path):
+    out, _ = local_sweep
+    figure = tmp_path / "kl.png"
+    result = run_cli(["compare", out, out, "--metric", "kl_bits", "--out", figure])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    stats = summary["groups"][0]["metrics"]["kl_bits"]
+    assert f"| {out} | train.lr=0.001 | 2 | {stats['mean']:.5g} | {stats['std']:.5g} |" in result.output
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    line = one_line_error_compare(run_cli(["compare", out, "--metric", "kl_bit"]))
+    assert "no sweep has the metric 'kl_bit'; did you mean 'kl_bits'?" in line
+
+
+def one_line_error_compare(result):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("windtunnel compare: error: ")
+    return lines[0]
+
+
+def _wait_unlocked(path, timeout_s=30.0):
+    """Wait until no process holds the run's lock (the killed driver's workers are gone)."""
+    deadline = time.monotonic() + timeout_s
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{path} is still locked {timeout_s} s after the driver died"
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+def test_sigkill_of_the_driver_then_a_rerun_completes_the_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    steps = 120
+    args = [sys.executable, "-m", "windtunnel", *map(str, sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3")), "--steps", str(steps),
+            "--set", "train.eval_every=100", "--set", "train.checkpoint_every=10"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2] / "src"), os.environ.get("PYTHONPATH")]))}
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    sweep = SweepDir(out)
+
+    def mid_way():
+        """A trial has finished and an unfinished one has a checkpoint past step 0."""
+        finished = {e["trial"] for e in sweep.events() if e.get("event") == "finished"}
+        partial = [n for n in NAMES if n not in finished and any(s > 0 for s, _ in sweep.run(n).checkpoints())]
+        return bool(finished) and bool(partial)
+
+    deadline = time.monotonic() + 300
+    try:
+        while not mid_way():
+            assert driver.poll() is None, driver.stdout.read().decode()
+            assert time.monotonic() < deadline, "the sweep did not get mid-way in 300 s"
+            time.sleep(0.05)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.stdout.close()
+    # finished on disk (the driver may have died between a trial's end and logging it)
+    finished_before = {t["name"] for t in sweep.read_spec()["trials"] if trial_status(sweep, t)["status"] == "finished"}
+    assert 0 < len(finished_before) < 4
+    for name in NAMES:
+        if sweep.run(name).path.exists():
+            _wait_unlocked(sweep.run(name).path)
+
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"4 trials; {len(finished_before)} finished, 0 failed, {4 - len(finished_before)} to run" in rerun.stdout
+    events = sweep.events()
+    resumed = []
+    for name in NAMES:
+        submitted = [e for e in events if e["trial"] == name and e["event"] == "submitted"]
+        finished = [e for e in events if e["trial"] == name and e["event"] == "finished"]
+        assert len(finished) == 1 and finished[0]["to_step"] == steps  # no trial finished twice
+        if name in finished_before:  # never submitted again
+            assert [e["from_step"] for e in submitted] == [0] and finished[0]["from_step"] == 0
+        else:  # submitted again from its checkpoint, and it continued from there
+            assert len(submitted) == 2 and submitted[0]["from_step"] == 0
+            assert finished[0]["from_step"] == submitted[1]["from_step"]
+            if submitted[1]["from_step"] > 0:
+                resumed.append(name)
+        # every step logged exactly once, in order
+        logged = [r["step"] for r in sweep.run(name).metrics() if r["split"] == "train"]
+        assert logged == list(range(1, steps + 1)), name
+    assert resumed, "no trial resumed from a checkpoint past step 0"
+    rows = read_csv(out / "summary.csv")
+    assert [r["trial"] for r in rows] == NAMES and {r["status"] for r in rows} == {"finished"}
+    # a resumed trial ends exactly where an uninterrupted run of it ends
+    name = resumed[0]
+    experiment = load_experiment(sweep.run(name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = Trainer(experiment).fit().calibration.scalars()
+    finally:
+        torch.set_num_threads(threads)
+    final = [r for r in sweep.run(name).metrics() if r["split"] == "eval" and r["step"] == steps]
+    assert len(final) == 1 and {k: final[0][k] for k in reference} == reference
+
+
+def test_the_ray_backend_without_ray_is_one_error_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` raises ImportError
+    out = tmp_path / "sweep"
+    line = one_line_error(run_cli(sweep_args(out, "--seeds", "0", "--backend", "ray")), 1)
+    assert line == "windtunnel sweep: error: the ray backend needs Ray Tune: pip install 'windtunnel[ray]'"
+    assert not out.exists()
