@@ -67,6 +67,7 @@ __all__ = [
     "SweepDir",
     "append_jsonl",
     "checkpoint_digest",
+    "json_ready",
     "load",
     "load_checkpoint_file",
     "read_json",
@@ -119,7 +120,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def _jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
-    return "".join(json.dumps(_finite(row)) + "\n" for row in rows)
+    return "".join(json.dumps(json_ready(row)) + "\n" for row in rows)
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
@@ -185,13 +186,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).") from None
 
 
-def _finite(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by None, through dicts, lists and
+    tuples (tuples become lists): what strict JSON can hold."""
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_ready(v) for v in obj]
     return obj
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 from windtunnel.comparison import seed_statistics
 from windtunnel.presets import apply_overrides, get_preset
-from windtunnel.runs import RunDir, SweepDir, write_text_atomic, write_json_atomic
+from windtunnel.runs import RunDir, SweepDir, json_ready, write_json_atomic, write_text_atomic
 from windtunnel.train import ExperimentConfig, Trainer, load_experiment
 
 __all__ = [
@@ -428,7 +428,7 @@ def write_summary(sweep: SweepDir, spec: dict[str, Any] | None = None) -> dict[s
         "trials": rows,
     }
     write_text_atomic(sweep.summary_csv_path, buffer.getvalue())
-    write_json_atomic(sweep.summary_json_path, _json_ready(summary))
+    write_json_atomic(sweep.summary_json_path, json_ready(summary))
     return summary
 
 
@@ -436,16 +436,6 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return "" if value is None else value
-
-
-def _json_ready(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    return obj
 
 
 # --- the driver -------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ value manifold of one model on one batch; and every published definition of the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from windtunnel.probes.frame import (
 )
 from windtunnel.probes.manifold import MANIFOLD_VARIANT_FUNCTIONS, manifold_summary
 from windtunnel.probes.states import GeometryStates, SiteStates, collect_geometry_states, collect_states
+from windtunnel.runs import json_ready
 from windtunnel.tasks import Batch
 
 __all__ = ["GEOMETRY_VARIANTS", "GeometrySnapshot", "GeometryVariant", "geometry_snapshot", "geometry_variants"]
@@ -200,14 +200,6 @@ focusing: quantity -> variant name -> :class:`GeometryVariant`, ours first. Each
 docstring says which paper figure, table or script it follows."""
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list):
-        return [_json_number(v) for v in value]
-    return value
-
-
 def geometry_variants(model: nn.Module, task: Any, batch: Batch, *, states: GeometryStates | None = None) -> dict[str, Any]:
     """Every variant of :data:`GEOMETRY_VARIANTS` on one recorded pass of ``model`` over ``batch``.
 
@@ -230,7 +222,7 @@ def geometry_variants(model: nn.Module, task: Any, batch: Batch, *, states: Geom
             entry = {"value": None, "unavailable": None, "description": variant.description, "source": variant.source,
                      "paper": variant.paper, "ours": variant.ours}
             try:
-                entry.update({k: _json_number(v) for k, v in variant.function(model, task, states).items()})
+                entry.update({k: json_ready(v) for k, v in variant.function(model, task, states).items()})
             except VariantUnavailable as reason:
                 entry["unavailable"] = str(reason)
             out[quantity][name] = entry
