@@ -296,7 +296,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
             click.echo(f"  block {i}:" + "".join(f"{c:>20}" for c in cells) + f"   (head {head})")
     geometry = report.get("geometry_variants")
     if geometry is not None:
-        from windtunnel.reports import geometry_variant_rows
+        from windtunnel.reports import geometry_variant_reasons, geometry_variant_rows
 
         if geometry.get("unavailable"):
             click.echo(f"geometry variants: none for this model ({geometry['unavailable']})")
@@ -304,7 +304,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
             click.echo(f"geometry under every published definition (first {geometry['n_sequences']} sequences; "
                        "docs/theory.md §8.1–§8.3): variant: this run [paper]")
             reasons: dict[str, list[str]] = {}  # one line per reason, not one per variant
-            for (quantity, name, value, paper, _, _), raw in zip(geometry_variant_rows(geometry), _variant_reasons(geometry)):
+            for (quantity, name, value, paper, _, _), raw in zip(geometry_variant_rows(geometry), geometry_variant_reasons(geometry)):
                 if raw is not None:
                     reasons.setdefault(raw, []).append(f"{quantity}, {name}" + (f" [paper: {paper}]" if paper != "—" else ""))
                     continue
@@ -313,15 +313,6 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
                 click.echo(f"  not measured ({reason.rstrip('.')}): " + "; ".join(names))
     figures = [report["paths"][k] for k in ("figure", "history_figure", "lag_figure") if k in report["paths"]]
     click.echo(f"wrote {report['paths']['json']} and {' and '.join(figures)}")
-
-
-def _variant_reasons(geometry: dict) -> list[str | None]:
-    """Per row of ``geometry_variant_rows`` (same order), why the variant was not measured, or None."""
-    return [
-        v.get("unavailable") or None
-        for variants in geometry.get("quantities", {}).values() if isinstance(variants, dict)
-        for v in variants.values() if isinstance(v, dict)
-    ]
 
 
 @main.command("memory")

@@ -5,7 +5,8 @@ from windtunnel.reports.html import (
     PAPER_NUMBERS,
     build_report,
     draw_lag_response,
+    geometry_variant_reasons,
     geometry_variant_rows,
 )
 
-__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "draw_lag_response", "geometry_variant_rows"]
+__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "draw_lag_response", "geometry_variant_reasons", "geometry_variant_rows"]

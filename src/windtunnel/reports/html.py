@@ -25,7 +25,7 @@ from typing import Any
 
 from windtunnel.runs import RunDir, read_jsonl, write_text_atomic
 
-__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "geometry_variant_rows"]
+__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "geometry_variant_reasons", "geometry_variant_rows"]
 
 # (quantity, paper value, source, how ours is read from the run) per task; docs/theory.md §10.
 PAPER_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
@@ -340,27 +340,37 @@ _QUANTITY_TEXT = {
 }
 
 
+def _variant_entries(geometry: dict[str, Any] | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(quantity, variant name, its dict) of eval.json's ``geometry_variants``, in file order;
+    anything that is not a dict is skipped."""
+    if not isinstance(geometry, dict) or not isinstance(geometry.get("quantities"), dict):
+        return []
+    return [
+        (quantity, name, v)
+        for quantity, variants in geometry["quantities"].items() if isinstance(variants, dict)
+        for name, v in variants.items() if isinstance(v, dict)
+    ]
+
+
 def geometry_variant_rows(geometry: dict[str, Any] | None) -> list[list[str]]:
     """eval.json's ``geometry_variants`` as table rows of plain text, one per variant, ours marked:
     [quantity, variant, this run, paper, definition, source] (:data:`GEOMETRY_VARIANT_HEADER`).
     `windtunnel eval` prints these rows and the report shows them, so both show the same numbers.
     A variant the run could not measure shows — and the reason; the paper column is — where no
     paper number belongs to the definition. Empty when there is nothing to show."""
-    if not isinstance(geometry, dict) or not isinstance(geometry.get("quantities"), dict):
-        return []
     rows = []
-    for quantity, variants in geometry["quantities"].items():
-        if not isinstance(variants, dict):
-            continue
-        for name, v in variants.items():
-            if not isinstance(v, dict):
-                continue
-            value = _text(v.get("value"))
-            if v.get("unavailable"):
-                value = f"— ({v['unavailable']})"
-            rows.append([_QUANTITY_TEXT.get(quantity, str(quantity)), f"{name} (ours)" if v.get("ours") else str(name), value,
-                         _text(v.get("paper")), _text(v.get("description")), _text(v.get("source"))])
+    for quantity, name, v in _variant_entries(geometry):
+        value = _text(v.get("value"))
+        if v.get("unavailable"):
+            value = f"— ({v['unavailable']})"
+        rows.append([_QUANTITY_TEXT.get(quantity, str(quantity)), f"{name} (ours)" if v.get("ours") else str(name), value,
+                     _text(v.get("paper")), _text(v.get("description")), _text(v.get("source"))])
     return rows
+
+
+def geometry_variant_reasons(geometry: dict[str, Any] | None) -> list[str | None]:
+    """Per row of :func:`geometry_variant_rows` (same order), why the variant was not measured, or None."""
+    return [v.get("unavailable") or None for _, _, v in _variant_entries(geometry)]
 
 
 def _geometry_variants_section(evaluation: dict[str, Any] | None) -> str:
