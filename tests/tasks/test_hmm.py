@@ -386,6 +386,18 @@ def test_quantise_errors():
         quantise_rows(torch.full((1, 25), 0.04))
 
 
+def _assert_filtered_as_enumerated(beliefs, transition, emission, observations):
+    """Sequence 0's filtered beliefs equal path enumeration at every step, to 1e-15."""
+    for t in range(1, len(observations) + 1):
+        expected = _path_marginal(transition, emission, observations[:t], t)
+        torch.testing.assert_close(
+            beliefs.filtered_probs[0, t - 1],
+            torch.tensor(expected, dtype=torch.float64),
+            rtol=0,
+            atol=1e-15,
+        )
+
+
 def test_zero_cents_stay_in_probability_space():
     # No transition enters state 1, so after the first step every belief in it is exactly 0.
     # Zero is exact in probability space: the recursion keeps it (issue 18) instead of
@@ -405,14 +417,7 @@ def test_zero_cents_stay_in_probability_space():
     exact = _log_space_posterior(args[0].double() / 100, args[1].double() / 100, args[2])
     for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
         torch.testing.assert_close(getattr(beliefs, name), getattr(exact, name), rtol=0, atol=1e-15)
-    for t in range(1, 5):
-        expected = _path_marginal(transition, emission, observations[:t], t)
-        torch.testing.assert_close(
-            beliefs.filtered_probs[0, t - 1],
-            torch.tensor(expected, dtype=torch.float64),
-            rtol=0,
-            atol=1e-15,
-        )
+    _assert_filtered_as_enumerated(beliefs, transition, emission, observations)
     assert torch.all(beliefs.next_state_probs[0, :, 1] == 0)
     assert torch.all(beliefs.filtered_probs[0, 1:, 1] == 0)
 
@@ -576,14 +581,7 @@ def test_beliefs_below_the_smallest_normal_float_fall_back_to_log_space():
     for name in ("filtered_probs", "predicted_probs", "next_state_probs"):
         assert torch.equal(getattr(beliefs, name), getattr(exact, name))
     assert beliefs.filtered_probs[0, 0, 0].item() == pytest.approx(2e-152, rel=1e-12)
-    for t in range(1, 5):
-        expected = _path_marginal(transition, emission, observations[:t], t)
-        torch.testing.assert_close(
-            beliefs.filtered_probs[0, t - 1],
-            torch.tensor(expected, dtype=torch.float64),
-            rtol=0,
-            atol=1e-15,
-        )
+    _assert_filtered_as_enumerated(beliefs, transition, emission, observations)
 
 
 def test_probability_filter_reads_likelihoods_from_the_emission_and_observations():
