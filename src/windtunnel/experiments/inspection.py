@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from windtunnel.geometry import attention_entropy, mean_abs_cosine, participation_ratio, random_abs_cosine
-from windtunnel.hooks import eval_mode
 from windtunnel.probes import RoutingLawStats, routing_law_stats_of_sites
-from windtunnel.probes._common import _device, _logits, _recorded_sites
+from windtunnel.probes._common import _device
+from windtunnel.probes.routing import recorded_backward
 from windtunnel.runs import write_json_atomic
 
 __all__ = ["Inspection", "inspect_model_dir", "inspect_tokens"]
@@ -130,18 +130,13 @@ def inspect_tokens(model: nn.Module, tokens: torch.Tensor) -> Inspection:
     tokens = tokens[None] if tokens.dim() == 1 else tokens
     if tokens.shape[1] < 3:
         raise ValueError(f"{owner}: the text must be at least 3 tokens long; got {tokens.shape[1]}.")
-    saved = [p.grad for p in model.parameters()]
     tokens = tokens.to(_device(model))
-    try:
-        with eval_mode(model), torch.enable_grad(), _recorded_sites(owner, model, grads=True) as recording:
-            logits = _logits(owner, model(tokens))
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-            loss.backward()
-    finally:
-        for p, g in zip(model.parameters(), saved):
-            p.grad = g
+    recording, loss_nats = recorded_backward(
+        owner, model, tokens,
+        lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()),
+    )
     sites = recording.sites
-    routing = routing_law_stats_of_sites(sites, loss_nats=float(loss.detach()))
+    routing = routing_law_stats_of_sites(sites, loss_nats=loss_nats)
     positions = torch.arange(1, tokens.shape[1], device=sites[0].pattern.device)
     entropy = attention_entropy([site.pattern.double() for site in sites], positions)
     key_cos, key_pr, key_norm = [], [], []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import nn
 from windtunnel.hooks import eval_mode
 from windtunnel.probes._common import LossFn, Row, _device, _logits, _recorded_sites, _require, _row
 from windtunnel.probes.calibration import site_loss_nats
-from windtunnel.sites import AttentionSite, check_law, model_gradient_errors, routing_law
+from windtunnel.sites import AttentionSite, SiteRecording, check_law, model_gradient_errors, routing_law
 from windtunnel.tasks import Batch
 
 __all__ = ["RoutingLawStats", "routing_law_stats", "routing_law_stats_of_sites"]
@@ -98,17 +98,33 @@ def routing_law_stats(model: nn.Module, task: Any, batch: Batch, *, loss_fn: Los
             (e.g. a TinyGPT with heads ablated, a fused attention kernel).
     """
     _require("routing_law_stats", model, "sites")
-    saved_grads = [p.grad for p in model.parameters()]
     device = _device(model)
+    recording, loss_nats = recorded_backward(
+        "routing_law_stats", model, batch.tokens.to(device), lambda logits: loss_fn(logits, batch.to(device), task)
+    )
+    return routing_law_stats_of_sites(recording.sites, loss_nats=loss_nats)
+
+
+def recorded_backward(
+    instrument: str, model: nn.Module, tokens: torch.Tensor, loss_of_logits: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[SiteRecording, float]:
+    """One forward pass of ``model`` on ``tokens`` in eval mode and one backward pass of
+    ``loss_of_logits(logits)``, recorded by :func:`windtunnel.sites.record_sites` (so every site
+    has its u); the model's parameter gradients are restored afterwards, so a probe does not
+    disturb training. Returns (the recording, the loss in nats).
+
+    Raises:
+        ValueError: naming ``instrument`` and the model class, as :func:`windtunnel.sites.record_sites`.
+    """
+    saved_grads = [p.grad for p in model.parameters()]
     try:
-        with eval_mode(model), torch.enable_grad(), _recorded_sites("routing_law_stats", model, grads=True) as recording:
-            logits = _logits("routing_law_stats", model(batch.tokens.to(device)))
-            loss = loss_fn(logits, batch.to(device), task)
+        with eval_mode(model), torch.enable_grad(), _recorded_sites(instrument, model, grads=True) as recording:
+            loss = loss_of_logits(_logits(instrument, model(tokens)))
             loss.backward()
     finally:
         for p, g in zip(model.parameters(), saved_grads):
             p.grad = g
-    return routing_law_stats_of_sites(recording.sites, loss_nats=float(loss.detach()))
+    return recording, float(loss.detach())
 
 
 def routing_law_stats_of_sites(recorded: Sequence[AttentionSite], *, loss_nats: float) -> RoutingLawStats:
