@@ -13,6 +13,7 @@ LAYERS = {
     "_checks": 0,
     "hooks": 1,
     "runs": 1,
+    "paper_numbers": 1,
     "dynamics": 2,
     "tasks": 2,
     "metrics": 2,

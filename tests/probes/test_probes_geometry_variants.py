@@ -10,7 +10,8 @@ import torch
 from windtunnel import probes
 from windtunnel.hooks import record
 from windtunnel.models import TinyGPT, TinyGPTConfig
-from windtunnel.reports import PAPER_NUMBERS
+from windtunnel.paper_numbers import paper_number
+from windtunnel.reports import paper_table_rows
 from windtunnel.tasks import Bijection, HMMFiltering
 
 TASK = Bijection(n_values=6, n_pairs=5)  # vocab 12, seq_len 9, value tokens 6..11
@@ -38,12 +39,13 @@ def test_registry_names_every_published_definition_with_one_ours_each():
         for v in quantity.values():
             assert v.function.__doc__ and ("arXiv" in v.function.__doc__ or "docs/theory.md §" in v.function.__doc__)
     # the numbers of the report's paper table (docs/theory.md §10), each beside the one definition it belongs to
-    table = {key: paper for _, paper, _, key in PAPER_NUMBERS["bijection"]}
-    for quantity, variant, number, key in (("key_orthogonality", "hypothesis_abs", "0.052 vs 0.082 random", "key_ortho"),
-                                           ("value_manifold_pc1_share", "value_positions_pre_final_norm_raw", "84–90 %", "pc1"),
-                                           ("focusing_ratio", "sites", "85–90 %", "focusing")):
-        assert number in table[key]
+    table = {number.key: reader for reader, number in paper_table_rows("bijection")}
+    for quantity, variant, number, key in (("key_orthogonality", "hypothesis_abs", "0.052 vs 0.082 random", "bijection.transformer.key_orthogonality"),
+                                           ("value_manifold_pc1_share", "value_positions_pre_final_norm_raw", "84–90 %", "bijection.transformer.value_manifold"),
+                                           ("focusing_ratio", "sites", "85–90 %", "bijection.transformer.focusing")):
+        assert key in table and number in paper_number(key).paper
         assert [name for name, v in variants[quantity].items() if v.paper and number in v.paper] == [variant]
+        assert paper_number(key).cited in variants[quantity][variant].paper  # the table's entry, source included
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from windtunnel.probes import (
     geometry_snapshot,
     manifold_projection,
 )
+from windtunnel.reports.figures import metric_label, plain_log_ticks
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.train import ExperimentConfig, load_experiment, seed_streams
 
@@ -201,11 +202,11 @@ def _figure(result: dict[str, Any], *, title: str) -> bytes:
     names = [m for m in (*FRAME_METRICS, "pc1_share", "spearman", "entropy_mae_bits") if m in metrics]
     for name in names:
         style = "-" if name in FRAME_METRICS else "--"
-        line = ax.plot(steps, _distance_to_final(metrics[name]), style, marker=".", label=name)[0]
+        line = ax.plot(steps, _distance_to_final(metrics[name]), style, marker=".", label=metric_label(name))[0]
         if settle.get(name) is not None:
             ax.axvline(max(settle[name], 0.5), color=line.get_color(), alpha=0.4, lw=1)
-    ax.set(xscale="log", xlabel="step (0 drawn at 0.5)", ylabel="|v − v_final| / max |v − v_final|",
-           title="frame (solid) vs precision (dashed); lines: settling steps")
+    ax.set(xscale="log", xlabel="step (0 drawn at 0.5)", ylabel="distance to the final value (1 = farthest)",
+           title="frame (solid) vs precision (dashed)\nvertical lines: settling steps")
     ax.legend(fontsize=7)
     mae = [math.nan if v is None else max(v, 1e-6) for v in metrics["entropy_mae_bits"]]
     ax_mae.plot(steps, mae, marker=".", color="k", label="entropy MAE (bits)")
@@ -215,8 +216,9 @@ def _figure(result: dict[str, Any], *, title: str) -> bytes:
     ax_mae.legend(fontsize=7)
     for a in (ax, ax_mae):
         a.grid(alpha=0.3)
+        plain_log_ticks(a)
     first = result["frame_settles_first"]
-    fig.suptitle(f"{title}: frame settles first = {first}")
+    fig.suptitle(f"{title}: the frame settles first: {'yes' if first else 'no' if first is not None else 'undetermined'}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()

@@ -15,6 +15,7 @@ from windtunnel.models import TinyGPT
 from windtunnel.probes import geometry_variants, hmm_lag_response
 from windtunnel.sites import unsupported
 from windtunnel.reports import draw_lag_response
+from windtunnel.reports.figures import plain_log_ticks
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic
 from windtunnel.tasks import HMMBatch, HMMFiltering, entropy_bits, windowed_posterior
 from windtunnel.train import ExperimentConfig, evaluate, load_experiment, step_position_ids
@@ -485,6 +486,8 @@ def _plot_memory(memory: dict[str, Any], path: Path, *, title: str) -> Path:
 
 
 def _save_png(fig: Any, path: Path) -> Path:
+    for ax in fig.axes:
+        plain_log_ticks(ax)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return write_bytes_atomic(path, buffer.getvalue())

@@ -18,29 +18,19 @@ import torch
 
 from windtunnel.experiments.evaluation import evaluate_run
 from windtunnel.metrics import trivial_floors
+from windtunnel.paper_numbers import paper_numbers
 from windtunnel.presets import PRESETS, apply_overrides, get_preset
 from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from windtunnel.train import Trainer, config_differences, flatten_config, load_experiment
 
-__all__ = ["PAPER", "reproduce"]
+__all__ = ["paper_rows", "reproduce"]
 
-# What the papers report (docs/theory.md §10), by task and model: (metric, value, source).
-PAPER: dict[str, dict[str, list[tuple[str, float, str]]]] = {
-    "bijection": {
-        "transformer": [("entropy MAE (bits)", 0.007, "authors' README; arXiv 2512.22471v3; authors' follow-up 0.0067"), ("entropy MAE (bits)", 3e-3, "arXiv 2512.22471v1")],
-        "lstm": [("entropy MAE (bits)", 0.009, "authors' README; arXiv 2512.22471v3 (authors' follow-up 0.009–0.018)")],
-        "mlp": [("entropy MAE (bits)", 1.107, "uniform floor, position-wise control (authors' follow-up); arXiv 2512.22471's 1.85 is a different model")],
-    },
-    "hmm": {
-        "transformer": [("entropy MAE (bits), K=20", 7.5e-5, "authors' README; arXiv 2512.22471v1"), ("mean MAE K=30", 0.012, "authors' README"), ("mean MAE K=50", 0.029, "authors' README")],
-        "lstm": [("entropy MAE (bits)", 0.411, "Paper I v3")],
-        "mlp": [("entropy MAE (bits)", 0.40, "Paper I v3")],
-    },
-    "recall": {
-        "transformer": [("accuracy", 1.0, "Paper I v3 (64 pairs)")],
-        "lstm": [("accuracy", 0.005, "Paper I v3 (64 pairs)")],
-    },
-}
+
+
+def paper_rows(task: str, model: str) -> list[tuple[str, float, str]]:
+    """(quantity, value, source) of every single-valued paper number of ``task`` and ``model``,
+    read from :data:`windtunnel.paper_numbers.PAPER_NUMBERS` (docs/theory.md §10)."""
+    return [(n.quantity, n.value, n.source) for n in paper_numbers(task, model) if n.value is not None]
 
 
 def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool) -> None:
@@ -88,7 +78,7 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
         metrics = RunDir(run_dir).metrics()
         wall_s = max((r.get("elapsed_s") or 0.0 for r in metrics if r.get("split") == "train"), default=None)
         n_params = sum(p.numel() for p in experiment.build_model(None).parameters())
-        rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report["summary"], "paper": PAPER.get(task, {}).get(model_name, [])})
+        rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report["summary"], "paper": paper_rows(task, model_name)})
     task_object = get_preset(task, chosen[0], preset).build_task()
     floors = trivial_floors(task_object, generator=torch.Generator().manual_seed(0))
     result = {"task": task, "preset": preset, "floors": vars(floors), "models": rows, "chance_accuracy": _chance_accuracy(task_object, floors)}

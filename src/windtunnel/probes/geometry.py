@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from windtunnel.geometry import KeyOrthogonality, ValueManifoldSummary, random_abs_cosine
+from windtunnel.paper_numbers import paper_number
 from windtunnel.probes._common import Row, VariantUnavailable, _require, _row, _supported
 from windtunnel.probes.focusing import (
     AttentionFocusing,
@@ -147,9 +148,14 @@ class GeometryVariant:
     ours: bool = False
 
 
+def _cited(*keys: str) -> str:
+    """The paper numbers ``keys`` of windtunnel.paper_numbers, each with its source, joined by '; '."""
+    return "; ".join(paper_number(key).cited for key in keys)
+
+
 _MANIFOLD_TEXT = {
     "sites_final_norm_zscored": ("final-norm residual at the prediction sites, z-scored", "ours, docs/theory.md §8.3",
-                                 "PC1 > 80 % with a strong entropy correlation (authors' REPRODUCE.md)", True),
+                                 _cited("bijection.transformer.value_manifold_target"), True),
     "sites_final_norm_raw": ("final-norm residual at the prediction sites, centred only", "the authors' Paper I analysis script, docs/theory.md §11.7", None, False),
     "sites_pre_final_norm_zscored": ("residual before the final norm at the sites, z-scored", "docs/theory.md §8.3 (alternative states)", None, False),
     "sites_pre_final_norm_raw": ("residual before the final norm at the sites, centred only", "docs/theory.md §8.3 (alternative states)", None, False),
@@ -158,9 +164,9 @@ _MANIFOLD_TEXT = {
     "value_positions_pre_final_norm_zscored": ("last block's output (before the final norm) at the value positions, z-scored", "docs/theory.md §8.3 (value positions)", None, False),
     "value_positions_pre_final_norm_raw": ("last block's output (before the final norm) at the value positions, centred only",
                                            "the authors' figure script of arXiv 2512.22471's final-layer manifold figure",
-                                           "PC1 84–90 %, PC1+PC2 88–95 % (arXiv 2512.23752, recalling arXiv 2512.22471)", False),
+                                           _cited("bijection.transformer.value_manifold"), False),
     "head_values_zscored": ("last layer's value vectors over heads at the sites, z-scored", "arXiv 2512.23752 (Paper III) recipe, docs/theory.md §9",
-                            "LLMs only: PC1+PC2 51–99.7 % (arXiv 2512.23752 Table 1)", False),
+                            "LLMs only: " + _cited("llm.llm.value_manifold"), False),
     "head_values_raw": ("last layer's value vectors over heads at the sites, centred only", "docs/theory.md §9 (unscaled)", None, False),
 }
 
@@ -168,7 +174,7 @@ GEOMETRY_VARIANTS: dict[str, dict[str, GeometryVariant]] = {
     "key_orthogonality": {
         "hypothesis_abs": GeometryVariant(
             key_ortho_hypothesis_abs, "mean |cos| of the hypothesis tokens' keys after the block's norm, layer 0",
-            "ours, docs/theory.md §8.1", "0.052 vs 0.082 random (arXiv 2512.22471v3); < 0.1 (authors' REPRODUCE.md)", ours=True),
+            "ours, docs/theory.md §8.1", _cited("bijection.transformer.key_orthogonality", "bijection.transformer.key_orthogonality_target"), ours=True),
         "vocabulary_signed": GeometryVariant(
             key_ortho_vocabulary_signed, "signed mean cos of the keys of every vocabulary id, raw embeddings, layer 0",
             "the authors' Paper I analysis script, docs/theory.md §11.7"),
@@ -178,7 +184,7 @@ GEOMETRY_VARIANTS: dict[str, dict[str, GeometryVariant]] = {
         "weight_columns_abs": GeometryVariant(
             key_ortho_weight_columns_abs, "mean |cos| of the columns of each head's W_K, layer 0",
             "arXiv 2512.23752 (Paper III), docs/theory.md §9",
-            "0.09–0.12 vs 0.40–0.45 at init (arXiv 2512.23752's recap); LLMs 0.034–0.18 (its Table 1)"),
+            _cited("bijection.transformer.weight_columns") + "; LLMs " + _cited("llm.llm.key_orthogonality")),
     },
     "value_manifold_pc1_share": {
         name: GeometryVariant(MANIFOLD_VARIANT_FUNCTIONS[name], *_MANIFOLD_TEXT[name][:3], ours=_MANIFOLD_TEXT[name][3])
@@ -187,10 +193,10 @@ GEOMETRY_VARIANTS: dict[str, dict[str, GeometryVariant]] = {
     "focusing_ratio": {
         "sites": GeometryVariant(
             focusing_sites, "attention-entropy reduction, first to last layer, at the prediction sites",
-            "ours, docs/theory.md §8.2", "85–90 % (arXiv 2512.23752, recalling arXiv 2512.22471)", ours=True),
+            "ours, docs/theory.md §8.2", _cited("bijection.transformer.focusing"), ours=True),
         "final_position": GeometryVariant(
             focusing_final_position, "the same at the final position only", "arXiv 2512.23752 (Paper III), docs/theory.md §9",
-            "LLMs only: 82 %, 86 %, 31 % (arXiv 2512.23752 Table 1)"),
+            "LLMs only: " + _cited("llm.llm.focusing")),
         "all_positions": GeometryVariant(
             focusing_all_positions, "the same over every query row with two or more keys", "docs/theory.md §9 (windtunnel inspect)"),
     },

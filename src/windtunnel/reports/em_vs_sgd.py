@@ -12,34 +12,13 @@ import json
 import math
 from pathlib import Path
 
+from windtunnel.paper_numbers import STICKY_REFERENCE
 from windtunnel.runs import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["PAPER", "render_em_vs_sgd", "write_em_vs_sgd_outputs"]
 
-#: Reference numbers (docs/theory.md §4.4, §10, §3.3): the authors' script rerun on CPU, 5 seeds x 1000 steps.
-PAPER = {
-    "sgd": {
-        "final_loss": (2.0310, 0.0214),
-        "final_entropy": (2.0612, 0.0161),
-        "final_accuracy": (0.202, 0.029),
-        "per_seed": [2.0647, 2.0037, 2.0166, 2.0256, 2.0443],
-    },
-    "two_timescale": {
-        "final_loss": (1.9319, 0.0258),
-        "final_entropy": (1.9525, 0.0343),
-        "final_accuracy": (0.264, 0.018),
-        "per_seed": [1.9802, 1.9113, 1.9088, 1.9254, 1.9339],
-        "steps_to_sgd_mean_final": (458, 164),
-        "speedup_vs_sgd": 2.2,
-        "steps_to_own_sgd_final_mean": 421,
-        "speedup_per_seed": 2.4,
-        "ttest_t": -20.6,
-    },
-    "em": {"final_loss": (1.9027, 0.0129), "final_accuracy": (0.292, None)},
-    "claims": "the authors' README: 'EM converges 2.3x faster'; their REPRODUCE.md: '430 vs 1000 steps'",
-    "h_min_nats": 1.8292,
-    "expected_bayes_loss_nats": 1.836,
-}
+PAPER = STICKY_REFERENCE
+"""The sticky-chain reference numbers (docs/theory.md §4.4, §10, §3.3), from windtunnel.paper_numbers."""
 
 
 def write_em_vs_sgd_outputs(results: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -185,7 +164,7 @@ def report_markdown(results: dict) -> str:
         "## Final metrics (training sequence; std over seeds, ddof = 0 as in the reference)",
         "",
         "'Reference rerun' columns: the authors' script rerun with its defaults on a 2-core CPU "
-        "(docs/theory.md §4.4); the authors report only the speed-up (their README: 2.3×; REPRODUCE.md: 430 vs 1000 steps).",
+        "(docs/theory.md §4.4); the authors report only the speed-up (" + PAPER["claims"] + ").",
         "",
         "| arm | final CE (nats) | reference rerun | entropy (nats) | reference rerun | accuracy | "
         "reference rerun | held-out CE | "

@@ -23,30 +23,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from windtunnel.paper_numbers import PaperNumber, paper_number
+from windtunnel.reports.figures import metric_label, note_if_empty, plain_log_ticks
 from windtunnel.runs import RunDir, read_jsonl, write_text_atomic
 
-__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "geometry_variant_reasons", "geometry_variant_rows"]
+__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_ROWS", "build_report", "geometry_variant_reasons", "geometry_variant_rows", "paper_table_rows"]
 
-# (quantity, paper value, source, how ours is read from the run) per task; docs/theory.md §10.
-PAPER_NUMBERS: dict[str, list[tuple[str, str, str, str]]] = {
+# The report's paper table: per task, (how ours is read from the run, the paper numbers of that row).
+# The numbers themselves live in windtunnel.paper_numbers, once (docs/theory.md §10).
+PAPER_ROWS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "bijection": [
-        ("entropy MAE (bits)", "0.007 (0.0067); 3e-3 (v1); 0.0008 format-B retrain", "authors' README; arXiv 2512.22471v3; authors' follow-up", "mae"),
-        ("layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random; < 0.1", "arXiv 2512.22471v3; authors' REPRODUCE.md", "key_ortho"),
-        ("value manifold PC1 share", "84–90 % (PC1+PC2 88–95 %)", "arXiv 2512.23752 (recap); authors' REPRODUCE.md", "pc1"),
-        ("attention focusing ratio", "85–90 %", "arXiv 2512.23752 (recap)", "focusing"),
-        ("bypass any single layer: MAE ratio", "> 10×", "arXiv 2512.22471v1; docs/theory.md §10 target 8", "bypass"),
-        ("frame settles before precision", "frame by steps 300–500; MAE improves > 10× after", "authors' follow-up (docs/theory.md §3.4)", "dissociation"),
+        ("mae", ("bijection.transformer.entropy_mae", "bijection.transformer.entropy_mae_v1", "bijection.transformer.entropy_mae_retrain")),
+        ("key_ortho", ("bijection.transformer.key_orthogonality", "bijection.transformer.key_orthogonality_target")),
+        ("pc1", ("bijection.transformer.value_manifold", "bijection.transformer.value_manifold_target")),
+        ("focusing", ("bijection.transformer.focusing",)),
+        ("bypass", ("bijection.transformer.bypass",)),
+        ("dissociation", ("bijection.transformer.dissociation",)),
     ],
     "hmm": [
-        ("entropy MAE, K = 20 (bits)", "7.5e-5", "authors' README; arXiv 2512.22471v1", "mae"),
-        ("entropy MAE, K = 30 / 50 (bits)", "0.012 / 0.029", "authors' README and REPRODUCE.md; arXiv 2512.22471v1", "mae_lengths"),
-        ("attention focusing ratio", "85–90 %", "arXiv 2512.23752 (recap)", "focusing"),
+        ("mae", ("hmm.transformer.entropy_mae",)),
+        ("mae_lengths", ("hmm.transformer.entropy_mae_k30", "hmm.transformer.entropy_mae_k50")),
+        ("focusing", ("hmm.transformer.focusing",)),
     ],
-    "recall": [("accuracy", "≈100 % (Transformer)", "arXiv 2512.22471v3", "accuracy")],
+    "recall": [("accuracy", ("recall.transformer.accuracy",))],
 }
 
 
+def paper_table_rows(task: str) -> list[tuple[str, PaperNumber]]:
+    """(how ours is read, paper number) for every row of the report's paper table of ``task``."""
+    return [(reader, paper_number(key)) for reader, keys in PAPER_ROWS.get(task, []) for key in keys]
+
+
 def _png(fig: Any) -> str:
+    for ax in fig.axes:
+        plain_log_ticks(ax)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return _img(buffer.getvalue())
@@ -131,7 +141,7 @@ def _figure(ncols: int, width: float = 11, height: float = 3.4) -> tuple[Any, An
     return fig, axes
 
 
-def _loss_section(metrics: list[dict[str, Any]]) -> str:
+def _loss_section(metrics: list[dict[str, Any]], train_config: dict[str, Any]) -> str:
     train = [(r["step"], r["loss_nats"]) for r in metrics if r.get("split") == "train" and r.get("loss_nats") is not None]
     evals = defaultdict(list)
     for r in metrics:
@@ -142,12 +152,18 @@ def _loss_section(metrics: list[dict[str, Any]]) -> str:
     fig, (ax_loss, ax_mae) = _figure(2)
     if train:
         ax_loss.plot(*zip(*train), lw=1)
-    ax_loss.set(xlabel="step", ylabel="nats", title="training loss at the sites")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats)", title="training loss at the prediction sites")
+    log_every, steps = train_config.get("log_every"), train_config.get("steps")
+    note_if_empty(ax_loss, bool(train), f"No training loss logged yet: the loss is logged every {_text(log_every)} steps "
+                  f"(train.log_every) and this run has {_text(steps)}." if log_every is not None else "No training loss logged.")
     for split, rows in evals.items():
-        ax_mae.semilogy([r["step"] for r in rows], [max(r["entropy_mae_bits"], 1e-7) for r in rows], marker=".", label=f"{split} entropy MAE")
-        ax_mae.semilogy([r["step"] for r in rows], [max(r["kl_bits"], 1e-7) for r in rows], ls="--", label=f"{split} KL")
+        name = "held-out" if split == "eval" else split.replace("eval_len", "length ")
+        ax_mae.semilogy([r["step"] for r in rows], [max(r["entropy_mae_bits"], 1e-7) for r in rows], marker=".", label=f"{name}: entropy MAE")
+        ax_mae.semilogy([r["step"] for r in rows], [max(r["kl_bits"], 1e-7) for r in rows], ls="--", marker=".", label=f"{name}: KL")
     ax_mae.set(xlabel="step", ylabel="bits", title="held-out calibration")
-    ax_mae.legend(fontsize=7)
+    note_if_empty(ax_mae, bool(evals), f"No held-out evaluation yet (every {_text(train_config.get('eval_every'))} steps, train.eval_every).")
+    if evals:
+        ax_mae.legend(fontsize=7)
     return _png(fig)
 
 
@@ -161,7 +177,7 @@ def _calibration_section(evaluation: dict[str, Any] | None) -> str:
         ax_h.plot(sites, c["bayes_entropy_bits"], "--", color=line.get_color(), label=f"Bayes ({name})")
         ax_mae.semilogy(sites, [max(v, 1e-7) for v in c["entropy_mae_bits"]], marker=".", label=f"MAE ({name})")
         ax_mae.semilogy(sites, [max(v, 1e-7) for v in c["kl_bits"]], ls="--", label=f"KL ({name})")
-    ax_h.set(xlabel="prediction site", ylabel="bits", title="entropy per position: model vs Bayes")
+    ax_h.set(xlabel="prediction site", ylabel="entropy (bits)", title="entropy per position: model vs Bayes")
     ax_mae.set(xlabel="prediction site", ylabel="bits", title="per-sample entropy MAE and KL")
     ax_h.legend(fontsize=7)
     ax_mae.legend(fontsize=7)
@@ -198,16 +214,16 @@ def _geometry_section(tel: _Telemetry) -> str:
     init = tel.last("key_ortho_init_abs_cos", 0)
     if init is not None:
         ax_ko.axhline(init, color="k", ls=":", label="layer 0 at init")
-    ax_ko.set(xscale="log", xlabel="step", ylabel="mean |cos|", title="key orthogonality")
+    ax_ko.set(xscale="log", xlabel="step (0 drawn at 0.5)", ylabel="mean |cos|", title="key orthogonality")
     for layer in tel.layers("attn_entropy_bits"):
         s = tel.get("attn_entropy_bits", layer)
         ax_ent.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=f"layer {layer}")
-    ax_ent.set(xscale="log", xlabel="step", ylabel="bits", title="attention entropy at the sites")
+    ax_ent.set(xscale="log", xlabel="step (0 drawn at 0.5)", ylabel="bits", title="attention entropy at the sites")
     for metric in ("manifold_pc1_share", "manifold_spearman", "manifold_probe_r2", "focusing_ratio"):
         s = tel.get(metric)
         if s:
-            ax_pc.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=metric)
-    ax_pc.set(xscale="log", xlabel="step", title="value manifold and focusing")
+            ax_pc.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=metric_label(metric))
+    ax_pc.set(xscale="log", xlabel="step (0 drawn at 0.5)", title="value manifold and focusing")
     for ax in (ax_ko, ax_ent, ax_pc):
         ax.legend(fontsize=7)
     rows = []
@@ -230,8 +246,10 @@ def _head_mean_panels(tel: _Telemetry, panels: Sequence[tuple[str, str]], *, wid
                         by_step[step].append(v)
             steps = sorted(by_step)
             ax.plot([max(s, 0.5) for s in steps], [sum(by_step[s]) / len(by_step[s]) for s in steps], marker=".", label=f"layer {layer}")
-        ax.set(xscale="log", xlabel="step", title=title)
-        ax.legend(fontsize=7)
+        ax.set(xscale="log", xlabel="step (0 drawn at 0.5)", title=title)
+        note_if_empty(ax, bool(tel.layers(metric)), "No rows in telemetry.jsonl.")
+        if tel.layers(metric):
+            ax.legend(fontsize=7)
     return fig
 
 
@@ -239,11 +257,12 @@ def _routing_section(tel: _Telemetry) -> str:
     metrics = ("advantage_abs_mean", "positive_advantage_mass", "d_scores_fro", "advantage_attention_cov")
     if not tel.layers("advantage_abs_mean"):
         return "<p>No routing-law telemetry.</p>"
-    fig = _head_mean_panels(tel, [(m, f"{m} (head mean)") for m in metrics])
+    fig = _head_mean_panels(tel, [(m, metric_label(m)) for m in metrics])
     worst = max((v for (m, _, _), s in tel.series.items() if m == "law_check_rel_error" for _, v in s), default=None)
     worst_model = max((v for (m, _, _), s in tel.series.items() if m == "law_model_grad_rel_error" for _, v in s), default=None)
     text = (f"<p>Exactness at every logged step: closed form vs autograd rebuild (float64), worst relative error "
-            f"{_fmt(worst)}; closed form vs the model's own backward at hook_q/k/v (float32), worst {_fmt(worst_model)}.</p>")
+            f"{_fmt(worst)}; closed form vs the model's own backward at the q, k and v hooks (float32), worst {_fmt(worst_model)}. "
+            "Below: the routing-law quantities of docs/theory.md §2.2, each the mean over a layer's heads, against the step.</p>")
     text += _png(fig)
     if tel.layers("value_update_pull_cosine_all"):  # runs from before the value-update probe have none
         text += ("<p>Value updates: on the training step at each logged step, the cosine between the optimiser's "
@@ -254,7 +273,7 @@ def _routing_section(tel: _Telemetry) -> str:
                  "and the head's own W<sub>V</sub> part are in telemetry.jsonl (<code>value_update_*</code>). Head means.</p>")
         fig = _head_mean_panels(tel, [
             ("value_update_pull_cosine_all", "cos(ΔV, −AᵀU), realised"),
-            ("value_update_gradient_pull_cosine_all", "cos(ΔV, −AᵀU), gradient step on W_V"),
+            ("value_update_gradient_pull_cosine_all", "cos(ΔV, −AᵀU), gradient step on $W_V$"),
             ("value_update_norm_ratio", "‖ΔV‖ ÷ (lr ‖AᵀU‖)"),
         ], width=11)
         fig.axes[2].set_yscale("log")
@@ -266,7 +285,7 @@ def _dissociation_section(run: Path, diss: dict[str, Any] | None) -> str:
     if diss is None:
         return "<p>No dissociation.json: run <code>windtunnel dissociation RUN_DIR</code>.</p>"
     png = run / "dissociation.png"
-    rows = [[name, step] for name, step in diss["settling_step"].items()]
+    rows = [[metric_label(name), step] for name, step in diss["settling_step"].items()]
     text = (f"<p>Checkpoints: {len(diss['steps'])} ({_fmt(diss['steps'][0])}…{_fmt(diss['steps'][-1])}). Frame settled by step "
             f"{_fmt(diss['frame_settled_by'])}; calibration by {_fmt(diss['precision_settled_by'])}; frame settles first: "
             f"<b>{_fmt(diss['frame_settles_first'])}</b>; MAE at frame settling ÷ final MAE: {_fmt(diss['mae_improvement_after_frame'])}.</p>")
@@ -304,14 +323,14 @@ def _memory_section(saved: Path, evaluation: dict[str, Any] | None, ablation: di
             steps = sorted(s for s in model if exact.get(s))
             ax.plot([max(s, 0.5) for s in steps], [model[s] / exact[s] for s in steps], marker=".", label=f"d = {d}")
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set(xscale="log", xlabel="step", ylabel="model move / exact move", title="memory over training (probe batch)")
+        ax.set(xscale="log", xlabel="step (0 drawn at 0.5)", ylabel="model move / exact move", title="memory over training (probe batch)")
         ax.legend(fontsize=7)
         text += ("<p>Left: at each probed step, how much the belief moves when the observation d steps back changes, "
                  "as a fraction of the exact filter's move (1 = the model hears that lag at full weight).</p>")
     if lag is not None:
         ax = axes[int(bool(probe_lags))]
         draw_lag_response(ax, lag)
-        ax.set(xlabel="lag d (observation o_{t-d} changed)", title="how the belief moves, by lag")
+        ax.set(xlabel="lag d (observation $o_{t-d}$ changed)", title="how the belief moves, by lag")
         ax.legend(fontsize=7)
         text += (f"<p>Each observation in turn changed to another symbol ({_fmt(lag['n_sequences'])} sequences): how far the belief "
                  "at each later step moves, for the exact filter and the model, and how far the model's move is from the exact one.</p>")
@@ -323,7 +342,7 @@ def _memory_section(saved: Path, evaluation: dict[str, Any] | None, ablation: di
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.5)
         ax.set(xticks=range(len(lags)), xticklabels=[str(d) for d in lags], yticks=range(len(grid)),
                yticklabels=[f"L{r['layer']}H{r['head']}" for r in lag_map["heads"]], xlabel="lag d",
-               title="move with the head ablated / intact move")
+               title="move with the head ablated ÷ intact move")
         ax.grid(False)
         fig.colorbar(image, ax=ax)
         text += "<p>Last panel: each head ablated in turn (ablation.json); a low value means the head carries that lag.</p>"
@@ -389,7 +408,7 @@ def _geometry_variants_section(evaluation: dict[str, Any] | None) -> str:
 def _ablation_section(ablation: dict[str, Any] | None) -> str:
     if ablation is None:
         return "<p>No ablation.json: run <code>windtunnel ablate RUN_DIR</code>.</p>"
-    rows = [[r["kind"], r["layer"], r["head"], r["entropy_mae_bits"], r["delta_mae_bits"], r["mae_ratio"], r["delta_kl_bits"], r["delta_accuracy"]]
+    rows = [[metric_label(r["kind"]), r["layer"], r["head"], r["entropy_mae_bits"], r["delta_mae_bits"], r["mae_ratio"], r["delta_kl_bits"], r["delta_accuracy"]]
             for r in sorted(ablation["rows"], key=lambda r: -r["delta_mae_bits"])]
     intact = ablation["intact"]
     text = (f"<p>Step {_fmt(ablation['step'])}, {_fmt(ablation['n_sequences'])} sequences; intact entropy MAE {_fmt(intact['entropy_mae_bits'])} bits, "
@@ -456,14 +475,18 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
     ablation = _read_json(run.ablation_path)
     task = str(config.get("task_name", "?"))
     title = config.get("name") or f"{task}/{config.get('model_name', '?')}"
-    paper_rows = [[q, p, src, _ours(key, metrics, evaluation, tel, diss, ablation)] for q, p, src, key in PAPER_NUMBERS.get(task, [])]
+    paper_rows, shown = [], set()
+    for reader, number in paper_table_rows(task):  # "this run" once per group of numbers it is read against
+        ours = "" if reader in shown else _ours(reader, metrics, evaluation, tel, diss, ablation)
+        shown.add(reader)
+        paper_rows.append([number.quantity, number.paper, number.source, ours])
     train = config.get("train", {})
     sections = [
         ("Run", f"<p>Task <code>{_esc(task)}</code> {_esc(json.dumps(config.get('task', {})))}, model "
                 f"<code>{_esc(config.get('model_name'))}</code> {_esc(json.dumps(config.get('model', {})))}; "
                 f"{_fmt(train.get('steps'))} steps × batch {_fmt(train.get('batch_size'))}, lr {_fmt(train.get('lr'))}, seed {_fmt(train.get('seed'))}.</p>"),
         ("Paper numbers beside ours (docs/theory.md §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
-        ("Loss and held-out calibration", _loss_section(metrics)),
+        ("Loss and held-out calibration", _loss_section(metrics, train)),
         ("Per-position calibration vs Bayes", _calibration_section(evaluation)),
         ("Value manifold coloured by Bayes entropy", _manifold_section(run.manifold_dir)),
         ("Key orthogonality, attention entropy, manifold statistics", _geometry_section(tel)),
