@@ -242,3 +242,85 @@ def test_eval_command_prints_the_geometry_rows_of_its_eval_json(tmp_path, full_r
             continue
         line = f"  {quantity}, {name}: {value}" + (f"  [paper: {paper}]" if paper != "—" else "")
         assert line in lines
+
+
+SNAKE = re.compile(r"\b[a-z0-9]+_[a-z0-9_]+\b")  # a snake_case identifier (W_V and $o_{t-d}$ are not)
+
+
+def _figure_texts(monkeypatch):
+    """Patch the report's figure writer to record, per figure, the titles, axis labels, legend
+    entries, tick labels and free texts of every panel as they are drawn."""
+    from windtunnel.reports import html as report_html
+
+    drawn, original = [], report_html._png
+
+    def recording(fig):
+        embedded = original(fig)  # saving the figure draws it, which resolves the tick labels
+        for ax in fig.axes:
+            drawn.append({
+                "labels": [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), fig.get_suptitle() if hasattr(fig, "get_suptitle") else ""]
+                + ([t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []),
+                "ticks": [t.get_text() for t in (*ax.get_xticklabels(), *ax.get_yticklabels())],
+                "notes": [t.get_text() for t in ax.texts],
+            })
+        return embedded
+
+    monkeypatch.setattr(report_html, "_png", recording)
+    return drawn
+
+
+def test_titles_labels_and_tables_show_no_snake_case_identifiers(full_run, monkeypatch):
+    drawn = _figure_texts(monkeypatch)
+    page = build_report(full_run).read_text()
+    labels = [text for panel in drawn for text in panel["labels"] if text]
+    assert len(labels) > 30
+    assert not [text for text in labels if SNAKE.search(text)]
+    headings = re.findall(r"<h[12]>(.*?)</h[12]>", page) + re.findall(r"<th>(.*?)</th>", page)
+    assert not [h for h in headings if SNAKE.search(h)]
+    # the first column of the paper, dissociation and ablation tables: metric names in words
+    first_cells = re.findall(r"<tr><td>(.*?)</td>", page)
+    named = [c for c in first_cells if not re.fullmatch(r"[\d.—-]+", c)]
+    assert named and not [c for c in named if SNAKE.search(html.unescape(c)) and c not in ("key orthogonality (layer 0)",)]
+    assert SNAKE.search("advantage_abs_mean (head mean)") and not SNAKE.search("cos(ΔV, −AᵀU), gradient step on $W_V$")
+
+
+def test_log_axes_have_plain_tick_labels(full_run, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from windtunnel.reports.figures import plain_log_ticks, tick_text
+
+    drawn = _figure_texts(monkeypatch)
+    build_report(full_run)
+    ticks = [t for panel in drawn for t in panel["ticks"] if t]
+    assert ticks and not [t for t in ticks if "times" in t or "×" in t or "^" in t]
+    # a narrow log axis: the default labels read '1.094×10⁰'; ours are plain decimals that stay distinct
+    fig = Figure()
+    ax = fig.subplots()
+    ax.semilogy([1, 2, 3], [1.0938, 1.0946, 1.0953])
+    fig.canvas.draw()
+    default = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels() if t.get_text()]
+    assert any("times" in t for t in default)  # what the report used to show
+    plain_log_ticks(ax)
+    fig.canvas.draw()
+    ours = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]  # the ticks inside the view
+    assert len(ours) >= 3 and all(re.fullmatch(r"1\.09\d*", t) for t in ours) and len(set(ours)) == len(ours)
+    assert not [t.get_text() for t in ax.get_yticklabels() if "times" in t.get_text()]
+    assert [tick_text(v) for v in (0.01, 1.0, 250.0, 1e-5, 2e6)] == ["0.01", "1", "250", "1e-5", "2e6"]
+
+
+def test_a_run_shorter_than_log_every_gets_a_note_in_the_empty_loss_panel(tmp_path, monkeypatch):
+    short = [*TINY, "train.steps=3", "train.log_every=50", "train.eval_every=3", "train.checkpoint_every=3"]
+    Trainer(apply_overrides(get_preset("bijection", "transformer", "cpu"), short), tmp_path).fit()
+    assert not [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("split") == "train" and r.get("loss_nats") is not None]
+    drawn = _figure_texts(monkeypatch)
+    build_report(tmp_path)
+    notes = " ".join(" ".join(panel["notes"]) for panel in drawn).replace("\n", " ")
+    assert "No training loss logged yet: the loss is logged every 50 steps (train.log_every) and this run has 3." in notes
+    assert "No held-out evaluation yet" not in notes  # the eval at the last step is drawn, with no note
+
+
+def test_the_report_cites_sources_as_paper_or_repository_file(full_run):
+    page = html.unescape(build_report(full_run).read_text())
+    table = page.split("Paper numbers beside ours", 1)[1].split("<h2>", 1)[0]
+    assert "arXiv 2512.22471v3" in table and "github.com/vishalmisra/bayesian-wind-tunnel, REPRODUCE.md" in table
+    assert "authors' README" not in table and "(recap)" not in table

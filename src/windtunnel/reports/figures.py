@@ -5,6 +5,7 @@ and human names for the metrics the figures draw (used by the HTML report and by
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 __all__ = ["METRIC_LABELS", "metric_label", "note_if_empty", "plain_log_ticks", "tick_text"]
@@ -108,6 +109,7 @@ def note_if_empty(ax: Any, has_data: bool, note: str) -> None:
     """Write ``note`` in the middle of a panel that has nothing to draw yet, and hide its ticks."""
     if has_data:
         return
-    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=9, color="#555", transform=ax.transAxes)
+    text = ax.text(0.5, 0.5, textwrap.fill(note, 38), ha="center", va="center", fontsize=9, color="#555", transform=ax.transAxes)
+    text.set_in_layout(False)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -197,7 +197,7 @@ def _manifold_section(folder: Path, n_panels: int = 4) -> str:
         data = _read_json(path)
         sc = ax.scatter(data["pc1"], data["pc2"], c=data["entropy_bits"], s=4, cmap="viridis")
         ax.set(title=f"step {step}: PC1 {100 * data['pc1_share']:.0f} %", xlabel="PC1", ylabel="PC2")
-    fig.colorbar(sc, ax=list(axes), label="H_Bayes (bits)")
+    fig.colorbar(sc, ax=list(axes), label="Bayes entropy (bits)")
     return _png(fig)
 
 
