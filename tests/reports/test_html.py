@@ -17,6 +17,7 @@ from windtunnel.experiments.evaluation import evaluate_run
 from windtunnel.experiments.telemetry import ablate_run, attach_probes
 from windtunnel.presets import apply_overrides, get_preset
 from windtunnel.reports import build_report
+from windtunnel.reports.html import _text
 from windtunnel.runs import read_jsonl, write_json_atomic
 from windtunnel.train import Trainer
 
@@ -324,3 +325,13 @@ def test_the_report_cites_sources_as_paper_or_repository_file(full_run):
     table = page.split("Paper numbers beside ours", 1)[1].split("<h2>", 1)[0]
     assert "arXiv 2512.22471v3" in table and "github.com/vishalmisra/bayesian-wind-tunnel, REPRODUCE.md" in table
     assert "authors' README" not in table and "(recap)" not in table
+
+
+def test_paper_table_reads_eval_json_without_telemetry_or_dissociation(full_run, tmp_path):
+    copy = tmp_path / "eval_only"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "telemetry.jsonl", "dissociation.*"))
+    ours = {q: v["value"] for q, variants in json.loads((copy / "eval.json").read_text())["geometry_variants"]["quantities"].items()
+            for v in variants.values() if v.get("ours")}
+    table = build_report(copy).read_text().split("Paper numbers beside ours", 1)[1].split("<h2>", 1)[0]
+    for quantity in ("key_orthogonality", "value_manifold_pc1_share", "focusing_ratio"):
+        assert f"{_text(ours[quantity])} (eval.json)" in table, quantity

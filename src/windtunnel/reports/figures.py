@@ -102,7 +102,7 @@ def plain_log_ticks(ax: Any, axis: str = "both") -> None:
         if target.get_scale() != "log":
             continue
         target.set_major_formatter(_Plain())
-        target.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        target.set_minor_formatter(_Plain(labelOnlyBase=False))
 
 
 def note_if_empty(ax: Any, has_data: bool, note: str) -> None:

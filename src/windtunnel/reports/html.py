@@ -431,6 +431,14 @@ def _ours(key: str, metrics: list[dict[str, Any]], evaluation: dict | None, tel:
         return _text(final_eval[-1]["accuracy"]) if final_eval else "—"
     # without telemetry (a run trained without probes) fall back to the last checkpoint in dissociation.json
     fallback = {m: v[-1] for m, v in diss["metrics"].items()} if diss is not None else {}
+    if diss is None:  # nor a dissociation: eval.json's own definitions (the first, ours, of each quantity)
+        ours = {q: v.get("value") for q, _, v in _variant_entries((evaluation or {}).get("geometry_variants")) if v.get("ours")}
+        if ours.get("key_orthogonality") is not None and key == "key_ortho":
+            return f"{_text(ours['key_orthogonality'])} (eval.json)"
+        if ours.get("value_manifold_pc1_share") is not None and key == "pc1":
+            return f"{_text(ours['value_manifold_pc1_share'])} (eval.json)"
+        if ours.get("focusing_ratio") is not None and key == "focusing" and tel.last("focusing_ratio") is None:
+            return f"{_text(ours['focusing_ratio'])} (eval.json)"
     if key == "key_ortho":
         if tel.last("key_ortho_abs_cos", 0) is None:
             return f"{_text(fallback.get('key_ortho_layer0'))} (dissociation.json, final checkpoint)"
