@@ -88,7 +88,7 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
         metrics = RunDir(run_dir).metrics()
         wall_s = max((r.get("elapsed_s") or 0.0 for r in metrics if r.get("split") == "train"), default=None)
         n_params = sum(p.numel() for p in experiment.build_model(None).parameters())
-        rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report["summary"], "paper": PAPER.get(task, {}).get(model_name, [])})
+        rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report.summary, "paper": PAPER.get(task, {}).get(model_name, [])})
     task_object = get_preset(task, chosen[0], preset).build_task()
     floors = trivial_floors(task_object, generator=torch.Generator().manual_seed(0))
     result = {"task": task, "preset": preset, "floors": vars(floors), "models": rows, "chance_accuracy": _chance_accuracy(task_object, floors)}

@@ -1,5 +1,12 @@
 """Reports built from a run directory alone (never from the training stack)."""
 
+from windtunnel.reports.evaluation import (
+    history_head,
+    plot_eval_curves,
+    plot_history_attention,
+    plot_lag_response,
+    plot_memory,
+)
 from windtunnel.reports.html import (
     GEOMETRY_VARIANT_HEADER,
     PAPER_NUMBERS,
@@ -9,4 +16,16 @@ from windtunnel.reports.html import (
     geometry_variant_rows,
 )
 
-__all__ = ["GEOMETRY_VARIANT_HEADER", "PAPER_NUMBERS", "build_report", "draw_lag_response", "geometry_variant_reasons", "geometry_variant_rows"]
+__all__ = [
+    "GEOMETRY_VARIANT_HEADER",
+    "PAPER_NUMBERS",
+    "build_report",
+    "draw_lag_response",
+    "geometry_variant_reasons",
+    "geometry_variant_rows",
+    "history_head",
+    "plot_eval_curves",
+    "plot_history_attention",
+    "plot_lag_response",
+    "plot_memory",
+]
