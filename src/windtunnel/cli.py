@@ -551,8 +551,8 @@ def _wind_tunnel_command(task: str):
         out = out or f"runs/reproduce-{task}-{preset}"
         _check_out(out)
         result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
-        click.echo((Path(out) / "comparison.md").read_text())
-        click.echo(f"wrote {out}/comparison.json, comparison.md and comparison.png ({len(result['models'])} models)")
+        click.echo((Path(out) / "model_comparison.md").read_text())
+        click.echo(f"wrote {out}/model_comparison.json, model_comparison.md and model_comparison.png ({len(result['models'])} models)")
 
     command.__doc__ = (
         f"Train the {task} wind tunnel's transformer and baselines; compare calibration with the paper."

@@ -21,12 +21,12 @@ def test_reproduce_bijection_writes_the_comparison_and_does_not_retrain(tmp_path
     out = tmp_path / "rep"
     result = CliRunner().invoke(main, ["reproduce", "bijection", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    data = json.loads((out / "comparison.json").read_text())
+    data = json.loads((out / "model_comparison.json").read_text())
     assert {row["model"] for row in data["models"]} == {"transformer", "mlp", "lstm"}
     assert 0 < data["floors"]["uniform_entropy_mae_bits"] < 3
     assert data["chance_accuracy"] == {}  # uncertain posteriors: the entropy MAE is the headline
-    assert (out / "comparison.png").stat().st_size > 1000
-    assert "| transformer |" in (out / "comparison.md").read_text()
+    assert (out / "model_comparison.png").stat().st_size > 1000
+    assert "| transformer |" in (out / "model_comparison.md").read_text()
     before = RunDir(out / "transformer").metrics()
     CliRunner().invoke(main, ["reproduce", "bijection", "--out", str(out), "--models", "transformer"])
     assert RunDir(out / "transformer").metrics() == before  # finished runs are not retrained
@@ -40,7 +40,7 @@ def test_reproduce_hmm_evaluates_every_length(tmp_path, monkeypatch):
     out = tmp_path / "hmm"
     result = CliRunner().invoke(main, ["reproduce", "hmm", "--out", str(out), "--models", "transformer"])
     assert result.exit_code == 0, result.output
-    row = json.loads((out / "comparison.json").read_text())["models"][0]
+    row = json.loads((out / "model_comparison.json").read_text())["models"][0]
     assert set(row["eval"]) == {"n_steps=4", "n_steps=6"}
     for summary in row["eval"].values():
         assert set(summary["windowed_filter_mae_bits"]) == {"1", "2", "3", "4", "6", "8"}  # JSON keys
@@ -88,8 +88,23 @@ def test_reproduce_recall_reports_accuracy_against_both_chances(tmp_path, monkey
     out = tmp_path / "recall"
     result = CliRunner().invoke(main, ["reproduce", "recall", "--out", str(out), "--models", "transformer"])
     assert result.exit_code == 0, result.output
-    data = json.loads((out / "comparison.json").read_text())
+    data = json.loads((out / "model_comparison.json").read_text())
     assert data["floors"]["bayes_entropy_bits"] == 0.0
     assert data["chance_accuracy"] == {"uniform over all values": 1 / 8, "uniform over the stored values": 1 / 3}
-    assert "uniform over the stored values 33.33%" in (out / "comparison.md").read_text()
-    assert (out / "comparison.png").stat().st_size > 1000
+    assert "uniform over the stored values 33.33%" in (out / "model_comparison.md").read_text()
+    assert (out / "model_comparison.png").stat().st_size > 1000
+
+
+def test_read_model_comparison_reads_the_new_name_and_the_old_one(tmp_path):
+    from windtunnel.experiments.wind_tunnels import read_model_comparison
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    (old / "comparison.json").write_text(json.dumps({"task": "hmm", "models": [{"model": "lstm"}]}))
+    assert read_model_comparison(old) == {"task": "hmm", "models": [{"model": "lstm"}]}
+    (new / "comparison.json").write_text(json.dumps({"task": "stale"}))
+    (new / "model_comparison.json").write_text(json.dumps({"task": "bijection"}))
+    assert read_model_comparison(new) == {"task": "bijection"}  # the new name wins
+    with pytest.raises(ValueError, match=r"holds no model_comparison.json \(nor the older comparison.json\)"):
+        read_model_comparison(tmp_path)
