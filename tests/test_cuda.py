@@ -59,7 +59,7 @@ def test_cuda_evaluation_equals_cpu_evaluation_of_the_same_weights(tmp_path):
         assert float(getattr(on_gpu, field)) == pytest.approx(float(getattr(on_cpu, field)), rel=1e-4, abs=1e-7), field
     # `windtunnel eval` reads a CUDA-written run on the CPU.
     report = evaluate_run(tmp_path / "run", lengths=(5, 8), n_sequences=50)
-    assert set(report["summary"]) == {"n_steps=5", "n_steps=8"}
+    assert set(report.summary) == {"n_steps=5", "n_steps=8"}
 
 
 def test_a_killed_cuda_run_with_dropout_resumes_to_the_uninterrupted_run(tmp_path):

@@ -11,7 +11,8 @@ from windtunnel._checks import ConfigError
 from windtunnel.metrics import calibration
 from windtunnel.presets import apply_overrides, get_preset, preset_names
 from windtunnel.runs import RunDir
-from windtunnel.train import ExperimentConfig, TrainConfig, Trainer, evaluate, learning_rate, seed_streams, telemetry_steps
+from windtunnel.probes import calibrate
+from windtunnel.train import ExperimentConfig, TrainConfig, Trainer, learning_rate, seed_streams, telemetry_steps
 
 
 def _tiny(steps=12, **train):
@@ -105,7 +106,7 @@ def test_one_pass_evaluation_equals_per_prefix_evaluation():
     model = exp.build_model(torch.Generator().manual_seed(0)).eval()
     task = exp.build_task()
     batch = task.sample(16, generator=torch.Generator().manual_seed(1))
-    one_pass = evaluate(model, task, [batch])
+    one_pass = calibrate(model, task, [batch])
     with torch.no_grad():
         per_prefix = torch.stack([model(batch.tokens[:, : s + 1])[:, -1] for s in batch.sites.tolist()], dim=1)
     sl = per_prefix[..., task.class_offset : task.class_offset + task.n_classes]

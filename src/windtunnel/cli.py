@@ -244,12 +244,13 @@ def _resume_changes(task, model_name, preset, steps, seed, out, overrides, init_
 def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
     """Evaluate a run's latest checkpoint: per-position calibration curves, JSON and a plot."""
     _check_out(run_dir, "RUN_DIR")
-    from windtunnel.experiments.evaluation import evaluate_run, history_head
+    from windtunnel.experiments.evaluation import evaluate_run
+    from windtunnel.reports.evaluation import history_head
 
     report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed, step_shift=step_shift)
     if step_shift:
         click.echo(f"steps moved {step_shift} along the position table: step t reads the rows of step t + {step_shift}")
-    for name, row in report["summary"].items():
+    for name, row in report.summary.items():
         se = row.get("entropy_mae_se_bits")
         se_text = f" (standard error {se:.5f})" if se is not None and se == se else ""
         click.echo(f"{name}: entropy MAE {row['entropy_mae_bits']:.5f} bits{se_text}, KL {row['kl_bits']:.5f} bits, "
@@ -265,8 +266,8 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
             )
             click.echo(f"  exact filters with a w-step memory: {ladder} bits; the model is {place}")
             click.echo(f"  the memoryless filter (uᵀT) ⊙ E[:, o_t]: {row['memoryless_filter_mae_bits']:.4f} bits")
-    if "circuit" in report:
-        circuit = report["circuit"]
+    if report.circuit is not None:
+        circuit = report.circuit
         click.echo("held-out R² of linear probes at the read positions (steps 2..K), per layer:")
         click.echo("  " + " ".join(f"{q:>22}" for q in ["layer", *circuit["r2"]]))
         for i, layer in enumerate(circuit["layers"]):
@@ -274,14 +275,14 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
         click.echo("attention mass from the read positions (steps 2..K), the largest head in each layer:")
         for block, per_layer in circuit["attention"].items():
             click.echo(f"  {block:>14}: " + ", ".join(f"{max(heads):.2f}" for heads in per_layer))
-    if "lag_response" in report:
-        lag = report["lag_response"]
+    if report.lag_response is not None:
+        lag = report.lag_response
         click.echo("the belief's move when the observation d steps back changes (total variation; "
                    "exact filter / model / error of the model's move):")
         for d, exact, moved, error in zip(lag["lags"], lag["bayes_move_tv"], lag["model_move_tv"], lag["response_error_tv"]):
             click.echo(f"  d = {d}: {exact:.5f} / {moved:.5f} / {error:.5f}")
-    if "history_attention" in report:
-        name, longest = list(report["history_attention"].items())[-1]
+    if report.history_attention is not None:
+        name, longest = list(report.history_attention.items())[-1]
         steps = longest["steps"]
         ticks = sorted({steps[0], *(steps[round(f * (len(steps) - 1))] for f in (0.25, 0.5, 0.75)), steps[-1]})
         click.echo(f"attention to the earlier observations by step t ({name}), the head of each layer "
@@ -294,7 +295,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
                 f"{layer['earlier_entropy_bits'][head][t - 2]:.1f}" for t in ticks
             ]
             click.echo(f"  block {i}:" + "".join(f"{c:>20}" for c in cells) + f"   (head {head})")
-    geometry = report.get("geometry_variants")
+    geometry = report.geometry_variants
     if geometry is not None:
         from windtunnel.reports import geometry_variant_reasons, geometry_variant_rows
 
@@ -311,8 +312,7 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
                 click.echo(f"  {quantity}, {name}: {value}" + (f"  [paper: {paper}]" if paper != "—" else ""))
             for reason, names in reasons.items():
                 click.echo(f"  not measured ({reason.rstrip('.')}): " + "; ".join(names))
-    figures = [report["paths"][k] for k in ("figure", "history_figure", "lag_figure") if k in report["paths"]]
-    click.echo(f"wrote {report['paths']['json']} and {' and '.join(figures)}")
+    click.echo(f"wrote {report.json_path} and {' and '.join(str(p) for p in report.figure_paths)}")
 
 
 @main.command("memory")
@@ -551,8 +551,8 @@ def _wind_tunnel_command(task: str):
         out = out or f"runs/reproduce-{task}-{preset}"
         _check_out(out)
         result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
-        click.echo((Path(out) / "comparison.md").read_text())
-        click.echo(f"wrote {out}/comparison.json, comparison.md and comparison.png ({len(result['models'])} models)")
+        click.echo((Path(out) / "model_comparison.md").read_text())
+        click.echo(f"wrote {out}/model_comparison.json, model_comparison.md and model_comparison.png ({len(result['models'])} models)")
 
     command.__doc__ = (
         f"Train the {task} wind tunnel's transformer and baselines; compare calibration with the paper."

@@ -39,8 +39,7 @@ from windtunnel.models import (
     TinyGPT,
     TinyGPTConfig,
 )
-from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats
-from windtunnel.probes import calibrate as evaluate
+from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats, calibrate
 from windtunnel.probes import site_loss_nats as site_loss
 from windtunnel.runs import RunDir, append_jsonl
 from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
@@ -57,7 +56,6 @@ __all__ = [
     "config_differences",
     "estimate_memory_bytes",
     "flatten_config",
-    "evaluate",
     "learning_rate",
     "load_experiment",
     "seed_streams",
@@ -771,11 +769,11 @@ class Trainer:
     # --- training ---------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Calibration]:
-        """Calibration on every held-out set (the training length, then each extra length)."""
-        out = {}
-        for name, (task, batches) in self.eval_sets.items():
-            out[name] = evaluate(self.model, task, batches)
-        return out
+        """Calibration (:func:`windtunnel.probes.calibrate`) of the model on every held-out set, by
+        split name: ``"eval"`` (the training length), then ``"eval_len{K}"`` for each extra length.
+        To evaluate any model on other batches, call :func:`~windtunnel.probes.calibrate` itself;
+        to evaluate a saved run, :func:`windtunnel.experiments.evaluation.evaluate_run`."""
+        return {name: calibrate(self.model, task, batches) for name, (task, batches) in self.eval_sets.items()}
 
     def _save(self, *, keep_every: bool = True) -> None:
         """Checkpoint (the state is refused if not finite: :meth:`RunDir.save_checkpoint`), then

@@ -1,4 +1,4 @@
-"""Frame–precision dissociation and run-level ablations on a tiny run trained in the test."""
+"""Frame–precision dissociation on a tiny run trained in the test (tests/experiments/conftest.py)."""
 
 import dataclasses
 import json
@@ -6,33 +6,15 @@ import json
 import pytest
 import torch
 
+from tiny_runs import tiny_bijection as tiny_experiment
 from windtunnel.experiments.dissociation import load_checkpoints, run_dissociation
 from windtunnel.experiments.evaluation import load_model
-from windtunnel.experiments.telemetry import ablate_run, attach_probes
-from windtunnel.presets import apply_overrides, get_preset
 from windtunnel.probes import calibrate
 from windtunnel.train import Trainer, telemetry_steps
 
-TINY = ["train.steps=30", "task.n_values=6", "task.n_pairs=5", "model.d_model=16", "model.d_mlp=32",
-        "model.n_heads=2", "train.batch_size=16", "train.eval_size=64", "train.eval_batch_size=64",
-        "train.eval_every=15", "train.checkpoint_every=15", "train.warmup_steps=5", "train.log_every=5",
-        "train.device=cpu"]
 
-
-def tiny_experiment(model="transformer"):
-    extra = TINY if model == "transformer" else [o for o in TINY if not o.startswith("model.n_heads")]
-    return apply_overrides(get_preset("bijection", model, "cpu"), extra)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    attach_probes(Trainer(tiny_experiment(), path), n_sequences=32).fit()
-    return path
-
-
-def test_dissociation_outputs(run_dir):
-    out = run_dissociation(run_dir, n_sequences=32)
+def test_dissociation_outputs(probed_run):
+    out = run_dissociation(probed_run, n_sequences=32)
     expected_steps = sorted(set(telemetry_steps(30)) | {15, 30})
     assert out["steps"] == expected_steps
     m = out["metrics"]
@@ -43,16 +25,16 @@ def test_dissociation_outputs(run_dir):
     first = out["frame_settles_first"]
     assert first == (out["frame_settled_by"] < out["precision_settled_by"])
     # MAE at the final step, recomputed from the final checkpoint on the same batch
-    experiment, model, step = load_model(run_dir)
+    experiment, model, step = load_model(probed_run)
     task = experiment.build_task()
     batch = task.sample(32, generator=torch.Generator().manual_seed(out["seed"]))
     assert step == 30
     assert m["entropy_mae_bits"][-1] == pytest.approx(float(calibrate(model, task, [batch]).entropy_mae_bits))
-    saved = json.loads((run_dir / "dissociation.json").read_text())
+    saved = json.loads((probed_run / "dissociation.json").read_text())
     assert saved["settling_step"] == out["settling_step"]
-    assert (run_dir / "dissociation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (probed_run / "dissociation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for s in expected_steps:
-        proj = json.loads((run_dir / "manifold" / f"step_{s}.json").read_text())
+        proj = json.loads((probed_run / "manifold" / f"step_{s}.json").read_text())
         assert len(proj["pc1"]) == len(proj["pc2"]) == len(proj["entropy_bits"]) == 32 * 5
 
 
@@ -74,15 +56,7 @@ def test_step_zero_is_rebuilt_from_the_seed(tmp_path):
     assert all(torch.equal(states[0][k], v) for k, v in init.items())
 
 
-def test_ablate_run(run_dir):
-    out = ablate_run(run_dir, n_sequences=40, batch_size=20)
-    assert len(out["rows"]) == 2 * 2 + 3 * 2
-    assert json.loads((run_dir / "ablation.json").read_text())["rows"] == out["rows"]
-
-
 def test_errors(tmp_path):
     Trainer(tiny_experiment("mlp"), tmp_path).fit(stop_at=15)
     with pytest.raises(ValueError, match=r"needs a run whose model has attention sites and a readout .* 'mlp' model: no attention-site adapter"):
         run_dissociation(tmp_path)
-    with pytest.raises(ValueError, match=r"needs a run whose model can be ablated .* 'mlp' model: no attention-site adapter"):
-        ablate_run(tmp_path)

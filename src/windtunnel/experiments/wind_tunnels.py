@@ -3,9 +3,11 @@
 ``reproduce(task, preset=..., out=...)`` trains every preset model of the task (transformer, and
 the LSTM and position-wise MLP where defined) in ``out/<model>/``, evaluates each on fresh seeded
 held-out sequences (one causal pass per sequence, per-sample MAE, docs/theory.md §7), and writes
-``comparison.json``, ``comparison.md`` and ``comparison.png`` beside the paper's numbers and the
-task's trivial floors. A model whose run directory already holds its final checkpoint is not
-trained again, and an interrupted run resumes from its latest checkpoint.
+``model_comparison.json``, ``model_comparison.md`` and ``model_comparison.png`` beside the paper's
+numbers and the task's trivial floors (:func:`read_model_comparison` reads the JSON back, also
+from directories written before the files were renamed from ``comparison.*``). A model whose
+run directory already holds its final checkpoint is not trained again, and an interrupted run
+resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from windtunnel.experiments.evaluation import evaluate_run
 from windtunnel.metrics import trivial_floors
 from windtunnel.paper_numbers import paper_numbers
 from windtunnel.presets import PRESETS, apply_overrides, get_preset
-from windtunnel.runs import RunDir, write_bytes_atomic, write_json_atomic, write_text_atomic
+from windtunnel.runs import RunDir, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from windtunnel.train import Trainer, config_differences, flatten_config, load_experiment
 
-__all__ = ["paper_rows", "reproduce"]
+__all__ = ["MODEL_COMPARISON", "paper_rows", "read_model_comparison", "reproduce"]
+
+MODEL_COMPARISON = "model_comparison"
+"""Stem of the files ``reproduce`` writes in its output directory (.json, .md, .png); directories
+written by windtunnel 0.2.0 and earlier hold them as comparison.*."""
 
 
 
@@ -78,14 +84,27 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
         metrics = RunDir(run_dir).metrics()
         wall_s = max((r.get("elapsed_s") or 0.0 for r in metrics if r.get("split") == "train"), default=None)
         n_params = sum(p.numel() for p in experiment.build_model(None).parameters())
-        rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report["summary"], "paper": paper_rows(task, model_name)})
+        rows.append({"model": model_name, "preset": key, "n_params": n_params, "steps": experiment.train.steps, "train_wall_s": wall_s, "eval": report.summary, "paper": paper_rows(task, model_name)})
     task_object = get_preset(task, chosen[0], preset).build_task()
     floors = trivial_floors(task_object, generator=torch.Generator().manual_seed(0))
     result = {"task": task, "preset": preset, "floors": vars(floors), "models": rows, "chance_accuracy": _chance_accuracy(task_object, floors)}
-    write_json_atomic(out / "comparison.json", result)
-    write_text_atomic(out / "comparison.md", _markdown(result))
-    _plot(result, out / "comparison.png")
+    write_json_atomic(out / f"{MODEL_COMPARISON}.json", result)
+    write_text_atomic(out / f"{MODEL_COMPARISON}.md", _markdown(result))
+    _plot(result, out / f"{MODEL_COMPARISON}.png")
     return result
+
+
+def read_model_comparison(out: str | Path) -> dict[str, Any]:
+    """The model comparison a :func:`reproduce` wrote in ``out``: model_comparison.json, or
+    comparison.json in a directory written before the rename.
+
+    Raises:
+        ValueError: when ``out`` holds neither.
+    """
+    for name in (f"{MODEL_COMPARISON}.json", "comparison.json"):
+        if (Path(out) / name).is_file():
+            return read_json(Path(out) / name)
+    raise ValueError(f"read_model_comparison: {out} holds no {MODEL_COMPARISON}.json (nor the older comparison.json); run windtunnel reproduce first.")
 
 
 def _chance_accuracy(task: Any, floors: Any) -> dict[str, float]:

@@ -9,8 +9,9 @@ One instrument per module: :mod:`~windtunnel.probes.routing` (routing-law statis
 :mod:`~windtunnel.probes.geometry` (the §8.1–§8.3 snapshot composed of the three, and every
 published definition of them side by side: ``GEOMETRY_VARIANTS``, ``geometry_variants``),
 :mod:`~windtunnel.probes.ablation` (§8.5), :mod:`~windtunnel.probes.calibration` (site loss,
-auxiliary loss, calibration in bits), :mod:`~windtunnel.probes.memory` (the HMM lag response and
-lag map) and :mod:`~windtunnel.probes.schedule` (:func:`make_probes`, the Trainer's telemetry).
+auxiliary loss, calibration in bits), :mod:`~windtunnel.probes.memory` (the HMM memory
+analyses: lag response and lag map, memory ladder, history attention, circuit probe) and
+:mod:`~windtunnel.probes.schedule` (:func:`make_probes`, the Trainer's telemetry).
 Every public name is re-exported here, so ``from windtunnel.probes import X`` works for all.
 
 The instruments know no model class: they read models through :mod:`windtunnel.sites` (attention
@@ -43,7 +44,17 @@ from windtunnel.probes.focusing import AttentionFocusing, attention_focusing
 from windtunnel.probes.frame import hypothesis_tokens, layer_key_orthogonality
 from windtunnel.probes.geometry import GEOMETRY_VARIANTS, GeometrySnapshot, GeometryVariant, geometry_snapshot, geometry_variants
 from windtunnel.probes.manifold import manifold_projection, manifold_summary
-from windtunnel.probes.memory import hmm_lag_map, hmm_lag_response
+from windtunnel.probes.memory import (
+    CIRCUIT_QUANTITIES,
+    MEMORY_WINDOWS,
+    hmm_attention_mass,
+    hmm_circuit_probe,
+    hmm_history_attention,
+    hmm_history_attention_by_layer,
+    hmm_lag_map,
+    hmm_lag_response,
+    memory_ladder,
+)
 from windtunnel.probes.routing import RoutingLawStats, routing_law_stats, routing_law_stats_of_sites
 from windtunnel.probes.schedule import make_probes
 from windtunnel.probes.states import (
@@ -57,7 +68,9 @@ from windtunnel.probes.states import (
 from windtunnel.probes.value_update import ValueUpdateProbe, ValueUpdateStats
 
 __all__ = [
+    "CIRCUIT_QUANTITIES",
     "GEOMETRY_VARIANTS",
+    "MEMORY_WINDOWS",
     "AblationTable",
     "AttentionFocusing",
     "GeometrySnapshot",
@@ -75,6 +88,10 @@ __all__ = [
     "collect_states",
     "geometry_snapshot",
     "geometry_variants",
+    "hmm_attention_mass",
+    "hmm_circuit_probe",
+    "hmm_history_attention",
+    "hmm_history_attention_by_layer",
     "hmm_lag_map",
     "hmm_lag_response",
     "hypothesis_tokens",
@@ -82,6 +99,7 @@ __all__ = [
     "make_probes",
     "manifold_projection",
     "manifold_summary",
+    "memory_ladder",
     "record_patterns",
     "routing_law_stats",
     "routing_law_stats_of_sites",
