@@ -27,6 +27,7 @@ __all__ = [
     "PRESETS",
     "Recipe",
     "apply_overrides",
+    "build_experiment",
     "get_preset",
     "list_recipes",
     "load_recipe",
@@ -493,3 +494,47 @@ def load_recipe(name_or_path: str) -> Recipe:
 def list_recipes() -> list[Recipe]:
     """Every preset (as :func:`preset_toml` writes it), then every shipped recipe."""
     return [load_recipe(key) for key in preset_names()] + [load_recipe(name) for name in recipe_names()]
+
+
+def build_experiment(
+    task: str,
+    model: str | None = None,
+    preset: str | None = None,
+    *,
+    config: str | Recipe | None = None,
+    overrides: Sequence[str] = (),
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> ExperimentConfig:
+    """The config ``windtunnel train`` builds: preset defaults < config file < ``--set``, ``--steps``,
+    ``--seed``, ``--device``.
+
+    Args:
+        task: the task (TASK); a config file naming another task is refused.
+        model, preset: the preset (``--model``, ``--preset``); None takes the config file's
+            choice (``[recipe] model``/``preset``), else "transformer" / "cpu". Naming one the
+            file contradicts is refused.
+        config: a :class:`Recipe` or what :func:`load_recipe` reads (a path, a shipped recipe, a preset key).
+        overrides: ``section.field=value`` items (``--set``), applied after the file.
+        steps, seed, device: ``train.steps``, ``train.seed``, ``train.device``, applied last.
+
+    Raises:
+        ValueError: a contradiction between the file and the command, an unknown key or a bad
+            value (naming the file for the file's own keys).
+    """
+    recipe = load_recipe(str(config)) if config is not None and not isinstance(config, Recipe) else config
+    if recipe is not None:
+        clashes = [f"{what} {asked} (the file says {theirs})" for what, asked, theirs in
+                   (("TASK", task, recipe.task), ("--model", model, recipe.model), ("--preset", preset, recipe.preset))
+                   if asked is not None and theirs is not None and asked != theirs]
+        if clashes:
+            raise ValueError(f"{recipe.name} is a recipe for {recipe.task or task}/{recipe.model or model or 'transformer'}/"
+                             f"{recipe.preset or preset or 'cpu'}; the command asks for {', '.join(clashes)}. Drop the option "
+                             "(the file chooses) or edit the file's [recipe] table.")
+        model, preset = model or recipe.model, preset or recipe.preset
+    experiment = get_preset(task, model or "transformer", preset or "cpu")
+    if recipe is not None:
+        experiment = recipe.apply(experiment)
+    extra = [*overrides, *(f"train.{k}={v}" for k, v in (("steps", steps), ("seed", seed), ("device", device)) if v is not None)]
+    return apply_overrides(experiment, extra) if extra else experiment
