@@ -636,7 +636,7 @@ def upgrade_command(run_dir):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per trial (a Ray trial asks for this many CPUs) [default: local: cores // workers; ray: 1].")
 @click.option("--address", default=None, help="Ray cluster to join ('auto' or HOST:PORT; --backend ray); the sweep "
-              "directory must be on a file system every node sees.")
+              "directory must be on a file system every node sees [default: a local Ray instance].")
 @click.option("--gpus-per-trial", "gpus_per_trial", type=click.FloatRange(min=0), default=None,
               help="GPU share of each trial, e.g. 0.25 trains four trials side by side on one GPU; 0 trains on the CPU "
                    "[default: 1 with --device cuda, or --device auto on a machine with a GPU; else 0].")
