@@ -4,8 +4,8 @@ The recipes are one sweep: TinyGPT 4L/4H (FFN 256) at width 64 and 128, with and
 position shift, all with the auxiliary belief loss (ours; RESULTS.md), K = 20, evaluated at
 K = 20, 30, 50 during training (1,000 sequences per K). ``--gpus-per-trial`` (default 1 / the
 number of recipes) puts them all on the one GPU at once, each in its own worker process; each
-trial is an ordinary run directory under OUT/runs/ (``windtunnel eval RUN --lengths 20 --lengths
-30 --lengths 50`` scores one on 2,000 fresh sequences per K). The sweep's tables
+trial is an ordinary run directory under OUT/runs/ (``windtunnel eval RUN --lengths 20,30,50``
+scores one on 2,000 fresh sequences per K). The sweep's tables
 (``windtunnel compare``, one per K) and its wall time are printed.
 
 This replaces the scheduler this script used to carry (concurrent ``windtunnel train``

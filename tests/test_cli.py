@@ -34,7 +34,7 @@ def test_verify_law_exits_nonzero_when_a_formula_is_wrong(monkeypatch):
 
 def test_verify_law_rejects_bad_options():
     result = CliRunner().invoke(main, ["verify-law", "--dtype", "float16"])
-    assert result.exit_code == 2 and "'float16' is not one of 'float64', 'float32'" in result.output
+    assert result.exit_code == 2 and "must be distinct names from float64, float32 separated by commas; got 'float16'" in result.output
     result = CliRunner().invoke(main, ["verify-law", "--trials", "0"])
     assert result.exit_code == 2 and "--trials" in result.output
 
@@ -43,7 +43,7 @@ def test_em_vs_sgd_writes_results_figures_and_report(tmp_path):
     import json
 
     out = tmp_path / "run"
-    args = ["reproduce", "em-vs-sgd", "--seeds", "1", "--steps", "2", "--telemetry-every", "1",
+    args = ["reproduce", "em-vs-sgd", "--seeds", "42", "--steps", "2", "--telemetry-every", "1",
             "--arms", "sgd,em", "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -61,8 +61,8 @@ def test_em_vs_sgd_rejects_bad_options():
     assert "Invalid value for '--arms'" in result.output and "sgd, two_timescale, em, alternating, adam" in result.output
     result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--model", "wide"])
     assert result.exit_code == 2 and "'wide' is not one of 'single', 'deep'" in result.output
-    result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--seeds", "0"])
-    assert result.exit_code == 2 and "--seeds" in result.output
+    result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--seeds", "4-2"])
+    assert result.exit_code == 2 and "--seeds" in result.output and "runs backwards" in result.output
     result = runner.invoke(main, ["reproduce", "em-vs-sgd", "--model", "deep", "--arms", "sgd"])
     assert result.exit_code == 2 and "--arms applies to --model single only" in result.output
 

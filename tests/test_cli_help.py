@@ -37,3 +37,15 @@ def test_every_option_has_help_text_and_the_help_page_renders(path, command):
     for opt in command.params:
         if isinstance(opt, click.Option):
             assert opt.opts[0] in page.output
+
+
+@pytest.mark.parametrize("path,command", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_every_option_with_a_value_says_its_default(path, command):
+    """An option that takes a value shows its default (show_default) or names it in its help
+    ("[default: ...]", or "required"); flags are off unless given."""
+    silent = [
+        opt.opts[0] for opt in command.params
+        if isinstance(opt, click.Option) and not opt.is_flag and opt.opts[0] not in ("--help", "--version")
+        and not opt.required and not opt.show_default and "default" not in (opt.help or "").lower()
+    ]
+    assert not silent, f"windtunnel {' '.join(path)}: options that do not say their default: {silent}"

@@ -23,7 +23,7 @@ TINY = ["--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "mode
         "--set", "train.eval_size=10", "--set", "train.warmup_steps=1", "--set", "task.n_values=5", "--set", "task.n_pairs=4",
         "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2"]
 TINY_HMM = ["--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_mlp=32",
-            "--set", "train.eval_size=10", "--set", "train.warmup_steps=1", "--set", "task.n_steps=3", "--set", "eval_lengths=[]",
+            "--set", "train.eval_size=10", "--set", "train.warmup_steps=1", "--set", "task.n_steps=3", "--set", "eval_lengths=",
             "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2"]
 
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "windtunnel"
 # subpackage's private helpers). Subpackages are one layer each.
 LAYERS = {
     "_checks": 0,
+    "_progress": 0,
     "hooks": 1,
     "runs": 1,
     "paper_numbers": 1,

@@ -1,6 +1,6 @@
 """Draw the per-step entropy MAE of HMM runs evaluated at several lengths, side by side.
 
-Reads each run's eval.json (``windtunnel eval RUN --lengths 20 --lengths 30 --lengths 50``) and
+Reads each run's eval.json (``windtunnel eval RUN --lengths 20,30,50``) and
 plots, for the longest length, the mean |H_model - H_Bayes| in bits at every step of the
 sequence, with the training horizon marked. Used for the RESULTS.md comparison of positional
 schemes; run from the repository root:

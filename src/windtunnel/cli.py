@@ -8,6 +8,7 @@ with exit status 2 for bad input (options, values, files) and 1 for a run that s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,120 @@ def _check_out(path: str | os.PathLike, option: str = "--out", *, is_file: bool 
         raise click.BadParameter(f"cannot write in {parent} (permission denied).", param_hint=f"'{option}'")
 
 
+def _quiet_option(command: Any) -> Any:
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="No progress bars and no status lines on stderr/stdout; the results and any error are still printed.")(command)
+
+
+def _device_option(what: str) -> Any:
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                        help=f"Where {what} train: cpu, cuda, or auto (cuda when this machine has a usable GPU, else cpu); "
+                             "sets train.device [default: the preset's or config file's train.device, auto].")
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse ``--device cuda`` on a machine without a usable CUDA device, before anything starts."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("cuda was asked for, but this machine has no usable CUDA device "
+                                     "(torch.cuda.is_available() is False); use --device cpu or auto.", param_hint="'--device'")
+
+
+def _list_option(*names: str, parse: Any, example: str, help: str, **kwargs: Any) -> Any:
+    """An option that takes its values as ONE comma-separated list (``--lengths 20,30,50``).
+
+    ``parse(text) -> tuple`` reads the whole list (raising ValueError with the rule); giving the
+    option twice (``--lengths 20 --lengths 50``) is refused with the one-list form of the same values.
+    """
+    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+        if not values:
+            return None
+        name = param.opts[0]
+        if len(values) > 1:
+            raise click.BadParameter(f"is given {len(values)} times; give the values once, comma-separated: "
+                                     f"{name} {','.join(values)}", ctx=ctx, param=param)
+        try:
+            return parse(values[0])
+        except ValueError as err:
+            rule = str(err).removeprefix(f"{name} ").removeprefix(f"{name}: ")
+            raise click.BadParameter(f"{rule} (one comma-separated list, e.g. {name} {example})", ctx=ctx, param=param) from None
+
+    return click.option(*names, multiple=True, callback=callback, metavar=kwargs.pop("metavar", "V1,V2,..."), help=help, **kwargs)
+
+
+def _parse_ints(minimum: int) -> Any:
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"must be integers >= {minimum} separated by commas; got {text!r}.") from None
+        if any(v < minimum for v in values):
+            raise ValueError(f"must be integers >= {minimum}; got {text!r}.")
+        if len(set(values)) != len(values):
+            raise ValueError(f"lists a value twice; got {text!r}.")
+        return values
+    return parse
+
+
+def _parse_choices(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(p.strip() for p in text.split(","))
+        bad = [v for v in values if v not in choices]
+        if bad or len(set(values)) != len(values):
+            raise ValueError(f"must be distinct names from {', '.join(choices)} separated by commas; got {text!r}.")
+        return values
+    return parse
+
+
+def _parse_seed_list(text: str) -> tuple[int, ...]:
+    from windtunnel.experiments.sweep import parse_seeds
+
+    return parse_seeds(text)
+
+
+def _check_sets(overrides: tuple[str, ...], option: str = "--set") -> None:
+    """Refuse the bracket form of a list value: lists are written ``key=30,50`` everywhere."""
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if raw.strip().startswith("["):
+            inner = raw.strip().removeprefix("[").removesuffix("]").replace(" ", "")
+            raise click.BadParameter(f"{item!r}: write a list without brackets, comma-separated: {option} {key.strip()}={inner}",
+                                     param_hint=f"'{option}'")
+
+
+@contextlib.contextmanager
+def _busy(desc: str, quiet: bool) -> Any:
+    """A bar without a total (elapsed seconds on stderr) around work that reports no progress of its own."""
+    if quiet:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    done = threading.Event()
+    with tqdm(desc=desc, total=None, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False) as bar:
+        def tick() -> None:
+            while not done.wait(0.5):
+                bar.refresh()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+
+
+def _echo(quiet: bool) -> Any:
+    """click.echo, or nothing under --quiet (for status lines, not results)."""
+    return (lambda *args, **kwargs: None) if quiet else click.echo
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="windtunnel")
 def main() -> None:
@@ -86,8 +201,8 @@ def main() -> None:
 @main.command("verify-law")
 @click.option("--trials", default=200, show_default=True, type=click.IntRange(min=1),
               help="Random heads per dtype.")
-@click.option("--dtype", "dtypes", type=click.Choice(["float64", "float32"]), multiple=True,
-              help="Dtype to check (repeatable); default: both.")
+@_list_option("--dtype", "dtypes", parse=_parse_choices(("float64", "float32")), example="float64,float32",
+              metavar="DTYPES", help="Dtypes to check, comma-separated: float64, float32 [default: float64,float32].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random heads.")
 def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
     """Check the closed-form routing law against autograd on random heads.
@@ -122,18 +237,24 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
 
 @main.command("train")
 @click.argument("task", type=click.Choice(["bijection", "hmm", "recall"]))
-@click.option("--model", "model_name", default="transformer", show_default=True,
+@click.option("--config", "config", default=None, metavar="FILE|NAME",
+              help="A recipe: a TOML file, or the name of a shipped recipe or preset (windtunnel presets lists them; "
+                   "presets --show NAME prints one to copy). Precedence: preset < config file < --set, --steps, --seed, "
+                   "--device [default: none, the preset alone].")
+@click.option("--model", "model_name", default=None,
               type=click.Choice(["transformer", "mlp", "lstm", "hf"]),
               help="'hf': a Hugging Face architecture, --set model.architecture=llama|gpt2|gpt_neox|... "
-                   "(needs pip install 'windtunnel[hf]').")
-@click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
-              help="'paper': the paper's recipe; 'cpu': a 2-core recipe (ours).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps.")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed.")
+                   "(needs pip install 'windtunnel[hf]') [default: the config file's, else transformer].")
+@click.option("--preset", default=None, type=click.Choice(["cpu", "paper"]),
+              help="'paper': the paper's recipe; 'cpu': a 2-core recipe (ours) [default: the config file's, else cpu].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps (optimizer steps) [default: the preset's].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed [default: the preset's, 0].")
+@_device_option("the model will")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default runs/<task>-<model>-<preset>).")
+              help="Run directory [default: runs/<task>-<model>-<preset>; with --config NAME, runs/<task>-<NAME>].")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
-              help="Dotted override, e.g. --set train.lr=1e-3 --set model.n_layers=4 (repeatable).")
+              help="Dotted override, e.g. --set train.lr=1e-3 --set model.n_layers=4 (repeatable, one field each; a "
+                   "list field takes comma-separated values: --set eval_lengths=30,50) [default: none].")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its latest checkpoint. It may change only --steps "
                    "(extend the run; the cosine schedule is recomputed for the new length) and "
@@ -142,29 +263,38 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (everything in it is deleted).")
 @click.option("--init-from", "init_from", type=click.Path(exists=True), default=None,
               help="Fine-tune: start from the model weights of this run directory's latest checkpoint "
-                   "(or of a checkpoint file); optimizer, schedule and step start fresh.")
+                   "(or of a checkpoint file); optimizer, schedule and step start fresh [default: none].")
 @click.option("--telemetry", is_flag=True,
               help="Attach the probes of docs/theory.md §8 (geometry, routing law, calibration; for the HMM also "
                    "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
                    "`windtunnel dissociation`.")
-def train_command(task, model_name, preset, steps, seed, out, overrides, resume, overwrite, init_from, telemetry):
+@_quiet_option
+def train_command(task, config, model_name, preset, steps, seed, device, out, overrides, resume, overwrite, init_from,
+                  telemetry, quiet):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
-    from windtunnel.presets import apply_overrides, get_preset
+    from windtunnel.presets import build_experiment, load_recipe
     from windtunnel.train import Trainer
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other.")
-    out = out or f"runs/{task}-{model_name}-{preset}"
+    _check_sets(overrides)
+    _check_device(device)
+    recipe = load_recipe(config) if config is not None else None
+    if out is None:
+        if recipe is None:
+            out = f"runs/{task}-{model_name or 'transformer'}-{preset or 'cpu'}"
+        elif recipe.name.count("/") == 2 and not Path(recipe.name).is_file():  # a preset key
+            out = f"runs/{recipe.name.replace('/', '-')}"
+        else:
+            out = f"runs/{task}-{Path(recipe.name).stem}"
     _check_out(out)
+    say = _echo(quiet)
     if resume:
-        trainer = Trainer.resume(out, changes=_resume_changes(task, model_name, preset, steps, seed, out, overrides, init_from))
+        trainer = Trainer.resume(out, changes=_resume_changes(task, recipe, model_name, preset, steps, seed, device, out,
+                                                              overrides, init_from))
     else:
-        extra = [*overrides]
-        if steps is not None:
-            extra.append(f"train.steps={steps}")
-        if seed is not None:
-            extra.append(f"train.seed={seed}")
-        experiment = apply_overrides(get_preset(task, model_name, preset), extra)
+        experiment = build_experiment(task, model_name, preset, config=recipe, overrides=overrides, steps=steps, seed=seed,
+                                      device=device)
         if init_from is not None:
             import dataclasses
 
@@ -174,13 +304,15 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
         from windtunnel.experiments.telemetry import attach_probes
 
         attach_probes(trainer)
-    click.echo(f"run directory: {out}" + (f" (resumed at step {trainer.step})" if resume else ""))
+    say(f"run directory: {out}" + (f" (resumed at step {trainer.step})" if resume else ""))
+    if recipe is not None:
+        say(f"config: {recipe.name}")
     if trainer.init_step is not None:
-        click.echo(f"model weights from {trainer.experiment.init_from} (step {trainer.init_step})")
+        say(f"model weights from {trainer.experiment.init_from} (step {trainer.init_step})")
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    click.echo(f"{trainer.experiment.name or task}: {n_params:,} parameters, "
-               f"{trainer.config.steps} steps x batch {trainer.config.batch_size} on {trainer.device}")
-    result = trainer.fit(progress=True)
+    say(f"{trainer.experiment.name or task}: {n_params:,} parameters, "
+        f"{trainer.config.steps} steps x batch {trainer.config.batch_size} on {trainer.device}")
+    result = trainer.fit(progress=not quiet)
     cal = result.calibration
     click.echo(f"step {result.step}: loss {result.final_loss_nats:.4f} nats; entropy MAE "
                f"{float(cal.entropy_mae_bits):.4f} bits, KL {float(cal.kl_bits):.4f} bits, "
@@ -188,19 +320,17 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
                f"{result.wall_s:.0f} s")
 
 
-def _resume_changes(task, model_name, preset, steps, seed, out, overrides, init_from) -> dict[str, Any]:
+def _resume_changes(task, recipe, model_name, preset, steps, seed, device, out, overrides, init_from) -> dict[str, Any]:
     """What ``train --resume`` asks to change in the run of ``out``, as Trainer.resume's ``changes``.
 
     Options equal to the run's own values change nothing and pass; a differing TASK, --model,
-    --preset, --seed or --init-from, or a --set of another field, is refused by name.
+    --preset, --seed or --init-from, or a --set (or config file entry, or --device) of another
+    field, is refused by name.
     """
-    from click.core import ParameterSource
-
     from windtunnel.presets import apply_overrides
     from windtunnel.runs import RunDir
     from windtunnel.train import RESUME_CHANGES, config_differences, flatten_config, load_experiment
 
-    ctx = click.get_current_context()
     run = RunDir(out)
     if not run.exists():
         raise click.BadParameter(f"{out} holds no run to resume (no config.json); drop --resume to start one.", param_hint="'--resume'")
@@ -208,16 +338,19 @@ def _resume_changes(task, model_name, preset, steps, seed, out, overrides, init_
     refused = []
     if task != experiment.task_name:
         refused.append(f"TASK {task} (the run is {experiment.task_name})")
-    given = lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE  # noqa: E731
-    if given("model_name") and model_name != experiment.model_name:
+    model_name = model_name or (recipe.model if recipe is not None else None)
+    preset = preset or (recipe.preset if recipe is not None else None)
+    if model_name is not None and model_name != experiment.model_name:
         refused.append(f"--model {model_name} (the run is {experiment.model_name})")
-    if given("preset") and experiment.name and experiment.name.split("/")[-1] != preset:
+    if preset is not None and experiment.name and experiment.name.split("/")[-1] != preset:
         refused.append(f"--preset {preset} (the run is {experiment.name})")
     if seed is not None and seed != experiment.train.seed:
         refused.append(f"--seed {seed} (the run's is {experiment.train.seed})")
     if init_from is not None and init_from != experiment.init_from:
         refused.append(f"--init-from {init_from} (the run's is {experiment.init_from})")
-    amended = apply_overrides(experiment, [*overrides, *([f"train.steps={steps}"] if steps is not None else [])])
+    amended = recipe.apply(experiment) if recipe is not None else experiment
+    amended = apply_overrides(amended, [*overrides, *([f"train.steps={steps}"] if steps is not None else []),
+                                        *([f"train.device={device}"] if device is not None else [])])
     before, after = experiment.to_dict(), amended.to_dict()
     changed = config_differences(before, after)
     refused += [f"--set {k}" for k in changed if k not in RESUME_CHANGES]
@@ -232,8 +365,9 @@ def _resume_changes(task, model_name, preset, steps, seed, out, overrides, init_
 
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--lengths", type=click.IntRange(min=1), multiple=True,
-              help="Sequence lengths to evaluate (HMM n_steps), e.g. --lengths 20 --lengths 50.")
+@_list_option("--lengths", parse=_parse_ints(1), example="20,30,50", metavar="K1,K2,...",
+              help="Sequence lengths to evaluate (HMM n_steps, in steps), comma-separated, e.g. --lengths 20,30,50 "
+                   "[default: the training length].")
 @click.option("--n", "n_sequences", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Held-out sequences per length.")
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
@@ -241,13 +375,16 @@ def _resume_changes(task, model_name, preset, steps, seed, out, overrides, init_
 @click.option("--shift-steps", "step_shift", type=click.IntRange(min=0), default=0, show_default=True,
               help="HMM TinyGPT: read step t at the position rows of step t + N (the training shift's "
                    "layout); writes eval_shiftN.json, leaving eval.json alone.")
-def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
+@_quiet_option
+def eval_command(run_dir, lengths, n_sequences, seed, step_shift, quiet):
     """Evaluate a run's latest checkpoint: per-position calibration curves, JSON and a plot."""
     _check_out(run_dir, "RUN_DIR")
+    from windtunnel._progress import progress_bars
     from windtunnel.experiments.evaluation import evaluate_run
     from windtunnel.reports.evaluation import history_head
 
-    report = evaluate_run(run_dir, lengths=lengths, n_sequences=n_sequences, seed=seed, step_shift=step_shift)
+    with progress_bars(not quiet):
+        report = evaluate_run(run_dir, lengths=lengths or (), n_sequences=n_sequences, seed=seed, step_shift=step_shift)
     if step_shift:
         click.echo(f"steps moved {step_shift} along the position table: step t reads the rows of step t + {step_shift}")
     for name, row in report.summary.items():
@@ -321,14 +458,17 @@ def eval_command(run_dir, lengths, n_sequences, seed, step_shift):
               help="Sequences, the same at every saved model.")
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
               help="Seed of the sequences and of the observation changes.")
-@click.option("--max-lag", type=click.IntRange(min=1), default=5, show_default=True, help="Longest lag measured.")
-def memory_command(run_dir, n_sequences, seed, max_lag):
+@click.option("--max-lag", type=click.IntRange(min=1), default=5, show_default=True, help="Longest lag measured (in steps).")
+@_quiet_option
+def memory_command(run_dir, n_sequences, seed, max_lag, quiet):
     """HMM: how much the belief hears each earlier observation, at every saved model of a run;
     writes memory.json and memory.png."""
     _check_out(run_dir, "RUN_DIR")
+    from windtunnel._progress import progress_bars
     from windtunnel.experiments.evaluation import memory_over_training
 
-    out = memory_over_training(run_dir, n_sequences=n_sequences, seed=seed, max_lag=max_lag)
+    with progress_bars(not quiet):
+        out = memory_over_training(run_dir, n_sequences=n_sequences, seed=seed, max_lag=max_lag)
     lags = [d for d in out["lags"] if d >= 1]
     click.echo("the model's move over the exact filter's when o_{t-d} changes (1 = heard at full weight), "
                "and the entropy MAE on the same sequences:")
@@ -343,12 +483,15 @@ def memory_command(run_dir, n_sequences, seed, max_lag):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--n", "n_sequences", type=click.IntRange(min=2), default=256, show_default=True,
               help="Sequences in the fixed probe batch.")
-def dissociation_command(run_dir, n_sequences):
+@_quiet_option
+def dissociation_command(run_dir, n_sequences, quiet):
     """Frame–precision dissociation (docs/theory.md §8.6) over a run's saved models; writes dissociation.json/.png."""
     _check_out(run_dir, "RUN_DIR")
+    from windtunnel._progress import progress_bars
     from windtunnel.experiments.dissociation import run_dissociation
 
-    out = run_dissociation(run_dir, n_sequences=n_sequences)
+    with progress_bars(not quiet):
+        out = run_dissociation(run_dir, n_sequences=n_sequences)
     click.echo(f"{len(out['steps'])} checkpoints ({out['steps'][0]}..{out['steps'][-1]})")
     for name, step in out["settling_step"].items():
         click.echo(f"  {name:<32} settles at step {step}")
@@ -363,12 +506,15 @@ def dissociation_command(run_dir, n_sequences):
               help="Held-out sequences.")
 @click.option("--seed", type=click.IntRange(min=0), default=12345, show_default=True,
               help="Seed of the held-out sequences.")
-def ablate_command(run_dir, n_sequences, seed):
+@_quiet_option
+def ablate_command(run_dir, n_sequences, seed, quiet):
     """Ablate every head and layer of a run's latest checkpoint (docs/theory.md §8.5); writes ablation.json."""
     _check_out(run_dir, "RUN_DIR")
+    from windtunnel._progress import progress_bars
     from windtunnel.experiments.telemetry import ablate_run
 
-    out = ablate_run(run_dir, n_sequences=n_sequences, seed=seed)
+    with progress_bars(not quiet):
+        out = ablate_run(run_dir, n_sequences=n_sequences, seed=seed)
     click.echo(f"intact: entropy MAE {out['intact']['entropy_mae_bits']:.5f} bits")
     for row in sorted(out["rows"], key=lambda r: -r["delta_mae_bits"])[:10]:
         where = f"L{row['layer']}" + (f"H{row['head']}" if row["head"] is not None else "")
@@ -407,7 +553,8 @@ def report_command(run_dir, out):
               help="Read at most this many tokens of the text (and no more than the model's positions).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/inspect", show_default=True,
               help="Folder for inspect.json and inspect.html.")
-def inspect_command(model_dir, text_file, max_tokens, out):
+@_quiet_option
+def inspect_command(model_dir, text_file, max_tokens, out, quiet):
     """Routing law, attention focusing and key geometry of every head of a local Hugging Face model.
 
     MODEL_DIR is a directory written by save_pretrained (config.json, *.safetensors, the
@@ -417,7 +564,8 @@ def inspect_command(model_dir, text_file, max_tokens, out):
     _check_out(out)
     from windtunnel.experiments.inspection import inspect_model_dir
 
-    result = inspect_model_dir(model_dir, text_file, out=out, max_tokens=max_tokens)
+    with _busy("inspect: reading the model, one recorded forward and backward pass", quiet):
+        result = inspect_model_dir(model_dir, text_file, out=out, max_tokens=max_tokens)
     click.echo(f"{result['model_class']} ({result['model_type']}), {result['n_tokens']} tokens of "
                f"{result['n_text_tokens']}: next-token cross-entropy {result['loss_nats']:.4f} nats")
     click.echo("layer  heads  attention entropy (bits)  mean |advantage|  keys mean |cos|  law check rel. error")
@@ -455,17 +603,27 @@ def upgrade_command(run_dir):
 
 @main.command("sweep")
 @click.argument("task", type=click.Choice(["bijection", "hmm", "recall"]))
-@click.option("--model", "model_name", default="transformer", show_default=True,
-              type=click.Choice(["transformer", "mlp", "lstm", "hf"]), help="The model of every trial (as for train).")
-@click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
-              help="The recipe every trial starts from (as for train).")
-@click.option("--seeds", required=True, metavar="SEEDS",
-              help="train.seed of the trials: a range and/or a list, e.g. 0-4 or 0,3,7; every grid point runs every seed.")
+@click.option("--config", "config", default=None, metavar="FILE|NAME",
+              help="The recipe every trial starts from, as for train: a TOML file, a shipped recipe or a preset "
+                   "(windtunnel presets); --set, --steps, --device and the grid apply on top [default: none].")
+@click.option("--model", "model_name", default=None,
+              type=click.Choice(["transformer", "mlp", "lstm", "hf"]),
+              help="The model of every trial (as for train) [default: the config file's, else transformer].")
+@click.option("--preset", default=None, type=click.Choice(["cpu", "paper"]),
+              help="The preset every trial starts from (as for train) [default: the config file's, else cpu].")
+@_list_option("--seeds", parse=_parse_seed_list, example="0-4", required=True, metavar="SEEDS",
+              help="train.seed of the trials, one list: a range and/or comma-separated seeds, e.g. 0-4 or 0,3,7; "
+                   "every grid point runs every seed (required).")
 @click.option("--grid", "grid", multiple=True, metavar="SECTION.FIELD=V1,V2",
-              help="A key and its values, e.g. --grid train.lr=1e-3,3e-4 (repeatable; the trials are every combination).")
+              help="A key and its comma-separated values, e.g. --grid train.lr=1e-3,3e-4 (repeatable, one key each; the "
+                   "trials are every combination). A list-valued field's values are bracketed: --grid "
+                   "eval_lengths=[30,50],[] [default: none, one grid point].")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
-              help="An override common to every trial, as for train (repeatable).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps of every trial.")
+              help="An override common to every trial, as for train (repeatable; a list field takes comma-separated "
+                   "values) [default: none].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Override train.steps (optimizer steps) of every trial [default: the preset's].")
+@_device_option("the trials")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="The sweep directory: sweep.json, runs/<trial>/, summary.csv, summary.json. Rerunning the same "
                    "command continues it: finished trials are skipped, killed ones resume from their checkpoints.")
@@ -478,12 +636,14 @@ def upgrade_command(run_dir):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per trial (a Ray trial asks for this many CPUs) [default: local: cores // workers; ray: 1].")
 @click.option("--address", default=None, help="Ray cluster to join ('auto' or HOST:PORT; --backend ray); the sweep "
-              "directory must be on a file system every node sees.")
-@click.option("--gpus-per-trial", "gpus_per_trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="GPU share of each trial, e.g. 0.25 trains four trials side by side on one GPU; 0 trains on the CPU.")
+              "directory must be on a file system every node sees [default: a local Ray instance].")
+@click.option("--gpus-per-trial", "gpus_per_trial", type=click.FloatRange(min=0), default=None,
+              help="GPU share of each trial, e.g. 0.25 trains four trials side by side on one GPU; 0 trains on the CPU "
+                   "[default: 1 with --device cuda, or --device auto on a machine with a GPU; else 0].")
 @click.option("--retry-failed", is_flag=True, help="Resume the trials a previous run recorded as failed, too.")
-def sweep_command(task, model_name, preset, seeds, grid, overrides, steps, out, backend, workers, threads, address,
-                  gpus_per_trial, retry_failed):
+@_quiet_option
+def sweep_command(task, config, model_name, preset, seeds, grid, overrides, steps, device, out, backend, workers, threads,
+                  address, gpus_per_trial, retry_failed, quiet):
     """Train a grid of settings over several seeds; each trial is an ordinary run directory.
 
     Every trial's config is checked before anything starts. A failing trial is recorded as failed
@@ -492,17 +652,21 @@ def sweep_command(task, model_name, preset, seeds, grid, overrides, steps, out, 
     deviation, 95 % interval over seeds, n); `windtunnel compare OUT` prints and draws them.
     """
     _check_out(out)
-    from windtunnel.experiments.sweep import compare_sweeps, parse_grid, parse_seeds, plan_sweep, run_sweep
+    _check_sets(overrides)
+    _check_device(device)
+    from windtunnel.experiments.sweep import compare_sweeps, parse_grid, plan_sweep, run_sweep
 
-    try:
-        seed_list = parse_seeds(seeds)
-    except ValueError as err:
-        raise click.BadParameter(str(err).removeprefix("--seeds ").removeprefix("--seeds: "), param_hint="'--seeds'") from None
     if address is not None and backend != "ray":
         raise click.UsageError("--address names a Ray cluster; add --backend ray.")
-    spec = plan_sweep(task, model_name, preset, seed_list, parse_grid(grid), overrides, steps)
+    if gpus_per_trial is None:
+        import torch
+
+        gpus_per_trial = 1.0 if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else 0.0
+    elif device == "cuda" and not gpus_per_trial:
+        raise click.UsageError("--device cuda and --gpus-per-trial 0 contradict each other; drop one.")
+    spec = plan_sweep(task, model_name, preset, seeds, parse_grid(grid), overrides, steps, config=config, device=device)
     summary = run_sweep(spec, out, backend=backend, workers=workers, threads=threads, gpus_per_trial=gpus_per_trial,
-                        address=address, retry_failed=retry_failed, echo=click.echo)
+                        address=address, retry_failed=retry_failed, echo=_echo(quiet))
     if summary["metrics"]:
         click.echo(compare_sweeps([out], metric="entropy_mae_bits" if "entropy_mae_bits" in summary["metrics"] else summary["metrics"][0])["text"])
     counts = summary["counts"]
@@ -531,6 +695,36 @@ def compare_command(sweep_dirs, metric, out):
     click.echo(f"wrote {result['figure']}")
 
 
+@main.command("presets")
+@click.option("--show", "show", default=None, metavar="NAME",
+              help="Print this preset's or shipped recipe's TOML (to copy into a file and edit) [default: list them all].")
+def presets_command(show):
+    """List the presets and the shipped recipes that --config NAME accepts: name, task, model, description, source.
+
+    A preset (task/model/preset, e.g. hmm/transformer/cpu) is the starting point of --preset; a
+    recipe is a config file of settings over a preset, measured in RESULTS.md / BENCHMARKS.md.
+    """
+    from windtunnel.presets import list_recipes, load_recipe, preset_names, recipe_names
+
+    if show is not None:
+        if show not in {*preset_names(), *recipe_names()}:
+            from windtunnel._checks import close_matches
+
+            raise click.BadParameter(f"no preset or shipped recipe {show!r};{close_matches(show, [*preset_names(), *recipe_names()])} "
+                                     "windtunnel presets lists them.", param_hint="'--show'")
+        click.echo(load_recipe(show).text, nl=False)
+        return
+    recipes = list_recipes()
+    width = max(len(r.name) for r in recipes)
+    for title, group in (("presets (--preset, or --config NAME):", [r for r in recipes if r.name.count("/") == 2]),
+                         ("recipes (--config NAME):", [r for r in recipes if r.name.count("/") != 2])):
+        click.echo(title)
+        for r in group:
+            click.echo(f"  {r.name:<{width}}  {r.task:<9}  {r.model:<11}  {r.description}")
+            click.echo(f"  {'':<{width}}  source: {r.source}")
+    click.echo("windtunnel presets --show NAME prints one as TOML; windtunnel train TASK --config NAME|FILE runs it.")
+
+
 @main.group()
 def reproduce() -> None:
     """Reproduce a paper experiment and write results, figures and a report."""
@@ -541,16 +735,23 @@ def _wind_tunnel_command(task: str):
     @click.option("--preset", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]),
                   help="'paper': the paper's recipe (meant for a GPU); 'cpu': ours, sized for 2 CPU cores.")
     @click.option("--out", type=click.Path(file_okay=False), default=None,
-                  help=f"Output directory (default runs/reproduce-{task}-<preset>).")
-    @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed of every model.")
-    @click.option("--models", multiple=True, type=click.Choice(["transformer", "mlp", "lstm"]),
-                  help="Train only these models (repeatable); default: every preset model of the task.")
-    def command(preset, out, seed, models):
+                  help=f"Output directory [default: runs/reproduce-{task}-<preset>].")
+    @click.option("--seed", type=click.IntRange(min=0), default=None,
+                  help="Override train.seed of every model [default: the presets', 0].")
+    @_list_option("--models", parse=_parse_choices(("transformer", "mlp", "lstm")), example="transformer,lstm",
+                  metavar="MODELS", help="Train only these models, comma-separated from transformer, mlp, lstm "
+                                         "[default: every preset model of the task].")
+    @_device_option("the models")
+    @_quiet_option
+    def command(preset, out, seed, models, device, quiet):
+        from windtunnel._progress import progress_bars
         from windtunnel.experiments.wind_tunnels import reproduce as run
 
+        _check_device(device)
         out = out or f"runs/reproduce-{task}-{preset}"
         _check_out(out)
-        result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
+        with progress_bars(not quiet):
+            result = run(task, preset=preset, out=out, seed=seed, models=models, device=device, progress=not quiet)
         click.echo((Path(out) / "model_comparison.md").read_text())
         click.echo(f"wrote {out}/model_comparison.json, model_comparison.md and model_comparison.png ({len(result['models'])} models)")
 
@@ -567,30 +768,14 @@ ARM_CHOICES = ("sgd", "two_timescale", "em", "alternating", "adam")
 PAPER_SEEDS = (42, 2024, 1337, 7777, 9999)
 
 
-def _parse_arms(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    arms = tuple(a.strip() for a in value.split(",") if a.strip())
-    bad = [a for a in arms if a not in ARM_CHOICES]
-    if not arms or bad or len(set(arms)) != len(arms):
-        raise click.BadParameter(
-            f"must be a comma-separated list of distinct names from {', '.join(ARM_CHOICES)}; got {value!r}.",
-            ctx=ctx,
-            param=param,
-        )
-    return arms
-
-
 @reproduce.command("em-vs-sgd")
-@click.option(
+@_list_option(
     "--seeds",
-    "n_seeds",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Number of seeds: the first N of 42, 2024, 1337, 7777, 9999, then 100, 101, ... "
-    "[default: 5; 2 with --quick]",
+    parse=_parse_seed_list,
+    example="42,2024,1337",
+    metavar="SEEDS",
+    help="Run seeds, one list: comma-separated seeds and/or ranges, e.g. 42,2024,1337 or 0-4 "
+    "[default: the paper's 42,2024,1337,7777,9999; 42,2024 with --quick].",
 )
 @click.option(
     "--steps",
@@ -599,11 +784,12 @@ def _parse_arms(
     default=None,
     help="Optimiser steps per arm [default: 1000; 300 with --quick].",
 )
-@click.option(
+@_list_option(
     "--arms",
-    callback=_parse_arms,
-    default=None,
-    help="Comma-separated arms from sgd, two_timescale, em, alternating, adam "
+    parse=_parse_choices(ARM_CHOICES),
+    example="sgd,two_timescale,em",
+    metavar="ARMS",
+    help="Optimiser arms, comma-separated from sgd, two_timescale, em, alternating, adam "
     "[default: sgd,two_timescale].",
 )
 @click.option(
@@ -654,8 +840,9 @@ def _parse_arms(
     "each with one torch thread (robust when other jobs share the cores); the deep "
     "model uses torch intra-op threads [default: torch's thread count].",
 )
+@_quiet_option
 def em_vs_sgd_command(
-    n_seeds, n_steps, arms, model, out_dir, quick, rng, normalization, telemetry_every, threads
+    seeds, n_steps, arms, model, out_dir, quick, rng, normalization, telemetry_every, threads, quiet
 ) -> None:
     """Paper II: EM-like (two-timescale) vs SGD on the sticky Markov chain (docs/theory.md §4).
 
@@ -673,8 +860,7 @@ def em_vs_sgd_command(
         raise click.UsageError(
             "--arms applies to --model single only; --model deep trains with AdamW."
         )
-    n_seeds = n_seeds or (2 if quick else 5)
-    seeds = (PAPER_SEEDS + tuple(range(100, 100 + max(0, n_seeds - 5))))[:n_seeds]
+    seeds = seeds or PAPER_SEEDS[: 2 if quick else 5]
     torch_threads = torch.get_num_threads()
     threads = threads or torch_threads
     config = EmVsSgdConfig(
@@ -689,7 +875,7 @@ def em_vs_sgd_command(
     )
     torch.set_num_threads(1 if model == "single" else threads)
     try:
-        with tqdm(total=total_steps(config), desc=f"em-vs-sgd ({model})", unit="step") as bar:
+        with tqdm(total=total_steps(config), desc=f"em-vs-sgd ({model})", unit="step", disable=quiet) as bar:
             results = run_em_vs_sgd(config, progress=bar.update)
     finally:
         torch.set_num_threads(torch_threads)

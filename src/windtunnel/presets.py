@@ -22,7 +22,20 @@ from typing import Any
 from windtunnel._checks import ConfigError, close_matches
 from windtunnel.train import ExperimentConfig, TrainConfig
 
-__all__ = ["HF_PRESETS", "PRESETS", "apply_overrides", "get_preset", "preset_names"]
+__all__ = [
+    "HF_PRESETS",
+    "PRESETS",
+    "Recipe",
+    "apply_overrides",
+    "build_experiment",
+    "get_preset",
+    "list_recipes",
+    "load_recipe",
+    "parse_recipe",
+    "preset_names",
+    "preset_toml",
+    "recipe_names",
+]
 
 
 def _bijection(model_name: str, model: dict[str, Any], train: dict[str, Any], name: str) -> ExperimentConfig:
@@ -207,11 +220,39 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+def _as_list(value: Any) -> Any:
+    """A list-valued field's value in the one list form of the command line: ``30,50`` (text)
+    becomes ``[30, 50]``, a single ``50`` becomes ``[50]``, an empty value ``[]``; a list (JSON
+    ``[30, 50]``, TOML ``[30, 50]``) is kept."""
+    if isinstance(value, str):
+        return [_parse_value(part.strip()) for part in value.split(",") if part.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
+def _current_value(config: ExperimentConfig, data: dict[str, Any], section: str, name: str) -> Any:
+    """The value ``section.name`` has in ``config`` (defaults included), to tell list-valued fields."""
+    if section == "train":
+        return data["train"].get(name)
+    if section == "model":
+        return getattr(config.model_config(), name, None)
+    return getattr(config.build_task(), name, None)
+
+
+def apply_overrides(
+    config: ExperimentConfig, overrides: Sequence[str | tuple[str, Any]], *, source: str = "the overrides"
+) -> ExperimentConfig:
     """Apply ``section.field=value`` overrides (values parsed as JSON, else kept as strings).
 
     Sections: ``train`` (TrainConfig fields), ``model`` (model-config fields), ``task`` (task
-    fields); top-level ``name``, ``eval_lengths`` and ``train_lengths`` too. Every problem is reported at once.
+    fields); top-level ``name``, ``eval_lengths`` and ``train_lengths`` too. A list-valued field
+    (``eval_lengths``, ``train.betas``, ...) takes comma-separated values, ``eval_lengths=30,50``
+    (a JSON list is read too). An item may also be a ``(key, value)`` pair with the value already
+    parsed (a config file's entries). Every problem is reported at once.
+
+    Args:
+        source: names where the items come from in the error ("the overrides", a file's path).
 
     Raises:
         ConfigError / ValueError: listing each malformed or unknown key with close matches, and
@@ -223,25 +264,277 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
     task_fields = {f.name for f in dataclasses.fields(type(config.build_task()))}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip().removeprefix("--")
-        if not sep:
-            problems.append(f"override {item!r} must look like section.field=value")
-            continue
-        value = _parse_value(raw)
+        if isinstance(item, tuple):
+            key, value = item
+            shown = key
+        else:
+            key, sep, raw = item.partition("=")
+            key = key.strip().removeprefix("--")
+            if not sep:
+                problems.append(f"override {item!r} must look like section.field=value")
+                continue
+            value = _parse_value(raw)
+            shown = f"--{key}"
         if key in ("name", "eval_lengths", "train_lengths"):
-            data[key] = value
+            data[key] = value if key == "name" else _as_list(value)
             continue
         section, dot, name = key.partition(".")
         known = {"train": train_fields, "model": model_fields, "task": task_fields}.get(section)
         if not dot or known is None:
-            problems.append(f"--{key} must start with train., model. or task. (or be name, eval_lengths, train_lengths).")
+            problems.append(f"{shown} must start with train., model. or task. (or be name, eval_lengths, train_lengths).")
             continue
         if name not in known:
             owner = {"train": "TrainConfig", "model": type(config.model_config()).__name__, "task": type(config.build_task()).__name__}[section]
-            problems.append(f"--{key} is not a field of {owner};{close_matches(name, known) or ' its fields: ' + ', '.join(sorted(known)) + '.'}")
+            problems.append(f"{shown} is not a field of {owner};{close_matches(name, known) or ' its fields: ' + ', '.join(sorted(known)) + '.'}")
             continue
+        if isinstance(_current_value(config, data, section, name), (list, tuple)):
+            value = _as_list(value)
         data[section][name] = value
     if problems:
-        raise ConfigError("the overrides", problems)
+        raise ConfigError(source, problems)
     return ExperimentConfig.from_dict(data)
+
+
+# --- recipes: configs as TOML files -------------------------------------------------------------
+
+RECIPE_SECTIONS = ("train", "model", "task")
+RECIPE_TOP_LEVEL = ("name", "eval_lengths", "train_lengths")
+RECIPE_HEADER = ("task", "model", "preset", "description", "source")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A config file: the preset it starts from and the settings it changes.
+
+    Attributes:
+        name: the shipped recipe's or the preset's name, or the file's path.
+        task, model, preset: the preset the settings apply to (``[recipe]``; None when the file
+            leaves it to the command line).
+        description: one line (``[recipe] description``).
+        source: where the recipe was measured (``[recipe] source``: a RESULTS.md / BENCHMARKS.md row).
+        settings: ``(key, value)`` pairs in file order, keys as for ``--set`` (``train.lr``).
+        text: the TOML text.
+    """
+
+    name: str
+    task: str | None
+    model: str | None
+    preset: str | None
+    description: str
+    source: str
+    settings: tuple[tuple[str, Any], ...]
+    text: str
+
+    def apply(self, config: ExperimentConfig) -> ExperimentConfig:
+        """``config`` with this recipe's settings applied.
+
+        Raises:
+            ValueError: naming the file, the key and the rule, for an unknown key or a value the
+                field refuses.
+        """
+        try:
+            return apply_overrides(config, self.settings, source=self.name)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{self.name}: {err}") from None
+
+
+def _toml() -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ImportError("config files are read with tomllib, which needs Python >= 3.11 (or pip install tomli).") from None
+    return tomllib
+
+
+def _recipe_files() -> dict[str, Any]:
+    from importlib.resources import files
+
+    folder = files("windtunnel") / "recipes"
+    return {entry.name.removesuffix(".toml"): entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (``windtunnel/recipes/*.toml``), by name."""
+    return sorted(_recipe_files())
+
+
+def parse_recipe(text: str, name: str) -> Recipe:
+    """A :class:`Recipe` from TOML text; ``name`` (the file's path or the recipe's name) heads every error.
+
+    The file: optional top-level ``name``, ``eval_lengths``, ``train_lengths``; an optional
+    ``[recipe]`` table (``task``, ``model``, ``preset``, ``description``, ``source``); tables
+    ``[train]``, ``[model]``, ``[task]`` of fields, as ``--set`` names them.
+
+    Raises:
+        ValueError: not TOML, an unknown table or key, a table where a value belongs.
+    """
+    tomllib = _toml()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{name}: not valid TOML: {err}.") from None
+    problems, settings = [], []
+    header = data.get("recipe", {})
+    if not isinstance(header, dict):
+        problems.append("recipe must be a table ([recipe])")
+        header = {}
+    for key, value in header.items():
+        if key not in RECIPE_HEADER:
+            problems.append(f"[recipe] {key} is not a recipe key;{close_matches(key, RECIPE_HEADER) or ' they are: ' + ', '.join(RECIPE_HEADER) + '.'}")
+        elif not isinstance(value, str):
+            problems.append(f"[recipe] {key} must be a string; got {value!r}")
+    for key, value in data.items():
+        if key == "recipe":
+            continue
+        if key in RECIPE_SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{key} must be a table ([{key}]) of fields; got {value!r}")
+                continue
+            for field_name, field_value in value.items():
+                if isinstance(field_value, dict):
+                    problems.append(f"[{key}] {field_name} must be a value, not a table")
+                else:
+                    settings.append((f"{key}.{field_name}", field_value))
+        elif key in RECIPE_TOP_LEVEL and not isinstance(value, dict):
+            settings.append((key, value))
+        else:
+            known = ("recipe", *RECIPE_SECTIONS, *RECIPE_TOP_LEVEL)
+            what = f"[{key}] is not a section" if isinstance(value, dict) else f"{key} is not a top-level key"
+            problems.append(f"{what};{close_matches(key, known) or ''} the sections are [recipe], [train], [model], [task]; "
+                            "the top-level keys name, eval_lengths, train_lengths (before the first section)")
+    if problems:
+        raise ConfigError(name, problems)
+    text_of = {k: header.get(k) for k in RECIPE_HEADER}
+    return Recipe(name=name, task=text_of["task"], model=text_of["model"], preset=text_of["preset"],
+                  description=text_of["description"] or "", source=text_of["source"] or "", settings=tuple(settings), text=text)
+
+
+def _preset_source(key: str) -> str:
+    task, model, preset = key.split("/")
+    if preset == "paper":
+        return "the paper's recipe (docs/theory.md §6.2)" if key != "recall/transformer/paper" else "ours, no published recipe (docs/theory.md §6.2)"
+    return "ours, sized for 2 CPU cores (BENCHMARKS.md, wind tunnels: training to calibration on the 2-core machine)"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(repr(value), repr(value))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def preset_toml(key: str) -> str:
+    """The preset ``task/model/preset`` as a complete config file: every field it sets, to copy and edit.
+
+    TOML has no null: a field that is None is written as a comment (set it with ``--set section.field=null``).
+    """
+    known = {**PRESETS, **HF_PRESETS}
+    if key not in known:
+        raise ValueError(f"preset_toml: no preset {key!r};{close_matches(key, known)} available: {', '.join(preset_names())}.")
+    config = known[key]()
+    data = config.to_dict()
+    task, model, preset = key.split("/")
+    description = (known[key].__doc__ or "").strip().splitlines()[0]
+    lines = [f"# windtunnel preset {key}: every field it sets. Edit and run with --config FILE.", ""]
+    for top in RECIPE_TOP_LEVEL:
+        if top != "name" and data[top]:
+            lines.append(f"{top} = {_toml_value(data[top])}")
+    lines += ["", "[recipe]", f"task = {json.dumps(task)}", f"model = {json.dumps(model)}", f"preset = {json.dumps(preset)}",
+              f"description = {_toml_value(description)}", f"source = {_toml_value(_preset_source(key))}"]
+    for section in ("task", "model", "train"):
+        if not data[section] and section != "train":
+            continue
+        lines += ["", f"[{section}]"]
+        for name, value in data[section].items():
+            lines.append(f"# {name}: None (TOML has no null; --set {section}.{name}=null)" if value is None else f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A config file by path, a shipped recipe by name (:func:`recipe_names`), or a preset by key
+    (``hmm/transformer/cpu``, as :func:`preset_toml` writes it), in that order.
+
+    Raises:
+        ValueError: when it is none of them (naming the shipped recipes), or the file is not a
+            valid recipe (naming the file and the key).
+        OSError: a file that cannot be read.
+    """
+    from pathlib import Path
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return parse_recipe(path.read_text(encoding="utf-8"), str(path))
+    shipped = _recipe_files()
+    if name_or_path in shipped:
+        return parse_recipe(shipped[name_or_path].read_text(encoding="utf-8"), name_or_path)
+    if name_or_path in {**PRESETS, **HF_PRESETS}:
+        return parse_recipe(preset_toml(name_or_path), name_or_path)
+    if path.is_dir():
+        raise ValueError(f"{name_or_path} is a directory, not a config file.")
+    if path.suffix == ".toml" or "/" in name_or_path or "\\" in name_or_path:
+        raise ValueError(f"{name_or_path}: no such file (and no shipped recipe or preset has that name).")
+    raise ValueError(
+        f"{name_or_path!r} is neither a file, a shipped recipe nor a preset;{close_matches(name_or_path, [*shipped, *preset_names()])} "
+        f"shipped recipes: {', '.join(sorted(shipped)) or 'none'} (windtunnel presets lists them with the presets)."
+    )
+
+
+def list_recipes() -> list[Recipe]:
+    """Every preset (as :func:`preset_toml` writes it), then every shipped recipe."""
+    return [load_recipe(key) for key in preset_names()] + [load_recipe(name) for name in recipe_names()]
+
+
+def build_experiment(
+    task: str,
+    model: str | None = None,
+    preset: str | None = None,
+    *,
+    config: str | Recipe | None = None,
+    overrides: Sequence[str] = (),
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> ExperimentConfig:
+    """The config ``windtunnel train`` builds: preset defaults < config file < ``--set``, ``--steps``,
+    ``--seed``, ``--device``.
+
+    Args:
+        task: the task (TASK); a config file naming another task is refused.
+        model, preset: the preset (``--model``, ``--preset``); None takes the config file's
+            choice (``[recipe] model``/``preset``), else "transformer" / "cpu". Naming one the
+            file contradicts is refused.
+        config: a :class:`Recipe` or what :func:`load_recipe` reads (a path, a shipped recipe, a preset key).
+        overrides: ``section.field=value`` items (``--set``), applied after the file.
+        steps, seed, device: ``train.steps``, ``train.seed``, ``train.device``, applied last.
+
+    Raises:
+        ValueError: a contradiction between the file and the command, an unknown key or a bad
+            value (naming the file for the file's own keys).
+    """
+    recipe = load_recipe(str(config)) if config is not None and not isinstance(config, Recipe) else config
+    if recipe is not None:
+        clashes = [f"{what} {asked} (the file says {theirs})" for what, asked, theirs in
+                   (("TASK", task, recipe.task), ("--model", model, recipe.model), ("--preset", preset, recipe.preset))
+                   if asked is not None and theirs is not None and asked != theirs]
+        if clashes:
+            raise ValueError(f"{recipe.name} is a recipe for {recipe.task or task}/{recipe.model or model or 'transformer'}/"
+                             f"{recipe.preset or preset or 'cpu'}; the command asks for {', '.join(clashes)}. Drop the option "
+                             "(the file chooses) or edit the file's [recipe] table.")
+        model, preset = model or recipe.model, preset or recipe.preset
+    experiment = get_preset(task, model or "transformer", preset or "cpu")
+    if recipe is not None:
+        experiment = recipe.apply(experiment)
+    extra = [*overrides, *(f"train.{k}={v}" for k, v in (("steps", steps), ("seed", seed), ("device", device)) if v is not None)]
+    return apply_overrides(experiment, extra) if extra else experiment

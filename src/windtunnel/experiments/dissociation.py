@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 import windtunnel.sites as sites
+from windtunnel._progress import track
 from windtunnel.geometry import (
     ValueManifoldPCA,
     attention_js_divergence_bits,
@@ -119,7 +120,7 @@ def run_dissociation(
     def put(name: str, value: Any) -> None:
         series.setdefault(name, []).append(None if value is None or not math.isfinite(float(value)) else float(value))
 
-    for step in steps:
+    for step in track(steps, desc="dissociation: saved models", unit="model"):
         model = model_at(step)
         st = collect_states(model, task, batch)
         snap = geometry_snapshot(model, task, batch, states=st, generator=torch.Generator().manual_seed(seed))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from windtunnel._progress import track
 from windtunnel.models import TinyGPT
 from windtunnel.probes import (
     calibrate,
@@ -208,7 +209,7 @@ def evaluate_run(
     generator = torch.Generator().manual_seed(seed)
     summary, curves, history = {}, {}, {}
     geometry: dict[str, Any] | None = None
-    for name, task in tasks.items():
+    for name, task in track(tasks.items(), desc="eval: lengths", unit="length"):
         batches = [task.sample(min(batch_size, n_sequences - i), generator=generator) for i in range(0, n_sequences, batch_size)]
         if geometry is None and not step_shift and task.seq_len == base.seq_len:
             geometry = geometry_of_run(model, task, batches[0])
@@ -274,7 +275,7 @@ def memory_over_training(
     batch = task.sample(n_sequences, generator=torch.Generator().manual_seed(seed))
     model = experiment.build_model(None)
     out: dict[str, Any] = {"steps": [], "lags": [], "bayes_move_tv": [], "model_move_tv": [], "response_error_tv": [], "entropy_mae_bits": []}
-    for step, state in states.items():
+    for step, state in track(states.items(), desc="memory: saved models", unit="model"):
         model.load_state_dict(state, strict=True)
         lag = hmm_lag_response(model, task, batch, generator=torch.Generator().manual_seed(seed), max_lag=max_lag)
         out["steps"].append(step)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.comparison import seed_statistics
-from windtunnel.presets import apply_overrides, get_preset
+from windtunnel.presets import Recipe, apply_overrides, build_experiment, load_recipe
 from windtunnel.runs import RunDir, SweepDir, json_ready, write_json_atomic, write_text_atomic
 from windtunnel.train import ExperimentConfig, Trainer, load_experiment
 
@@ -160,12 +160,19 @@ def plan_sweep(
     grid: Sequence[tuple[str, Sequence[str]]],
     overrides: Sequence[str] = (),
     steps: int | None = None,
+    *,
+    config: str | Recipe | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Every trial of a sweep, validated: the spec saved as SWEEP_DIR/sweep.json.
 
-    Each trial's config is the preset ``task/model/preset`` with ``overrides`` (``--set``),
-    ``steps`` (``--steps``), one value of each grid key and ``train.seed`` applied, in that
-    order, and validated as ``windtunnel train`` would validate it.
+    Each trial's config is the preset ``task/model/preset`` with the config file ``config``
+    (``--config``), ``overrides`` (``--set``), ``steps`` (``--steps``), ``device`` (``--device``),
+    one value of each grid key and ``train.seed`` applied, in that order
+    (:func:`~windtunnel.presets.build_experiment`, as ``windtunnel train`` builds a run), and
+    validated as ``windtunnel train`` would validate it. ``model`` or ``preset`` None take the
+    config file's choice (else transformer, cpu). The spec holds ``config`` (the file's name and
+    settings) and ``device`` only when given, so sweeps planned without them keep their spec.
 
     Returns:
         {"format", "version", "task", "model", "preset", "seeds", "grid_keys", "grid" (key ->
@@ -181,9 +188,9 @@ def plan_sweep(
     """
     if not seeds:
         raise ValueError("--seeds: a sweep needs at least one seed.")
-    base = get_preset(task, model, preset)
-    common = [*overrides, *([f"train.steps={steps}"] if steps is not None else [])]
-    base = apply_overrides(base, common)
+    recipe = load_recipe(str(config)) if config is not None and not isinstance(config, Recipe) else config
+    base = build_experiment(task, model, preset, config=recipe, overrides=overrides, steps=steps, device=device)
+    model, preset = base.model_name, preset or (recipe.preset if recipe is not None else None) or "cpu"
     given = {item.partition("=")[0].strip().removeprefix("--") for item in overrides}
     problems = []
     for key, values in grid:
@@ -236,6 +243,8 @@ def plan_sweep(
         "grid": {key: list(values) for key, values in grid},
         "set": list(overrides),
         "steps": steps,
+        **({"config": {"name": recipe.name, "settings": [list(item) for item in recipe.settings]}} if recipe is not None else {}),
+        **({"device": device} if device is not None else {}),
         "trials": trials,
     }
 

@@ -39,13 +39,13 @@ def paper_rows(task: str, model: str) -> list[tuple[str, float, str]]:
     return [(n.quantity, n.value, n.source) for n in paper_numbers(task, model) if n.value is not None]
 
 
-def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool) -> None:
+def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool, device: str | None = None) -> None:
     """Train the preset ``key`` in ``run_dir``; a run there of the same config is resumed (or
     skipped when finished), a run of another config (another seed) is refused."""
     run = RunDir(run_dir)
     experiment = PRESETS[key]()
-    if seed is not None:
-        experiment = apply_overrides(experiment, [f"train.seed={seed}"])
+    if seed is not None or device is not None:
+        experiment = apply_overrides(experiment, [f"train.{k}={v}" for k, v in (("seed", seed), ("device", device)) if v is not None])
     if run.exists():
         theirs = load_experiment(run)
         differ = config_differences(theirs.to_dict(), experiment.to_dict())
@@ -62,8 +62,10 @@ def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool) 
     Trainer(experiment, run_dir).fit(progress=progress)
 
 
-def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | None = None, models: tuple[str, ...] | None = None, progress: bool = True) -> dict[str, Any]:
+def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | None = None, models: tuple[str, ...] | None = None, progress: bool = True, device: str | None = None) -> dict[str, Any]:
     """Train and compare every preset model of ``task`` (see the module docstring).
+
+    ``device`` ("auto", "cpu", "cuda") sets every model's ``train.device``; None keeps the presets' (auto).
 
     Raises:
         ValueError: when the task has no preset of that name.
@@ -77,7 +79,7 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
     for model_name in chosen:
         key = f"{task}/{model_name}/{preset}"
         run_dir = out / model_name
-        _train_or_resume(key, run_dir, seed, progress)
+        _train_or_resume(key, run_dir, seed, progress, device)
         experiment = get_preset(task, model_name, preset)
         lengths = (experiment.build_task().n_steps, *experiment.eval_lengths) if experiment.eval_lengths else ()
         report = evaluate_run(run_dir, lengths=lengths)

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 import windtunnel.sites as sites
+from windtunnel._progress import track
 from windtunnel.probes._common import _require
 from windtunnel.probes.calibration import calibrate
 from windtunnel.tasks import Batch
@@ -58,7 +59,7 @@ def ablation_table(model: nn.Module, task: Any, batches: Sequence[Batch]) -> Abl
     for kind in ("bypass", "zero_attn_out", "zero_mlp_out"):
         cases += [(kind, l, None, {kind: [l]}) for l in range(n_layers)]
     rows = []
-    for kind, layer, head, kwargs in cases:
+    for kind, layer, head, kwargs in track(cases, desc="ablate: heads and layers", unit="ablation"):
         with sites.ablated(model, **kwargs):
             cal = calibrate(model, task, batches).scalars()
         mae, base = cal["entropy_mae_bits"], intact["entropy_mae_bits"]
