@@ -265,7 +265,9 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
             f"{owner}.forward: position_ids must lie in [0, n_positions) = [0, {n_positions}); "
             f"got values in [{low}, {high}]."
         )
-    return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
+    # page-locked ids (the trainer's shifted positions on CUDA) are copied without a host wait
+    moved = position_ids.to(device=tokens.device, dtype=torch.long, non_blocking=position_ids.is_pinned())
+    return moved.expand(batch, seq_len)
 
 
 def check_common_fields(
