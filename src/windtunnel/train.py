@@ -872,15 +872,15 @@ class Trainer:
         aux_loss = auxiliary_loss_nats(logits, batch, task) if self.config.aux_loss_weight > 0 else None
         return loss, aux_loss, logits.shape[-1]
 
-    def _check_steps(self, pending: list[tuple[int, float, int, torch.Tensor]]) -> tuple[float, float, float]:
+    def _check_steps(self, pending: list[tuple[int, float, int, torch.Tensor]]) -> tuple[float, float, float, float]:
         """Read back the values of the steps in ``pending`` (one device sync for all of them),
         check them in step order exactly as a check after every step would, and empty it.
 
         Each step's [loss, auxiliary loss, gradient norm, max |w| after its update] is checked in
         the order the step made them: a non-finite loss, a diverged loss, a non-finite auxiliary
         loss or gradient norm, then non-finite weights. The first failure stops the run at its
-        step, with the last finite loss before it. Returns (loss, auxiliary loss, gradient norm)
-        of the last step, and sets ``last_loss``.
+        step, with the last finite loss before it. Returns (learning rate, loss, auxiliary loss,
+        gradient norm) of the last step, and sets ``last_loss``.
 
         Raises:
             FloatingPointError: as :meth:`fit` describes.
@@ -888,7 +888,7 @@ class Trainer:
         rows = torch.stack([values for *_, values in pending]).tolist()
         now = self.step
         cfg = self.config
-        for (step, _, n_out, _), (loss_value, aux_value, grad_norm, peak) in zip(pending, rows):
+        for (step, lr, n_out, _), (loss_value, aux_value, grad_norm, peak) in zip(pending, rows):
             self.step = step  # the step a failure is reported at
             if not math.isfinite(loss_value):
                 raise self._stop(f"the loss is {loss_value}", loss_value, grad_norm)
@@ -906,7 +906,7 @@ class Trainer:
             self.last_loss = loss_value
         self.step = now
         pending.clear()
-        return loss_value, aux_value, grad_norm
+        return lr, loss_value, aux_value, grad_norm
 
     def _stop(self, what: str, loss_value: float, grad_norm: float) -> FloatingPointError:
         """The one-line error of a run stopped at its first non-finite value."""
@@ -1004,7 +1004,7 @@ class Trainer:
                 values = [loss.detach(), aux_loss.detach() if aux_loss is not None else loss.new_zeros(()), grad_norm, self._weights_peak(checked)]
                 pending.append((self.step, lr, n_out, torch.stack([v.to(torch.float64) for v in values])))
                 if watch:
-                    self._check_steps(pending)
+                    lr_value, loss_value, aux_value, grad_norm_value = self._check_steps(pending)
                     update_rows = self.update_probe.finish(self.model, lr).rows(self.step)
                     if self.run is not None:
                         self.run.log_telemetry(update_rows)
@@ -1013,8 +1013,8 @@ class Trainer:
                 logged = self.step % cfg.log_every == 0
                 evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 saved = self.step % cfg.checkpoint_every == 0 or self.step == end
-                if logged or evaluated or saved or self.step in probe_steps or len(pending) >= CHECK_EVERY:
-                    lr_value, loss_value, aux_value, grad_norm_value = pending[-1][1], *self._check_steps(pending)
+                if pending and (logged or evaluated or saved or self.step in probe_steps or len(pending) >= CHECK_EVERY):
+                    lr_value, loss_value, aux_value, grad_norm_value = self._check_steps(pending)
                 if logged:
                     row = {"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr_value, "grad_norm": grad_norm_value, "elapsed_s": self.elapsed_s}
                     if aux_loss is not None:
