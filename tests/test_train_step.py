@@ -157,7 +157,12 @@ def test_batch_to_without_a_gpu_is_the_plain_move():
     assert all(torch.equal(getattr(moved, f), getattr(batch, f)) for f in ("tokens", "sites", "labels", "posterior", "entropy_bits"))
 
 
+TORCH_COMPILE_IMPORT = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+"""torch's inductor warns about torch itself on import; nothing of ours."""
+
+
 @pytest.mark.slow
+@pytest.mark.filterwarnings(TORCH_COMPILE_IMPORT)
 def test_the_compiled_step_trains_like_the_eager_one_on_cpu(tmp_path):
     """torch.compile (needs a C compiler; a minute or more of compilation) fuses the forward and
     the loss, so the results agree to float32 rounding, amplified a little by Adam, not bitwise."""

@@ -43,7 +43,7 @@ from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats
 from windtunnel.probes import calibrate as evaluate
 from windtunnel.probes import site_loss_nats as site_loss
 from windtunnel.runs import RunDir, append_jsonl
-from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
+from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering, move_tensor
 
 __all__ = [
     "MODELS",
@@ -839,9 +839,12 @@ class Trainer:
             u = torch.rand(batch, 1, generator=self.data_generator)
             shift = torch.where(u < ends / 2, 0, torch.where(u < ends, n_shifts - 1, shift))
         ids = step_position_ids(seq_len, self.task.step_layout, shift)
-        # on CUDA, page-locked CPU ids: the model checks their range on the host and copies them
-        # without a wait (a range check on the device would be a sync every step)
-        return ids.pin_memory() if self.device.type == "cuda" else ids
+        if self.device.type != "cuda":
+            return ids
+        # eager: page-locked CPU ids, whose range the model checks on the host before copying them
+        # without a wait (a check on the device would wait for it every step); compiled: on the
+        # device already, as the CUDA graphs need (the compiled model skips that check)
+        return move_tensor(ids, self.device, True) if self.config.compile else ids.pin_memory()
 
     def _run_probes(self) -> None:
         if not self.probes:
