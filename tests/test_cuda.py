@@ -78,3 +78,50 @@ def test_a_killed_cuda_run_with_dropout_resumes_to_the_uninterrupted_run(tmp_pat
     reseeded = dataclasses.replace(_hmm("cuda", dropout=0.1).train, seed=1)
     other = Trainer(dataclasses.replace(_hmm("cuda", dropout=0.1), train=reseeded)).fit()
     assert other.final_loss_nats != pytest.approx(result_full.final_loss_nats, rel=1e-3)
+
+
+TORCH_COMPILE_IMPORT = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(TORCH_COMPILE_IMPORT)
+def test_the_compiled_fast_path_tracks_the_eager_cuda_run(tmp_path):
+    """train.compile (CUDA graphs of the forward and loss, fused AdamW) against eager on the same
+    data: float32 rounding apart, the same run (issue 19). Position shift and aux loss on."""
+    eager = Trainer(_hmm("cuda", steps=24), tmp_path / "eager").fit()
+    fast_trainer = Trainer(_hmm("cuda", steps=24, compile=True), tmp_path / "fast")
+    assert fast_trainer.optimizer.defaults["fused"] is True
+    fast = fast_trainer.fit()
+    assert fast.final_loss_nats == pytest.approx(eager.final_loss_nats, rel=1e-3)
+    for split in ("eval", "eval_len8"):
+        assert _last_eval(tmp_path / "fast", split) == pytest.approx(_last_eval(tmp_path / "eager", split), rel=1e-2), split
+    rows = lambda run: [r["loss_nats"] for r in RunDir(tmp_path / run).metrics() if r["split"] == "train"]  # noqa: E731
+    assert rows("fast") == pytest.approx(rows("eager"), rel=1e-3)
+    # the fast run resumes (fused AdamW state, compiled step rebuilt) to the same end
+    Trainer(_hmm("cuda", steps=24, compile=True), tmp_path / "part").fit(stop_at=12)
+    resumed = Trainer.resume(tmp_path / "part").fit()
+    assert resumed.final_loss_nats == pytest.approx(fast.final_loss_nats, rel=1e-4)
+
+
+def test_the_weight_check_sees_nan_and_inf_on_cuda():
+    params = [torch.nn.Parameter(torch.randn(300, 7, device="cuda")) for _ in range(3)]
+    assert float(Trainer._weights_peak(params)) == float(max(p.detach().abs().max() for p in params))
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            params[1][17, 3] = bad
+        assert not torch.isfinite(Trainer._weights_peak(params)), bad
+
+
+def test_a_nan_on_cuda_is_read_back_and_reported_at_its_step(tmp_path, monkeypatch):
+    from windtunnel import train as train_mod
+
+    real = train_mod.site_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, batch, task):
+        calls["n"] += 1
+        return real(logits, batch, task) * (float("nan") if calls["n"] == 4 else 1.0)
+
+    monkeypatch.setattr(train_mod, "site_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"^the loss is nan at step 3 .*\(step 0, finite\)"):
+        Trainer(_hmm("cuda", steps=12), tmp_path / "run").fit()  # log_every 2
+    assert calls["n"] == 4

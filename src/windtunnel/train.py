@@ -42,7 +42,7 @@ from windtunnel.models import (
 from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats, calibrate
 from windtunnel.probes import site_loss_nats as site_loss
 from windtunnel.runs import RunDir, append_jsonl
-from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering
+from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering, move_tensor
 
 __all__ = [
     "MODELS",
@@ -123,6 +123,13 @@ class TrainConfig:
             goes. latest.pt and the telemetry snapshots are never deleted.
         seed: the one integer from which every generator is derived (:func:`seed_streams`).
         device: "auto" (CUDA when available), "cpu" or "cuda".
+        compile: the fast path for small models on a GPU, whose steps are bound by kernel-launch
+            latency: the forward pass and the loss go through ``torch.compile`` (on CUDA in its
+            "reduce-overhead" mode, which replays them as CUDA graphs) and, on CUDA, AdamW is the
+            fused kernel. Off (the default), the step is plain eager PyTorch. Results equal the
+            eager ones to float32 rounding, not bit for bit, so a run keeps the setting it
+            started with. Needs ``model.dropout = 0`` and a working C compiler; the first steps
+            pay the compilation (a minute or more).
     """
 
     steps: int
@@ -146,6 +153,7 @@ class TrainConfig:
     divergence_factor: float | None = 10.0
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -181,6 +189,8 @@ class TrainConfig:
                 problems.add_text(text)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.add("seed", "an int >= 0", self.seed)
+        if not isinstance(self.compile, bool):
+            problems.add("compile", "a bool", self.compile)
         if not isinstance(self.position_shift, bool):
             problems.add("position_shift", "a bool", self.position_shift)
         elif self.position_shift_ends and not self.position_shift:
@@ -285,6 +295,11 @@ class ExperimentConfig:
             raise ValueError(
                 f"ExperimentConfig: train_lengths {list(self.train_lengths)} need {longest} positions; "
                 f"model.n_positions is {n_rows}."
+            )
+        if self.train.compile and getattr(model_config, "dropout", 0.0):
+            raise ValueError(
+                f"ExperimentConfig: train.compile needs model.dropout = 0 (its masks come from the run's own "
+                f"generator, which a compiled step does not replay); got dropout={model_config.dropout}."
             )
         if self.train.aux_loss_weight > 0 and not hasattr(task, "auxiliary_targets"):
             raise ValueError(
@@ -486,6 +501,11 @@ class TrainResult:
     wall_s: float
 
 
+CHECK_EVERY = 100
+"""The trainer reads the losses, gradient norms and weight checks back from the device at least
+every this many steps (and at every log, evaluation, checkpoint and probe step): one host
+synchronisation per read instead of several per step (:meth:`Trainer.fit`)."""
+
 RESUME_CHANGES = ("train.steps", "train.lr", "train.keep_checkpoints")
 """The fields ``--resume`` may change: extend the run, lower its learning rate (after a
 divergence), or thin its checkpoints. Every other change would make it another run."""
@@ -557,11 +577,16 @@ class Trainer:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        fast_cuda = self.config.compile and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=learning_rate(0, self.config),
             betas=self.config.betas,
+            fused=True if fast_cuda else None,
         )
+        self._step_losses: Callable[..., tuple[torch.Tensor, torch.Tensor | None, int]] = self._losses
+        if self.config.compile:
+            self._step_losses = torch.compile(self._losses, mode="reduce-overhead" if fast_cuda else None, dynamic=False)
         self.step = 0
         self.last_loss = math.nan
         self.elapsed_s = 0.0
@@ -811,7 +836,13 @@ class Trainer:
         if ends > 0:
             u = torch.rand(batch, 1, generator=self.data_generator)
             shift = torch.where(u < ends / 2, 0, torch.where(u < ends, n_shifts - 1, shift))
-        return step_position_ids(seq_len, self.task.step_layout, shift).to(self.device)
+        ids = step_position_ids(seq_len, self.task.step_layout, shift)
+        if self.device.type != "cuda":
+            return ids
+        # eager: page-locked CPU ids, whose range the model checks on the host before copying them
+        # without a wait (a check on the device would wait for it every step); compiled: on the
+        # device already, as the CUDA graphs need (the compiled model skips that check)
+        return move_tensor(ids, self.device, True) if self.config.compile else ids.pin_memory()
 
     def _run_probes(self) -> None:
         if not self.probes:
@@ -823,9 +854,60 @@ class Trainer:
             self.run.log_telemetry(rows)
 
     def _weights_finite(self) -> bool:
-        """True when every parameter is finite (max |w| propagates NaN and inf; one sync)."""
-        peaks = [p.detach().abs().amax() for p in self.model.parameters() if p.numel()]
-        return bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
+        """True when every parameter is finite (one sync)."""
+        return bool(torch.isfinite(self._weights_peak([p for p in self.model.parameters() if p.numel()])))
+
+    @staticmethod
+    def _weights_peak(params: list[nn.Parameter]) -> torch.Tensor:
+        """max |w| over the (non-empty) ``params``, a 0-dim tensor on their device, without a
+        sync; NaN and inf propagate through it, so it is finite exactly when every weight is."""
+        if not params:
+            return torch.zeros(())
+        return nn.utils.get_total_norm(params, math.inf)
+
+    def _losses(self, batch: Batch, task: Any, shifted: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The forward pass of one training step: (site loss [], auxiliary loss [] or None when
+        its weight is 0, the number of logits). ``TrainConfig.compile`` compiles this."""
+        logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
+        loss = site_loss(logits, batch, task)
+        aux_loss = auxiliary_loss_nats(logits, batch, task) if self.config.aux_loss_weight > 0 else None
+        return loss, aux_loss, logits.shape[-1]
+
+    def _check_steps(self, pending: list[tuple[int, float, int, torch.Tensor]]) -> tuple[float, float, float, float]:
+        """Read back the values of the steps in ``pending`` (one device sync for all of them),
+        check them in step order exactly as a check after every step would, and empty it.
+
+        Each step's [loss, auxiliary loss, gradient norm, max |w| after its update] is checked in
+        the order the step made them: a non-finite loss, a diverged loss, a non-finite auxiliary
+        loss or gradient norm, then non-finite weights. The first failure stops the run at its
+        step, with the last finite loss before it. Returns (learning rate, loss, auxiliary loss,
+        gradient norm) of the last step, and sets ``last_loss``.
+
+        Raises:
+            FloatingPointError: as :meth:`fit` describes.
+        """
+        rows = torch.stack([values for *_, values in pending]).tolist()
+        now = self.step
+        cfg = self.config
+        for (step, lr, n_out, _), (loss_value, aux_value, grad_norm, peak) in zip(pending, rows):
+            self.step = step  # the step a failure is reported at
+            if not math.isfinite(loss_value):
+                raise self._stop(f"the loss is {loss_value}", loss_value, grad_norm)
+            if cfg.divergence_factor is not None and loss_value > cfg.divergence_factor * math.log(n_out):
+                uniform = math.log(n_out)
+                raise self._stop(
+                    f"the loss diverged ({loss_value:.4g} nats, over {cfg.divergence_factor:g} x the {uniform:.3g} nats of a "
+                    "uniform prediction; --set train.divergence_factor=null to allow it)", loss_value, grad_norm)
+            if not math.isfinite(aux_value):
+                raise self._stop(f"the auxiliary loss is {aux_value}", loss_value, grad_norm)
+            if not math.isfinite(grad_norm):
+                raise self._stop(f"the gradient norm is {grad_norm}", loss_value, grad_norm)
+            if not math.isfinite(peak):
+                raise self._stop("the weights are not finite after the optimizer step", loss_value, grad_norm)
+            self.last_loss = loss_value
+        self.step = now
+        pending.clear()
+        return lr, loss_value, aux_value, grad_norm
 
     def _stop(self, what: str, loss_value: float, grad_norm: float) -> FloatingPointError:
         """The one-line error of a run stopped at its first non-finite value."""
@@ -858,8 +940,12 @@ class Trainer:
         ``on_eval(step, calibrations)``, when given, is called after each evaluation has been
         logged, with {split: Calibration} (a sweep reports them to Ray Tune as the trial trains).
 
-        The loss, the gradient norm and the weights after each optimizer step are checked every
-        step; the first non-finite value stops the run. No checkpoint holds a non-finite value,
+        The loss, the gradient norm and the weights after each optimizer step are checked for
+        every step; the first non-finite value stops the run. The checks read the values of the
+        steps since the last read in one transfer, at every log, evaluation, checkpoint and probe
+        step and at least every ``CHECK_EVERY`` steps, so that a GPU is not made to wait for the
+        host after each step; the run stops at the same step with the same message as if each
+        step had been read at once, later by at most those steps. No checkpoint holds a non-finite value,
         and a checkpoint at step 0 is written before the first step, so there is always a finite
         one to resume from. The run directory's lock is held until this returns.
 
@@ -889,6 +975,11 @@ class Trainer:
 
             bar = tqdm(total=end, initial=self.step, desc=self.experiment.name or self.experiment.task_name, unit="step")
         last_eval: dict[str, Calibration] | None = None
+        on_cuda = self.device.type == "cuda"
+        checked = [p for p in self.model.parameters() if p.numel()]
+        # (step, lr, n_out, [loss, aux loss, gradient norm, max |w|] on the device) of each step
+        # not yet read back: :meth:`_check_steps` reads them in one transfer
+        pending: list[tuple[int, float, int, torch.Tensor]] = []
         self.model.train()
         try:
             while self.step < end:
@@ -898,46 +989,39 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 task = self._draw_task()
-                batch = task.sample(cfg.batch_size, generator=self.data_generator).to(self.device)
+                batch = task.sample(cfg.batch_size, generator=self.data_generator).to(self.device, non_blocking=on_cuda)
                 shifted = {"position_ids": self._shifted_position_ids(batch.tokens.shape)} if cfg.position_shift else {}
                 watch = self.update_probe is not None and self.step in probe_steps and lr > 0  # at lr 0 nothing moves
                 watching = self.update_probe.watch(self.model, batch.tokens, shifted.get("position_ids")) if watch else contextlib.nullcontext()
                 with watching:
-                    logits = self.model(batch.tokens, generator=self.dropout_generator, **shifted)
-                    loss = site_loss(logits, batch, task)
-                    aux_loss = auxiliary_loss_nats(logits, batch, task) if cfg.aux_loss_weight > 0 else None
+                    if on_cuda and cfg.compile:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    # a watched step runs eagerly: the probe's hooks must see every module
+                    loss, aux_loss, n_out = (self._losses if watch else self._step_losses)(batch, task, shifted)
                     self.optimizer.zero_grad(set_to_none=True)
                     (loss if aux_loss is None else loss + cfg.aux_loss_weight * aux_loss).backward()
-                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf))
-                loss_value = float(loss.detach())
-                aux_value = float(aux_loss.detach()) if aux_loss is not None else 0.0
-                if not math.isfinite(loss_value):
-                    raise self._stop(f"the loss is {loss_value}", loss_value, grad_norm)
-                if cfg.divergence_factor is not None and loss_value > cfg.divergence_factor * math.log(logits.shape[-1]):
-                    uniform = math.log(logits.shape[-1])
-                    raise self._stop(
-                        f"the loss diverged ({loss_value:.4g} nats, over {cfg.divergence_factor:g} x the {uniform:.3g} nats of a "
-                        "uniform prediction; --set train.divergence_factor=null to allow it)", loss_value, grad_norm)
-                if not math.isfinite(aux_value):
-                    raise self._stop(f"the auxiliary loss is {aux_value}", loss_value, grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise self._stop(f"the gradient norm is {grad_norm}", loss_value, grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip is not None else math.inf)
                 self.optimizer.step()
-                if not self._weights_finite():
-                    raise self._stop("the weights are not finite after the optimizer step", loss_value, grad_norm)
+                values = [loss.detach(), aux_loss.detach() if aux_loss is not None else loss.new_zeros(()), grad_norm, self._weights_peak(checked)]
+                pending.append((self.step, lr, n_out, torch.stack([v.to(torch.float64) for v in values])))
                 if watch:
+                    lr_value, loss_value, aux_value, grad_norm_value = self._check_steps(pending)
                     update_rows = self.update_probe.finish(self.model, lr).rows(self.step)
                     if self.run is not None:
                         self.run.log_telemetry(update_rows)
                 self.step += 1
-                self.last_loss = loss_value
                 self.elapsed_s = elapsed_before + time.perf_counter() - start_time
-                if self.step % cfg.log_every == 0:
-                    row = {"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr, "grad_norm": grad_norm, "elapsed_s": self.elapsed_s}
+                logged = self.step % cfg.log_every == 0
+                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                saved = self.step % cfg.checkpoint_every == 0 or self.step == end
+                if pending and (logged or evaluated or saved or self.step in probe_steps or len(pending) >= CHECK_EVERY):
+                    lr_value, loss_value, aux_value, grad_norm_value = self._check_steps(pending)
+                if logged:
+                    row = {"step": self.step, "split": "train", "loss_nats": loss_value, "lr": lr_value, "grad_norm": grad_norm_value, "elapsed_s": self.elapsed_s}
                     if aux_loss is not None:
                         row["aux_loss_nats"] = aux_value
                     self._log(row)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                if evaluated:
                     last_eval = self.evaluate()
                     for name, cal in last_eval.items():
                         self._log({"step": self.step, "split": name, **cal.scalars()})
@@ -945,9 +1029,9 @@ class Trainer:
                         on_eval(self.step, last_eval)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_value:.4f}", mae_bits=f"{float(last_eval['eval'].entropy_mae_bits):.4f}")
-                elif bar is not None and self.step % cfg.log_every == 0:
+                elif bar is not None and logged:
                     bar.set_postfix(loss=f"{loss_value:.4f}")
-                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                if saved:
                     self._save()
                 if bar is not None:
                     bar.update(1)

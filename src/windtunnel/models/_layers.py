@@ -250,7 +250,9 @@ def check_tokens(owner: str, tokens: Any, n_positions: int | None) -> None:
 def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_positions: int) -> torch.Tensor | None:
     """``position_ids`` checked against checked ``tokens`` and made int64 [batch, seq_len];
     None stays None. Raises ``ValueError`` unless it is an integer tensor [batch, seq_len] or
-    [seq_len] with every row in [0, n_positions)."""
+    [seq_len] with every row in [0, n_positions) (the rows are not checked inside a graph being
+    compiled by torch.compile: ``TrainConfig.compile``). Page-locked CPU ids are copied to the
+    tokens' device without a wait."""
     if position_ids is None:
         return None
     batch, seq_len = tokens.shape
@@ -259,13 +261,19 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
             f"{owner}.forward: position_ids must be an integer tensor of shape [batch, seq_len] = "
             f"[{batch}, {seq_len}] or [seq_len]; got {describe_tensor(position_ids)}."
         )
+    if torch.compiler.is_compiling():
+        # the trainer's compiled step (ids in range by construction): reading the values back
+        # would split the compiled graph and wait for the device every step
+        return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
     low, high = int(position_ids.min()), int(position_ids.max())
     if low < 0 or high >= n_positions:
         raise ValueError(
             f"{owner}.forward: position_ids must lie in [0, n_positions) = [0, {n_positions}); "
             f"got values in [{low}, {high}]."
         )
-    return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
+    # page-locked ids (the trainer's shifted positions on CUDA) are copied without a host wait
+    moved = position_ids.to(device=tokens.device, dtype=torch.long, non_blocking=position_ids.is_pinned())
+    return moved.expand(batch, seq_len)
 
 
 def check_common_fields(

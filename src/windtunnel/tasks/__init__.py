@@ -1,6 +1,6 @@
 """Wind tunnels: tasks whose Bayes posterior is exact at every prediction site (docs/theory.md §4–§5)."""
 
-from windtunnel.tasks.base import Batch, Task
+from windtunnel.tasks.base import Batch, Task, move_tensor
 from windtunnel.tasks.bijection import Bijection
 from windtunnel.tasks.filtering import FilterResult, entropy_bits, forward_filter
 from windtunnel.tasks.hmm import (
@@ -38,6 +38,7 @@ __all__ = [
     "entropy_bits",
     "forward_filter",
     "hmm_posterior",
+    "move_tensor",
     "quantise_rows",
     "score_predictions",
     "sticky_bayes_filter",

@@ -23,7 +23,7 @@ from windtunnel._checks import (
     describe_tensor,
     must,
 )
-from windtunnel.tasks.base import Batch
+from windtunnel.tasks.base import Batch, move_tensor
 from windtunnel.tasks.filtering import (
     _min_positive,
     _probability_filter,
@@ -86,9 +86,9 @@ class HMMBatch(Batch):
     predicted_probs: torch.Tensor
     next_state_probs: torch.Tensor
 
-    def to(self, device: torch.device | str) -> HMMBatch:
-        """The same batch, every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> HMMBatch:
+        """The same batch, every tensor on ``device`` (``non_blocking``: as :meth:`Batch.to`)."""
+        moved = {f.name: move_tensor(getattr(self, f.name), device, non_blocking) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **moved)
 
 
