@@ -189,15 +189,27 @@ def test_bad_arguments_raise():
         )
 
 
-@pytest.mark.parametrize("n_workers,shared_x", [(2, False), (3, True), (7, False)])
-def test_worker_threads_give_bit_identical_gradients(n_workers, shared_x):
-    model = _model(5, 4, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(1 if shared_x else 5, 2, 50, 20, generator=gen)
-    y = torch.randint(8, (1 if shared_x else 5, 2, 50), generator=gen)
-    serial = model.exact_gradients(x, y, block_size=16, with_responsibility=True)
+@pytest.mark.parametrize(
+    "n_workers,shared_x,n_rep,n_pos,block_size,seed",
+    [
+        (2, False, 5, 50, 16, 4),
+        (3, True, 5, 50, 16, 4),
+        (7, False, 5, 50, 16, 4),
+        (2, False, 3, 37, 64, 6),
+    ],
+)
+def test_worker_threads_give_bit_identical_gradients(
+    n_workers, shared_x, n_rep, n_pos, block_size, seed
+):
+    # (the last case: blocks whose elementwise ops would end in a vector loop's scalar tail at
+    # group-dependent places)
+    model = _model(n_rep, seed, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1 if shared_x else n_rep, 2, n_pos, 20, generator=gen)
+    y = torch.randint(8, (1 if shared_x else n_rep, 2, n_pos), generator=gen)
+    serial = model.exact_gradients(x, y, block_size=block_size, with_responsibility=True)
     threaded = model.exact_gradients(
-        x, y, block_size=16, with_responsibility=True, n_workers=n_workers
+        x, y, block_size=block_size, with_responsibility=True, n_workers=n_workers
     )
     assert torch.equal(serial.loss_nats, threaded.loss_nats)
     assert torch.equal(serial.d_values, threaded.d_values) and torch.equal(

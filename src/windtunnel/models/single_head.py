@@ -138,6 +138,8 @@ class SingleHeadGradients:
 
 #: log2(e): the gradient pass works with base-2 scores (exp2 is about twice as fast as exp).
 LOG2_E = 1.0 / math.log(2.0)
+#: Elements of slack after the exp2 workspace: a multiple of any CPU vector loop's stride.
+_VECTOR_PAD = 64
 _ROUTING_SUMS = (
     "abs_advantage",
     "weighted_abs_advantage",
@@ -326,7 +328,9 @@ def _gradients(
     future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
     # Two reused workspaces hold the [rb, block, keys] exponentials and b - c, then dL/ds: fresh
     # tensors of a new size every block would cost a page fault per 4 KiB on first touch.
-    workspace = torch.empty(2, rb * min(block_size, n_pos) * n_pos, dtype=dtype, device=device)
+    workspace = torch.empty(
+        2, rb * min(block_size, n_pos) * n_pos + _VECTOR_PAD, dtype=dtype, device=device
+    )
     scratch = torch.empty(rb * max(d_k, n_classes) * n_pos, dtype=dtype, device=device)
     neg_one = torch.full((rb, block_size, 1), -1.0, dtype=dtype, device=device)
     for i0 in range(0, n_pos, block_size):
@@ -336,7 +340,11 @@ def _gradients(
         d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
         torch.bmm(q2[:, i0:i1], k_t[:, :, :i1], out=e)
         e[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
-        e.sub_(e.amax(-1, keepdim=True)).exp2_()  # softmax numerators, max 1 per row
+        e.sub_(e.amax(-1, keepdim=True))
+        # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
+        # width, so that every element takes the vectorised path (the scalar tail rounds
+        # differently, and where the tail falls would depend on the number of replicas)
+        workspace[0, : -(-(rb * m * i1) // _VECTOR_PAD) * _VECTOR_PAD].exp2_()
         row_sum = e.sum(-1, keepdim=True)  # [rb, m, 1], >= 1
         inv_sum = row_sum.reciprocal()
         # the head's logits alpha L; alpha = e / row_sum is never formed
