@@ -231,13 +231,18 @@ class ArmOptimizer:
         x = self.x[idx]
         return x.reshape(x.shape[0], -1, x.shape[-1])  # [replica, batch * pos, d_x]
 
-    def gradients(self) -> SingleHeadGradients:
-        """Closed-form gradients of every replica at the current weights."""
+    def gradients(self, *, with_routing: bool = False) -> SingleHeadGradients:
+        """Closed-form gradients of every replica at the current weights.
+
+        ``with_routing`` also takes the routing sums and responsibilities that
+        :func:`windtunnel.models.single_head.single_head_routing_telemetry` needs.
+        """
         return self.model.exact_gradients(
             self.x,
             self.targets,
             block_size=self.block_size,
-            with_responsibility=self.needs_responsibility,
+            with_responsibility=self.needs_responsibility or with_routing,
+            with_routing=with_routing,
             n_workers=self.n_workers,
         )
 
@@ -329,15 +334,18 @@ def train_steps(
         [int, SingleHeadGradients, dict[str, torch.Tensor], dict[str, torch.Tensor]], None
     ]
     | None = None,
+    routing_at: Callable[[int], bool] | None = None,
 ) -> torch.Tensor:
     """Run ``n_steps`` simultaneous updates; return the pre-update losses [replica, n_steps] (nats).
 
     ``on_step(step, grads, weights_before, deltas)`` is called after each update (for telemetry);
     ``weights_before`` holds detached copies of the pre-update weights when ``on_step`` is given.
+    At the steps where ``routing_at(step)`` is true, ``grads`` also carries the routing sums
+    (:meth:`ArmOptimizer.gradients` with ``with_routing=True``).
     """
     losses = torch.empty(optimizer.model.n_replicas, n_steps, dtype=torch.float64)
     for step in range(n_steps):
-        grads = optimizer.gradients()
+        grads = optimizer.gradients(with_routing=routing_at is not None and routing_at(step))
         losses[:, step] = grads.loss_nats.double()
         before = (
             {n: p.detach().clone() for n, p in optimizer.model.weights.items()} if on_step else {}

@@ -15,6 +15,8 @@ from windtunnel.models import (
     SingleHeadConfig,
     single_head_gradients,
     single_head_output,
+    single_head_routing_telemetry,
+    single_head_telemetry,
 )
 
 
@@ -187,15 +189,27 @@ def test_bad_arguments_raise():
         )
 
 
-@pytest.mark.parametrize("n_workers,shared_x", [(2, False), (3, True), (7, False)])
-def test_worker_threads_give_bit_identical_gradients(n_workers, shared_x):
-    model = _model(5, 4, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(1 if shared_x else 5, 2, 50, 20, generator=gen)
-    y = torch.randint(8, (1 if shared_x else 5, 2, 50), generator=gen)
-    serial = model.exact_gradients(x, y, block_size=16, with_responsibility=True)
+@pytest.mark.parametrize(
+    "n_workers,shared_x,n_rep,n_pos,block_size,seed",
+    [
+        (2, False, 5, 50, 16, 4),
+        (3, True, 5, 50, 16, 4),
+        (7, False, 5, 50, 16, 4),
+        (2, False, 3, 37, 64, 6),
+    ],
+)
+def test_worker_threads_give_bit_identical_gradients(
+    n_workers, shared_x, n_rep, n_pos, block_size, seed
+):
+    # (the last case: blocks whose elementwise ops would end in a vector loop's scalar tail at
+    # group-dependent places)
+    model = _model(n_rep, seed, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1 if shared_x else n_rep, 2, n_pos, 20, generator=gen)
+    y = torch.randint(8, (1 if shared_x else n_rep, 2, n_pos), generator=gen)
+    serial = model.exact_gradients(x, y, block_size=block_size, with_responsibility=True)
     threaded = model.exact_gradients(
-        x, y, block_size=16, with_responsibility=True, n_workers=n_workers
+        x, y, block_size=block_size, with_responsibility=True, n_workers=n_workers
     )
     assert torch.equal(serial.loss_nats, threaded.loss_nats)
     assert torch.equal(serial.d_values, threaded.d_values) and torch.equal(
@@ -206,3 +220,45 @@ def test_worker_threads_give_bit_identical_gradients(n_workers, shared_x):
         ValueError, match=r"single_head_gradients.n_workers must be an int >= 1; got 0"
     ):
         model.exact_gradients(x, y, n_workers=0)
+
+
+@pytest.mark.parametrize("batch,block_size,n_workers", [(1, 7, 1), (2, 64, 2), (1, 1, 3)])
+def test_routing_telemetry_from_the_gradient_pass_equals_the_separate_pass(
+    batch, block_size, n_workers
+):
+    # the sums taken inside the blocked gradient pass against single_head_telemetry, which
+    # rebuilds the head and calls causal_routing_telemetry (itself checked in test_telemetry.py)
+    # non-uniform attention, yet no row so one-hot that the sign of its small advantages is
+    # rounding noise (the positive mass would then be ill-posed)
+    model = _model(3, 6, scale=3.0)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, batch, 37, 20, generator=gen, dtype=torch.float64)
+    y = torch.randint(8, (3, batch, 37), generator=gen)
+    delta_w_value = torch.randn(3, 20, 15, generator=gen, dtype=torch.float64)
+    weights = {n: p.detach() for n, p in model.weights.items()}
+    grads = model.exact_gradients(
+        x, y, block_size=block_size, with_routing=True, with_responsibility=True, n_workers=n_workers
+    )
+    fused = single_head_routing_telemetry(grads, x, delta_w_value)
+    separate = single_head_telemetry(weights, x, y, delta_w_value)
+    for field in separate.__dataclass_fields__:
+        if field != "positive_advantage_mass":
+            torch.testing.assert_close(
+                getattr(fused, field), getattr(separate, field), rtol=1e-10, atol=1e-14, msg=field
+            )
+    # The positive mass counts sign(adv): query 0 sees key 0 only, so its advantage is exactly
+    # 0 (z_0 = v_0), which the gradient pass keeps and a recomputation turns into rounding noise
+    # of either sign. Brute force from the autograd forward, with that exact zero:
+    out = model(x)
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 8), y.reshape(-1))
+    (u,) = torch.autograd.grad(ce * 3, [out.z])  # the mean over each replica's positions
+    adv = (u * out.z).sum(-1, keepdim=True) - u @ out.v.transpose(-1, -2)
+    adv[..., 0, :] = 0.0
+    brute = (out.pattern * (adv > 0)).sum((-1, -2)).detach() / 37
+    torch.testing.assert_close(fused.positive_advantage_mass, brute, rtol=0, atol=1e-12)
+    plain = model.exact_gradients(x, y, block_size=block_size, n_workers=n_workers)
+    assert plain.routing_sums is None
+    assert torch.equal(plain.loss_nats, grads.loss_nats)  # the sums do not touch the gradients
+    assert all(torch.equal(plain.grads[n], grads.grads[n]) for n in PARAMETER_NAMES)
+    with pytest.raises(ValueError, match=r"single_head_routing_telemetry.grads must come from"):
+        single_head_routing_telemetry(plain, x, delta_w_value)

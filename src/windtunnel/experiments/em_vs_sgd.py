@@ -25,7 +25,7 @@ from windtunnel.comparison import summarize_arms
 from windtunnel.models.single_head import (
     SingleHeadAttention,
     single_head_law_residual,
-    single_head_telemetry,
+    single_head_routing_telemetry,
 )
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
 from windtunnel.tasks.sticky_markov import (
@@ -240,12 +240,16 @@ def _run_single(
     records: list[dict] = []
     law_checks: list[dict] = []
 
+    def logged(step: int) -> bool:
+        every = config.telemetry_every
+        return bool(every) and (step % every == 0 or step == config.n_steps - 1)
+
     def on_step(step: int, grads, before: dict, deltas: dict) -> None:
         if progress is not None:
             progress(1)
-        every = config.telemetry_every
-        if every and (step % every == 0 or step == config.n_steps - 1):
-            tel = single_head_telemetry(before, x, y, deltas["W_V"], n_workers=config.n_workers)
+        if logged(step):
+            # the routing sums came with this step's gradient pass (routing_at below)
+            tel = single_head_routing_telemetry(grads, x, deltas["W_V"])
             records.append({"step": step, **{k: v.mean(-1).tolist() for k, v in vars(tel).items()}})
             r = len(law_checks) % model.n_replicas
             law_checks.append(
@@ -259,7 +263,7 @@ def _run_single(
                 }
             )
 
-    losses = train_steps(optimizer, config.n_steps, on_step=on_step).numpy()
+    losses = train_steps(optimizer, config.n_steps, on_step=on_step, routing_at=logged).numpy()
     train_logits = model.predict_logits(x)
     heldout_x = torch.stack([d["heldout"].inputs for d in data]).repeat(len(arms), 1, 1, 1)
     heldout_logits = model.predict_logits(heldout_x)

@@ -19,6 +19,7 @@ from windtunnel.models.single_head import (
     single_head_gradients,
     single_head_law_residual,
     single_head_output,
+    single_head_routing_telemetry,
     single_head_telemetry,
 )
 from windtunnel.models.sticky_transformer import StickyTransformer, StickyTransformerConfig
@@ -46,5 +47,6 @@ __all__ = [
     "single_head_gradients",
     "single_head_law_residual",
     "single_head_output",
+    "single_head_routing_telemetry",
     "single_head_telemetry",
 ]

@@ -14,6 +14,7 @@ EM-style arm needs.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "single_head_gradients",
     "single_head_law_residual",
     "single_head_output",
+    "single_head_routing_telemetry",
     "single_head_telemetry",
 ]
 
@@ -119,6 +121,11 @@ class SingleHeadGradients:
             [replica, batch, key_pos, d_v], with u_i = dL/dz_i of the mean loss.
         responsibility: R_j = sum_i alpha_ij, [replica, batch, key_pos] (None unless requested).
         n_labelled: positions per replica that enter the mean (batch * pos).
+        routing_sums: sums over the causal pairs behind the routing telemetry, each
+            [replica, batch] (None unless requested): ``abs_advantage`` sum |adv_ij|,
+            ``weighted_abs_advantage`` sum alpha_ij |adv_ij|, ``positive_advantage_mass``
+            sum alpha_ij 1[adv_ij > 0], ``attention_entropy_nats`` sum -alpha_ij ln alpha_ij and
+            ``d_scores_sq`` sum (dL/ds_ij)^2; see :func:`single_head_routing_telemetry`.
     """
 
     loss_nats: torch.Tensor
@@ -126,6 +133,20 @@ class SingleHeadGradients:
     d_values: torch.Tensor
     responsibility: torch.Tensor | None
     n_labelled: int
+    routing_sums: dict[str, torch.Tensor] | None = None
+
+
+#: log2(e): the gradient pass works with base-2 scores (exp2 is about twice as fast as exp).
+LOG2_E = 1.0 / math.log(2.0)
+#: Elements of slack after the exp2 workspace: a multiple of any CPU vector loop's stride.
+_VECTOR_PAD = 64
+_ROUTING_SUMS = (
+    "abs_advantage",
+    "weighted_abs_advantage",
+    "positive_advantage_mass",
+    "attention_entropy_nats",
+    "d_scores_sq",
+)
 
 
 def _check_inputs(
@@ -161,6 +182,7 @@ def single_head_gradients(
     *,
     block_size: int = 64,
     with_responsibility: bool = False,
+    with_routing: bool = False,
     n_workers: int = 1,
 ) -> SingleHeadGradients:
     """Closed-form gradients of the mean CE of a batch of single heads, no autograd.
@@ -175,7 +197,15 @@ def single_head_gradients(
 
     and dL/dW_Q = x^T dL/dq etc. Everything about query row i is known once its row of alpha is,
     so one pass over blocks of ``block_size`` query rows (keys 0..end of block only) gives all
-    gradients with [block, key_pos] temporaries.
+    gradients with [block, key_pos] temporaries. The values are used only through
+    L = V W_O (logits_i = sum_j alpha_ij L_j, u_i·v_j = g_i·L_j with g = dL/dlogits,
+    dL/dv_j = (sum_i alpha_ij g_i) W_O^T), so the [query, key] products are n_classes wide
+    rather than d_v; the pattern is formed as exp2 of base-2 scores and normalised only in the
+    [block, n_classes] results. Equal to autograd to rounding
+    (tests/models/test_single_head.py).
+
+    ``with_routing`` also accumulates, from the same blocks, the sums behind the routing
+    telemetry (``routing_sums``; see :func:`single_head_routing_telemetry`).
 
     ``n_workers > 1`` splits the replicas into that many contiguous groups and computes them on
     concurrent Python threads (torch ops release the GIL). Pair it with
@@ -197,16 +227,15 @@ def single_head_gradients(
             raise ValueError(text)
     n_rep = weights["W_Q"].shape[0]
     if n_workers == 1 or n_rep == 1:
-        return _gradients(weights, x, targets, block_size, with_responsibility)
+        return _gradients(weights, x, targets, block_size, with_responsibility, with_routing)
 
     def part(r: slice) -> SingleHeadGradients:
         sub = {n: w[r] for n, w in weights.items()}
         sub_x = x if x.shape[0] == 1 else x[r]
         sub_y = targets if targets.shape[0] == 1 else targets[r]
-        return _gradients(sub, sub_x, sub_y, block_size, with_responsibility)
+        return _gradients(sub, sub_x, sub_y, block_size, with_responsibility, with_routing)
 
-    with ThreadPoolExecutor(min(n_workers, n_rep)) as pool:
-        parts = list(pool.map(part, _replica_groups(n_rep, n_workers)))
+    parts = list(_pool(min(n_workers, n_rep)).map(part, _replica_groups(n_rep, n_workers)))
     return SingleHeadGradients(
         loss_nats=torch.cat([p.loss_nats for p in parts]),
         grads={n: torch.cat([p.grads[n] for p in parts]) for n in PARAMETER_NAMES},
@@ -215,7 +244,42 @@ def single_head_gradients(
         if not with_responsibility
         else torch.cat([p.responsibility for p in parts]),
         n_labelled=parts[0].n_labelled,
+        routing_sums=None
+        if not with_routing
+        else {f: torch.cat([p.routing_sums[f] for p in parts]) for f in _ROUTING_SUMS},
     )
+
+
+@functools.cache
+def _pool(n_workers: int) -> ThreadPoolExecutor:
+    # One long-lived pool per size: starting threads every optimiser step cost ~2% of a run.
+    return ThreadPoolExecutor(n_workers, thread_name_prefix="single-head")
+
+
+def _add_routing_sums(
+    sums: dict[str, torch.Tensor],
+    e: torch.Tensor,
+    b: torch.Tensor,
+    row_sum: torch.Tensor,
+    inv_sum: torch.Tensor,
+    i0: int,
+    future: torch.Tensor,
+) -> None:
+    """Add one block's routing sums; alpha = e * inv_sum and adv = -(b * row_sum).
+
+    Shapes: e, b [rb, block, keys] (b = (u_i·v_j - u_i·z_i) / row_sum_i); row_sum, inv_sum
+    [rb, block, 1]; future [block, block], True above the diagonal of the block's own keys.
+    """
+    abs_b = b.abs()
+    abs_b[:, :, i0:].masked_fill_(future, 0.0)  # only causal pairs count
+    sums["abs_advantage"] += (abs_b.sum(-1) * row_sum.squeeze(-1)).sum(-1)
+    sums["weighted_abs_advantage"] += (e * abs_b).sum((-1, -2))
+    sums["positive_advantage_mass"] += ((e * (b < 0)).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    # -sum_j alpha ln alpha = ln row_sum - sum_j e ln e / row_sum
+    sums["attention_entropy_nats"] += (
+        row_sum.squeeze(-1).log() - torch.special.xlogy(e, e).sum(-1) * inv_sum.squeeze(-1)
+    ).sum(-1)
+    sums["d_scores_sq"] += (e * b).pow(2).sum((-1, -2))
 
 
 def _gradients(
@@ -224,6 +288,7 @@ def _gradients(
     targets: torch.Tensor,
     block_size: int,
     with_responsibility: bool,
+    with_routing: bool,
 ) -> SingleHeadGradients:
     w_q, w_k, w_v, w_o = (weights[name] for name in PARAMETER_NAMES)
     n_rep, d_x, d_k = w_q.shape
@@ -231,84 +296,108 @@ def _gradients(
     batch, n_pos = x.shape[1], x.shape[2]
     rb = n_rep * batch
     n_lab = batch * n_pos
-    scale = 1.0 / math.sqrt(d_k)
+    dtype, device = x.dtype, x.device
     xe = x.expand(n_rep, -1, -1, -1)
+    # Scores in base 2: s2 = log2(e) q·k / sqrt(d_k), so that the pattern is exp2(s2 - max)
+    # normalised (exp2 is about twice as fast as exp on CPU), and normalised only in the small
+    # [block, n_classes] products: alpha = e / row_sum is never formed.
+    scale2 = LOG2_E / math.sqrt(d_k)
     # [replica, batch, pos, d] -> [replica * batch, pos, d]
-    q = (xe @ w_q.unsqueeze(1)).reshape(rb, n_pos, d_k)
+    q2 = (xe @ (w_q * scale2).unsqueeze(1)).reshape(rb, n_pos, d_k)
     k = (xe @ w_k.unsqueeze(1)).reshape(rb, n_pos, d_k)
-    v = (xe @ w_v.unsqueeze(1)).reshape(rb, n_pos, d_v)
-    w_o_rb = w_o.unsqueeze(1).expand(n_rep, batch, d_v, n_classes).reshape(rb, d_v, n_classes)
+    # Values enter only through the logits: with L = V W_O (the values in logit space) the
+    # head's logits are alpha L, b_ij = u_i·v_j = g_i·L_j with g = dL/dlogits, and
+    # dL/dv_j = (alpha^T g)_j W_O^T, so every [query, key] product is n_classes wide, not d_v.
+    l_t = (
+        (xe @ (w_v @ w_o).unsqueeze(1)).reshape(rb, n_pos, n_classes).transpose(1, 2).contiguous()
+    )  # [rb, n_classes, pos]
     y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos)
     # Transposed copies keep every bmm's long dimension contiguous (2-4x faster on CPU).
-    q_scaled = q * scale
-    q_scaled_t = q_scaled.transpose(1, 2).contiguous()  # [rb, d_k, pos]
+    q2_t = q2.transpose(1, 2).contiguous()  # [rb, d_k, pos]
     k_t = k.transpose(1, 2).contiguous()  # [rb, d_k, pos]
-    v_t = v.transpose(1, 2).contiguous()  # [rb, d_v, pos]
-    w_o_t = w_o_rb.transpose(1, 2)
     d_q_t = torch.empty_like(k_t)
     d_k_t = torch.zeros_like(k_t)
-    d_v_t = torch.zeros_like(v_t)
-    resp = torch.zeros(rb, n_pos, dtype=x.dtype, device=x.device) if with_responsibility else None
-    z_all = torch.empty(rb, n_pos, d_v, dtype=x.dtype, device=x.device)
-    d_logits_all = torch.empty(rb, n_pos, n_classes, dtype=x.dtype, device=x.device)
-    loss = torch.zeros(rb, dtype=x.dtype, device=x.device)
-    future = torch.ones(block_size, block_size, dtype=torch.bool, device=x.device).triu(1)
-    # Two reused workspaces hold the [rb, block, keys] scores/dS and pattern: fresh tensors of a
-    # new size every block would cost a page fault per 4 KiB on first touch (about half the time).
-    workspace = torch.empty(2, rb * min(block_size, n_pos) * n_pos, dtype=x.dtype, device=x.device)
-    pull = torch.empty(rb * max(d_k, d_v) * n_pos, dtype=x.dtype, device=x.device)
-    neg_one = torch.full((rb, block_size, 1), -1.0, dtype=x.dtype, device=x.device)
+    pull_t = torch.zeros(rb, n_classes, n_pos, dtype=dtype, device=device)  # (alpha^T g)^T
+    resp = torch.zeros(rb, n_pos, dtype=dtype, device=device) if with_responsibility else None
+    routing = (
+        {f: torch.zeros(rb, dtype=dtype, device=device) for f in _ROUTING_SUMS}
+        if with_routing
+        else None
+    )
+    loss = torch.zeros(rb, dtype=dtype, device=device)
+    future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
+    # Two reused workspaces hold the [rb, block, keys] exponentials and b - c, then dL/ds: fresh
+    # tensors of a new size every block would cost a page fault per 4 KiB on first touch.
+    workspace = torch.empty(
+        2, rb * min(block_size, n_pos) * n_pos + _VECTOR_PAD, dtype=dtype, device=device
+    )
+    scratch = torch.empty(rb * max(d_k, n_classes) * n_pos, dtype=dtype, device=device)
+    neg_one = torch.full((rb, block_size, 1), -1.0, dtype=dtype, device=device)
     for i0 in range(0, n_pos, block_size):
         i1 = min(n_pos, i0 + block_size)
         m = i1 - i0
-        s = workspace[0, : rb * m * i1].view(rb, m, i1)
-        alpha = workspace[1, : rb * m * i1].view(rb, m, i1)
-        torch.bmm(q_scaled[:, i0:i1], k_t[:, :, :i1], out=s)
-        s[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
-        torch.softmax(s, dim=-1, out=alpha)
-        z = torch.bmm(v_t[:, :, :i1], alpha.transpose(1, 2)).transpose(1, 2)  # [rb, m, d_v]
-        log_p = torch.log_softmax(torch.bmm(z, w_o_rb), dim=-1)  # [rb, m, n_classes]
+        e = workspace[0, : rb * m * i1].view(rb, m, i1)
+        d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
+        torch.bmm(q2[:, i0:i1], k_t[:, :, :i1], out=e)
+        e[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
+        e.sub_(e.amax(-1, keepdim=True))
+        # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
+        # width, so that every element takes the vectorised path (the scalar tail rounds
+        # differently, and where the tail falls would depend on the number of replicas)
+        workspace[0, : -(-(rb * m * i1) // _VECTOR_PAD) * _VECTOR_PAD].exp2_()
+        row_sum = e.sum(-1, keepdim=True)  # [rb, m, 1], >= 1
+        inv_sum = row_sum.reciprocal()
+        # the head's logits alpha L; alpha = e / row_sum is never formed
+        logits = torch.bmm(l_t[:, :, :i1], e.transpose(1, 2)).transpose(1, 2).mul_(inv_sum)
+        log_p = torch.log_softmax(logits, dim=-1)  # [rb, m, n_classes]
         y_blk = y[:, i0:i1].unsqueeze(-1)
         loss -= log_p.gather(-1, y_blk).squeeze(-1).sum(-1)
-        d_logits = log_p.exp_()
-        d_logits.scatter_add_(-1, y_blk, neg_one[:, :m])
-        d_logits /= n_lab
-        u = torch.bmm(d_logits, w_o_t)  # [rb, m, d_v]
-        # dL/ds = alpha * (b - E_alpha[b]) with b_ij = u_i·v_j and E_alpha[b]_i = u_i·z_i;
-        # the scores are no longer needed, so dL/ds overwrites them.
-        d_s = torch.baddbmm(-(u * z).sum(-1, keepdim=True), u, v_t[:, :, :i1], out=s)
-        d_s.mul_(alpha)
-        # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
-        d_v_t[:, :, :i1] += torch.bmm(
-            u.transpose(1, 2), alpha, out=pull[: rb * d_v * i1].view(rb, d_v, i1)
+        g = log_p.exp_()
+        g.scatter_add_(-1, y_blk, neg_one[:, :m])
+        g /= n_lab  # dL/dlogits of the mean loss, [rb, m, n_classes]
+        # dL/ds = alpha (b - E_alpha[b]) with b_ij = g_i·L_j and E_alpha[b]_i = g_i·logits_i
+        g_scaled = g * inv_sum
+        torch.baddbmm(
+            -(g_scaled * logits).sum(-1, keepdim=True), g_scaled, l_t[:, :, :i1], out=d_s
         )
-        d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
-        d_k_t[:, :, :i1] += torch.bmm(
-            q_scaled_t[:, :, i0:i1], d_s, out=pull[: rb * d_k * i1].view(rb, d_k, i1)
+        if i0 == 0:
+            d_s[:, 0].zero_()  # query 0 sees key 0 only: b - E_alpha[b] is exactly 0 there
+        if routing is not None:
+            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future[:m, :m])
+        d_s.mul_(e)
+        # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
+        pull_t[:, :, :i1] += torch.bmm(
+            g_scaled.transpose(1, 2), e, out=scratch[: rb * n_classes * i1].view(rb, n_classes, i1)
         )
         if resp is not None:
-            resp[:, :i1] += alpha.sum(1)
-        z_all[:, i0:i1] = z
-        d_logits_all[:, i0:i1] = d_logits
+            resp[:, :i1] += torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1)
+        d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
+        d_k_t[:, :, :i1] += torch.bmm(
+            q2_t[:, :, i0:i1], d_s, out=scratch[: rb * d_k * i1].view(rb, d_k, i1)
+        )
     x_flat_t = xe.reshape(n_rep, n_lab, d_x).transpose(1, 2)  # [replica, d_x, batch * pos]
 
     def per_replica(t: torch.Tensor) -> torch.Tensor:
         # [rb, d, pos] -> [replica, batch * pos, d]
         return t.transpose(1, 2).reshape(n_rep, n_lab, t.shape[1])
 
+    pull = per_replica(pull_t)  # sum_i alpha_ij g_i, [replica, batch * pos, n_classes]
+    x_pull = x_flat_t @ pull  # [replica, d_x, n_classes]
+    w_o_t = w_o.transpose(1, 2)
     grads = {
-        "W_Q": x_flat_t @ per_replica(d_q_t) * scale,
-        "W_K": x_flat_t @ per_replica(d_k_t),
-        "W_V": x_flat_t @ per_replica(d_v_t),
-        "W_O": z_all.reshape(n_rep, n_lab, d_v).transpose(1, 2)
-        @ d_logits_all.reshape(n_rep, n_lab, n_classes),
+        "W_Q": x_flat_t @ per_replica(d_q_t) * (1.0 / math.sqrt(d_k)),
+        "W_K": x_flat_t @ per_replica(d_k_t) * (1.0 / LOG2_E),
+        "W_V": x_pull @ w_o_t,
+        # dL/dW_O = sum_i z_i^T g_i = V^T (alpha^T g) = W_V^T X^T (alpha^T g)
+        "W_O": w_v.transpose(1, 2) @ x_pull,
     }
     return SingleHeadGradients(
         loss_nats=loss.view(n_rep, batch).sum(1) / n_lab,
         grads=grads,
-        d_values=d_v_t.transpose(1, 2).reshape(n_rep, batch, n_pos, d_v),
+        d_values=(pull @ w_o_t).view(n_rep, batch, n_pos, d_v),
         responsibility=None if resp is None else resp.view(n_rep, batch, n_pos),
         n_labelled=n_lab,
+        routing_sums=None if routing is None else {f: t.view(n_rep, batch) for f, t in routing.items()},
     )
 
 
@@ -380,13 +469,51 @@ def single_head_telemetry(
         u = d_logits @ w["W_O"].transpose(-1, -2)  # dL/dz of the mean loss
         return causal_routing_telemetry(q, k, v, u, x[r] @ delta_w_value[r].unsqueeze(1))
 
-    with ThreadPoolExecutor(min(n_workers, x.shape[0])) as pool:
-        parts = list(pool.map(part, _replica_groups(x.shape[0], n_workers)))
+    parts = list(
+        _pool(min(n_workers, x.shape[0])).map(part, _replica_groups(x.shape[0], n_workers))
+    )
     return RoutingTelemetry(
         **{
             f: torch.cat([getattr(p, f) for p in parts])
             for f in RoutingTelemetry.__dataclass_fields__
         }
+    )
+
+
+@torch.no_grad()
+def single_head_routing_telemetry(
+    grads: SingleHeadGradients, x: torch.Tensor, delta_w_value: torch.Tensor
+) -> RoutingTelemetry:
+    """The routing telemetry of :func:`single_head_telemetry`, from a gradient pass that took it.
+
+    ``grads`` must come from :func:`single_head_gradients` with ``with_routing=True`` and
+    ``with_responsibility=True`` at the weights before the step; the pairwise sums then cost no
+    second pass over the [query, key] pairs. Equal to :func:`single_head_telemetry` to rounding
+    (tests/models/test_single_head.py).
+
+    Shapes: x [replica or 1, batch, pos, d_x]; delta_w_value [replica, d_x, d_v]. Fields of the
+    result are [replica, batch].
+
+    Raises:
+        ValueError: when ``grads`` lacks the routing sums or the responsibilities.
+    """
+    if grads.routing_sums is None or grads.responsibility is None:
+        raise ValueError(
+            "single_head_routing_telemetry.grads must come from single_head_gradients with "
+            "with_routing=True and with_responsibility=True; got a pass without them."
+        )
+    sums, n_pos = grads.routing_sums, x.shape[2]
+    delta_values = x @ delta_w_value.unsqueeze(1)  # [replica, batch, pos, d_v]
+    cos = torch.nn.functional.cosine_similarity(delta_values, -grads.d_values, dim=-1, eps=1e-30)
+    resp = grads.responsibility
+    return RoutingTelemetry(
+        mean_abs_advantage=sums["abs_advantage"] / (n_pos * (n_pos + 1) / 2),
+        weighted_abs_advantage=sums["weighted_abs_advantage"] / n_pos,
+        positive_advantage_mass=sums["positive_advantage_mass"] / n_pos,
+        attention_entropy_nats=sums["attention_entropy_nats"] / n_pos,
+        d_scores_norm=sums["d_scores_sq"].sqrt(),
+        value_specialization=cos.mean(-1),
+        responsibility_weighted_specialization=(cos * resp).sum(-1) / resp.sum(-1),
     )
 
 
@@ -506,6 +633,7 @@ class SingleHeadAttention(nn.Module):
         *,
         block_size: int = 64,
         with_responsibility: bool = False,
+        with_routing: bool = False,
         n_workers: int = 1,
     ) -> SingleHeadGradients:
         """Closed-form gradients of each replica's mean CE; see :func:`single_head_gradients`."""
@@ -516,5 +644,6 @@ class SingleHeadAttention(nn.Module):
                 targets,
                 block_size=block_size,
                 with_responsibility=with_responsibility,
+                with_routing=with_routing,
                 n_workers=n_workers,
             )
