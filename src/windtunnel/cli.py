@@ -147,7 +147,12 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Attach the probes of docs/theory.md §8 (geometry, routing law, calibration; for the HMM also "
                    "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
                    "`windtunnel dissociation`.")
-def train_command(task, model_name, preset, steps, seed, out, overrides, resume, overwrite, init_from, telemetry):
+@click.option("--tensorboard", is_flag=True,
+              help="Also write the training metrics and the telemetry as TensorBoard event files in "
+                   "OUT/tensorboard/ (view with: tensorboard --logdir OUT). Off unless asked, so that the files a "
+                   "run writes never depend on what happens to be installed; needs pip install "
+                   "'windtunnel[tensorboard]'. With --resume they are rebuilt from the logs, each step once.")
+def train_command(task, model_name, preset, steps, seed, out, overrides, resume, overwrite, init_from, telemetry, tensorboard):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
     from windtunnel.presets import apply_overrides, get_preset
     from windtunnel.train import Trainer
@@ -157,7 +162,8 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
     out = out or f"runs/{task}-{model_name}-{preset}"
     _check_out(out)
     if resume:
-        trainer = Trainer.resume(out, changes=_resume_changes(task, model_name, preset, steps, seed, out, overrides, init_from))
+        trainer = Trainer.resume(out, changes=_resume_changes(task, model_name, preset, steps, seed, out, overrides, init_from),
+                                 tensorboard=tensorboard)
     else:
         extra = [*overrides]
         if steps is not None:
@@ -169,7 +175,7 @@ def train_command(task, model_name, preset, steps, seed, out, overrides, resume,
             import dataclasses
 
             experiment = dataclasses.replace(experiment, init_from=init_from)
-        trainer = Trainer(experiment, out, overwrite=overwrite)
+        trainer = Trainer(experiment, out, overwrite=overwrite, tensorboard=tensorboard)
     if telemetry:
         from windtunnel.experiments.telemetry import attach_probes
 
@@ -482,8 +488,10 @@ def upgrade_command(run_dir):
 @click.option("--gpus-per-trial", "gpus_per_trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="GPU share of each trial, e.g. 0.25 trains four trials side by side on one GPU; 0 trains on the CPU.")
 @click.option("--retry-failed", is_flag=True, help="Resume the trials a previous run recorded as failed, too.")
+@click.option("--tensorboard", is_flag=True, help="Each trial also writes TensorBoard event files in its run directory, "
+              "as train --tensorboard (needs pip install 'windtunnel[tensorboard]').")
 def sweep_command(task, model_name, preset, seeds, grid, overrides, steps, out, backend, workers, threads, address,
-                  gpus_per_trial, retry_failed):
+                  gpus_per_trial, retry_failed, tensorboard):
     """Train a grid of settings over several seeds; each trial is an ordinary run directory.
 
     Every trial's config is checked before anything starts. A failing trial is recorded as failed
@@ -502,7 +510,7 @@ def sweep_command(task, model_name, preset, seeds, grid, overrides, steps, out, 
         raise click.UsageError("--address names a Ray cluster; add --backend ray.")
     spec = plan_sweep(task, model_name, preset, seed_list, parse_grid(grid), overrides, steps)
     summary = run_sweep(spec, out, backend=backend, workers=workers, threads=threads, gpus_per_trial=gpus_per_trial,
-                        address=address, retry_failed=retry_failed, echo=click.echo)
+                        address=address, retry_failed=retry_failed, echo=click.echo, tensorboard=tensorboard)
     if summary["metrics"]:
         click.echo(compare_sweeps([out], metric="entropy_mae_bits" if "entropy_mae_bits" in summary["metrics"] else summary["metrics"][0])["text"])
     counts = summary["counts"]
@@ -545,12 +553,14 @@ def _wind_tunnel_command(task: str):
     @click.option("--seed", type=click.IntRange(min=0), default=None, help="Override train.seed of every model.")
     @click.option("--models", multiple=True, type=click.Choice(["transformer", "mlp", "lstm"]),
                   help="Train only these models (repeatable); default: every preset model of the task.")
-    def command(preset, out, seed, models):
+    @click.option("--tensorboard", is_flag=True, help="Each model's run directory also gets TensorBoard event files, "
+                  "as train --tensorboard (needs pip install 'windtunnel[tensorboard]').")
+    def command(preset, out, seed, models, tensorboard):
         from windtunnel.experiments.wind_tunnels import reproduce as run
 
         out = out or f"runs/reproduce-{task}-{preset}"
         _check_out(out)
-        result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None)
+        result = run(task, preset=preset, out=out, seed=seed, models=tuple(models) or None, tensorboard=tensorboard)
         click.echo((Path(out) / "model_comparison.md").read_text())
         click.echo(f"wrote {out}/model_comparison.json, model_comparison.md and model_comparison.png ({len(result['models'])} models)")
 
