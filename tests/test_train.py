@@ -559,3 +559,90 @@ def test_missing_cuda_and_runs_too_big_for_the_machine_are_refused_before_anythi
     with pytest.raises(ValueError, match=r"this run needs at least .* GiB .* vocabulary 200000000"):
         Trainer(huge, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _tensorboard_scalars(folder):
+    """{tag: [(step, value)]} read back with TensorBoard's own reader (every event kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _scalars_of_logs(run):
+    """The same {tag: [(step, value)]} built from metrics.jsonl and telemetry.jsonl by hand."""
+    want = {}
+    for row in run.metrics():
+        for name, value in row.items():
+            if name not in ("step", "split") and value is not None:
+                want.setdefault(f"{row['split']}/{name}", []).append((row["step"], value))
+    for row in run.telemetry():
+        tag = f"telemetry/{row['metric']}" + (f"/layer{row['layer']}" if row["layer"] is not None else "")
+        tag += f"/head{row['head']}" if row["head"] is not None else ""
+        if row["value"] is not None:
+            want.setdefault(tag, []).append((row["step"], row["value"]))
+    return want
+
+
+def _assert_same_scalars(got, want):
+    assert set(got) == set(want)
+    for tag, rows in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in rows], tag  # the same steps, each once, in order
+        # TensorBoard stores float32: equal to the log's float64 rounded to float32
+        assert [v for _, v in got[tag]] == [float(torch.tensor(v, dtype=torch.float32)) for _, v in rows], tag
+
+
+def test_tensorboard_mirrors_the_metrics_and_telemetry_and_changes_nothing_else(tmp_path):
+    pytest.importorskip("tensorboard")
+    from click.testing import CliRunner
+
+    from windtunnel.cli import main
+
+    common = ["train", "bijection", "--steps", "12", "--set", "task.n_values=6", "--set", "task.n_pairs=5",
+              "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "model.d_model=16",
+              "--set", "model.d_mlp=32", "--set", "train.batch_size=8", "--set", "train.eval_size=40",
+              "--set", "train.eval_batch_size=20", "--set", "train.eval_every=6", "--set", "train.log_every=2",
+              "--set", "train.device=cpu", "--telemetry"]
+    for name, extra in (("with", ["--tensorboard"]), ("without", [])):
+        result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    run = RunDir(tmp_path / "with")
+    got = _tensorboard_scalars(run.tensorboard_dir)
+    assert {"train/loss_nats", "eval/entropy_mae_bits"} <= set(got) and any(t.startswith("telemetry/") for t in got)
+    _assert_same_scalars(got, _scalars_of_logs(run))
+    assert not (tmp_path / "without" / "tensorboard").exists()
+    # Bit-identical training with and without the mirror: weights and every logged number.
+    a, b = (RunDir(tmp_path / n).load_checkpoint()["model"] for n in ("with", "without"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(run.metrics()) == strip(RunDir(tmp_path / "without").metrics())
+    assert run.telemetry() == RunDir(tmp_path / "without").telemetry()
+
+
+def test_tensorboard_of_a_resumed_run_holds_every_step_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    full = Trainer(_tiny(), tmp_path / "full", tensorboard=True)
+    full.fit()
+    part = Trainer(_tiny(), tmp_path / "part", tensorboard=True)
+    part.fit(stop_at=5)
+    run = RunDir(tmp_path / "part")
+    run.open_tensorboard()  # rows after the checkpoint, as a run killed at step 6 leaves them
+    run.log_metrics({"step": 6, "split": "train", "loss_nats": 123.0})
+    run.close_tensorboard()
+    assert (6, 123.0) in _tensorboard_scalars(run.tensorboard_dir)["train/loss_nats"]
+    Trainer.resume(tmp_path / "part", tensorboard=True).fit()
+    got = _tensorboard_scalars(run.tensorboard_dir)
+    _assert_same_scalars(got, _scalars_of_logs(run))
+    want = _tensorboard_scalars(RunDir(tmp_path / "full").tensorboard_dir)
+    drop_time = lambda scalars: {t: v for t, v in scalars.items() if not t.endswith("elapsed_s")}  # noqa: E731
+    assert drop_time(got) == drop_time(want)  # the same scalars as the uninterrupted run
+
+
+def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    with pytest.raises(ImportError, match=r"--tensorboard needs the tensorboard package; install it with pip install 'windtunnel\[tensorboard\]'"):
+        Trainer(_tiny(), tmp_path / "run", tensorboard=True)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -268,9 +268,14 @@ def verify_law_command(trials: int, dtypes: tuple[str, ...], seed: int) -> None:
               help="Attach the probes of docs/theory.md §8 (geometry, routing law, calibration; for the HMM also "
                    "memory by lag) on the log-spaced schedule; also saves weight snapshots for "
                    "`windtunnel dissociation`.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write the training metrics and the telemetry as TensorBoard event files in "
+                   "OUT/tensorboard/ (view with: tensorboard --logdir OUT). Off unless asked, so that the files a "
+                   "run writes never depend on what happens to be installed; needs pip install "
+                   "'windtunnel[tensorboard]'. With --resume they are rebuilt from the logs, each step once.")
 @_quiet_option
 def train_command(task, config, model_name, preset, steps, seed, device, out, overrides, resume, overwrite, init_from,
-                  telemetry, quiet):
+                  telemetry, tensorboard, quiet):
     """Train a model on a wind tunnel, evaluating calibration in bits against the exact posterior."""
     from windtunnel.presets import build_experiment, load_recipe
     from windtunnel.train import Trainer
@@ -291,7 +296,8 @@ def train_command(task, config, model_name, preset, steps, seed, device, out, ov
     say = _echo(quiet)
     if resume:
         trainer = Trainer.resume(out, changes=_resume_changes(task, recipe, model_name, preset, steps, seed, device, out,
-                                                              overrides, init_from))
+                                                              overrides, init_from),
+                                 tensorboard=tensorboard)
     else:
         experiment = build_experiment(task, model_name, preset, config=recipe, overrides=overrides, steps=steps, seed=seed,
                                       device=device)
@@ -299,7 +305,7 @@ def train_command(task, config, model_name, preset, steps, seed, device, out, ov
             import dataclasses
 
             experiment = dataclasses.replace(experiment, init_from=init_from)
-        trainer = Trainer(experiment, out, overwrite=overwrite)
+        trainer = Trainer(experiment, out, overwrite=overwrite, tensorboard=tensorboard)
     if telemetry:
         from windtunnel.experiments.telemetry import attach_probes
 
@@ -641,9 +647,11 @@ def upgrade_command(run_dir):
               help="GPU share of each trial, e.g. 0.25 trains four trials side by side on one GPU; 0 trains on the CPU "
                    "[default: 1 with --device cuda, or --device auto on a machine with a GPU; else 0].")
 @click.option("--retry-failed", is_flag=True, help="Resume the trials a previous run recorded as failed, too.")
+@click.option("--tensorboard", is_flag=True, help="Each trial also writes TensorBoard event files in its run directory, "
+              "as train --tensorboard (needs pip install 'windtunnel[tensorboard]').")
 @_quiet_option
 def sweep_command(task, config, model_name, preset, seeds, grid, overrides, steps, device, out, backend, workers, threads,
-                  address, gpus_per_trial, retry_failed, quiet):
+                  address, gpus_per_trial, retry_failed, tensorboard, quiet):
     """Train a grid of settings over several seeds; each trial is an ordinary run directory.
 
     Every trial's config is checked before anything starts. A failing trial is recorded as failed
@@ -666,7 +674,7 @@ def sweep_command(task, config, model_name, preset, seeds, grid, overrides, step
         raise click.UsageError("--device cuda and --gpus-per-trial 0 contradict each other; drop one.")
     spec = plan_sweep(task, model_name, preset, seeds, parse_grid(grid), overrides, steps, config=config, device=device)
     summary = run_sweep(spec, out, backend=backend, workers=workers, threads=threads, gpus_per_trial=gpus_per_trial,
-                        address=address, retry_failed=retry_failed, echo=_echo(quiet))
+                        address=address, retry_failed=retry_failed, echo=_echo(quiet), tensorboard=tensorboard)
     if summary["metrics"]:
         click.echo(compare_sweeps([out], metric="entropy_mae_bits" if "entropy_mae_bits" in summary["metrics"] else summary["metrics"][0])["text"])
     counts = summary["counts"]
@@ -742,8 +750,10 @@ def _wind_tunnel_command(task: str):
                   metavar="MODELS", help="Train only these models, comma-separated from transformer, mlp, lstm "
                                          "[default: every preset model of the task].")
     @_device_option("the models")
+    @click.option("--tensorboard", is_flag=True, help="Each model's run directory also gets TensorBoard event files, "
+                  "as train --tensorboard (needs pip install 'windtunnel[tensorboard]').")
     @_quiet_option
-    def command(preset, out, seed, models, device, quiet):
+    def command(preset, out, seed, models, device, tensorboard, quiet):
         from windtunnel._progress import progress_bars
         from windtunnel.experiments.wind_tunnels import reproduce as run
 
@@ -751,7 +761,8 @@ def _wind_tunnel_command(task: str):
         out = out or f"runs/reproduce-{task}-{preset}"
         _check_out(out)
         with progress_bars(not quiet):
-            result = run(task, preset=preset, out=out, seed=seed, models=models, device=device, progress=not quiet)
+            result = run(task, preset=preset, out=out, seed=seed, models=models, device=device, progress=not quiet,
+                         tensorboard=tensorboard)
         click.echo((Path(out) / "model_comparison.md").read_text())
         click.echo(f"wrote {out}/model_comparison.json, model_comparison.md and model_comparison.png ({len(result['models'])} models)")
 

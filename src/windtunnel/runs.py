@@ -11,6 +11,8 @@ Layout of a run directory::
     RUN_DIR/snapshots/step_N.pt      model weights on the log-spaced telemetry schedule
     RUN_DIR/manifold/step_N.json     2-D projections of the value manifold (telemetry)
     RUN_DIR/model.safetensors        the final model's weights alone, for sharing
+    RUN_DIR/tensorboard/             with ``train --tensorboard``: metrics.jsonl and telemetry.jsonl
+                                     as TensorBoard event files (:class:`TensorBoardMirror`)
     RUN_DIR/eval*.json, *.png, ablation.json, memory.json, dissociation.json, report.html
                                      outputs of the analysis commands
     RUN_DIR/.lock                    held (flock) by the one process that trains the run
@@ -65,6 +67,7 @@ __all__ = [
     "RunDir",
     "RunLockedError",
     "SweepDir",
+    "TensorBoardMirror",
     "append_jsonl",
     "checkpoint_digest",
     "json_ready",
@@ -266,6 +269,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.tensorboard: TensorBoardMirror | None = None
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -300,6 +304,11 @@ class RunDir:
     @property
     def lock_path(self) -> Path:
         return self.path / ".lock"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard's event files of the run (:class:`TensorBoardMirror`)."""
+        return self.path / "tensorboard"
 
     @property
     def export_path(self) -> Path:
@@ -378,9 +387,35 @@ class RunDir:
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, [row])
+        if self.tensorboard is not None:
+            self.tensorboard.add_metrics([row])
 
     def log_telemetry(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
         append_jsonl(self.telemetry_path, rows)
+        if self.tensorboard is not None:
+            self.tensorboard.add_telemetry(rows)
+
+    def open_tensorboard(self) -> TensorBoardMirror:
+        """Start mirroring the logs to TensorBoard (:class:`TensorBoardMirror`): tensorboard/ is
+        rebuilt from metrics.jsonl and telemetry.jsonl as they are now, then every row logged
+        until :meth:`close_tensorboard` is added. Call it while holding the lock.
+
+        Raises:
+            ImportError: naming the extra when the tensorboard package is not installed.
+        """
+        self.close_tensorboard()
+        self.tensorboard = TensorBoardMirror(self.tensorboard_dir)
+        self.tensorboard.add_metrics(self.metrics())
+        self.tensorboard.add_telemetry(self.telemetry())
+        self.tensorboard.flush()
+        return self.tensorboard
+
+    def close_tensorboard(self) -> None:
+        """Flush and close the TensorBoard mirror (a no-op when none is open)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
@@ -540,6 +575,65 @@ class RunDir:
 
         tensors = {name: t.detach().to("cpu").clone().contiguous() for name, t in model_state.items()}
         return write_bytes_atomic(self.export_path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+class TensorBoardMirror:
+    """metrics.jsonl and telemetry.jsonl as TensorBoard scalars, in one folder of event files.
+
+    A metrics row ``{"step", "split", name: value, ...}`` gives the scalar ``SPLIT/NAME`` (e.g.
+    ``train/loss_nats``, ``eval/entropy_mae_bits``, ``eval_len50/kl_bits``); a telemetry row
+    ``{"step", "layer", "head", "metric", "value"}`` gives ``telemetry/METRIC`` with ``/layerL``
+    and ``/headH`` appended where they are not None. Null values (non-finite in the logs), strings
+    and bools are left out (a live non-finite value too, as the logs hold it as null). The values are TensorBoard's float32.
+
+    The folder is derived data: it is deleted and rebuilt from the two logs when opened (so a
+    resumed run, whose logs were cut back to its checkpoint, holds every step once), and event
+    files are appended as the logs are; a run killed mid-write leaves at worst a torn last record,
+    which TensorBoard's reader skips and the next opening replaces.
+
+    Raises:
+        ImportError: naming the extra when the tensorboard package is not installed.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError(
+                "--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'."
+            ) from None
+        import shutil
+
+        self.folder = Path(folder)
+        if self.folder.is_dir() and not self.folder.is_symlink():
+            shutil.rmtree(self.folder)
+        elif self.folder.exists() or self.folder.is_symlink():
+            self.folder.unlink()
+        self._writer = SummaryWriter(log_dir=str(self.folder))
+
+    def add_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            split = row.get("split")
+            for name, value in row.items():
+                if name not in ("step", "split"):
+                    self._add(f"{split}/{name}", value, row.get("step"))
+
+    def add_telemetry(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            tag = f"telemetry/{row.get('metric')}"
+            tag += f"/layer{row['layer']}" if row.get("layer") is not None else ""
+            tag += f"/head{row['head']}" if row.get("head") is not None else ""
+            self._add(tag, row.get("value"), row.get("step"))
+
+    def _add(self, tag: str, value: Any, step: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and isinstance(step, int):
+            self._writer.add_scalar(tag, float(value), global_step=step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class SweepDir:

@@ -531,6 +531,10 @@ class Trainer:
             of the values against their pull, :class:`~windtunnel.probes.ValueUpdateProbe`); its
             rows go to telemetry.jsonl under the step the update was taken at.
         overwrite: replace the run ``run_dir`` holds (everything in it is deleted).
+        tensorboard: also write the metrics and telemetry as TensorBoard event files in
+            RUN_DIR/tensorboard/ (:class:`~windtunnel.runs.TensorBoardMirror`; needs the
+            ``tensorboard`` extra). Each :meth:`fit` rebuilds them from the logs first. It changes
+            nothing else: the run is bit-identical without it, and it is not part of config.json.
         resuming: set by :meth:`resume`, whose checkpoint replaces the weights, so
             ``experiment.init_from`` is not read.
 
@@ -550,8 +554,17 @@ class Trainer:
         probes: Sequence[Probe] = (),
         update_probe: ValueUpdateProbe | None = None,
         overwrite: bool = False,
+        tensorboard: bool = False,
         resuming: bool = False,
     ) -> None:
+        if tensorboard and run_dir is None:
+            raise ValueError("Trainer: tensorboard=True needs a run directory to write the event files in.")
+        if tensorboard:
+            try:
+                import tensorboard as _  # noqa: F401 - refused here, before anything is written
+            except ImportError:
+                raise ImportError("--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'.") from None
+        self.tensorboard = tensorboard
         self.experiment = experiment
         self.config = experiment.train
         self.run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
@@ -624,8 +637,10 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the run directory's lock (:meth:`fit` does it when it returns)."""
+        """Close the TensorBoard mirror and release the run directory's lock (:meth:`fit` does it
+        when it returns)."""
         if self.run is not None:
+            self.run.close_tensorboard()
             self.run.unlock()
 
     def _load_init_weights(self, experiment: ExperimentConfig) -> int:
@@ -719,6 +734,7 @@ class Trainer:
         *,
         probes: Sequence[Probe] = (),
         changes: dict[str, Any] | None = None,
+        tensorboard: bool = False,
     ) -> Trainer:
         """Rebuild a run from its directory and its latest checkpoint.
 
@@ -733,6 +749,9 @@ class Trainer:
                 ``{"train.lr": x}`` changes the peak learning rate from here on (after a
                 divergence). ``{"train.keep_checkpoints": k}`` changes the retention. Each change
                 is recorded in config.json and, with the step it was made at, in resumes.jsonl.
+            tensorboard: as for :class:`Trainer`; the event files are rebuilt from the cut-back
+                logs, so each step appears once. Without it, an existing tensorboard/ folder is
+                left as it was (it stops at the step it reached).
 
         Raises:
             ValueError: for any other key of ``changes`` (naming it), a checkpoint that cannot be
@@ -749,13 +768,13 @@ class Trainer:
             )
         run.lock()  # before reading the checkpoint: a run being written is refused, not half-read
         try:
-            return cls._resume_locked(run, experiment, changes, probes)
+            return cls._resume_locked(run, experiment, changes, probes, tensorboard)
         except BaseException:
             run.unlock()
             raise
 
     @classmethod
-    def _resume_locked(cls, run: RunDir, experiment: ExperimentConfig, changes: dict[str, Any], probes: Sequence[Probe]) -> Trainer:
+    def _resume_locked(cls, run: RunDir, experiment: ExperimentConfig, changes: dict[str, Any], probes: Sequence[Probe], tensorboard: bool) -> Trainer:
         state = run.load_checkpoint()
         step = int(state.get("step", 0))
         try:
@@ -777,7 +796,7 @@ class Trainer:
                 raise ValueError(f"Trainer.resume: train.steps={amended_train.steps} is below the checkpoint's step {step}.")
             experiment = dataclasses.replace(experiment, train=amended_train)
         original = run.read_config()
-        trainer = cls(experiment, run, probes=probes, resuming=True)
+        trainer = cls(experiment, run, probes=probes, tensorboard=tensorboard, resuming=True)
         try:
             trainer.load_state_dict(state, source=str(run.latest_checkpoint()))
             run.truncate_logs(trainer.step)
@@ -957,6 +976,8 @@ class Trainer:
         if self.run is not None:
             self.run.lock()
         try:
+            if self.tensorboard:
+                self.run.open_tensorboard()
             return self._fit(stop_at=stop_at, progress=progress, on_eval=on_eval)
         finally:
             self.close()

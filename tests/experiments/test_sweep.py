@@ -298,3 +298,28 @@ def test_the_ray_backend_without_ray_is_one_error_naming_the_extra(tmp_path, mon
     line = one_line_error(run_cli(sweep_args(out, "--seeds", "0", "--backend", "ray")), 1)
     assert line == "windtunnel sweep: error: the ray backend needs Ray Tune: pip install 'windtunnel[ray]'"
     assert not out.exists()
+
+
+def test_sweep_passes_tensorboard_to_its_trials(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    result = run_cli(["sweep", "bijection", "--out", tmp_path / "s", "--steps", 10, "--workers", 1, "--threads", 1,
+                      "--seeds", "0", *TINY, "--tensorboard"])
+    assert result.exit_code == 0, result.output
+    run = RunDir(tmp_path / "s" / "runs" / "seed=0")
+    events = EventAccumulator(str(run.tensorboard_dir), size_guidance={SCALARS: 0})
+    events.Reload()
+    losses = [(r["step"], r["loss_nats"]) for r in run.metrics() if r["split"] == "train"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss_nats")] == [
+        (s, float(torch.tensor(v, dtype=torch.float32))) for s, v in losses]
+
+
+def test_sweep_tensorboard_without_the_package_is_one_error_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    result = run_cli([*sweep_args(tmp_path / "s", "--seeds", "0"), "--tensorboard"])
+    one_line_error(result, 1)
+    assert "pip install 'windtunnel[tensorboard]'" in result.stderr
+    assert not (tmp_path / "s").exists()

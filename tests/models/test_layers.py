@@ -90,3 +90,29 @@ def test_dropout_generator_on_the_wrong_device():
         dropout(
             torch.ones(3, device="cuda"), 0.5, training=True, generator=torch.Generator(), owner="T"
         )
+
+
+def test_the_token_model_configs_share_one_base_and_load_the_config_json_of_older_runs():
+    import dataclasses
+
+    from windtunnel.models import LSTMConfig, PositionwiseMLPConfig, TinyGPTConfig
+    from windtunnel.models._layers import TokenModelConfig
+
+    shared = {f.name for f in dataclasses.fields(TokenModelConfig)}
+    # config.json of a TinyGPT run written before the base existed: the same keys, another order
+    old = {"vocab_size": 30, "n_positions": 12, "n_layers": 2, "n_heads": 2, "d_model": 16, "d_mlp": 32,
+           "norm": "layernorm", "norm_eps": 1e-5, "attn_bias": False, "mlp_bias": True, "dropout": 0.0,
+           "tie_embeddings": False, "n_out": 5, "head_bias": True, "init_std": 0.02}
+    config = TinyGPTConfig.from_dict(old)
+    assert config.to_dict() == old and config.n_outputs == 5 and config.d_head == 8
+    for cls in (TinyGPTConfig, PositionwiseMLPConfig, LSTMConfig):
+        assert issubclass(cls, TokenModelConfig) and shared <= {f.name for f in dataclasses.fields(cls)}
+        made = cls(vocab_size=7, n_positions=4)
+        assert cls.from_dict(made.to_dict()) == made and made.n_outputs == 7
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.dropout must be"):
+            cls(vocab_size=7, n_positions=4, dropout=1.0)
+    assert LSTMConfig(vocab_size=7).n_positions is None  # optional there only
+    with pytest.raises(ValueError, match="TinyGPTConfig.n_positions"):
+        TinyGPTConfig(vocab_size=7, n_positions=None)
+    with pytest.raises(ValueError, match="TinyGPTConfig.n_heads must divide d_model"):
+        TinyGPTConfig(vocab_size=7, n_positions=4, n_heads=5, d_model=16)

@@ -288,6 +288,7 @@ def run_trial(
     threads: int = 1,
     gpus: float = 0.0,
     report: Callable[[int, dict[str, Any]], None] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train one trial of a sweep to its end in ``run_path``: skip it when finished, resume it
     from its latest checkpoint when one exists, start it otherwise. Never raises for a failed
@@ -300,6 +301,8 @@ def run_trial(
         gpus: 0 hides CUDA from the trial (set before CUDA starts in this process), so "auto"
             trains on the CPU; > 0 leaves the devices the backend assigned visible.
         report: called as ``report(step, {split: {metric: value}})`` after each evaluation.
+        tensorboard: also write TensorBoard event files in the trial's run directory
+            (:class:`~windtunnel.runs.TensorBoardMirror`; ``Trainer(tensorboard=True)``).
 
     Returns:
         {"name", "status": "finished" | "failed", "from_step", "to_step", "wall_s" (training time
@@ -328,9 +331,9 @@ def run_trial(
             if run.path.is_dir():  # killed while claiming the directory: only temporaries are left
                 run.clean_temporaries()
         if step is None:  # nothing trained yet (or killed before the first checkpoint): start afresh
-            trainer = Trainer(experiment, run, overwrite=run.exists())
+            trainer = Trainer(experiment, run, overwrite=run.exists(), tensorboard=tensorboard)
         else:
-            trainer = Trainer.resume(run)
+            trainer = Trainer.resume(run, tensorboard=tensorboard)
         out["from_step"] = trainer.step
         def on_eval(step: int, calibrations: dict[str, Any]) -> None:
             report(step, {split: cal.scalars() for split, cal in calibrations.items()})
@@ -479,6 +482,7 @@ def run_sweep(
     address: str | None = None,
     retry_failed: bool = False,
     echo: Callable[[str], None] = print,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Run (or continue) the sweep ``spec`` in ``out`` and write its summary.
 
@@ -497,13 +501,16 @@ def run_sweep(
             instance. SWEEP_DIR must then be on a file system every node sees at the same path.
         retry_failed: resume trials recorded as failed too (by default a rerun leaves them).
         echo: where progress lines go.
+        tensorboard: every trial also writes TensorBoard event files in its run directory
+            (:func:`run_trial`).
 
     Returns:
         The summary (:func:`write_summary`).
 
     Raises:
         ValueError: ``out`` holds another sweep or is not a sweep directory; bad backend options.
-        ImportError: backend "ray" without Ray Tune, naming the extra.
+        ImportError: backend "ray" without Ray Tune, or ``tensorboard`` without the tensorboard
+            package, naming the extra.
         RunLockedError: another process drives this sweep.
     """
     if backend not in ("local", "ray"):
@@ -518,6 +525,11 @@ def run_sweep(
             raise ValueError("train.device=cuda needs --gpus-per-trial > 0 (without it the trials train on the CPU).")
     if backend == "ray":
         _import_ray()
+    if tensorboard:
+        try:
+            import tensorboard as _  # noqa: F401 - refused before any trial starts
+        except ImportError:
+            raise ImportError("--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'.") from None
     sweep = SweepDir(out)
     if not sweep.exists() and sweep.path.is_dir() and any(p.name != ".lock" for p in sweep.path.iterdir()):
         raise ValueError(f"{sweep.path} is not empty and is not a sweep directory; choose another --out.")
@@ -545,7 +557,7 @@ def run_sweep(
              f"{' (rerun with --retry-failed to resume them)' if counts['failed'] else ''}, {len(todo)} to run")
         if todo:
             runner = _run_local if backend == "local" else _run_ray
-            runner(sweep, todo, workers=workers, threads=threads, gpus=gpus_per_trial, address=address, echo=echo)
+            runner(sweep, todo, workers=workers, threads=threads, gpus=gpus_per_trial, address=address, echo=echo, tensorboard=tensorboard)
         return write_summary(sweep, spec)
     finally:
         sweep.unlock()
@@ -599,7 +611,7 @@ def _watch_driver(driver_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _run_local(sweep, todo, *, workers, threads, gpus, address, echo) -> None:
+def _run_local(sweep, todo, *, workers, threads, gpus, address, echo, tensorboard=False) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -625,7 +637,7 @@ def _run_local(sweep, todo, *, workers, threads, gpus, address, echo) -> None:
         sweep.log_event({"event": "submitted", "trial": trial["name"], "from_step": step, "backend": "local", "time": time.time()})
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
                              initargs=(os.getpid(), threads, counter, n_gpus)) as pool:
-        futures = {pool.submit(run_trial, trial, str(sweep.run(trial["name"]).path), threads=threads, gpus=gpus): trial for trial, _ in todo}
+        futures = {pool.submit(run_trial, trial, str(sweep.run(trial["name"]).path), threads=threads, gpus=gpus, tensorboard=tensorboard): trial for trial, _ in todo}
         for done, future in enumerate(as_completed(futures), 1):
             trial = futures[future]
             try:
@@ -646,7 +658,7 @@ def _import_ray() -> Any:
     return ray, tune
 
 
-def _tune_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], root: str, threads: int, gpus: float) -> None:
+def _tune_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], root: str, threads: int, gpus: float, tensorboard: bool = False) -> None:
     """One Tune trial: the sweep trial ``config["trial"]``, reporting each evaluation, then its result."""
     from ray import tune
 
@@ -655,11 +667,11 @@ def _tune_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], root:
     def report(step: int, splits: dict[str, dict[str, float]]) -> None:
         tune.report({"step": step, **{f"{split}/{key}": value for split, values in splits.items() for key, value in values.items()}})
 
-    result = run_trial(trial, Path(root) / trial["name"], threads=threads, gpus=gpus, report=report)
+    result = run_trial(trial, Path(root) / trial["name"], threads=threads, gpus=gpus, report=report, tensorboard=tensorboard)
     tune.report({"windtunnel_result": json.dumps(result)})
 
 
-def _run_ray(sweep, todo, *, workers, threads, gpus, address, echo) -> None:
+def _run_ray(sweep, todo, *, workers, threads, gpus, address, echo, tensorboard=False) -> None:
     ray, tune = _import_ray()
     threads = threads or 1
     started = False
@@ -694,7 +706,8 @@ def _run_ray(sweep, todo, *, workers, threads, gpus, address, echo) -> None:
             sweep.log_event({"event": "submitted", "trial": trial["name"], "from_step": step, "backend": "ray", "time": time.time()})
         names = [trial["name"] for trial, _ in todo]
         trainable = tune.with_parameters(_tune_trial, trials={t["name"]: t for t, _ in todo},
-                                         root=str(sweep.runs_dir.resolve()), threads=threads, gpus=gpus)
+                                         root=str(sweep.runs_dir.resolve()), threads=threads, gpus=gpus,
+                                         tensorboard=tensorboard)
         resources_per_trial = {"cpu": threads, **({"gpu": gpus} if gpus else {})}
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources_per_trial),

@@ -32,14 +32,14 @@ MODEL_COMPARISON = "model_comparison"
 written by windtunnel 0.2.0 and earlier hold them as comparison.*."""
 
 
-
 def paper_rows(task: str, model: str) -> list[tuple[str, float, str]]:
     """(quantity, value, source) of every single-valued paper number of ``task`` and ``model``,
     read from :data:`windtunnel.paper_numbers.PAPER_NUMBERS` (docs/theory.md §10)."""
     return [(n.quantity, n.value, n.source) for n in paper_numbers(task, model) if n.value is not None]
 
 
-def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool, device: str | None = None) -> None:
+def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool, device: str | None = None,
+                     tensorboard: bool = False) -> None:
     """Train the preset ``key`` in ``run_dir``; a run there of the same config is resumed (or
     skipped when finished), a run of another config (another seed) is refused."""
     run = RunDir(run_dir)
@@ -55,15 +55,18 @@ def _train_or_resume(key: str, run_dir: Path, seed: int | None, progress: bool, 
             raise ValueError(f"reproduce: {run_dir} holds a run of another config ({text}); use another --out.")
         state = run.load_checkpoint() if run.latest_checkpoint() else None
         if state is None:  # killed before its first checkpoint: nothing to keep
-            Trainer(experiment, run_dir, overwrite=True).fit(progress=progress)
+            Trainer(experiment, run_dir, overwrite=True, tensorboard=tensorboard).fit(progress=progress)
         elif state["step"] < experiment.train.steps:
-            Trainer.resume(run_dir).fit(progress=progress)
+            Trainer.resume(run_dir, tensorboard=tensorboard).fit(progress=progress)
         return
-    Trainer(experiment, run_dir).fit(progress=progress)
+    Trainer(experiment, run_dir, tensorboard=tensorboard).fit(progress=progress)
 
 
-def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | None = None, models: tuple[str, ...] | None = None, progress: bool = True, device: str | None = None) -> dict[str, Any]:
-    """Train and compare every preset model of ``task`` (see the module docstring).
+def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | None = None, models: tuple[str, ...] | None = None, progress: bool = True, device: str | None = None,
+              tensorboard: bool = False) -> dict[str, Any]:
+    """Train and compare every preset model of ``task`` (see the module docstring). With
+    ``tensorboard``, each model's run directory also gets TensorBoard event files
+    (``Trainer(tensorboard=True)``); a finished run is not trained again, so it gets none.
 
     ``device`` ("auto", "cpu", "cuda") sets every model's ``train.device``; None keeps the presets' (auto).
 
@@ -79,7 +82,7 @@ def reproduce(task: str, *, preset: str = "cpu", out: str | Path, seed: int | No
     for model_name in chosen:
         key = f"{task}/{model_name}/{preset}"
         run_dir = out / model_name
-        _train_or_resume(key, run_dir, seed, progress, device)
+        _train_or_resume(key, run_dir, seed, progress, device, tensorboard)
         experiment = get_preset(task, model_name, preset)
         lengths = (experiment.build_task().n_steps, *experiment.eval_lengths) if experiment.eval_lengths else ()
         report = evaluate_run(run_dir, lengths=lengths)

@@ -10,7 +10,8 @@ b_in, W_out, b_out, W_U, b_U, w, b); hook names too (``hook_normalized``, ``hook
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ __all__ = [
     "LayerNorm",
     "PosEmbed",
     "RMSNorm",
+    "TokenModelConfig",
     "Unembed",
     "check_common_fields",
     "check_tokens",
@@ -322,6 +324,65 @@ def check_common_fields(
 
 
 ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenModelConfig:
+    """The fields, checks and ``config.json`` round trip shared by the token models' configs
+    (:class:`~windtunnel.models.TinyGPTConfig`, :class:`~windtunnel.models.PositionwiseMLPConfig`,
+    :class:`~windtunnel.models.LSTMConfig`). Each subclass adds its own fields (the number of
+    layers, the norm, the position table, ... whose defaults differ between the models), names in
+    ``_optional`` those that may be None, and adds checks of its own in ``_check_more``; every
+    field is checked by :func:`check_common_fields` at construction, all problems in one error.
+
+    Attributes:
+        vocab_size: number of token ids.
+        d_model: residual-stream (or embedding and hidden) width.
+        norm_eps: epsilon inside the norm's square root.
+        dropout: drop probability (where each model applies it is in its config); needs
+            ``forward(..., generator=g)`` in training.
+        tie_embeddings: read out with the transpose of the token embedding.
+        n_out: number of logits with an untied head; None for ``vocab_size``. With tied embeddings
+            it must be None or ``vocab_size``.
+        head_bias: bias on the readout.
+        init_std: standard deviation of the weight matrices and embeddings at initialisation.
+    """
+
+    vocab_size: int
+    d_model: int = 192
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    n_out: int | None = None
+    head_bias: bool = False
+    init_std: float = 0.02
+
+    _optional: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        problems = Problems(owner)
+        names = tuple(f.name for f in dataclasses.fields(self))
+        check_common_fields(problems, self, owner=owner, fields=names, optional=self._optional)
+        self._check_more(problems)
+        problems.raise_if_any()
+
+    def _check_more(self, problems: Problems) -> None:
+        """Checks of the subclass's own (added to ``problems``); none here."""
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
+        return self.n_out if self.n_out is not None else self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, for ``config.json``."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
+        return config_from_dict(cls, data)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems, check_generator
+from windtunnel._checks import check_generator
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
     Embed,
     PosEmbed,
-    check_common_fields,
+    TokenModelConfig,
     check_tokens,
-    config_from_dict,
-    config_to_dict,
     dropout,
     make_norm,
     make_readout,
@@ -34,7 +32,7 @@ __all__ = ["LSTMConfig", "LSTMLayer", "LSTMModel"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class LSTMConfig:
+class LSTMConfig(TokenModelConfig):
     """Shape and options of an :class:`LSTMModel`. Defaults are the bijection baseline.
 
     Attributes:
@@ -54,54 +52,11 @@ class LSTMConfig:
             PyTorch's default U(-1/sqrt(d_model), 1/sqrt(d_model)).
     """
 
-    vocab_size: int
     n_positions: int | None = None
     n_layers: int = 6
-    d_model: int = 192
-    dropout: float = 0.0
     norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    n_out: int | None = None
-    head_bias: bool = False
-    init_std: float = 0.02
 
-    def __post_init__(self) -> None:
-        problems = Problems("LSTMConfig")
-        check_common_fields(
-            problems,
-            self,
-            owner="LSTMConfig",
-            fields=(
-                "vocab_size",
-                "n_positions",
-                "n_layers",
-                "d_model",
-                "dropout",
-                "norm",
-                "norm_eps",
-                "tie_embeddings",
-                "n_out",
-                "head_bias",
-                "init_std",
-            ),
-            optional=("n_positions",),
-        )
-        problems.raise_if_any()
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
-        return self.n_out if self.n_out is not None else self.vocab_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name, for ``config.json``."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LSTMConfig:
-        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
-        return config_from_dict(cls, data)
+    _optional: ClassVar[tuple[str, ...]] = ("n_positions",)
 
 
 class LSTMLayer(nn.Module):

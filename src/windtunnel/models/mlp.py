@@ -7,21 +7,18 @@ cross-entropy optimum is uniform over the values, the 1.107-bit floor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from windtunnel._checks import Problems, check_generator
+from windtunnel._checks import check_generator
 from windtunnel.hooks import HookPoint, name_hook_points
 from windtunnel.models._layers import (
     Embed,
     FeedForward,
     PosEmbed,
-    check_common_fields,
+    TokenModelConfig,
     check_tokens,
-    config_from_dict,
-    config_to_dict,
     dropout,
     make_norm,
     make_readout,
@@ -32,7 +29,7 @@ __all__ = ["MLPBlock", "PositionwiseMLP", "PositionwiseMLPConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class PositionwiseMLPConfig:
+class PositionwiseMLPConfig(TokenModelConfig):
     """Shape and options of a :class:`PositionwiseMLP`. Defaults are the bijection control.
 
     Attributes:
@@ -53,59 +50,12 @@ class PositionwiseMLPConfig:
         init_std: standard deviation of every weight matrix and embedding at initialisation.
     """
 
-    vocab_size: int
     n_positions: int
     n_layers: int = 9
-    d_model: int = 192
     d_mlp: int = 768
     norm: str = "layernorm"
-    norm_eps: float = 1e-5
     mlp_bias: bool = True
     final_norm: bool = True
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    n_out: int | None = None
-    head_bias: bool = False
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        problems = Problems("PositionwiseMLPConfig")
-        check_common_fields(
-            problems,
-            self,
-            owner="PositionwiseMLPConfig",
-            fields=(
-                "vocab_size",
-                "n_positions",
-                "n_layers",
-                "d_model",
-                "d_mlp",
-                "norm",
-                "norm_eps",
-                "mlp_bias",
-                "final_norm",
-                "dropout",
-                "tie_embeddings",
-                "n_out",
-                "head_bias",
-                "init_std",
-            ),
-        )
-        problems.raise_if_any()
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
-        return self.n_out if self.n_out is not None else self.vocab_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name, for ``config.json``."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PositionwiseMLPConfig:
-        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
-        return config_from_dict(cls, data)
 
 
 class MLPBlock(nn.Module):

@@ -23,11 +23,9 @@ from windtunnel.models._layers import (
     Embed,
     FeedForward,
     PosEmbed,
-    check_common_fields,
+    TokenModelConfig,
     check_position_ids,
     check_tokens,
-    config_from_dict,
-    config_to_dict,
     dropout,
     make_norm,
     make_readout,
@@ -38,7 +36,7 @@ __all__ = ["TinyGPT", "TinyGPTConfig", "TransformerBlock"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class TinyGPTConfig:
+class TinyGPTConfig(TokenModelConfig):
     """Shape and options of a :class:`TinyGPT`. Defaults are the bijection model (docs/theory.md §6.1).
 
     Attributes:
@@ -62,46 +60,15 @@ class TinyGPTConfig:
         init_std: standard deviation of every weight matrix and embedding at initialisation.
     """
 
-    vocab_size: int
     n_positions: int
     n_layers: int = 6
     n_heads: int = 6
-    d_model: int = 192
     d_mlp: int = 768
     norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
     attn_bias: bool = False
     mlp_bias: bool = True
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    n_out: int | None = None
-    head_bias: bool = False
-    init_std: float = 0.02
 
-    def __post_init__(self) -> None:
-        problems = Problems("TinyGPTConfig")
-        check_common_fields(
-            problems,
-            self,
-            owner="TinyGPTConfig",
-            fields=(
-                "vocab_size",
-                "n_positions",
-                "n_layers",
-                "n_heads",
-                "d_model",
-                "d_mlp",
-                "norm",
-                "norm_eps",
-                "attn_bias",
-                "mlp_bias",
-                "dropout",
-                "tie_embeddings",
-                "n_out",
-                "head_bias",
-                "init_std",
-            ),
-        )
+    def _check_more(self, problems: Problems) -> None:
         sizes_ok = all(
             check_positive_int("TinyGPTConfig", field, getattr(self, field)) is None
             for field in ("n_heads", "d_model")
@@ -111,26 +78,11 @@ class TinyGPTConfig:
                 f"TinyGPTConfig.n_heads must divide d_model; "
                 f"got n_heads={self.n_heads}, d_model={self.d_model}."
             )
-        problems.raise_if_any()
 
     @property
     def d_head(self) -> int:
         """Width of each head, d_model / n_heads."""
         return self.d_model // self.n_heads
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
-        return self.n_out if self.n_out is not None else self.vocab_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name, for ``config.json``."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TinyGPTConfig:
-        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
-        return config_from_dict(cls, data)
 
 
 class TransformerBlock(nn.Module):
