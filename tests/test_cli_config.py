@@ -263,6 +263,23 @@ def test_em_vs_sgd_seeds_are_a_list_or_range_with_the_old_default(monkeypatch, t
     assert seen["seeds"] == seeds
 
 
+@pytest.mark.parametrize("args,noted", [
+    (["--seeds", "3"], True),  # a count in windtunnel 0.2: now seed 3 alone, which the note says
+    (["--seeds", "0"], False),  # never a valid count
+    (["--seeds", "5"], True),
+    (["--seeds", "42"], False),  # a real seed
+    (["--seeds", "0-2"], False),
+    ([], False),
+])
+def test_em_vs_sgd_notes_a_lone_small_seed_that_used_to_be_a_count(monkeypatch, tmp_path, args, noted):
+    _capture_em_vs_sgd(monkeypatch)
+    result = run(["reproduce", "em-vs-sgd", *args, "--out", tmp_path / "out"])
+    assert result.exit_code == 2 and "stopped before training" in result.output
+    assert ("used to be a count" in result.output) is noted
+    if args == ["--seeds", "3"]:
+        assert "write --seeds 42,2024,1337" in result.output
+
+
 # --- --device and --quiet ---------------------------------------------------------------------
 
 

@@ -871,6 +871,13 @@ def em_vs_sgd_command(
         raise click.UsageError(
             "--arms applies to --model single only; --model deep trains with AdamW."
         )
+    if seeds is not None and len(seeds) == 1 and 1 <= seeds[0] <= len(PAPER_SEEDS):
+        # windtunnel 0.2 and earlier read --seeds N as a count (the paper's first N seeds); say so
+        # once, since an old command line now runs one seed without failing.
+        paper = ",".join(map(str, PAPER_SEEDS[: seeds[0]]))
+        click.echo(f"note: --seeds {seeds[0]} runs the one seed {seeds[0]}; --seeds used to be a count "
+                   f"(windtunnel 0.2 and earlier): for the paper's first {seeds[0]} seed(s) write --seeds {paper}.",
+                   err=True)
     seeds = seeds or PAPER_SEEDS[: 2 if quick else 5]
     torch_threads = torch.get_num_threads()
     threads = threads or torch_threads
