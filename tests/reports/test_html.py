@@ -127,11 +127,33 @@ def test_renders_in_headless_chromium(full_run, tmp_path):
     assert pixels.shape[0] == 6000 and float(pixels[..., :3].std()) > 0.05  # not a blank page
 
 
-def test_paper_table_falls_back_to_dissociation(full_run, tmp_path):
-    copy = tmp_path / "no_telemetry"
-    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "telemetry.jsonl"))
+def _paper_table(run_dir):
+    return build_report(run_dir).read_text().split("Paper numbers beside ours", 1)[1].split("<h2>", 1)[0]
+
+
+def test_paper_table_falls_back_to_telemetry_then_dissociation(full_run, tmp_path):
+    """Without eval.json the geometry rows read the telemetry's last step; without that too, dissociation.json."""
+    copy = tmp_path / "no_eval"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "eval.*"))
+    table = _paper_table(copy)
+    assert table.count("(telemetry, last logged step)") == 3 and "(eval.json)" not in table
+    copy = tmp_path / "no_eval_no_telemetry"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoints", "snapshots", "eval.*", "telemetry.jsonl"))
     page = build_report(copy).read_text()
-    assert "No telemetry.jsonl" in page and "(dissociation.json, final checkpoint)" in page
+    assert "No telemetry.jsonl" in page
+    assert _paper_table(copy).count("(dissociation.json, final checkpoint)") == 3
+
+
+def test_paper_table_geometry_is_eval_json_even_with_telemetry(full_run):
+    """The report's paper table and `windtunnel eval` give one trained model the same geometry
+    numbers: eval.json's first (our) definition of each quantity, not the telemetry's probe batch."""
+    assert (full_run / "telemetry.jsonl").exists() and (full_run / "dissociation.json").exists()
+    ours = {q: v["value"] for q, variants in json.loads((full_run / "eval.json").read_text())["geometry_variants"]["quantities"].items()
+            for v in variants.values() if v.get("ours")}
+    table = _paper_table(full_run)
+    for quantity in ("key_orthogonality", "value_manifold_pc1_share", "focusing_ratio"):
+        assert f"{_text(ours[quantity])} (eval.json)" in table, quantity
+    assert "(telemetry, last logged step)" not in table
 
 
 def _evil(tag):

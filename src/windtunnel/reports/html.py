@@ -416,6 +416,12 @@ def _ablation_section(ablation: dict[str, Any] | None) -> str:
     return text + _table(["ablation", "layer", "head", "MAE (bits)", "ΔMAE (bits)", "MAE ratio", "ΔKL (bits)", "Δaccuracy"], rows)
 
 
+def _settings(fields: Any) -> str:
+    """A config section as escaped JSON. config.json's task and model sections hold the arguments
+    given to the task and model, the rest being their defaults, so an empty one reads "(default settings)"."""
+    return "(default settings)" if not fields else _esc(json.dumps(fields))
+
+
 def _ours(key: str, metrics: list[dict[str, Any]], evaluation: dict | None, tel: _Telemetry, diss: dict | None, ablation: dict | None) -> str:
     """Our value for a paper-table row, as plain text (the table escapes it)."""
     final_eval = [r for r in metrics if r.get("split") == "eval"]
@@ -429,26 +435,26 @@ def _ours(key: str, metrics: list[dict[str, Any]], evaluation: dict | None, tel:
         return " / ".join(f"{n}: {_text(s['entropy_mae_bits'])}" for n, s in evaluation["summary"].items())
     if key == "accuracy":
         return _text(final_eval[-1]["accuracy"]) if final_eval else "—"
-    # without telemetry (a run trained without probes) fall back to the last checkpoint in dissociation.json
+    # The geometry rows read eval.json first: the held-out evaluation of the final model, the same
+    # numbers `windtunnel eval` prints (its first, our, definition of each quantity). Without it, the
+    # telemetry's last logged step (the probe batch), then dissociation.json's final checkpoint.
+    ours = {q: v.get("value") for q, _, v in _variant_entries((evaluation or {}).get("geometry_variants")) if v.get("ours")}
+    for row_key, quantity in (("key_ortho", "key_orthogonality"), ("pc1", "value_manifold_pc1_share"), ("focusing", "focusing_ratio")):
+        if key == row_key and ours.get(quantity) is not None:
+            return f"{_text(ours[quantity])} (eval.json)"
     fallback = {m: v[-1] for m, v in diss["metrics"].items()} if diss is not None else {}
-    if diss is None:  # nor a dissociation: eval.json's own definitions (the first, ours, of each quantity)
-        ours = {q: v.get("value") for q, _, v in _variant_entries((evaluation or {}).get("geometry_variants")) if v.get("ours")}
-        if ours.get("key_orthogonality") is not None and key == "key_ortho":
-            return f"{_text(ours['key_orthogonality'])} (eval.json)"
-        if ours.get("value_manifold_pc1_share") is not None and key == "pc1":
-            return f"{_text(ours['value_manifold_pc1_share'])} (eval.json)"
-        if ours.get("focusing_ratio") is not None and key == "focusing" and tel.last("focusing_ratio") is None:
-            return f"{_text(ours['focusing_ratio'])} (eval.json)"
     if key == "key_ortho":
         if tel.last("key_ortho_abs_cos", 0) is None:
             return f"{_text(fallback.get('key_ortho_layer0'))} (dissociation.json, final checkpoint)"
-        return f"{_text(tel.last('key_ortho_abs_cos', 0))} vs {_text(tel.last('key_ortho_random_baseline'))} random (d_head), {_text(tel.last('key_ortho_init_abs_cos', 0))} at init"
+        return f"{_text(tel.last('key_ortho_abs_cos', 0))} vs {_text(tel.last('key_ortho_random_baseline'))} random (d_head), {_text(tel.last('key_ortho_init_abs_cos', 0))} at init (telemetry, last logged step)"
     if key == "pc1":
         if tel.last("manifold_pc1_share") is None:
-            return f"{_text(fallback.get('pc1_share'))} (PC1+PC2 {_text(fallback.get('pc12_share'))}); Spearman {_text(fallback.get('spearman'))} (dissociation.json)"
-        return f"{_text(tel.last('manifold_pc1_share'))} (PC1+PC2 {_text(tel.last('manifold_pc12_share'))}); Spearman {_text(tel.last('manifold_spearman'))}"
+            return f"{_text(fallback.get('pc1_share'))} (PC1+PC2 {_text(fallback.get('pc12_share'))}); Spearman {_text(fallback.get('spearman'))} (dissociation.json, final checkpoint)"
+        return f"{_text(tel.last('manifold_pc1_share'))} (PC1+PC2 {_text(tel.last('manifold_pc12_share'))}); Spearman {_text(tel.last('manifold_spearman'))} (telemetry, last logged step)"
     if key == "focusing":
-        return _text(tel.last("focusing_ratio") if tel.last("focusing_ratio") is not None else fallback.get("focusing_ratio"))
+        if tel.last("focusing_ratio") is None:
+            return f"{_text(fallback.get('focusing_ratio'))} (dissociation.json, final checkpoint)"
+        return f"{_text(tel.last('focusing_ratio'))} (telemetry, last logged step)"
     if key == "bypass" and ablation is not None:
         ratios = [r["mae_ratio"] for r in ablation["rows"] if r["kind"] == "bypass" and r["mae_ratio"] is not None]
         return f"min {_text(min(ratios))}×, max {_text(max(ratios))}×" if ratios else "—"
@@ -490,8 +496,8 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None) -> Path:
         paper_rows.append([number.quantity, number.paper, number.source, ours])
     train = config.get("train", {})
     sections = [
-        ("Run", f"<p>Task <code>{_esc(task)}</code> {_esc(json.dumps(config.get('task', {})))}, model "
-                f"<code>{_esc(config.get('model_name'))}</code> {_esc(json.dumps(config.get('model', {})))}; "
+        ("Run", f"<p>Task <code>{_esc(task)}</code> {_settings(config.get('task'))}, model "
+                f"<code>{_esc(config.get('model_name'))}</code> {_settings(config.get('model'))}; "
                 f"{_fmt(train.get('steps'))} steps × batch {_fmt(train.get('batch_size'))}, lr {_fmt(train.get('lr'))}, seed {_fmt(train.get('seed'))}.</p>"),
         ("Paper numbers beside ours (docs/theory.md §10)", _table(["quantity", "paper", "source", "this run"], paper_rows) if paper_rows else "<p>No paper targets for this task.</p>"),
         ("Loss and held-out calibration", _loss_section(metrics, train)),
