@@ -26,8 +26,9 @@ FORBIDDEN = {
 
 # A section number: 8, 8.6; "§8.1–§8.3" and "§7, §11.3" are two numbers each.
 SECTION = re.compile(r"§\s*(\d+(?:\.\d+)*)")
-# A § reference that names another document right before it ("STYLE.md §2") is not ours to check.
-OTHER_DOCUMENT = re.compile(r"(\S+\.(?:md|rst|txt))\s*$")
+# A § reference that names another document right before it ("STYLE.md §2") is not ours to check,
+# nor one that names a paper and its version ("arXiv 2512.23752v1, §4.4", "Paper III v1 §2", "{PAPER_III}v1, §2").
+OTHER_DOCUMENT = re.compile(r"(\S+\.(?:md|rst|txt)|(?:arXiv \d{4}\.\d{5}|\{PAPER_I{1,3}\}|Paper I{1,3}) ?v\d+,?)\s*$")
 HEADING = re.compile(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s", re.MULTILINE)
 
 
@@ -116,4 +117,6 @@ def test_forbidden_tags_are_caught(text, expected):
 def test_section_references_are_parsed():
     text = "(docs/theory.md §7, §11.3) and docs/theory.md §8.1–§8.3; STYLE.md §2; the §8.6 schedule; §12 #23"
     assert section_references(text) == ["7", "11.3", "8.1", "8.3", "8.6", "12"]
+    papers = "arXiv 2512.23752v1, §5.5, Table 2; Paper III v1 §2, §6.6; {PAPER_III}v1, §4.4; Paper III §9"
+    assert section_references(papers) == ["9"]  # a paper's sections need its version; unversioned is ours
     assert theory_sections("## 2. Gradients\n### 2.2 Score\n#### not a number\n## 12. Choices\n") == {"2", "2.2", "12"}

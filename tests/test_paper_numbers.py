@@ -13,9 +13,9 @@ from windtunnel.reports import em_vs_sgd, paper_table_rows
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "windtunnel"
 
-# One source: a paper (arXiv id, optional version, optional ", Table N" or ", recalling arXiv ...") or a
-# file of the authors' public repository.
-PAPER_SOURCE = re.compile(r"arXiv \d{4}\.\d{5}(v\d+)?(, Table \d+|, recalling arXiv \d{4}\.\d{5}(v\d+)?)?")
+# One source: a paper (arXiv id, optional version, optional places ", §N.M", ", Table N", ", Fig. N", optional
+# ", recalling arXiv ...") or a file of the authors' public repository.
+PAPER_SOURCE = re.compile(r"arXiv \d{4}\.\d{5}(v\d+)?(, (§\d+(\.\d+)*|Table \d+|Fig\. \d+))*(, recalling arXiv \d{4}\.\d{5}(v\d+)?)?")
 REPOSITORY_SOURCE = re.compile(re.escape(REPOSITORY) + r", [\w./-]+( \(the authors' follow-up\))?")
 
 
@@ -24,6 +24,17 @@ def test_every_source_names_a_paper_or_a_file_of_the_authors_repository():
         for part in number.source.split("; "):
             assert PAPER_SOURCE.fullmatch(part) or REPOSITORY_SOURCE.fullmatch(part), (number.key, part)
     assert not PAPER_SOURCE.fullmatch("authors' README") and not REPOSITORY_SOURCE.fullmatch("REPRODUCE.md")
+    assert PAPER_SOURCE.fullmatch("arXiv 2512.23752v1, §4.4, Table 2, recalling arXiv 2512.22471")
+    assert not PAPER_SOURCE.fullmatch("arXiv 2512.23752v1, Table") and not PAPER_SOURCE.fullmatch("arXiv 2512.23752, section 4")
+
+
+def test_paper_iii_entries_name_the_version_and_the_place_they_were_read_in():
+    # sections and tables move between arXiv versions: a place without a version cannot be looked up
+    for number in PAPER_NUMBERS:
+        if number.source.startswith("arXiv 2512.23752"):
+            assert number.source.startswith("arXiv 2512.23752v1, "), (number.key, number.source)
+    assert paper_number("llm.llm.focusing").source == "arXiv 2512.23752v1, Table 2"
+    assert paper_number("llm.llm.value_manifold").source == "arXiv 2512.23752v1, Table 1"
 
 
 def test_the_reports_and_the_reproduction_read_the_one_table():

@@ -1,8 +1,8 @@
 """The papers' numbers, typed once (docs/theory.md §10): every report and reproduction reads them here.
 
 Each :class:`PaperNumber` is one number as a paper (or the authors' public code) states it, with
-its source in a form a reader can look up: the arXiv identifier and version, and the table where
-there is one ("arXiv 2512.23752, Table 1"), or the file of the authors' public repository
+its source in a form a reader can look up: the arXiv identifier and version, and the section and
+table where the paper states it ("arXiv 2512.23752v1, §4.2, Table 2"), or the file of the authors' public repository
 (github.com/vishalmisra/bayesian-wind-tunnel) that states it. ``windtunnel report`` shows the
 wind-tunnel rows beside the run's own numbers, ``windtunnel reproduce bijection|hmm|recall``
 writes them into comparison.json/.md, and the geometry probes attach them to the definition they
@@ -23,7 +23,8 @@ PAPER_I = "arXiv 2512.22471"
 PAPER_II = "arXiv 2512.22473"
 """Gradient Dynamics of Attention (Paper II)."""
 PAPER_III = "arXiv 2512.23752"
-"""Geometric Scaling of Bayesian Inference in LLMs (Paper III)."""
+"""Geometric Scaling of Bayesian Inference in LLMs (Paper III); sections and tables are v1's (Table 1: value
+manifolds; Table 2: the three signatures per model, with the wind-tunnel reference row)."""
 REPOSITORY = "github.com/vishalmisra/bayesian-wind-tunnel"
 """The authors' public code for the three papers."""
 
@@ -73,11 +74,11 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
     _n("bijection.transformer.key_orthogonality", "layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random", f"{PAPER_I}v3"),
     _n("bijection.transformer.key_orthogonality_target", "layer-0 key orthogonality (mean |cos|)", "< 0.1", _REPRODUCE),
     _n("bijection.transformer.value_manifold", "value-manifold PC1 share", "PC1 84–90 %, PC1+PC2 88–95 %",
-       f"{PAPER_III}, recalling {PAPER_I}"),
+       f"{PAPER_III}v1, §2, Table 1, recalling {PAPER_I}"),
     _n("bijection.transformer.value_manifold_target", "value-manifold PC1 share", "PC1 > 80 % with a strong entropy correlation", _REPRODUCE),
-    _n("bijection.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}, recalling {PAPER_I}"),
+    _n("bijection.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}v1, §4.4, Table 2, recalling {PAPER_I}"),
     _n("bijection.transformer.weight_columns", "W_K column orthogonality (mean |cos|)", "0.09–0.12 vs 0.40–0.45 at init",
-       f"{PAPER_III}, recalling {PAPER_I}"),
+       f"{PAPER_III}v1, §2, §6.1, recalling {PAPER_I}"),
     _n("bijection.transformer.bypass", "bypass any single layer: MAE ratio", "> 10×", f"{PAPER_I}v1"),
     _n("bijection.transformer.dissociation", "frame settles before precision", "frame by steps 300–500; MAE improves > 10× after", _FOLLOW_UP),
     _n("bijection.lstm.entropy_mae", "entropy MAE (bits)", "0.009", f"{PAPER_I}v3; {_README}", 0.009),
@@ -88,16 +89,16 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
     _n("hmm.transformer.entropy_mae", "entropy MAE, K = 20 (bits)", "7.5e-5", f"{PAPER_I}v1; {_README}", 7.5e-5),
     _n("hmm.transformer.entropy_mae_k30", "entropy MAE, K = 30 (bits)", "0.012", f"{PAPER_I}v1; {_README}", 0.012),
     _n("hmm.transformer.entropy_mae_k50", "entropy MAE, K = 50 (bits)", "0.029", f"{PAPER_I}v1; {_README}", 0.029),
-    _n("hmm.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}, recalling {PAPER_I}"),
+    _n("hmm.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}v1, §4.4, Table 2, recalling {PAPER_I}"),
     _n("hmm.lstm.entropy_mae", "entropy MAE (bits)", "0.411", f"{PAPER_I}v3", 0.411),
     _n("hmm.mlp.entropy_mae", "entropy MAE (bits)", "0.40", f"{PAPER_I}v3", 0.40),
     # Associative recall, 64 pairs (docs/theory.md §5.3)
     _n("recall.transformer.accuracy", "accuracy (64 pairs)", "100 %", f"{PAPER_I}v3", 1.0),
     _n("recall.lstm.accuracy", "accuracy (64 pairs)", "0.5 %", f"{PAPER_I}v3", 0.005),
     # Paper III: pretrained language models (docs/theory.md §9)
-    _n("llm.llm.value_manifold", "value PC1+PC2 share", "PC1+PC2 51–99.7 %", f"{PAPER_III}, Table 1"),
-    _n("llm.llm.key_orthogonality", "W_K column orthogonality (mean |cos|)", "0.034–0.18", f"{PAPER_III}, Table 1"),
-    _n("llm.llm.focusing", "attention focusing ratio", "82 %, 86 %, 31 %", f"{PAPER_III}, Table 1"),
+    _n("llm.llm.value_manifold", "value PC1+PC2 share", "PC1+PC2 51–99.7 %", f"{PAPER_III}v1, Table 1"),
+    _n("llm.llm.key_orthogonality", "W_K column orthogonality (mean |cos|)", "0.034–0.18", f"{PAPER_III}v1, §4.2, Table 2"),
+    _n("llm.llm.focusing", "attention focusing ratio", "82 %, 86 %, 31 %", f"{PAPER_III}v1, Table 2"),
 )
 """Every published number the package compares with, one entry each."""
 

@@ -93,14 +93,14 @@ def _focusing(states: GeometryStates, rows: torch.Tensor) -> dict[str, Any]:
 def focusing_sites(model: Any, task: Any, states: GeometryStates) -> dict[str, Any]:
     """Ours (docs/theory.md §8.2): (H^(0) - H^(last)) / H^(0) of the attention entropy at the
     prediction sites, heads averaged after the per-row entropies; the definition of
-    :func:`attention_focusing` and of the ``focusing_ratio`` telemetry. arXiv 2512.23752 recalls
-    85–90 % for the wind tunnels (docs/theory.md §10)."""
+    :func:`attention_focusing` and of the ``focusing_ratio`` telemetry. arXiv 2512.23752v1 recalls
+    85–90 % for the wind tunnels (§4.4, Table 2; docs/theory.md §10)."""
     return _focusing(states, states.sites)
 
 
 def focusing_final_position(model: Any, task: Any, states: GeometryStates) -> dict[str, Any]:
     """arXiv 2512.23752's reading point (Paper III, docs/theory.md §9): the attention row of the final
-    input position only. Its Table 1 numbers (82 %, 86 %, 31 %) are for pretrained language models."""
+    input position only. Its v1 Table 2 numbers (82 %, 86 %, 31 %) are for pretrained language models."""
     return _focusing(states, torch.tensor([states.patterns.shape[-2] - 1]))
 
 

@@ -128,8 +128,8 @@ def key_ortho_in_context_abs(model: nn.Module, task: Any, states: GeometryStates
 
 def key_ortho_weight_columns_abs(model: nn.Module, task: Any, states: GeometryStates) -> dict[str, Any]:
     """arXiv 2512.23752 (Paper III, docs/theory.md §9): per head, the d_head columns of W_K (vectors in
-    R^{d_model}) and their mean off-diagonal |cos|, averaged over heads; its Table 1 reports
-    0.034–0.18 for pretrained language models, and its recap of the bijection 0.09–0.12 against
-    0.40–0.45 at initialisation. Needs no tokens, so it is defined on every task."""
+    R^{d_model}) and their mean off-diagonal |cos|, averaged over heads; its v1 reports
+    0.034–0.18 for pretrained language models (§4.2, Table 2), and its recap of the bijection
+    0.09–0.12 against 0.40–0.45 at random initialisation (§2, §6.1). Needs no tokens, so it is defined on every task."""
     keys = _keys_or_reason(model, torch.arange(1))
     return _per_layer([float(mean_abs_cosine(layer.w_key.transpose(1, 2)).mean()) for layer in keys])

@@ -134,14 +134,14 @@ def manifold_value_positions_pre_final_norm_raw(model: Any, task: Any, states: G
     """The authors' figure script for arXiv 2512.22471's final-layer value-manifold figure: the last
     block's output before the final norm at the value positions, each labelled with the entropy
     of the site it answers, plain centred PCA. The PC1 84–90 % (PC1+PC2 88–95 %) that arXiv
-    2512.23752 recalls of that figure is read against this variant (docs/theory.md §8.3, §10)."""
+    2512.23752v1 recalls of that figure (§2, Table 1) is read against this variant (docs/theory.md §8.3, §10)."""
     return _pca(states, task, "value_positions", "pre_final_norm", False)
 
 
 def manifold_head_values_zscored(model: Any, task: Any, states: GeometryStates) -> dict[str, Any]:
-    """arXiv 2512.23752's recipe (Paper III, docs/theory.md §9; its Table 1): the last layer's value
+    """arXiv 2512.23752's recipe (Paper III, docs/theory.md §9; its v1 Table 1): the last layer's value
     vectors concatenated over (key-value) heads, z-scored, here at the prediction sites (the
-    paper reads the final token of each prompt). Its Table 1 numbers (PC1+PC2 51–99.7 %) are
+    paper reads the final token of each prompt). Its v1 Table 1 numbers (PC1+PC2 51–99.7 %) are
     for pretrained language models, not a wind tunnel."""
     return _pca(states, task, "sites", "head_values", True)
 
