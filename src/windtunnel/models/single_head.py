@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -282,6 +284,102 @@ def _add_routing_sums(
     sums["d_scores_sq"] += (e * b).pow(2).sum((-1, -2))
 
 
+class _Plan:
+    """Buffers and per-block views of the gradient pass for one problem shape, kept across calls.
+
+    Every optimiser step runs the pass on the same shapes, so the buffers, and the views of them
+    that each block of query rows works on, are made once; a step then issues only the arithmetic
+    (about 20 tensor operations per block instead of about 60, which at a few microseconds of
+    dispatch each was a fifth of the pass).
+
+    Shapes: rb = replicas * batch; q2 [rb, pos, d_k] (base-2 scaled queries), q2_t and k_t
+    [rb, d_k, pos], l_t [rb, n_classes + 1, pos] (values in logit space; last row ones),
+    one_hot [rb, pos, n_classes] (the labels divided by the number of positions),
+    logits [rb, pos, n_classes], d_q_t, d_k_t [rb, d_k, pos], pull_t [rb, n_classes, pos].
+    """
+
+    def __init__(
+        self, rb: int, n_pos: int, d_k: int, n_classes: int, block_size: int, dtype, device
+    ) -> None:
+        def new(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        self.q2, self.q2_t, self.k_t = new(rb, n_pos, d_k), new(rb, d_k, n_pos), new(rb, d_k, n_pos)
+        self.l_t = new(rb, n_classes + 1, n_pos)
+        self.l_t[:, n_classes].fill_(1.0)  # b - E_alpha[b] and the row sums in one product each
+        self.one_hot, self.logits = new(rb, n_pos, n_classes), new(rb, n_pos, n_classes)
+        self.d_q_t, self.d_k_t, self.pull_t = new(rb, d_k, n_pos), new(rb, d_k, n_pos), new(rb, n_classes, n_pos)
+        bs = min(block_size, n_pos)
+        # Two reused workspaces hold the [rb, block, keys] exponentials and b - E_alpha[b], then
+        # dL/ds: fresh tensors of a new size every block would cost a page fault per 4 KiB.
+        workspace = new(2, rb * bs * n_pos + _VECTOR_PAD)
+        scratch = new(rb * max(d_k, n_classes) * n_pos)
+        small = new(4, rb * bs * (n_classes + 1))  # per-block [rb, m, *] results
+        future = torch.ones(bs, bs, dtype=torch.bool, device=device).triu(1)
+        self.blocks = []
+        for i0 in range(0, n_pos, bs):
+            i1 = min(n_pos, i0 + bs)
+            m = i1 - i0
+            e = workspace[0, : rb * m * i1].view(rb, m, i1)
+            both = small[0, : rb * (n_classes + 1) * m].view(rb, n_classes + 1, m)
+            inv_sum = small[1, : rb * m].view(rb, m, 1)
+            g_scaled = small[2, : rb * m * n_classes].view(rb, m, n_classes)
+            neg_mean = small[3, : rb * m].view(rb, m)  # -E_alpha[b] / row_sum, [rb, m]
+            d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
+            self.blocks.append(
+                (
+                    i0,
+                    self.q2[:, i0:i1],
+                    self.k_t[:, :, :i1],
+                    e,
+                    e[:, :, i0:i1],
+                    future[:m, :m],
+                    workspace[0, : -(-(rb * m * i1) // _VECTOR_PAD) * _VECTOR_PAD],
+                    self.l_t[:, :, :i1],
+                    e.transpose(1, 2),
+                    both,
+                    both[:, n_classes:].transpose(1, 2),  # row sums [rb, m, 1]
+                    both[:, :n_classes].transpose(1, 2),  # e L, [rb, m, n_classes]
+                    inv_sum,
+                    self.logits[:, i0:i1],
+                    self.one_hot[:, i0:i1],
+                    g_scaled,
+                    g_scaled.transpose(1, 2),
+                    neg_mean,
+                    neg_mean.unsqueeze(-1),
+                    self.l_t[:, :n_classes, :i1],
+                    d_s,
+                    d_s.transpose(1, 2),
+                    scratch[: rb * n_classes * i1].view(rb, n_classes, i1),
+                    self.pull_t[:, :, :i1],
+                    scratch[: rb * d_k * m].view(rb, d_k, m),
+                    self.d_q_t[:, :, i0:i1],
+                    self.q2_t[:, :, i0:i1],
+                    scratch[: rb * d_k * i1].view(rb, d_k, i1),
+                    self.d_k_t[:, :, :i1],
+                )
+            )
+
+
+#: Gradient-pass plans of the calling thread, most recently used last (a few shapes at most).
+_PLANS = threading.local()
+_N_PLANS = 4
+
+
+def _plan(rb: int, n_pos: int, d_k: int, n_classes: int, block_size: int, dtype, device) -> _Plan:
+    key = (rb, n_pos, d_k, n_classes, block_size, dtype, torch.device(device))
+    plans = getattr(_PLANS, "plans", None)
+    if plans is None:
+        plans = _PLANS.plans = OrderedDict()
+    if key in plans:
+        plans.move_to_end(key)
+    else:
+        plans[key] = _Plan(rb, n_pos, d_k, n_classes, block_size, dtype, device)
+        while len(plans) > _N_PLANS:
+            plans.popitem(last=False)
+    return plans[key]
+
+
 def _gradients(
     weights: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -297,102 +395,86 @@ def _gradients(
     rb = n_rep * batch
     n_lab = batch * n_pos
     dtype, device = x.dtype, x.device
+    plan = _plan(rb, n_pos, d_k, n_classes, block_size, dtype, device)
     xe = x.expand(n_rep, -1, -1, -1)
     # Scores in base 2: s2 = log2(e) q·k / sqrt(d_k), so that the pattern is exp2(s2 - max)
     # normalised (exp2 is about twice as fast as exp on CPU), and normalised only in the small
     # [block, n_classes] products: alpha = e / row_sum is never formed.
     scale2 = LOG2_E / math.sqrt(d_k)
     # [replica, batch, pos, d] -> [replica * batch, pos, d]
-    q2 = (xe @ (w_q * scale2).unsqueeze(1)).reshape(rb, n_pos, d_k)
-    k = (xe @ w_k.unsqueeze(1)).reshape(rb, n_pos, d_k)
+    q2 = plan.q2.copy_((xe @ (w_q * scale2).unsqueeze(1)).reshape(rb, n_pos, d_k))
+    plan.k_t.copy_((xe @ w_k.unsqueeze(1)).reshape(rb, n_pos, d_k).transpose(1, 2))
     # Values enter only through the logits: with L = V W_O (the values in logit space) the
     # head's logits are alpha L, b_ij = u_i·v_j = g_i·L_j with g = dL/dlogits, and
     # dL/dv_j = (alpha^T g)_j W_O^T, so every [query, key] product is n_classes wide, not d_v.
-    l_t = (
-        (xe @ (w_v @ w_o).unsqueeze(1)).reshape(rb, n_pos, n_classes).transpose(1, 2).contiguous()
-    )  # [rb, n_classes, pos]
-    y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos)
     # Transposed copies keep every bmm's long dimension contiguous (2-4x faster on CPU).
-    q2_t = q2.transpose(1, 2).contiguous()  # [rb, d_k, pos]
-    k_t = k.transpose(1, 2).contiguous()  # [rb, d_k, pos]
-    d_q_t = torch.empty_like(k_t)
-    d_k_t = torch.zeros_like(k_t)
-    pull_t = torch.zeros(rb, n_classes, n_pos, dtype=dtype, device=device)  # (alpha^T g)^T
+    plan.l_t[:, :n_classes].copy_(
+        (xe @ (w_v @ w_o).unsqueeze(1)).reshape(rb, n_pos, n_classes).transpose(1, 2)
+    )
+    plan.q2_t.copy_(q2.transpose(1, 2))
+    y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos, 1)
+    # e_{y_i} / N: dL/dlogits of the mean loss is softmax(logits) / N minus this
+    plan.one_hot.zero_().scatter_(-1, y, 1.0 / n_lab)
+    plan.d_k_t.zero_()
+    plan.pull_t.zero_()
     resp = torch.zeros(rb, n_pos, dtype=dtype, device=device) if with_responsibility else None
     routing = (
         {f: torch.zeros(rb, dtype=dtype, device=device) for f in _ROUTING_SUMS}
         if with_routing
         else None
     )
-    loss = torch.zeros(rb, dtype=dtype, device=device)
-    future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
-    # Two reused workspaces hold the [rb, block, keys] exponentials and b - c, then dL/ds: fresh
-    # tensors of a new size every block would cost a page fault per 4 KiB on first touch.
-    workspace = torch.empty(
-        2, rb * min(block_size, n_pos) * n_pos + _VECTOR_PAD, dtype=dtype, device=device
-    )
-    scratch = torch.empty(rb * max(d_k, n_classes) * n_pos, dtype=dtype, device=device)
-    neg_one = torch.full((rb, block_size, 1), -1.0, dtype=dtype, device=device)
-    for i0 in range(0, n_pos, block_size):
-        i1 = min(n_pos, i0 + block_size)
-        m = i1 - i0
-        e = workspace[0, : rb * m * i1].view(rb, m, i1)
-        d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
-        torch.bmm(q2[:, i0:i1], k_t[:, :, :i1], out=e)
-        e[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
+    for (
+        i0, q2_blk, k_t_blk, e, e_diag, future, e_flat, l_t_blk, e_t, both, row_sum, e_l,
+        inv_sum, logits, one_hot, g_scaled, g_scaled_t, neg_mean, neg_mean_col, l_t_c, d_s,
+        d_s_t, pull_out, pull_acc, d_q_out, d_q_blk, q2_t_blk, d_k_out, d_k_acc,
+    ) in plan.blocks:  # fmt: skip
+        torch.bmm(q2_blk, k_t_blk, out=e)
+        e_diag.masked_fill_(future, float("-inf"))
         e.sub_(e.amax(-1, keepdim=True))
         # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
         # width, so that every element takes the vectorised path (the scalar tail rounds
         # differently, and where the tail falls would depend on the number of replicas)
-        workspace[0, : -(-(rb * m * i1) // _VECTOR_PAD) * _VECTOR_PAD].exp2_()
-        row_sum = e.sum(-1, keepdim=True)  # [rb, m, 1], >= 1
-        inv_sum = row_sum.reciprocal()
-        # the head's logits alpha L; alpha = e / row_sum is never formed
-        logits = torch.bmm(l_t[:, :, :i1], e.transpose(1, 2)).transpose(1, 2).mul_(inv_sum)
-        log_p = torch.log_softmax(logits, dim=-1)  # [rb, m, n_classes]
-        y_blk = y[:, i0:i1].unsqueeze(-1)
-        loss -= log_p.gather(-1, y_blk).squeeze(-1).sum(-1)
-        g = log_p.exp_()
-        g.scatter_add_(-1, y_blk, neg_one[:, :m])
-        g /= n_lab  # dL/dlogits of the mean loss, [rb, m, n_classes]
+        e_flat.exp2_()
+        # [rb, n_classes + 1, m]: the unnormalised logits (e L)^T and the row sums (e 1)^T
+        torch.bmm(l_t_blk, e_t, out=both)
+        torch.reciprocal(row_sum, out=inv_sum)  # row sums >= 1
+        torch.mul(e_l, inv_sum, out=logits)  # the head's logits alpha L
+        g = torch.softmax(logits, -1).div_(n_lab).sub_(one_hot)  # dL/dlogits, [rb, m, n_classes]
         # dL/ds = alpha (b - E_alpha[b]) with b_ij = g_i·L_j and E_alpha[b]_i = g_i·logits_i
-        g_scaled = g * inv_sum
-        torch.baddbmm(
-            -(g_scaled * logits).sum(-1, keepdim=True), g_scaled, l_t[:, :, :i1], out=d_s
-        )
+        torch.mul(g, inv_sum, out=g_scaled)
+        torch.linalg.vecdot(g_scaled, logits, out=neg_mean)
+        torch.baddbmm(neg_mean_col, g_scaled, l_t_c, beta=-1.0, out=d_s)
         if i0 == 0:
             d_s[:, 0].zero_()  # query 0 sees key 0 only: b - E_alpha[b] is exactly 0 there
         if routing is not None:
-            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future[:m, :m])
+            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future)
         d_s.mul_(e)
-        # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
-        pull_t[:, :, :i1] += torch.bmm(
-            g_scaled.transpose(1, 2), e, out=scratch[: rb * n_classes * i1].view(rb, n_classes, i1)
-        )
+        # (batched matmuls write contiguous blocks, then accumulate into the strided views)
+        pull_acc.add_(torch.bmm(g_scaled_t, e, out=pull_out))
         if resp is not None:
-            resp[:, :i1] += torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1)
-        d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
-        d_k_t[:, :, :i1] += torch.bmm(
-            q2_t[:, :, i0:i1], d_s, out=scratch[: rb * d_k * i1].view(rb, d_k, i1)
-        )
+            resp[:, : e.shape[-1]] += torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1)
+        d_q_blk.copy_(torch.bmm(k_t_blk, d_s_t, out=d_q_out))
+        d_k_acc.add_(torch.bmm(q2_t_blk, d_s, out=d_k_out))
+    log_p = torch.log_softmax(plan.logits, dim=-1)  # [rb, pos, n_classes]
+    loss = -log_p.gather(-1, y).view(n_rep, batch * n_pos).sum(1)
     x_flat_t = xe.reshape(n_rep, n_lab, d_x).transpose(1, 2)  # [replica, d_x, batch * pos]
 
     def per_replica(t: torch.Tensor) -> torch.Tensor:
         # [rb, d, pos] -> [replica, batch * pos, d]
         return t.transpose(1, 2).reshape(n_rep, n_lab, t.shape[1])
 
-    pull = per_replica(pull_t)  # sum_i alpha_ij g_i, [replica, batch * pos, n_classes]
+    pull = per_replica(plan.pull_t)  # sum_i alpha_ij g_i, [replica, batch * pos, n_classes]
     x_pull = x_flat_t @ pull  # [replica, d_x, n_classes]
     w_o_t = w_o.transpose(1, 2)
     grads = {
-        "W_Q": x_flat_t @ per_replica(d_q_t) * (1.0 / math.sqrt(d_k)),
-        "W_K": x_flat_t @ per_replica(d_k_t) * (1.0 / LOG2_E),
+        "W_Q": x_flat_t @ per_replica(plan.d_q_t) * (1.0 / math.sqrt(d_k)),
+        "W_K": x_flat_t @ per_replica(plan.d_k_t) * (1.0 / LOG2_E),
         "W_V": x_pull @ w_o_t,
         # dL/dW_O = sum_i z_i^T g_i = V^T (alpha^T g) = W_V^T X^T (alpha^T g)
         "W_O": w_v.transpose(1, 2) @ x_pull,
     }
     return SingleHeadGradients(
-        loss_nats=loss.view(n_rep, batch).sum(1) / n_lab,
+        loss_nats=loss / n_lab,
         grads=grads,
         d_values=(pull @ w_o_t).view(n_rep, batch, n_pos, d_v),
         responsibility=None if resp is None else resp.view(n_rep, batch, n_pos),
