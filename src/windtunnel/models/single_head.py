@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -259,7 +260,7 @@ def _pool(n_workers: int) -> ThreadPoolExecutor:
 
 
 def _add_routing_sums(
-    sums: dict[str, torch.Tensor],
+    sums: Dict[str, torch.Tensor],
     e: torch.Tensor,
     b: torch.Tensor,
     row_sum: torch.Tensor,
@@ -274,14 +275,16 @@ def _add_routing_sums(
     """
     abs_b = b.abs()
     abs_b[:, :, i0:].masked_fill_(future, 0.0)  # only causal pairs count
-    sums["abs_advantage"] += (abs_b.sum(-1) * row_sum.squeeze(-1)).sum(-1)
-    sums["weighted_abs_advantage"] += (e * abs_b).sum((-1, -2))
-    sums["positive_advantage_mass"] += ((e * (b < 0)).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    sums["abs_advantage"].add_((abs_b.sum(-1) * row_sum.squeeze(-1)).sum(-1))
+    sums["weighted_abs_advantage"].add_((e * abs_b).sum(dim=[-1, -2]))
+    sums["positive_advantage_mass"].add_(
+        ((e * (b < 0)).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    )
     # -sum_j alpha ln alpha = ln row_sum - sum_j e ln e / row_sum
-    sums["attention_entropy_nats"] += (
-        row_sum.squeeze(-1).log() - torch.special.xlogy(e, e).sum(-1) * inv_sum.squeeze(-1)
-    ).sum(-1)
-    sums["d_scores_sq"] += (e * b).pow(2).sum((-1, -2))
+    sums["attention_entropy_nats"].add_(
+        (row_sum.squeeze(-1).log() - torch.special.xlogy(e, e).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    )
+    sums["d_scores_sq"].add_((e * b).pow(2).sum(dim=[-1, -2]))
 
 
 class _Plan:
@@ -316,7 +319,8 @@ class _Plan:
         scratch = new(rb * max(d_k, n_classes) * n_pos)
         small = new(4, rb * bs * (n_classes + 1))  # per-block [rb, m, *] results
         future = torch.ones(bs, bs, dtype=torch.bool, device=device).triu(1)
-        self.blocks = []
+        self.starts: list[int] = []  # first query row of each block
+        self.blocks: list[list[torch.Tensor]] = []  # the views of each block, see _block_loop
         for i0 in range(0, n_pos, bs):
             i1 = min(n_pos, i0 + bs)
             m = i1 - i0
@@ -326,9 +330,9 @@ class _Plan:
             g_scaled = small[2, : rb * m * n_classes].view(rb, m, n_classes)
             neg_mean = small[3, : rb * m].view(rb, m)  # -E_alpha[b] / row_sum, [rb, m]
             d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
+            self.starts.append(i0)
             self.blocks.append(
-                (
-                    i0,
+                [
                     self.q2[:, i0:i1],
                     self.k_t[:, :, :i1],
                     e,
@@ -357,7 +361,7 @@ class _Plan:
                     self.q2_t[:, :, i0:i1],
                     scratch[: rb * d_k * i1].view(rb, d_k, i1),
                     self.d_k_t[:, :, :i1],
-                )
+                ]
             )
 
 
@@ -378,6 +382,66 @@ def _plan(rb: int, n_pos: int, d_k: int, n_classes: int, block_size: int, dtype,
         while len(plans) > _N_PLANS:
             plans.popitem(last=False)
     return plans[key]
+
+
+def _block_loop(
+    blocks: List[List[torch.Tensor]],
+    starts: List[int],
+    n_lab: float,
+    routing: Optional[Dict[str, torch.Tensor]],
+    resp: Optional[torch.Tensor],
+) -> None:
+    """The blocks of query rows of :func:`_gradients`, on the views of a :class:`_Plan`.
+
+    Written for TorchScript (:func:`_loop`): run as a script, the loop dispatches its tensor
+    operations without the Python interpreter and without holding the GIL, so that worker
+    threads on other replica groups do not wait on each other.
+    """
+    for n in range(len(blocks)):
+        i0 = starts[n]
+        v = blocks[n]
+        q2_blk, k_t_blk, e, e_diag, future, e_flat, l_t_blk = v[0], v[1], v[2], v[3], v[4], v[5], v[6]
+        e_t, both, row_sum, e_l, inv_sum, logits, one_hot = v[7], v[8], v[9], v[10], v[11], v[12], v[13]
+        g_scaled, g_scaled_t, neg_mean, neg_mean_col, l_t_c, d_s = v[14], v[15], v[16], v[17], v[18], v[19]
+        d_s_t, pull_out, pull_acc, d_q_out, d_q_blk, q2_t_blk = v[20], v[21], v[22], v[23], v[24], v[25]
+        d_k_out, d_k_acc = v[26], v[27]
+        torch.bmm(q2_blk, k_t_blk, out=e)
+        e_diag.masked_fill_(future, float("-inf"))
+        e.sub_(e.amax(-1, keepdim=True))
+        # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
+        # width, so that every element takes the vectorised path (the scalar tail rounds
+        # differently, and where the tail falls would depend on the number of replicas)
+        e_flat.exp2_()
+        # [rb, n_classes + 1, m]: the unnormalised logits (e L)^T and the row sums (e 1)^T
+        torch.bmm(l_t_blk, e_t, out=both)
+        torch.reciprocal(row_sum, out=inv_sum)  # row sums >= 1
+        torch.mul(e_l, inv_sum, out=logits)  # the head's logits alpha L
+        g = torch.softmax(logits, -1).div_(n_lab).sub_(one_hot)  # dL/dlogits, [rb, m, n_classes]
+        # dL/ds = alpha (b - E_alpha[b]) with b_ij = g_i·L_j and E_alpha[b]_i = g_i·logits_i
+        torch.mul(g, inv_sum, out=g_scaled)
+        torch.linalg.vecdot(g_scaled, logits, out=neg_mean)
+        torch.baddbmm(neg_mean_col, g_scaled, l_t_c, beta=-1.0, out=d_s)
+        if i0 == 0:
+            d_s[:, 0].zero_()  # query 0 sees key 0 only: b - E_alpha[b] is exactly 0 there
+        if routing is not None:
+            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future)
+        d_s.mul_(e)
+        # (batched matmuls write contiguous blocks, then accumulate into the strided views)
+        pull_acc.add_(torch.bmm(g_scaled_t, e, out=pull_out))
+        if resp is not None:
+            resp[:, : e.shape[-1]].add_(torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1))
+        d_q_blk.copy_(torch.bmm(k_t_blk, d_s_t, out=d_q_out))
+        d_k_acc.add_(torch.bmm(q2_t_blk, d_s, out=d_k_out))
+
+
+@functools.cache
+def _loop():
+    """:func:`_block_loop` compiled by TorchScript once per process (the plain function where
+    TorchScript is unavailable; both run the same operations, with the same results)."""
+    try:
+        return torch.jit.script(_block_loop)
+    except Exception:  # pragma: no cover - TorchScript missing or unable to compile
+        return _block_loop
 
 
 def _gradients(
@@ -423,38 +487,7 @@ def _gradients(
         if with_routing
         else None
     )
-    for (
-        i0, q2_blk, k_t_blk, e, e_diag, future, e_flat, l_t_blk, e_t, both, row_sum, e_l,
-        inv_sum, logits, one_hot, g_scaled, g_scaled_t, neg_mean, neg_mean_col, l_t_c, d_s,
-        d_s_t, pull_out, pull_acc, d_q_out, d_q_blk, q2_t_blk, d_k_out, d_k_acc,
-    ) in plan.blocks:  # fmt: skip
-        torch.bmm(q2_blk, k_t_blk, out=e)
-        e_diag.masked_fill_(future, float("-inf"))
-        e.sub_(e.amax(-1, keepdim=True))
-        # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
-        # width, so that every element takes the vectorised path (the scalar tail rounds
-        # differently, and where the tail falls would depend on the number of replicas)
-        e_flat.exp2_()
-        # [rb, n_classes + 1, m]: the unnormalised logits (e L)^T and the row sums (e 1)^T
-        torch.bmm(l_t_blk, e_t, out=both)
-        torch.reciprocal(row_sum, out=inv_sum)  # row sums >= 1
-        torch.mul(e_l, inv_sum, out=logits)  # the head's logits alpha L
-        g = torch.softmax(logits, -1).div_(n_lab).sub_(one_hot)  # dL/dlogits, [rb, m, n_classes]
-        # dL/ds = alpha (b - E_alpha[b]) with b_ij = g_i·L_j and E_alpha[b]_i = g_i·logits_i
-        torch.mul(g, inv_sum, out=g_scaled)
-        torch.linalg.vecdot(g_scaled, logits, out=neg_mean)
-        torch.baddbmm(neg_mean_col, g_scaled, l_t_c, beta=-1.0, out=d_s)
-        if i0 == 0:
-            d_s[:, 0].zero_()  # query 0 sees key 0 only: b - E_alpha[b] is exactly 0 there
-        if routing is not None:
-            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future)
-        d_s.mul_(e)
-        # (batched matmuls write contiguous blocks, then accumulate into the strided views)
-        pull_acc.add_(torch.bmm(g_scaled_t, e, out=pull_out))
-        if resp is not None:
-            resp[:, : e.shape[-1]] += torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1)
-        d_q_blk.copy_(torch.bmm(k_t_blk, d_s_t, out=d_q_out))
-        d_k_acc.add_(torch.bmm(q2_t_blk, d_s, out=d_k_out))
+    _loop()(plan.blocks, plan.starts, float(n_lab), routing, resp)
     log_p = torch.log_softmax(plan.logits, dim=-1)  # [rb, pos, n_classes]
     loss = -log_p.gather(-1, y).view(n_rep, batch * n_pos).sum(1)
     x_flat_t = xe.reshape(n_rep, n_lab, d_x).transpose(1, 2)  # [replica, d_x, batch * pos]
