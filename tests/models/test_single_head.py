@@ -260,5 +260,8 @@ def test_routing_telemetry_from_the_gradient_pass_equals_the_separate_pass(
     assert plain.routing_sums is None
     assert torch.equal(plain.loss_nats, grads.loss_nats)  # the sums do not touch the gradients
     assert all(torch.equal(plain.grads[n], grads.grads[n]) for n in PARAMETER_NAMES)
+    bare = model.exact_gradients(x, y, block_size=block_size, n_workers=n_workers, with_values=False)
+    assert bare.d_values is None and torch.equal(bare.loss_nats, grads.loss_nats)
+    assert all(torch.equal(bare.grads[n], grads.grads[n]) for n in PARAMETER_NAMES)
     with pytest.raises(ValueError, match=r"single_head_routing_telemetry.grads must come from"):
         single_head_routing_telemetry(plain, x, delta_w_value)

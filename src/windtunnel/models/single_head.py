@@ -121,7 +121,8 @@ class SingleHeadGradients:
         loss_nats: mean CE over the batch's positions, per replica, [replica].
         grads: dL/dW for each name in :data:`PARAMETER_NAMES`, each [replica, *shape].
         d_values: dL/dv_j = sum_i alpha_ij u_i, the responsibility-weighted pull on each value,
-            [replica, batch, key_pos, d_v], with u_i = dL/dz_i of the mean loss.
+            [replica, batch, key_pos, d_v], with u_i = dL/dz_i of the mean loss (None when not
+            requested).
         responsibility: R_j = sum_i alpha_ij, [replica, batch, key_pos] (None unless requested).
         n_labelled: positions per replica that enter the mean (batch * pos).
         routing_sums: sums over the causal pairs behind the routing telemetry, each
@@ -133,7 +134,7 @@ class SingleHeadGradients:
 
     loss_nats: torch.Tensor
     grads: dict[str, torch.Tensor]
-    d_values: torch.Tensor
+    d_values: torch.Tensor | None
     responsibility: torch.Tensor | None
     n_labelled: int
     routing_sums: dict[str, torch.Tensor] | None = None
@@ -186,6 +187,7 @@ def single_head_gradients(
     block_size: int = 64,
     with_responsibility: bool = False,
     with_routing: bool = False,
+    with_values: bool = True,
     n_workers: int = 1,
 ) -> SingleHeadGradients:
     """Closed-form gradients of the mean CE of a batch of single heads, no autograd.
@@ -208,7 +210,8 @@ def single_head_gradients(
     (tests/models/test_single_head.py).
 
     ``with_routing`` also accumulates, from the same blocks, the sums behind the routing
-    telemetry (``routing_sums``; see :func:`single_head_routing_telemetry`).
+    telemetry (``routing_sums``; see :func:`single_head_routing_telemetry`). ``with_values=False``
+    skips ``d_values`` (the weight gradients do not need it).
 
     ``n_workers > 1`` splits the replicas into that many contiguous groups and computes them on
     concurrent Python threads (torch ops release the GIL). Pair it with
@@ -230,19 +233,23 @@ def single_head_gradients(
             raise ValueError(text)
     n_rep = weights["W_Q"].shape[0]
     if n_workers == 1 or n_rep == 1:
-        return _gradients(weights, x, targets, block_size, with_responsibility, with_routing)
+        return _gradients(
+            weights, x, targets, block_size, with_responsibility, with_routing, with_values
+        )
 
     def part(r: slice) -> SingleHeadGradients:
         sub = {n: w[r] for n, w in weights.items()}
         sub_x = x if x.shape[0] == 1 else x[r]
         sub_y = targets if targets.shape[0] == 1 else targets[r]
-        return _gradients(sub, sub_x, sub_y, block_size, with_responsibility, with_routing)
+        return _gradients(
+            sub, sub_x, sub_y, block_size, with_responsibility, with_routing, with_values
+        )
 
     parts = list(_pool(min(n_workers, n_rep)).map(part, _replica_groups(n_rep, n_workers)))
     return SingleHeadGradients(
         loss_nats=torch.cat([p.loss_nats for p in parts]),
         grads={n: torch.cat([p.grads[n] for p in parts]) for n in PARAMETER_NAMES},
-        d_values=torch.cat([p.d_values for p in parts]),
+        d_values=None if not with_values else torch.cat([p.d_values for p in parts]),
         responsibility=None
         if not with_responsibility
         else torch.cat([p.responsibility for p in parts]),
@@ -295,10 +302,12 @@ class _Plan:
     (about 20 tensor operations per block instead of about 60, which at a few microseconds of
     dispatch each was a fifth of the pass).
 
-    Shapes: rb = replicas * batch; q2 [rb, pos, d_k] (base-2 scaled queries), q2_t and k_t
-    [rb, d_k, pos], l_t [rb, n_classes + 1, pos] (values in logit space; last row ones),
-    one_hot [rb, pos, n_classes] (the labels divided by the number of positions),
-    logits [rb, pos, n_classes], d_q_t, d_k_t [rb, d_k, pos], pull_t [rb, n_classes, pos].
+    Shapes: rb = replicas * batch; proj_t [rb, 2 d_k + n_classes + 1, pos] holds q2_t and k_t
+    [rb, d_k, pos] (base-2 scaled queries, keys) and l_t [rb, n_classes + 1, pos] (values in
+    logit space; last row ones); q2 [rb, pos, d_k]; one_hot [rb, pos, n_classes] (the labels
+    divided by the number of positions); logits [rb, pos, n_classes]; acc_t
+    [rb, 2 d_k + n_classes, pos] holds d_q_t, d_k_t [rb, d_k, pos] and pull_t
+    [rb, n_classes, pos].
     """
 
     def __init__(
@@ -307,11 +316,18 @@ class _Plan:
         def new(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype, device=device)
 
-        self.q2, self.q2_t, self.k_t = new(rb, n_pos, d_k), new(rb, d_k, n_pos), new(rb, d_k, n_pos)
-        self.l_t = new(rb, n_classes + 1, n_pos)
-        self.l_t[:, n_classes].fill_(1.0)  # b - E_alpha[b] and the row sums in one product each
+        # the projections q2, k and L, transposed, from one product with the inputs (the last row
+        # stays ones: b - E_alpha[b] and the row sums then come from one product each)
+        self.proj_t = new(rb, 2 * d_k + n_classes + 1, n_pos)
+        self.proj_t[:, -1].fill_(1.0)
+        self.q2_t, self.k_t = self.proj_t[:, :d_k], self.proj_t[:, d_k : 2 * d_k]
+        self.l_t = self.proj_t[:, 2 * d_k :]
+        self.q2 = new(rb, n_pos, d_k)
         self.one_hot, self.logits = new(rb, n_pos, n_classes), new(rb, n_pos, n_classes)
-        self.d_q_t, self.d_k_t, self.pull_t = new(rb, d_k, n_pos), new(rb, d_k, n_pos), new(rb, n_classes, n_pos)
+        # dL/dq, dL/dk and alpha^T g, transposed, contracted with the inputs in one product
+        self.acc_t = new(rb, 2 * d_k + n_classes, n_pos)
+        self.d_q_t, self.d_k_t = self.acc_t[:, :d_k], self.acc_t[:, d_k : 2 * d_k]
+        self.pull_t = self.acc_t[:, 2 * d_k :]
         bs = min(block_size, n_pos)
         # Two reused workspaces hold the [rb, block, keys] exponentials and b - E_alpha[b], then
         # dL/ds: fresh tensors of a new size every block would cost a page fault per 4 KiB.
@@ -451,6 +467,7 @@ def _gradients(
     block_size: int,
     with_responsibility: bool,
     with_routing: bool,
+    with_values: bool,
 ) -> SingleHeadGradients:
     w_q, w_k, w_v, w_o = (weights[name] for name in PARAMETER_NAMES)
     n_rep, d_x, d_k = w_q.shape
@@ -461,26 +478,25 @@ def _gradients(
     dtype, device = x.dtype, x.device
     plan = _plan(rb, n_pos, d_k, n_classes, block_size, dtype, device)
     xe = x.expand(n_rep, -1, -1, -1)
+    x_rows = xe.reshape(rb, n_pos, d_x)  # [replica * batch, pos, d_x]
     # Scores in base 2: s2 = log2(e) q·k / sqrt(d_k), so that the pattern is exp2(s2 - max)
     # normalised (exp2 is about twice as fast as exp on CPU), and normalised only in the small
     # [block, n_classes] products: alpha = e / row_sum is never formed.
     scale2 = LOG2_E / math.sqrt(d_k)
-    # [replica, batch, pos, d] -> [replica * batch, pos, d]
-    q2 = plan.q2.copy_((xe @ (w_q * scale2).unsqueeze(1)).reshape(rb, n_pos, d_k))
-    plan.k_t.copy_((xe @ w_k.unsqueeze(1)).reshape(rb, n_pos, d_k).transpose(1, 2))
     # Values enter only through the logits: with L = V W_O (the values in logit space) the
     # head's logits are alpha L, b_ij = u_i·v_j = g_i·L_j with g = dL/dlogits, and
     # dL/dv_j = (alpha^T g)_j W_O^T, so every [query, key] product is n_classes wide, not d_v.
-    # Transposed copies keep every bmm's long dimension contiguous (2-4x faster on CPU).
-    plan.l_t[:, :n_classes].copy_(
-        (xe @ (w_v @ w_o).unsqueeze(1)).reshape(rb, n_pos, n_classes).transpose(1, 2)
-    )
-    plan.q2_t.copy_(q2.transpose(1, 2))
+    # [rb, 2 d_k + n_classes, d_x]: W_Q scale2, W_K and W_V W_O side by side, transposed
+    w_all_t = torch.cat([w_q * scale2, w_k, w_v @ w_o], -1).transpose(1, 2)
+    if batch > 1:
+        w_all_t = w_all_t.repeat_interleave(batch, 0)
+    # transposed projections keep every bmm's long dimension contiguous (2-4x faster on CPU)
+    plan.proj_t[:, :-1].copy_(torch.bmm(w_all_t, x_rows.transpose(1, 2)))
+    plan.q2.copy_(plan.q2_t.transpose(1, 2))
     y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos, 1)
     # e_{y_i} / N: dL/dlogits of the mean loss is softmax(logits) / N minus this
     plan.one_hot.zero_().scatter_(-1, y, 1.0 / n_lab)
-    plan.d_k_t.zero_()
-    plan.pull_t.zero_()
+    plan.acc_t[:, d_k:].zero_()  # d_k_t and pull_t accumulate; d_q_t is written block by block
     resp = torch.zeros(rb, n_pos, dtype=dtype, device=device) if with_responsibility else None
     routing = (
         {f: torch.zeros(rb, dtype=dtype, device=device) for f in _ROUTING_SUMS}
@@ -490,26 +506,28 @@ def _gradients(
     _loop()(plan.blocks, plan.starts, float(n_lab), routing, resp)
     log_p = torch.log_softmax(plan.logits, dim=-1)  # [rb, pos, n_classes]
     loss = -log_p.gather(-1, y).view(n_rep, batch * n_pos).sum(1)
-    x_flat_t = xe.reshape(n_rep, n_lab, d_x).transpose(1, 2)  # [replica, d_x, batch * pos]
-
-    def per_replica(t: torch.Tensor) -> torch.Tensor:
-        # [rb, d, pos] -> [replica, batch * pos, d]
-        return t.transpose(1, 2).reshape(n_rep, n_lab, t.shape[1])
-
-    pull = per_replica(plan.pull_t)  # sum_i alpha_ij g_i, [replica, batch * pos, n_classes]
-    x_pull = x_flat_t @ pull  # [replica, d_x, n_classes]
+    # [replica, 2 d_k + n_classes, d_x]: (X^T dL/dq)^T, (X^T dL/dk)^T and (X^T alpha^T g)^T
+    x_acc = torch.bmm(plan.acc_t, x_rows)
+    if batch > 1:
+        x_acc = x_acc.view(n_rep, batch, *x_acc.shape[1:]).sum(1)
+    x_pull = x_acc[:, 2 * d_k :].transpose(1, 2)  # X^T alpha^T g, [replica, d_x, n_classes]
     w_o_t = w_o.transpose(1, 2)
     grads = {
-        "W_Q": x_flat_t @ per_replica(plan.d_q_t) * (1.0 / math.sqrt(d_k)),
-        "W_K": x_flat_t @ per_replica(plan.d_k_t) * (1.0 / LOG2_E),
+        "W_Q": x_acc[:, :d_k].transpose(1, 2) * (1.0 / math.sqrt(d_k)),
+        "W_K": x_acc[:, d_k : 2 * d_k].transpose(1, 2) * (1.0 / LOG2_E),
         "W_V": x_pull @ w_o_t,
         # dL/dW_O = sum_i z_i^T g_i = V^T (alpha^T g) = W_V^T X^T (alpha^T g)
         "W_O": w_v.transpose(1, 2) @ x_pull,
     }
+    d_values = None
+    if with_values:
+        # dL/dv_j = (sum_i alpha_ij g_i) W_O^T, [replica, batch, pos, d_v]
+        pull = plan.pull_t.transpose(1, 2).reshape(n_rep, n_lab, n_classes)
+        d_values = (pull @ w_o_t).view(n_rep, batch, n_pos, d_v)
     return SingleHeadGradients(
         loss_nats=loss / n_lab,
         grads=grads,
-        d_values=(pull @ w_o_t).view(n_rep, batch, n_pos, d_v),
+        d_values=d_values,
         responsibility=None if resp is None else resp.view(n_rep, batch, n_pos),
         n_labelled=n_lab,
         routing_sums=None if routing is None else {f: t.view(n_rep, batch) for f, t in routing.items()},
@@ -749,6 +767,7 @@ class SingleHeadAttention(nn.Module):
         block_size: int = 64,
         with_responsibility: bool = False,
         with_routing: bool = False,
+        with_values: bool = True,
         n_workers: int = 1,
     ) -> SingleHeadGradients:
         """Closed-form gradients of each replica's mean CE; see :func:`single_head_gradients`."""
@@ -760,5 +779,6 @@ class SingleHeadAttention(nn.Module):
                 block_size=block_size,
                 with_responsibility=with_responsibility,
                 with_routing=with_routing,
+                with_values=with_values,
                 n_workers=n_workers,
             )
