@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -455,7 +456,10 @@ def _loop():
     """:func:`_block_loop` compiled by TorchScript once per process (the plain function where
     TorchScript is unavailable; both run the same operations, with the same results)."""
     try:
-        return torch.jit.script(_block_loop)
+        with warnings.catch_warnings():
+            # recent torch versions mark TorchScript deprecated; the loop falls back without it
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+            return torch.jit.script(_block_loop)
     except Exception:  # pragma: no cover - TorchScript missing or unable to compile
         return _block_loop
 
