@@ -84,3 +84,24 @@ def test_summarize_arms_reports_the_shared_statistics():
     stats = seed_statistics([2.0, 2.2], ddof=0)
     assert (out["final_loss_mean"], out["final_loss_std"]) == (stats["mean"], stats["std"])
     assert (out["final_loss_ci95_low"], out["final_loss_ci95_high"]) == (stats["ci_low"], stats["ci_high"])
+
+
+def test_paired_t_test_is_scipys_ttest_rel():
+    from windtunnel.comparison import _paired_t_test
+
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 10):
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        ref = scipy.stats.ttest_rel(a, b)
+        t, p = _paired_t_test(a, b)
+        assert t == pytest.approx(ref.statistic, rel=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-12)
+    assert _paired_t_test(np.array([1.0, 2.0]), np.array([0.0, 1.0])) == (float("inf"), 0.0)
+    assert all(np.isnan(_paired_t_test(np.array([1.0, 2.0]), np.array([1.0, 2.0]))))
+
+
+def test_t_interval_uses_the_student_t_quantile_of_scipy():
+    for n in (2, 4, 7):
+        values = np.arange(n, dtype=float) ** 1.5
+        out = seed_statistics(values, confidence=0.9)
+        half = scipy.stats.t.ppf(0.95, n - 1) * values.std(ddof=1) / n**0.5
+        assert out["ci_high"] - out["mean"] == pytest.approx(half, rel=1e-12)

@@ -243,6 +243,8 @@ class ArmOptimizer:
             block_size=self.block_size,
             with_responsibility=self.needs_responsibility or with_routing,
             with_routing=with_routing,
+            # the per-value pulls serve the em arm and the telemetry only
+            with_values=self.needs_responsibility or with_routing,
             n_workers=self.n_workers,
         )
 

@@ -260,5 +260,29 @@ def test_routing_telemetry_from_the_gradient_pass_equals_the_separate_pass(
     assert plain.routing_sums is None
     assert torch.equal(plain.loss_nats, grads.loss_nats)  # the sums do not touch the gradients
     assert all(torch.equal(plain.grads[n], grads.grads[n]) for n in PARAMETER_NAMES)
+    bare = model.exact_gradients(x, y, block_size=block_size, n_workers=n_workers, with_values=False)
+    assert bare.d_values is None and torch.equal(bare.loss_nats, grads.loss_nats)
+    assert all(torch.equal(bare.grads[n], grads.grads[n]) for n in PARAMETER_NAMES)
     with pytest.raises(ValueError, match=r"single_head_routing_telemetry.grads must come from"):
         single_head_routing_telemetry(plain, x, delta_w_value)
+
+
+def test_scripted_block_loop_equals_the_plain_function(monkeypatch):
+    # the TorchScript-compiled loop and the Python function it is compiled from: same numbers
+    from windtunnel.models import single_head
+
+    gen = torch.Generator().manual_seed(11)
+    model = SingleHeadAttention(n_replicas=3)
+    model.reset_parameters(gen)
+    x = torch.randn(3, 2, 41, 20, generator=gen)
+    y = torch.randint(8, (3, 2, 41), generator=gen)
+    kwargs = {"block_size": 16, "with_responsibility": True, "with_routing": True}
+    scripted = model.exact_gradients(x, y, **kwargs)
+    assert single_head._loop() is not single_head._block_loop  # TorchScript compiled it
+    monkeypatch.setattr(single_head, "_loop", lambda: single_head._block_loop)
+    plain = model.exact_gradients(x, y, **kwargs)
+    assert torch.equal(scripted.loss_nats, plain.loss_nats)
+    assert all(torch.equal(scripted.grads[n], plain.grads[n]) for n in PARAMETER_NAMES)
+    assert torch.equal(scripted.d_values, plain.d_values)
+    assert torch.equal(scripted.responsibility, plain.responsibility)
+    assert all(torch.equal(scripted.routing_sums[f], plain.routing_sums[f]) for f in plain.routing_sums)

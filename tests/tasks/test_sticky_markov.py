@@ -151,6 +151,21 @@ def test_reference_draw_order_reproduces_the_global_rng_stream():
     assert torch.equal(batch.inputs[0], task.means[chain[:-1]] + noise)
 
 
+def test_reference_draw_in_one_call_equals_one_multinomial_per_step(monkeypatch):
+    # the chain's multinomial draws taken at once (argmax P[y] / Exp(1) variates) against the
+    # per-step multinomial loop: the same symbols, noise and generator state afterwards
+    from windtunnel.tasks import sticky_markov
+
+    task = StickyMarkov()
+    fast_gen, slow_gen = torch.Generator().manual_seed(2024), torch.Generator().manual_seed(2024)
+    fast = task.sample(2, generator=fast_gen, draw_order="reference")
+    monkeypatch.setattr(sticky_markov, "_multinomial_is_an_exponential_race", lambda: False)
+    slow = task.sample(2, generator=slow_gen, draw_order="reference")
+    assert torch.equal(fast.previous, slow.previous) and torch.equal(fast.targets, slow.targets)
+    assert torch.equal(fast.inputs, slow.inputs)
+    assert torch.equal(fast_gen.get_state(), slow_gen.get_state())
+
+
 def test_reference_seed_42_training_sequence_has_the_spec_bayes_loss():
     task = StickyMarkov()
     batch = task.sample(1, generator=torch.Generator().manual_seed(42), draw_order="reference")

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import warnings
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -118,7 +122,8 @@ class SingleHeadGradients:
         loss_nats: mean CE over the batch's positions, per replica, [replica].
         grads: dL/dW for each name in :data:`PARAMETER_NAMES`, each [replica, *shape].
         d_values: dL/dv_j = sum_i alpha_ij u_i, the responsibility-weighted pull on each value,
-            [replica, batch, key_pos, d_v], with u_i = dL/dz_i of the mean loss.
+            [replica, batch, key_pos, d_v], with u_i = dL/dz_i of the mean loss (None when not
+            requested).
         responsibility: R_j = sum_i alpha_ij, [replica, batch, key_pos] (None unless requested).
         n_labelled: positions per replica that enter the mean (batch * pos).
         routing_sums: sums over the causal pairs behind the routing telemetry, each
@@ -130,7 +135,7 @@ class SingleHeadGradients:
 
     loss_nats: torch.Tensor
     grads: dict[str, torch.Tensor]
-    d_values: torch.Tensor
+    d_values: torch.Tensor | None
     responsibility: torch.Tensor | None
     n_labelled: int
     routing_sums: dict[str, torch.Tensor] | None = None
@@ -183,6 +188,7 @@ def single_head_gradients(
     block_size: int = 64,
     with_responsibility: bool = False,
     with_routing: bool = False,
+    with_values: bool = True,
     n_workers: int = 1,
 ) -> SingleHeadGradients:
     """Closed-form gradients of the mean CE of a batch of single heads, no autograd.
@@ -205,7 +211,8 @@ def single_head_gradients(
     (tests/models/test_single_head.py).
 
     ``with_routing`` also accumulates, from the same blocks, the sums behind the routing
-    telemetry (``routing_sums``; see :func:`single_head_routing_telemetry`).
+    telemetry (``routing_sums``; see :func:`single_head_routing_telemetry`). ``with_values=False``
+    skips ``d_values`` (the weight gradients do not need it).
 
     ``n_workers > 1`` splits the replicas into that many contiguous groups and computes them on
     concurrent Python threads (torch ops release the GIL). Pair it with
@@ -227,19 +234,23 @@ def single_head_gradients(
             raise ValueError(text)
     n_rep = weights["W_Q"].shape[0]
     if n_workers == 1 or n_rep == 1:
-        return _gradients(weights, x, targets, block_size, with_responsibility, with_routing)
+        return _gradients(
+            weights, x, targets, block_size, with_responsibility, with_routing, with_values
+        )
 
     def part(r: slice) -> SingleHeadGradients:
         sub = {n: w[r] for n, w in weights.items()}
         sub_x = x if x.shape[0] == 1 else x[r]
         sub_y = targets if targets.shape[0] == 1 else targets[r]
-        return _gradients(sub, sub_x, sub_y, block_size, with_responsibility, with_routing)
+        return _gradients(
+            sub, sub_x, sub_y, block_size, with_responsibility, with_routing, with_values
+        )
 
     parts = list(_pool(min(n_workers, n_rep)).map(part, _replica_groups(n_rep, n_workers)))
     return SingleHeadGradients(
         loss_nats=torch.cat([p.loss_nats for p in parts]),
         grads={n: torch.cat([p.grads[n] for p in parts]) for n in PARAMETER_NAMES},
-        d_values=torch.cat([p.d_values for p in parts]),
+        d_values=None if not with_values else torch.cat([p.d_values for p in parts]),
         responsibility=None
         if not with_responsibility
         else torch.cat([p.responsibility for p in parts]),
@@ -257,7 +268,7 @@ def _pool(n_workers: int) -> ThreadPoolExecutor:
 
 
 def _add_routing_sums(
-    sums: dict[str, torch.Tensor],
+    sums: Dict[str, torch.Tensor],
     e: torch.Tensor,
     b: torch.Tensor,
     row_sum: torch.Tensor,
@@ -272,14 +283,185 @@ def _add_routing_sums(
     """
     abs_b = b.abs()
     abs_b[:, :, i0:].masked_fill_(future, 0.0)  # only causal pairs count
-    sums["abs_advantage"] += (abs_b.sum(-1) * row_sum.squeeze(-1)).sum(-1)
-    sums["weighted_abs_advantage"] += (e * abs_b).sum((-1, -2))
-    sums["positive_advantage_mass"] += ((e * (b < 0)).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    sums["abs_advantage"].add_((abs_b.sum(-1) * row_sum.squeeze(-1)).sum(-1))
+    sums["weighted_abs_advantage"].add_((e * abs_b).sum(dim=[-1, -2]))
+    sums["positive_advantage_mass"].add_(
+        ((e * (b < 0)).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    )
     # -sum_j alpha ln alpha = ln row_sum - sum_j e ln e / row_sum
-    sums["attention_entropy_nats"] += (
-        row_sum.squeeze(-1).log() - torch.special.xlogy(e, e).sum(-1) * inv_sum.squeeze(-1)
-    ).sum(-1)
-    sums["d_scores_sq"] += (e * b).pow(2).sum((-1, -2))
+    sums["attention_entropy_nats"].add_(
+        (row_sum.squeeze(-1).log() - torch.special.xlogy(e, e).sum(-1) * inv_sum.squeeze(-1)).sum(-1)
+    )
+    sums["d_scores_sq"].add_((e * b).pow(2).sum(dim=[-1, -2]))
+
+
+class _Plan:
+    """Buffers and per-block views of the gradient pass for one problem shape, kept across calls.
+
+    Every optimiser step runs the pass on the same shapes, so the buffers, and the views of them
+    that each block of query rows works on, are made once; a step then issues only the arithmetic
+    (about 20 tensor operations per block instead of about 60, which at a few microseconds of
+    dispatch each was a fifth of the pass).
+
+    Shapes: rb = replicas * batch; proj_t [rb, 2 d_k + n_classes + 1, pos] holds q2_t and k_t
+    [rb, d_k, pos] (base-2 scaled queries, keys) and l_t [rb, n_classes + 1, pos] (values in
+    logit space; last row ones); q2 [rb, pos, d_k]; one_hot [rb, pos, n_classes] (the labels
+    divided by the number of positions); logits [rb, pos, n_classes]; acc_t
+    [rb, 2 d_k + n_classes, pos] holds d_q_t, d_k_t [rb, d_k, pos] and pull_t
+    [rb, n_classes, pos].
+    """
+
+    def __init__(
+        self, rb: int, n_pos: int, d_k: int, n_classes: int, block_size: int, dtype, device
+    ) -> None:
+        def new(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        # the projections q2, k and L, transposed, from one product with the inputs (the last row
+        # stays ones: b - E_alpha[b] and the row sums then come from one product each)
+        self.proj_t = new(rb, 2 * d_k + n_classes + 1, n_pos)
+        self.proj_t[:, -1].fill_(1.0)
+        self.q2_t, self.k_t = self.proj_t[:, :d_k], self.proj_t[:, d_k : 2 * d_k]
+        self.l_t = self.proj_t[:, 2 * d_k :]
+        self.q2 = new(rb, n_pos, d_k)
+        self.one_hot, self.logits = new(rb, n_pos, n_classes), new(rb, n_pos, n_classes)
+        # dL/dq, dL/dk and alpha^T g, transposed, contracted with the inputs in one product
+        self.acc_t = new(rb, 2 * d_k + n_classes, n_pos)
+        self.d_q_t, self.d_k_t = self.acc_t[:, :d_k], self.acc_t[:, d_k : 2 * d_k]
+        self.pull_t = self.acc_t[:, 2 * d_k :]
+        bs = min(block_size, n_pos)
+        # Two reused workspaces hold the [rb, block, keys] exponentials and b - E_alpha[b], then
+        # dL/ds: fresh tensors of a new size every block would cost a page fault per 4 KiB.
+        workspace = new(2, rb * bs * n_pos + _VECTOR_PAD)
+        scratch = new(rb * max(d_k, n_classes) * n_pos)
+        small = new(4, rb * bs * (n_classes + 1))  # per-block [rb, m, *] results
+        future = torch.ones(bs, bs, dtype=torch.bool, device=device).triu(1)
+        self.starts: list[int] = []  # first query row of each block
+        self.blocks: list[list[torch.Tensor]] = []  # the views of each block, see _block_loop
+        for i0 in range(0, n_pos, bs):
+            i1 = min(n_pos, i0 + bs)
+            m = i1 - i0
+            e = workspace[0, : rb * m * i1].view(rb, m, i1)
+            both = small[0, : rb * (n_classes + 1) * m].view(rb, n_classes + 1, m)
+            inv_sum = small[1, : rb * m].view(rb, m, 1)
+            g_scaled = small[2, : rb * m * n_classes].view(rb, m, n_classes)
+            neg_mean = small[3, : rb * m].view(rb, m)  # -E_alpha[b] / row_sum, [rb, m]
+            d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
+            self.starts.append(i0)
+            self.blocks.append(
+                [
+                    self.q2[:, i0:i1],
+                    self.k_t[:, :, :i1],
+                    e,
+                    e[:, :, i0:i1],
+                    future[:m, :m],
+                    workspace[0, : -(-(rb * m * i1) // _VECTOR_PAD) * _VECTOR_PAD],
+                    self.l_t[:, :, :i1],
+                    e.transpose(1, 2),
+                    both,
+                    both[:, n_classes:].transpose(1, 2),  # row sums [rb, m, 1]
+                    both[:, :n_classes].transpose(1, 2),  # e L, [rb, m, n_classes]
+                    inv_sum,
+                    self.logits[:, i0:i1],
+                    self.one_hot[:, i0:i1],
+                    g_scaled,
+                    g_scaled.transpose(1, 2),
+                    neg_mean,
+                    neg_mean.unsqueeze(-1),
+                    self.l_t[:, :n_classes, :i1],
+                    d_s,
+                    d_s.transpose(1, 2),
+                    scratch[: rb * n_classes * i1].view(rb, n_classes, i1),
+                    self.pull_t[:, :, :i1],
+                    scratch[: rb * d_k * m].view(rb, d_k, m),
+                    self.d_q_t[:, :, i0:i1],
+                    self.q2_t[:, :, i0:i1],
+                    scratch[: rb * d_k * i1].view(rb, d_k, i1),
+                    self.d_k_t[:, :, :i1],
+                ]
+            )
+
+
+#: Gradient-pass plans of the calling thread, most recently used last (a few shapes at most).
+_PLANS = threading.local()
+_N_PLANS = 4
+
+
+def _plan(rb: int, n_pos: int, d_k: int, n_classes: int, block_size: int, dtype, device) -> _Plan:
+    key = (rb, n_pos, d_k, n_classes, block_size, dtype, torch.device(device))
+    plans = getattr(_PLANS, "plans", None)
+    if plans is None:
+        plans = _PLANS.plans = OrderedDict()
+    if key in plans:
+        plans.move_to_end(key)
+    else:
+        plans[key] = _Plan(rb, n_pos, d_k, n_classes, block_size, dtype, device)
+        while len(plans) > _N_PLANS:
+            plans.popitem(last=False)
+    return plans[key]
+
+
+def _block_loop(
+    blocks: List[List[torch.Tensor]],
+    starts: List[int],
+    n_lab: float,
+    routing: Optional[Dict[str, torch.Tensor]],
+    resp: Optional[torch.Tensor],
+) -> None:
+    """The blocks of query rows of :func:`_gradients`, on the views of a :class:`_Plan`.
+
+    Written for TorchScript (:func:`_loop`): run as a script, the loop dispatches its tensor
+    operations without the Python interpreter and without holding the GIL, so that worker
+    threads on other replica groups do not wait on each other.
+    """
+    for n in range(len(blocks)):
+        i0 = starts[n]
+        v = blocks[n]
+        q2_blk, k_t_blk, e, e_diag, future, e_flat, l_t_blk = v[0], v[1], v[2], v[3], v[4], v[5], v[6]
+        e_t, both, row_sum, e_l, inv_sum, logits, one_hot = v[7], v[8], v[9], v[10], v[11], v[12], v[13]
+        g_scaled, g_scaled_t, neg_mean, neg_mean_col, l_t_c, d_s = v[14], v[15], v[16], v[17], v[18], v[19]
+        d_s_t, pull_out, pull_acc, d_q_out, d_q_blk, q2_t_blk = v[20], v[21], v[22], v[23], v[24], v[25]
+        d_k_out, d_k_acc = v[26], v[27]
+        torch.bmm(q2_blk, k_t_blk, out=e)
+        e_diag.masked_fill_(future, float("-inf"))
+        e.sub_(e.amax(-1, keepdim=True))
+        # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
+        # width, so that every element takes the vectorised path (the scalar tail rounds
+        # differently, and where the tail falls would depend on the number of replicas)
+        e_flat.exp2_()
+        # [rb, n_classes + 1, m]: the unnormalised logits (e L)^T and the row sums (e 1)^T
+        torch.bmm(l_t_blk, e_t, out=both)
+        torch.reciprocal(row_sum, out=inv_sum)  # row sums >= 1
+        torch.mul(e_l, inv_sum, out=logits)  # the head's logits alpha L
+        g = torch.softmax(logits, -1).div_(n_lab).sub_(one_hot)  # dL/dlogits, [rb, m, n_classes]
+        # dL/ds = alpha (b - E_alpha[b]) with b_ij = g_i·L_j and E_alpha[b]_i = g_i·logits_i
+        torch.mul(g, inv_sum, out=g_scaled)
+        torch.linalg.vecdot(g_scaled, logits, out=neg_mean)
+        torch.baddbmm(neg_mean_col, g_scaled, l_t_c, beta=-1.0, out=d_s)
+        if i0 == 0:
+            d_s[:, 0].zero_()  # query 0 sees key 0 only: b - E_alpha[b] is exactly 0 there
+        if routing is not None:
+            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future)
+        d_s.mul_(e)
+        # (batched matmuls write contiguous blocks, then accumulate into the strided views)
+        pull_acc.add_(torch.bmm(g_scaled_t, e, out=pull_out))
+        if resp is not None:
+            resp[:, : e.shape[-1]].add_(torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1))
+        d_q_blk.copy_(torch.bmm(k_t_blk, d_s_t, out=d_q_out))
+        d_k_acc.add_(torch.bmm(q2_t_blk, d_s, out=d_k_out))
+
+
+@functools.cache
+def _loop():
+    """:func:`_block_loop` compiled by TorchScript once per process (the plain function where
+    TorchScript is unavailable; both run the same operations, with the same results)."""
+    try:
+        with warnings.catch_warnings():
+            # recent torch versions mark TorchScript deprecated; the loop falls back without it
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+            return torch.jit.script(_block_loop)
+    except Exception:  # pragma: no cover - TorchScript missing or unable to compile
+        return _block_loop
 
 
 def _gradients(
@@ -289,6 +471,7 @@ def _gradients(
     block_size: int,
     with_responsibility: bool,
     with_routing: bool,
+    with_values: bool,
 ) -> SingleHeadGradients:
     w_q, w_k, w_v, w_o = (weights[name] for name in PARAMETER_NAMES)
     n_rep, d_x, d_k = w_q.shape
@@ -297,104 +480,58 @@ def _gradients(
     rb = n_rep * batch
     n_lab = batch * n_pos
     dtype, device = x.dtype, x.device
+    plan = _plan(rb, n_pos, d_k, n_classes, block_size, dtype, device)
     xe = x.expand(n_rep, -1, -1, -1)
+    x_rows = xe.reshape(rb, n_pos, d_x)  # [replica * batch, pos, d_x]
     # Scores in base 2: s2 = log2(e) q·k / sqrt(d_k), so that the pattern is exp2(s2 - max)
     # normalised (exp2 is about twice as fast as exp on CPU), and normalised only in the small
     # [block, n_classes] products: alpha = e / row_sum is never formed.
     scale2 = LOG2_E / math.sqrt(d_k)
-    # [replica, batch, pos, d] -> [replica * batch, pos, d]
-    q2 = (xe @ (w_q * scale2).unsqueeze(1)).reshape(rb, n_pos, d_k)
-    k = (xe @ w_k.unsqueeze(1)).reshape(rb, n_pos, d_k)
     # Values enter only through the logits: with L = V W_O (the values in logit space) the
     # head's logits are alpha L, b_ij = u_i·v_j = g_i·L_j with g = dL/dlogits, and
     # dL/dv_j = (alpha^T g)_j W_O^T, so every [query, key] product is n_classes wide, not d_v.
-    l_t = (
-        (xe @ (w_v @ w_o).unsqueeze(1)).reshape(rb, n_pos, n_classes).transpose(1, 2).contiguous()
-    )  # [rb, n_classes, pos]
-    y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos)
-    # Transposed copies keep every bmm's long dimension contiguous (2-4x faster on CPU).
-    q2_t = q2.transpose(1, 2).contiguous()  # [rb, d_k, pos]
-    k_t = k.transpose(1, 2).contiguous()  # [rb, d_k, pos]
-    d_q_t = torch.empty_like(k_t)
-    d_k_t = torch.zeros_like(k_t)
-    pull_t = torch.zeros(rb, n_classes, n_pos, dtype=dtype, device=device)  # (alpha^T g)^T
+    # [rb, 2 d_k + n_classes, d_x]: W_Q scale2, W_K and W_V W_O side by side, transposed
+    w_all_t = torch.cat([w_q * scale2, w_k, w_v @ w_o], -1).transpose(1, 2)
+    if batch > 1:
+        w_all_t = w_all_t.repeat_interleave(batch, 0)
+    # transposed projections keep every bmm's long dimension contiguous (2-4x faster on CPU)
+    plan.proj_t[:, :-1].copy_(torch.bmm(w_all_t, x_rows.transpose(1, 2)))
+    plan.q2.copy_(plan.q2_t.transpose(1, 2))
+    y = targets.expand(n_rep, -1, -1).reshape(rb, n_pos, 1)
+    # e_{y_i} / N: dL/dlogits of the mean loss is softmax(logits) / N minus this
+    plan.one_hot.zero_().scatter_(-1, y, 1.0 / n_lab)
+    plan.acc_t[:, d_k:].zero_()  # d_k_t and pull_t accumulate; d_q_t is written block by block
     resp = torch.zeros(rb, n_pos, dtype=dtype, device=device) if with_responsibility else None
     routing = (
         {f: torch.zeros(rb, dtype=dtype, device=device) for f in _ROUTING_SUMS}
         if with_routing
         else None
     )
-    loss = torch.zeros(rb, dtype=dtype, device=device)
-    future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
-    # Two reused workspaces hold the [rb, block, keys] exponentials and b - c, then dL/ds: fresh
-    # tensors of a new size every block would cost a page fault per 4 KiB on first touch.
-    workspace = torch.empty(
-        2, rb * min(block_size, n_pos) * n_pos + _VECTOR_PAD, dtype=dtype, device=device
-    )
-    scratch = torch.empty(rb * max(d_k, n_classes) * n_pos, dtype=dtype, device=device)
-    neg_one = torch.full((rb, block_size, 1), -1.0, dtype=dtype, device=device)
-    for i0 in range(0, n_pos, block_size):
-        i1 = min(n_pos, i0 + block_size)
-        m = i1 - i0
-        e = workspace[0, : rb * m * i1].view(rb, m, i1)
-        d_s = workspace[1, : rb * m * i1].view(rb, m, i1)
-        torch.bmm(q2[:, i0:i1], k_t[:, :, :i1], out=e)
-        e[:, :, i0:i1].masked_fill_(future[:m, :m], float("-inf"))
-        e.sub_(e.amax(-1, keepdim=True))
-        # softmax numerators, max 1 per row; exp2 over a length that is a multiple of the vector
-        # width, so that every element takes the vectorised path (the scalar tail rounds
-        # differently, and where the tail falls would depend on the number of replicas)
-        workspace[0, : -(-(rb * m * i1) // _VECTOR_PAD) * _VECTOR_PAD].exp2_()
-        row_sum = e.sum(-1, keepdim=True)  # [rb, m, 1], >= 1
-        inv_sum = row_sum.reciprocal()
-        # the head's logits alpha L; alpha = e / row_sum is never formed
-        logits = torch.bmm(l_t[:, :, :i1], e.transpose(1, 2)).transpose(1, 2).mul_(inv_sum)
-        log_p = torch.log_softmax(logits, dim=-1)  # [rb, m, n_classes]
-        y_blk = y[:, i0:i1].unsqueeze(-1)
-        loss -= log_p.gather(-1, y_blk).squeeze(-1).sum(-1)
-        g = log_p.exp_()
-        g.scatter_add_(-1, y_blk, neg_one[:, :m])
-        g /= n_lab  # dL/dlogits of the mean loss, [rb, m, n_classes]
-        # dL/ds = alpha (b - E_alpha[b]) with b_ij = g_i·L_j and E_alpha[b]_i = g_i·logits_i
-        g_scaled = g * inv_sum
-        torch.baddbmm(
-            -(g_scaled * logits).sum(-1, keepdim=True), g_scaled, l_t[:, :, :i1], out=d_s
-        )
-        if i0 == 0:
-            d_s[:, 0].zero_()  # query 0 sees key 0 only: b - E_alpha[b] is exactly 0 there
-        if routing is not None:
-            _add_routing_sums(routing, e, d_s, row_sum, inv_sum, i0, future[:m, :m])
-        d_s.mul_(e)
-        # (batched matmuls write contiguous blocks; accumulating into strided views is an add)
-        pull_t[:, :, :i1] += torch.bmm(
-            g_scaled.transpose(1, 2), e, out=scratch[: rb * n_classes * i1].view(rb, n_classes, i1)
-        )
-        if resp is not None:
-            resp[:, :i1] += torch.bmm(inv_sum.transpose(1, 2), e).squeeze(1)
-        d_q_t[:, :, i0:i1] = torch.bmm(k_t[:, :, :i1], d_s.transpose(1, 2))
-        d_k_t[:, :, :i1] += torch.bmm(
-            q2_t[:, :, i0:i1], d_s, out=scratch[: rb * d_k * i1].view(rb, d_k, i1)
-        )
-    x_flat_t = xe.reshape(n_rep, n_lab, d_x).transpose(1, 2)  # [replica, d_x, batch * pos]
-
-    def per_replica(t: torch.Tensor) -> torch.Tensor:
-        # [rb, d, pos] -> [replica, batch * pos, d]
-        return t.transpose(1, 2).reshape(n_rep, n_lab, t.shape[1])
-
-    pull = per_replica(pull_t)  # sum_i alpha_ij g_i, [replica, batch * pos, n_classes]
-    x_pull = x_flat_t @ pull  # [replica, d_x, n_classes]
+    _loop()(plan.blocks, plan.starts, float(n_lab), routing, resp)
+    log_p = torch.log_softmax(plan.logits, dim=-1)  # [rb, pos, n_classes]
+    loss = -log_p.gather(-1, y).view(n_rep, batch * n_pos).sum(1)
+    # [replica, 2 d_k + n_classes, d_x]: (X^T dL/dq)^T, (X^T dL/dk)^T and (X^T alpha^T g)^T
+    x_acc = torch.bmm(plan.acc_t, x_rows)
+    if batch > 1:
+        x_acc = x_acc.view(n_rep, batch, *x_acc.shape[1:]).sum(1)
+    x_pull = x_acc[:, 2 * d_k :].transpose(1, 2)  # X^T alpha^T g, [replica, d_x, n_classes]
     w_o_t = w_o.transpose(1, 2)
     grads = {
-        "W_Q": x_flat_t @ per_replica(d_q_t) * (1.0 / math.sqrt(d_k)),
-        "W_K": x_flat_t @ per_replica(d_k_t) * (1.0 / LOG2_E),
+        "W_Q": x_acc[:, :d_k].transpose(1, 2) * (1.0 / math.sqrt(d_k)),
+        "W_K": x_acc[:, d_k : 2 * d_k].transpose(1, 2) * (1.0 / LOG2_E),
         "W_V": x_pull @ w_o_t,
         # dL/dW_O = sum_i z_i^T g_i = V^T (alpha^T g) = W_V^T X^T (alpha^T g)
         "W_O": w_v.transpose(1, 2) @ x_pull,
     }
+    d_values = None
+    if with_values:
+        # dL/dv_j = (sum_i alpha_ij g_i) W_O^T, [replica, batch, pos, d_v]
+        pull = plan.pull_t.transpose(1, 2).reshape(n_rep, n_lab, n_classes)
+        d_values = (pull @ w_o_t).view(n_rep, batch, n_pos, d_v)
     return SingleHeadGradients(
-        loss_nats=loss.view(n_rep, batch).sum(1) / n_lab,
+        loss_nats=loss / n_lab,
         grads=grads,
-        d_values=(pull @ w_o_t).view(n_rep, batch, n_pos, d_v),
+        d_values=d_values,
         responsibility=None if resp is None else resp.view(n_rep, batch, n_pos),
         n_labelled=n_lab,
         routing_sums=None if routing is None else {f: t.view(n_rep, batch) for f, t in routing.items()},
@@ -634,6 +771,7 @@ class SingleHeadAttention(nn.Module):
         block_size: int = 64,
         with_responsibility: bool = False,
         with_routing: bool = False,
+        with_values: bool = True,
         n_workers: int = 1,
     ) -> SingleHeadGradients:
         """Closed-form gradients of each replica's mean CE; see :func:`single_head_gradients`."""
@@ -645,5 +783,6 @@ class SingleHeadAttention(nn.Module):
                 block_size=block_size,
                 with_responsibility=with_responsibility,
                 with_routing=with_routing,
+                with_values=with_values,
                 n_workers=n_workers,
             )

@@ -89,7 +89,8 @@ def _curves_png(results: dict) -> bytes:
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # fixed margins: tight_layout would lay every label out in an extra draw of the figure
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1, top=0.94)
     return _png(fig)
 
 
@@ -125,9 +126,14 @@ def _telemetry_png(results: dict) -> bytes:
     ax = axes.flat[5]
     if checks:
         ax.semilogy([c["step"] for c in checks], [max(c["residual"], 1e-18) for c in checks], "o")
+        # plain "1e-15" tick labels: the default 10^x ones go through mathtext, slow to set up
+        from matplotlib.ticker import LogFormatter
+
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set(title="advantage law vs autograd (relative, float64)", xlabel="step")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.975, bottom=0.08, top=0.93, wspace=0.27, hspace=0.35)
     return _png(fig)
 
 

@@ -8,6 +8,7 @@ and Gaussian emissions, followed by one transition step.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,22 @@ DrawOrder = Literal["vectorized", "reference"]
 NORMALIZATIONS = ("reference", "exact")
 DRAW_ORDERS = ("vectorized", "reference")
 LOG2 = math.log(2.0)
+
+
+@functools.cache
+def _multinomial_is_an_exponential_race() -> bool:
+    """Whether one-sample ``torch.multinomial`` on the CPU is argmax(p / q), q ~ Exp(1) i.i.d.
+
+    Torch draws a single category that way (q from ``exponential_`` on the generator, one
+    variate per category), so the reference draw order can take the variates of a whole chain
+    in one call. Checked once per process against ``multinomial`` itself; when it does not hold
+    (another torch version), the reference draw falls back to one ``multinomial`` per step.
+    """
+    p = torch.tensor([0.05, 0.3, 0.1, 0.25, 0.3], dtype=torch.float32)
+    one, other = torch.Generator().manual_seed(12345), torch.Generator().manual_seed(12345)
+    draws = [int(torch.multinomial(p, 1, generator=one)) for _ in range(64)]
+    q = torch.empty(64, p.numel()).exponential_(1.0, generator=other)
+    return draws == (p / q).argmax(-1).tolist() and torch.equal(one.get_state(), other.get_state())
 
 
 def sticky_transition_matrix(
@@ -351,7 +368,9 @@ class StickyMarkov:
         reproduces the authors' global-RNG stream with ``generator`` in its place, one sequence
         after another: ``randint(n, (1,))`` for y_0, one ``multinomial(P[y], 1)`` per step with a
         float32 P, then ``randn(T - 1, d_embed)`` for the noise. A CPU generator seeded s then
-        yields exactly the reference data of ``torch.manual_seed(s)``.
+        yields exactly the reference data of ``torch.manual_seed(s)``. (On the CPU the
+        multinomial draws of a sequence are taken in one call, with the same random numbers and
+        results; see :func:`_multinomial_is_an_exponential_race`.)
 
         Shapes: see :class:`StickyBatch`.
 
@@ -405,12 +424,23 @@ class StickyMarkov:
             p32 = sticky_transition_matrix(
                 self.n_symbols, self.self_prob, self.normalization, dtype=torch.float32
             ).to(device)
+            race = device.type == "cpu" and _multinomial_is_an_exponential_race()
             for _ in range(batch_size):
                 chain = [
                     int(torch.randint(self.n_symbols, (1,), generator=generator, device=device))
                 ]
-                for _ in range(self.seq_len - 1):
-                    chain.append(int(torch.multinomial(p32[chain[-1]], 1, generator=generator)))
+                if race:
+                    # the draws of all steps at once: every step's multinomial takes n_symbols
+                    # Exp(1) variates q and returns argmax P[y] / q, whatever y is, so the next
+                    # symbol after each possible y is known before the chain is walked
+                    q = torch.empty(self.seq_len - 1, self.n_symbols, device=device)
+                    q.exponential_(1.0, generator=generator)
+                    following = (p32.unsqueeze(0) / q.unsqueeze(1)).argmax(-1).tolist()
+                    for row in following:  # [step][previous symbol] -> next symbol
+                        chain.append(row[chain[-1]])
+                else:
+                    for _ in range(self.seq_len - 1):
+                        chain.append(int(torch.multinomial(p32[chain[-1]], 1, generator=generator)))
                 chains.append(chain)
                 noise.append(
                     torch.randn(self.n_inputs, self.d_embed, generator=generator, device=device)
