@@ -165,6 +165,25 @@ def test_a_rerun_skips_the_finished_trials(local_sweep):
     assert (out / "summary.csv").read_text() == before
 
 
+def test_a_sweep_saved_before_a_defaulted_config_field_existed_is_continued(local_sweep, tmp_path):
+    """A sweep.json whose trials lack a field the config has since gained (with its default, as
+    train.compile) is the same sweep: the rerun skips its finished trials instead of refusing it."""
+    out = tmp_path / "lr"
+    shutil.copytree(local_sweep[0], out)
+    spec = json.loads((out / "sweep.json").read_text())
+    for trial in spec["trials"]:
+        assert trial["experiment"]["train"].pop("compile") is False
+    (out / "sweep.json").write_text(json.dumps(spec))
+    result = run_cli(sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3"))
+    assert result.exit_code == 0, result.output
+    assert "4 trials; 4 finished, 0 failed, 0 to run" in result.output
+    # a real difference in a trial's config is still another sweep
+    spec["trials"][0]["experiment"]["train"]["weight_decay"] = 0.5
+    (out / "sweep.json").write_text(json.dumps(spec))
+    line = one_line_error(run_cli(sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3")), 2)
+    assert "holds another sweep (it differs in trials)" in line
+
+
 def test_another_sweep_in_the_same_directory_is_refused(local_sweep):
     out, _ = local_sweep
     line = one_line_error(run_cli(sweep_args(out, "--seeds", "0-2", "--grid", "train.lr=1e-3,3e-3")), 2)

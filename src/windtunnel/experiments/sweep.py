@@ -484,10 +484,24 @@ def _csv_cell(value: Any) -> Any:
 # --- the driver -------------------------------------------------------------------------------
 
 
+def _normalised(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with each trial's experiment as the config it loads to (every field, defaults
+    filled), so a sweep saved before a config field with a default existed is still the same
+    sweep; an experiment that does not load is left as saved."""
+    spec = json.loads(json.dumps(spec))
+    for trial in spec.get("trials", []):
+        try:
+            trial["experiment"] = json.loads(json.dumps(ExperimentConfig.from_dict(trial["experiment"]).to_dict()))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return spec
+
+
 def _prepare(sweep: SweepDir, spec: dict[str, Any]) -> None:
-    """Save the spec, or check that the directory holds this very sweep."""
+    """Save the spec, or check that the directory holds this very sweep (the trials' configs
+    compared as loaded, :func:`_normalised`)."""
     if sweep.exists():
-        saved, spec = sweep.read_spec(), json.loads(json.dumps(spec))
+        saved, spec = _normalised(sweep.read_spec()), _normalised(spec)
         if saved != spec:
             differ = [k for k in spec if saved.get(k) != spec[k]]
             raise ValueError(
