@@ -658,6 +658,8 @@ def sweep_command(task, config, model_name, preset, seeds, grid, overrides, step
     (with its error) and the others go on; the command then exits with status 1. Writes
     OUT/summary.csv (one row per trial) and OUT/summary.json (per grid point: mean, standard
     deviation, 95 % interval over seeds, n); `windtunnel compare OUT` prints and draws them.
+    After `windtunnel eval` of the trials, rerunning the same sweep command adds every geometry
+    variant of their eval.json (columns geometry.QUANTITY.VARIANT).
     """
     _check_out(out)
     _check_sets(overrides)

@@ -7,6 +7,7 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from click.testing import CliRunner
 from windtunnel import runs
 from windtunnel.cli import main
 from windtunnel.comparison import seed_statistics
-from windtunnel.experiments.sweep import trial_status
+from windtunnel.experiments.sweep import trial_status, write_summary
+from windtunnel.probes import GEOMETRY_VARIANTS
 from windtunnel.runs import RunDir, SweepDir
 from windtunnel.train import Trainer, load_experiment
 
@@ -163,6 +165,25 @@ def test_a_rerun_skips_the_finished_trials(local_sweep):
     assert (out / "summary.csv").read_text() == before
 
 
+def test_a_sweep_saved_before_a_defaulted_config_field_existed_is_continued(local_sweep, tmp_path):
+    """A sweep.json whose trials lack a field the config has since gained (with its default, as
+    train.compile) is the same sweep: the rerun skips its finished trials instead of refusing it."""
+    out = tmp_path / "lr"
+    shutil.copytree(local_sweep[0], out)
+    spec = json.loads((out / "sweep.json").read_text())
+    for trial in spec["trials"]:
+        assert trial["experiment"]["train"].pop("compile") is False
+    (out / "sweep.json").write_text(json.dumps(spec))
+    result = run_cli(sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3"))
+    assert result.exit_code == 0, result.output
+    assert "4 trials; 4 finished, 0 failed, 0 to run" in result.output
+    # a real difference in a trial's config is still another sweep
+    spec["trials"][0]["experiment"]["train"]["weight_decay"] = 0.5
+    (out / "sweep.json").write_text(json.dumps(spec))
+    line = one_line_error(run_cli(sweep_args(out, "--seeds", "0-1", "--grid", "train.lr=1e-3,3e-3")), 2)
+    assert "holds another sweep (it differs in trials)" in line
+
+
 def test_another_sweep_in_the_same_directory_is_refused(local_sweep):
     out, _ = local_sweep
     line = one_line_error(run_cli(sweep_args(out, "--seeds", "0-2", "--grid", "train.lr=1e-3,3e-3")), 2)
@@ -197,6 +218,51 @@ def test_compare_prints_and_draws(local_sweep, tmp_path):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     line = one_line_error_compare(run_cli(["compare", out, "--metric", "kl_bit"]))
     assert "no sweep has the metric 'kl_bit'; did you mean 'kl_bits'?" in line
+
+
+def test_the_summary_carries_each_trials_geometry_from_its_eval_json(local_sweep, tmp_path):
+    """After `windtunnel eval`, the summary has one column per geometry variant: the values of
+    eval.json row by row, their statistics over seeds, and no value from an eval.json of an
+    earlier step or from a trial without one."""
+    out = tmp_path / "lr"
+    shutil.copytree(local_sweep[0], out)
+    sweep = SweepDir(out)
+    first, second, stale, bare = (sweep.run(name) for name in NAMES)
+    assert run_cli(["eval", first.path, "--n", 20]).exit_code == 0
+    measured = json.loads(first.eval_path().read_text())
+    quantities = measured["geometry_variants"]["quantities"]
+    columns = [f"geometry.{q}.{v}" for q, variants in GEOMETRY_VARIANTS.items() for v in variants]
+    assert [f"geometry.{q}.{v}" for q, variants in quantities.items() for v in variants] == columns
+    # the other seed of the same grid point: a constructed eval.json with known values, one unavailable
+    known = json.loads(json.dumps(measured))
+    for i, (q, v) in enumerate((q, v) for q, variants in known["geometry_variants"]["quantities"].items() for v in variants):
+        known["geometry_variants"]["quantities"][q][v]["value"] = 0.125 * (i + 1)
+    known["geometry_variants"]["quantities"]["focusing_ratio"]["final_position"].update(value=None, unavailable="constructed")
+    second.eval_path().write_text(json.dumps(known))
+    old = json.loads(json.dumps(measured))
+    old["step"] = 10  # an evaluation of the step-10 checkpoint: not the trial's final model
+    stale.eval_path().write_text(json.dumps(old))
+
+    summary = write_summary(sweep)
+    rows = read_csv(out / "summary.csv")
+    assert [r["trial"] for r in rows] == NAMES
+    assert [c for c in rows[0] if c.startswith("geometry.")] == columns and list(rows[0])[-1] == "error"
+    for i, column in enumerate(columns):
+        q, v = column.split(".")[1:]
+        ours = quantities[q][v]["value"]
+        assert float(rows[0][column]) == ours
+        expected_second = None if column == "geometry.focusing_ratio.final_position" else 0.125 * (i + 1)
+        assert (float(rows[1][column]) if rows[1][column] else None) == expected_second
+        assert rows[2][column] == "" and rows[3][column] == ""
+        stats = summary["groups"][0]["metrics"][column]
+        assert stats == seed_statistics([ours] if expected_second is None else [ours, expected_second], ddof=1)
+        assert column not in summary["groups"][1]["metrics"]
+    assert set(columns) <= set(summary["metrics"])
+    # windtunnel compare reads the new columns like any metric
+    result = run_cli(["compare", out, "--metric", "geometry.key_orthogonality.hypothesis_abs"])
+    assert result.exit_code == 0, result.output
+    stats = summary["groups"][0]["metrics"]["geometry.key_orthogonality.hypothesis_abs"]
+    assert f"| {out} | train.lr=0.001 | 2 | {stats['mean']:.5g} |" in result.output
 
 
 def one_line_error_compare(result):

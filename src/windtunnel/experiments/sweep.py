@@ -47,7 +47,7 @@ from typing import Any
 
 from windtunnel.comparison import seed_statistics
 from windtunnel.presets import Recipe, apply_overrides, build_experiment, load_recipe
-from windtunnel.runs import RunDir, SweepDir, json_ready, write_json_atomic, write_text_atomic
+from windtunnel.runs import RunDir, SweepDir, json_ready, read_json, write_json_atomic, write_text_atomic
 from windtunnel.train import ExperimentConfig, Trainer, load_experiment
 
 __all__ = [
@@ -393,6 +393,34 @@ def _final_metrics(run: RunDir, step: int) -> dict[str, float | None]:
     return out
 
 
+GEOMETRY_PREFIX = "geometry."
+"""Prefix of the summary columns read from a trial's eval.json: ``geometry.QUANTITY.VARIANT``."""
+
+
+def _geometry_metrics(run: RunDir, step: int | None) -> dict[str, float | None]:
+    """Every geometry variant's value in the run's eval.json (``windtunnel eval``; docs/theory.md
+    §8.9), as ``geometry.QUANTITY.VARIANT``; a variant the model cannot support is None. Empty
+    when there is no eval.json, when it is unreadable, or when it measured another step than
+    ``step`` (an evaluation of an earlier checkpoint is not the trial's final model)."""
+    path = run.eval_path()
+    if step is None or not path.exists():
+        return {}
+    try:
+        evaluation = read_json(path)
+    except ValueError:
+        return {}
+    if not isinstance(evaluation, dict) or evaluation.get("step") != step:
+        return {}
+    quantities = (evaluation.get("geometry_variants") or {}).get("quantities") or {}
+    out: dict[str, float | None] = {}
+    for quantity, variants in quantities.items():
+        for name, entry in (variants or {}).items():
+            value = entry.get("value") if isinstance(entry, dict) else None
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            out[f"{GEOMETRY_PREFIX}{quantity}.{name}"] = float(value) if ok else None
+    return out
+
+
 def write_summary(sweep: SweepDir, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write SWEEP_DIR/summary.csv (one row per trial) and summary.json (per grid point: mean,
     std (ddof = 1), 95 % t interval and n over the finished seeds, by
@@ -400,7 +428,10 @@ def write_summary(sweep: SweepDir, spec: dict[str, Any] | None = None) -> dict[s
 
     CSV columns: trial, seed, the grid keys, status, step, wall_s, the final metrics (the
     evaluation at the last step; other evaluation lengths prefixed ``eval_lenN.``; the last
-    training loss as ``train_loss_nats``), error.
+    training loss as ``train_loss_nats``; and, for a trial whose eval.json (``windtunnel eval``)
+    measured its last step, every geometry variant as ``geometry.QUANTITY.VARIANT``), error.
+    Evaluating the trials after the sweep and rerunning the sweep command (which skips the
+    finished trials) therefore adds the geometry columns and their statistics over seeds.
     """
     spec = spec if spec is not None else sweep.read_spec()
     events = sweep.events()
@@ -408,7 +439,10 @@ def write_summary(sweep: SweepDir, spec: dict[str, Any] | None = None) -> dict[s
     rows, metric_names = [], []
     for trial in spec["trials"]:
         state = trial_status(sweep, trial, events)
-        metrics = _final_metrics(sweep.run(trial["name"]), state["step"]) if state["status"] == "finished" else {}
+        metrics = {}
+        if state["status"] == "finished":
+            metrics = _final_metrics(sweep.run(trial["name"]), state["step"])
+            metrics.update(_geometry_metrics(sweep.run(trial["name"]), state["step"]))
         for name in metrics:
             if name not in metric_names:
                 metric_names.append(name)
@@ -453,10 +487,24 @@ def _csv_cell(value: Any) -> Any:
 # --- the driver -------------------------------------------------------------------------------
 
 
+def _normalised(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with each trial's experiment as the config it loads to (every field, defaults
+    filled), so a sweep saved before a config field with a default existed is still the same
+    sweep; an experiment that does not load is left as saved."""
+    spec = json.loads(json.dumps(spec))
+    for trial in spec.get("trials", []):
+        try:
+            trial["experiment"] = json.loads(json.dumps(ExperimentConfig.from_dict(trial["experiment"]).to_dict()))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return spec
+
+
 def _prepare(sweep: SweepDir, spec: dict[str, Any]) -> None:
-    """Save the spec, or check that the directory holds this very sweep."""
+    """Save the spec, or check that the directory holds this very sweep (the trials' configs
+    compared as loaded, :func:`_normalised`)."""
     if sweep.exists():
-        saved, spec = sweep.read_spec(), json.loads(json.dumps(spec))
+        saved, spec = _normalised(sweep.read_spec()), _normalised(spec)
         if saved != spec:
             differ = [k for k in spec if saved.get(k) != spec[k]]
             raise ValueError(
@@ -759,8 +807,6 @@ def compare_sweeps(dirs: Sequence[str | os.PathLike], *, metric: str = "entropy_
         sweep = SweepDir(d)
         if not sweep.summary_json_path.exists():
             raise ValueError(f"compare: {d} holds no summary.json (not a sweep directory, or its sweep never ran).")
-        from windtunnel.runs import read_json
-
         summary = read_json(sweep.summary_json_path)
         summaries.append((str(d), summary))
         known.update(summary.get("metrics", []))
