@@ -51,13 +51,14 @@ def _groups(sweep_dirs: list[Path]) -> dict[str, dict[str, float]]:
 
 
 def _random_baseline(sweep_dirs: list[Path]) -> float | None:
-    """E|cos| of random directions in R^{d_head} for the sweep's model (windtunnel.geometry.random_abs_cosine)."""
+    """E|cos| of random directions in R^{d_head} for the sweep's model."""
     configs = sorted((sweep_dirs[0] / "runs").glob("*/config.json"))
     if not configs:
         return None
+    from windtunnel.geometry import random_abs_cosine
+
     model = json.loads(configs[0].read_text(encoding="utf-8"))["model"]
-    d = model["d_model"] // model["n_heads"]
-    return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
+    return random_abs_cosine(model["d_model"] // model["n_heads"])
 
 
 def _variant_order() -> list[str]:

@@ -70,11 +70,13 @@ __all__ = [
     "TensorBoardMirror",
     "append_jsonl",
     "checkpoint_digest",
+    "finite_number",
     "json_ready",
     "load",
     "load_checkpoint_file",
     "read_json",
     "read_jsonl",
+    "require_tensorboard",
     "upgrade_checkpoint_file",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -577,6 +579,32 @@ class RunDir:
         return write_bytes_atomic(self.export_path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
 
 
+def require_tensorboard() -> Any:
+    """torch's ``SummaryWriter`` class; one check for every ``--tensorboard`` entry point, so a
+    missing package is refused before anything is written.
+
+    Raises:
+        ImportError: naming the extra when the tensorboard package is not installed.
+    """
+    try:
+        import tensorboard  # noqa: F401 - the package the extra installs, checked itself:
+        # torch.utils.tensorboard may already be imported
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'."
+        ) from None
+    return SummaryWriter
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite int or float (not a bool), else None: what a
+    JSON log or eval.json may hold where a number is expected."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 class TensorBoardMirror:
     """metrics.jsonl and telemetry.jsonl as TensorBoard scalars, in one folder of event files.
 
@@ -596,12 +624,7 @@ class TensorBoardMirror:
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ImportError(
-                "--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'."
-            ) from None
+        SummaryWriter = require_tensorboard()  # noqa: N806 - the class torch names so
         import shutil
 
         self.folder = Path(folder)
@@ -626,8 +649,9 @@ class TensorBoardMirror:
             self._add(tag, row.get("value"), row.get("step"))
 
     def _add(self, tag: str, value: Any, step: Any) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and isinstance(step, int):
-            self._writer.add_scalar(tag, float(value), global_step=step)
+        number = finite_number(value)
+        if number is not None and isinstance(step, int):
+            self._writer.add_scalar(tag, number, global_step=step)
 
     def flush(self) -> None:
         self._writer.flush()

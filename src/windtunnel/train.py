@@ -41,7 +41,7 @@ from windtunnel.models import (
 )
 from windtunnel.probes import ValueUpdateProbe, auxiliary_loss_nats, calibrate
 from windtunnel.probes import site_loss_nats as site_loss
-from windtunnel.runs import RunDir, append_jsonl
+from windtunnel.runs import RunDir, append_jsonl, require_tensorboard
 from windtunnel.tasks import AssociativeRecall, Batch, Bijection, HMMFiltering, move_tensor
 
 __all__ = [
@@ -560,10 +560,7 @@ class Trainer:
         if tensorboard and run_dir is None:
             raise ValueError("Trainer: tensorboard=True needs a run directory to write the event files in.")
         if tensorboard:
-            try:
-                import tensorboard as _  # noqa: F401 - refused here, before anything is written
-            except ImportError:
-                raise ImportError("--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'.") from None
+            require_tensorboard()  # refused here, before anything is written
         self.tensorboard = tensorboard
         self.experiment = experiment
         self.config = experiment.train

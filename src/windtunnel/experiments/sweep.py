@@ -47,7 +47,16 @@ from typing import Any
 
 from windtunnel.comparison import seed_statistics
 from windtunnel.presets import Recipe, apply_overrides, build_experiment, load_recipe
-from windtunnel.runs import RunDir, SweepDir, json_ready, read_json, write_json_atomic, write_text_atomic
+from windtunnel.runs import (
+    RunDir,
+    SweepDir,
+    finite_number,
+    json_ready,
+    read_json,
+    require_tensorboard,
+    write_json_atomic,
+    write_text_atomic,
+)
 from windtunnel.train import ExperimentConfig, Trainer, load_experiment
 
 __all__ = [
@@ -415,9 +424,7 @@ def _geometry_metrics(run: RunDir, step: int | None) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for quantity, variants in quantities.items():
         for name, entry in (variants or {}).items():
-            value = entry.get("value") if isinstance(entry, dict) else None
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            out[f"{GEOMETRY_PREFIX}{quantity}.{name}"] = float(value) if ok else None
+            out[f"{GEOMETRY_PREFIX}{quantity}.{name}"] = finite_number(entry.get("value")) if isinstance(entry, dict) else None
     return out
 
 
@@ -574,10 +581,7 @@ def run_sweep(
     if backend == "ray":
         _import_ray()
     if tensorboard:
-        try:
-            import tensorboard as _  # noqa: F401 - refused before any trial starts
-        except ImportError:
-            raise ImportError("--tensorboard needs the tensorboard package; install it with pip install 'windtunnel[tensorboard]'.") from None
+        require_tensorboard()  # refused before any trial starts
     sweep = SweepDir(out)
     if not sweep.exists() and sweep.path.is_dir() and any(p.name != ".lock" for p in sweep.path.iterdir()):
         raise ValueError(f"{sweep.path} is not empty and is not a sweep directory; choose another --out.")

@@ -32,6 +32,7 @@ __all__ = [
     "Embed",
     "FeedForward",
     "LayerNorm",
+    "OutputsAndDict",
     "PosEmbed",
     "RMSNorm",
     "TokenModelConfig",
@@ -326,8 +327,28 @@ def check_common_fields(
 ConfigT = TypeVar("ConfigT")
 
 
+class OutputsAndDict:
+    """What every model config dataclass with ``vocab_size`` and ``n_out`` fields shares (a mixin of
+    :class:`TokenModelConfig` and :class:`~windtunnel.models.HFCausalLMConfig`): the number of
+    logits and the ``config.json`` round trip."""
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
+        return self.n_out if self.n_out is not None else self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, for ``config.json``."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
+        return config_from_dict(cls, data)
+
+
 @dataclass(frozen=True, kw_only=True)
-class TokenModelConfig:
+class TokenModelConfig(OutputsAndDict):
     """The fields, checks and ``config.json`` round trip shared by the token models' configs
     (:class:`~windtunnel.models.TinyGPTConfig`, :class:`~windtunnel.models.PositionwiseMLPConfig`,
     :class:`~windtunnel.models.LSTMConfig`). Each subclass adds its own fields (the number of
@@ -369,20 +390,6 @@ class TokenModelConfig:
 
     def _check_more(self, problems: Problems) -> None:
         """Checks of the subclass's own (added to ``problems``); none here."""
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
-        return self.n_out if self.n_out is not None else self.vocab_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name, for ``config.json``."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
-        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
-        return config_from_dict(cls, data)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

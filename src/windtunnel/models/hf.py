@@ -21,11 +21,10 @@ from torch import nn
 
 from windtunnel._checks import Problems, check_choice, check_generator, check_number, check_positive_int
 from windtunnel.models._layers import (
+    OutputsAndDict,
     check_common_fields,
     check_position_ids,
     check_tokens,
-    config_from_dict,
-    config_to_dict,
 )
 
 __all__ = ["ARCHITECTURES", "HFCausalLM", "HFCausalLMConfig", "load_local_causal_lm"]
@@ -82,7 +81,7 @@ and passes the checks of tests/models/test_hf.py."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class HFCausalLMConfig:
+class HFCausalLMConfig(OutputsAndDict):
     """Shape and options of an :class:`HFCausalLM`; the sizes are named as in TinyGPTConfig.
 
     Attributes:
@@ -187,20 +186,6 @@ class HFCausalLMConfig:
     def d_head(self) -> int:
         """Width of each head, d_model / n_heads."""
         return self.d_model // self.n_heads
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of logits: ``n_out``, or ``vocab_size`` when ``n_out`` is None."""
-        return self.n_out if self.n_out is not None else self.vocab_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name, for ``config.json``."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HFCausalLMConfig:
-        """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError`` naming close fields."""
-        return config_from_dict(cls, data)
 
     def transformers_config(self) -> Any:
         """The ``transformers`` config of this architecture and size (built locally, no download).
