@@ -375,11 +375,17 @@ def geometry_variant_rows(geometry: dict[str, Any] | None) -> list[list[str]]:
     """eval.json's ``geometry_variants`` as table rows of plain text, one per variant, ours marked:
     [quantity, variant, this run, paper, definition, source] (:data:`GEOMETRY_VARIANT_HEADER`).
     `windtunnel eval` prints these rows and the report shows them, so both show the same numbers.
-    A variant the run could not measure shows — and the reason; the paper column is — where no
-    paper number belongs to the definition. Empty when there is nothing to show."""
+    A value-manifold variant's cell adds its position control (docs/theory.md §8.9): the Spearman ρ of
+    PC1 with the entropy and with the position, and the within-position Pearson r (— where position
+    and entropy cannot be separated). A variant the run could not measure shows — and the reason;
+    the paper column is — where no paper number belongs to the definition. Empty when there is
+    nothing to show."""
     rows = []
     for quantity, name, v in _variant_entries(geometry):
         value = _text(v.get("value"))
+        if "spearman_position" in v and v.get("value") is not None:  # a value-manifold variant: its position control
+            value += (f" (Spearman of PC1 with entropy {_text(v.get('spearman'))}, with position {_text(v.get('spearman_position'))}; "
+                      f"within positions r {_text(v.get('partial_pearson_given_position'))})")
         if v.get("unavailable"):
             value = f"— ({v['unavailable']})"
         rows.append([_QUANTITY_TEXT.get(quantity, str(quantity)), f"{name} (ours)" if v.get("ours") else str(name), value,
