@@ -222,6 +222,11 @@ def test_the_partial_is_none_with_the_reason_when_entropy_is_a_function_of_posit
     assert out["partial_pearson_given_position"] is None
     assert "entropy is a function of position" in out["partial_undefined"]
     assert out["spearman_position"] == pytest.approx(-out["spearman"], abs=1e-12)  # the ranks of H are those of -position
+    # the same up to the last bit of some labels (float64 rounding, as in the task's entropy labels): still undefined
+    rounded = exact.clone()
+    rounded[::3] = torch.nextafter(rounded[::3], torch.full_like(rounded[::3], math.inf))
+    out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"]["sites_final_norm_zscored"].function(None, TASK, _site_states(rounded, features))
+    assert out["partial_pearson_given_position"] is None and "entropy is a function of position" in out["partial_undefined"]
     # PC1 a function of position while the entropy is not: undefined too, for the other reason
     i = torch.arange(5, dtype=torch.float64).expand(400, 5)
     out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"]["sites_final_norm_zscored"].function(

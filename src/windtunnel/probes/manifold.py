@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from windtunnel.geometry import ValueManifoldPCA, ValueManifoldSummary, spearman_correlation
+from windtunnel.geometry import ValueManifoldPCA, ValueManifoldSummary, control_explains, spearman_correlation
 from windtunnel.probes._common import VariantUnavailable
 from windtunnel.probes.frame import hypothesis_tokens
 from windtunnel.probes.states import GeometryStates, SiteStates, value_positions
@@ -89,14 +89,13 @@ def _states_at(states: GeometryStates, task: Any, where: str, which: str) -> tup
 
 
 def _undefined_partial(entropy: torch.Tensor, pc1: torch.Tensor, position: torch.Tensor) -> str:
-    """Why the within-position correlation of PC1 and entropy is undefined (it came out NaN)."""
-    pairs = torch.stack([position.to(entropy.device).double(), entropy])  # [2, n]
-    if torch.unique(pairs, dim=1).shape[1] == torch.unique(position).numel():
-        return ("entropy is a function of position here (one entropy value per position), so position "
-                "and entropy cannot be separated on this data")
-    if torch.unique(torch.stack([position.to(pc1.device).double(), pc1]), dim=1).shape[1] == torch.unique(position).numel():
-        return "PC1 is a function of position here (one PC1 score per position)"
-    return "entropy or PC1 has no variance within the positions (at rounding level)"
+    """Why the within-position correlation of PC1 and entropy is undefined (it came out NaN), by
+    the rule of ``partial_correlation`` (:func:`~windtunnel.geometry.control_explains`)."""
+    position = position.to(entropy.device)
+    if control_explains(entropy, position):
+        return ("entropy is a function of position here (one entropy value per position, up to rounding), so "
+                "position and entropy cannot be separated on this data")
+    return "PC1 is a function of position here (one PC1 score per position, up to rounding)"
 
 
 def _pca(states: GeometryStates, task: Any, where: str, which: str, standardize: bool) -> dict[str, Any]:
