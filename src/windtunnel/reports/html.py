@@ -204,7 +204,7 @@ def _manifold_section(folder: Path, n_panels: int = 4) -> str:
 def _geometry_section(tel: _Telemetry) -> str:
     if not tel.series:
         return "<p>No telemetry.jsonl (train with <code>--telemetry</code>).</p>"
-    fig, (ax_ko, ax_ent, ax_pc) = _figure(3)
+    fig, (ax_ko, ax_ent, ax_pc) = _figure(3, height=4.4)
     for layer in tel.layers("key_ortho_abs_cos"):
         s = tel.get("key_ortho_abs_cos", layer)
         ax_ko.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=f"layer {layer}")
@@ -224,8 +224,8 @@ def _geometry_section(tel: _Telemetry) -> str:
         if s:
             ax_pc.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=metric_label(metric))
     ax_pc.set(xscale="log", xlabel="step (0 drawn at 0.5)", title="value manifold and focusing")
-    for ax in (ax_ko, ax_ent, ax_pc):
-        ax.legend(fontsize=7)
+    for ax in (ax_ko, ax_ent, ax_pc):  # below the axes: the lines span the whole panel, a legend inside hides some
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     rows = []
     for layer in tel.layers("key_ortho_abs_cos"):
         heads = sorted(k[2] for k in tel.series if k[0] == "key_ortho_abs_cos" and k[1] == layer and k[2] is not None)
