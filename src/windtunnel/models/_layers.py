@@ -254,8 +254,10 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
     """``position_ids`` checked against checked ``tokens`` and made int64 [batch, seq_len];
     None stays None. Raises ``ValueError`` unless it is an integer tensor [batch, seq_len] or
     [seq_len] with every row in [0, n_positions) (the rows are not checked inside a graph being
-    compiled by torch.compile: ``TrainConfig.compile``). Page-locked CPU ids are copied to the
-    tokens' device without a wait."""
+    compiled by torch.compile, ``TrainConfig.compile``, nor for ids batched by torch.vmap, whose
+    values cannot be read: :class:`~windtunnel.replicas.ReplicaTrainer` checks its stacked ids
+    with this function before its vmapped call). Page-locked CPU ids are copied to the tokens'
+    device without a wait."""
     if position_ids is None:
         return None
     batch, seq_len = tokens.shape
@@ -267,6 +269,9 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
     if torch.compiler.is_compiling():
         # the trainer's compiled step (ids in range by construction): reading the values back
         # would split the compiled graph and wait for the device every step
+        return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
+    if torch._C._functorch.is_batchedtensor(position_ids):
+        # under torch.vmap (the replica trainer, which checked the stacked ids on the host)
         return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
     low, high = int(position_ids.min()), int(position_ids.max())
     if low < 0 or high >= n_positions:
