@@ -2,8 +2,11 @@
 and every report and reproduction reads that one table."""
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
+
+import pytest
 
 from windtunnel import paper_numbers, reports
 from windtunnel.experiments import wind_tunnels
@@ -76,3 +79,65 @@ def test_the_literal_scan_would_see_a_second_copy(tmp_path):
     copy = tmp_path / "copy.py"
     copy.write_text('"""7.5e-5 in a docstring is prose."""\nPAPER = {"hmm": "7.5e-5"}\n')
     assert _string_literals(copy) == ["hmm", "7.5e-5"]  # the docstring is skipped, the copy is seen
+
+
+# The first number of a paper text, optionally a bound ("> 80 %", "< 0.1") or a range ("84–90 %"), with
+# its unit; a digit inside a name (PC1, PC2) is not a number.
+_STATED = re.compile(r"(?<![\w.])([<>] ?)?(\d+(?:\.\d+)?)(?:–(\d+(?:\.\d+)?))? ?(%|×)?")
+
+
+def _stated_band(text: str) -> tuple[float | None, float | None]:
+    """(low, high) as the text states it, a percentage as a fraction."""
+    match = _STATED.search(text)
+    bound, first, second, unit = match.groups()
+    scale = 0.01 if unit == "%" else 1.0
+    low, high = float(first) * scale, float(second or first) * scale
+    if bound:
+        return (low, None) if bound.startswith(">") else (None, high)
+    return low, high
+
+
+def test_every_band_is_the_one_its_text_states():
+    banded = [n for n in PAPER_NUMBERS if n.low is not None or n.high is not None]
+    assert {n.key for n in banded} >= {"bijection.transformer.key_orthogonality", "bijection.transformer.value_manifold",
+                                       "bijection.transformer.value_manifold_target", "bijection.transformer.focusing",
+                                       "bijection.transformer.weight_columns"}
+    for n in banded:
+        low, high = _stated_band(n.paper)
+        assert (n.low, n.high) == (pytest.approx(low) if low is not None else None, pytest.approx(high) if high is not None else None), n.key
+    assert paper_number("bijection.transformer.value_manifold").low == pytest.approx(0.84)  # "PC1 84–90 %", not the 1 of PC1
+    # every text that states a range of the entry's quantity has its band
+    unbanded_ranges = {n.key for n in PAPER_NUMBERS if n.low is None and n.high is None and re.search(r"\d–\d", n.paper)}
+    assert unbanded_ranges == {"bijection.transformer.dissociation"}  # steps and an MAE ratio: two quantities, no one band
+
+
+def test_the_band_parser_reads_ranges_bounds_and_percentages():
+    assert _stated_band("PC1 84–90 %, PC1+PC2 88–95 %") == (pytest.approx(0.84), pytest.approx(0.90))
+    assert _stated_band("PC1 > 80 % with a strong entropy correlation") == (pytest.approx(0.80), None)
+    assert _stated_band("< 0.1") == (None, 0.1)
+    assert _stated_band("0.052 vs 0.082 random") == (0.052, 0.052)
+    assert _stated_band("PC1+PC2 51–99.7 %") == (pytest.approx(0.51), pytest.approx(0.997))
+
+
+def test_a_band_is_checked_when_the_number_is_made():
+    with pytest.raises(ValueError, match="'a.b.c': low must be <= high; got low=0.9, high=0.8"):
+        paper_numbers.PaperNumber("a.b.c", "a", "b", "c", "90–80 %", "x", low=0.9, high=0.8)
+    with pytest.raises(ValueError, match="value must lie in the band"):
+        paper_numbers.PaperNumber("a.b.c", "a", "b", "c", "0.5", "x", value=0.5, low=0.6, high=0.7)
+    with pytest.raises(ValueError, match="high must be a finite number or None; got nan"):
+        paper_numbers.PaperNumber("a.b.c", "a", "b", "c", "0.5", "x", high=float("nan"))
+    assert paper_numbers.PaperNumber("a.b.c", "a", "b", "c", "0.5", "x", value=0.5, low=0.5, high=0.5).value == 0.5
+
+
+def test_the_scale_figure_reads_its_bands_from_the_table():
+    spec = importlib.util.spec_from_file_location("geometry_scale", PACKAGE.parents[1] / "docs" / "figures" / "geometry_scale.py")
+    figure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figure)
+    # the bands the script typed before it read them here (its 2L/64 ... 6L/192 figure in RESULTS.md)
+    before = {"key_orthogonality": [(0.052, 0.052), (0.09, 0.12)], "value_manifold_pc1_share": [(0.84, 0.90), (0.80, 0.80)],
+              "focusing_ratio": [(0.85, 0.90)]}
+    for quantity, bands in before.items():
+        got = figure.paper_bands(quantity)
+        assert [(low, high) for low, high, _ in got] == [(pytest.approx(a), pytest.approx(b)) for a, b in bands], quantity
+        assert all(paper_number(key).paper in label for key, (_, _, label) in zip(figure.PANELS[quantity][1], got))
+    assert paper_number(figure.PAPER_MAE).value == 0.007

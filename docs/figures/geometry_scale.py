@@ -5,7 +5,7 @@ Reads each sweep's summary.json (``windtunnel sweep``; the geometry columns
 the sweep command is rerun) and draws four panels against the sweeps, in the order given:
 calibration (entropy MAE and KL, bits), layer-0 key orthogonality, value-manifold PC1 share and
 attention focusing, each variant one line (mean over seeds, 95 % interval as error bars), with the
-paper's numbers (docs/theory.md §8.9) as shaded bands. Prints the same numbers as a Markdown table
+paper's numbers (windtunnel.paper_numbers, docs/theory.md §8.9) as shaded bands. Prints the same numbers as a Markdown table
 (mean, and ± std over seeds with n where n > 1). Used for the RESULTS.md scale sweep; run from the
 repository root:
 
@@ -22,12 +22,34 @@ import sys
 from pathlib import Path
 
 CALIBRATION = ("entropy_mae_bits", "kl_bits")
-PANELS = {  # quantity: (title, paper bands [(low, high, label)])
+PANELS = {  # quantity: (title, the windtunnel.paper_numbers entries drawn as bands)
     "key_orthogonality": ("layer-0 key orthogonality (mean |cos|; signed for vocabulary_signed)",
-                          [(0.052, 0.052, "paper 0.052 (Paper I v3)"), (0.09, 0.12, "Paper III recap, W_K columns 0.09-0.12")]),
-    "value_manifold_pc1_share": ("value-manifold PC1 share of variance", [(0.84, 0.90, "paper 84-90 %"), (0.80, 0.80, "target > 80 %")]),
-    "focusing_ratio": ("attention focusing (H first - H last) / H first", [(0.85, 0.90, "paper 85-90 %")]),
+                          ("bijection.transformer.key_orthogonality", "bijection.transformer.weight_columns")),
+    "value_manifold_pc1_share": ("value-manifold PC1 share of variance",
+                                 ("bijection.transformer.value_manifold", "bijection.transformer.value_manifold_target")),
+    "focusing_ratio": ("attention focusing (H first - H last) / H first", ("bijection.transformer.focusing",)),
 }
+PAPER_MAE = "bijection.transformer.entropy_mae"
+"""The paper number drawn as a line on the calibration panel."""
+
+
+def paper_bands(quantity: str) -> list[tuple[float, float, str]]:
+    """(low, high, label) of each paper band drawn on ``quantity``'s panel, read from
+    windtunnel.paper_numbers (docs/theory.md §10): a range as a shaded band, a single number or a
+    one-sided bound ("> 80 %") as a line (low = high)."""
+    from windtunnel.paper_numbers import REPOSITORY, paper_number
+
+    out = []
+    for key in PANELS[quantity][1]:
+        number = paper_number(key)
+        if number.low is None and number.high is None:
+            raise SystemExit(f"paper number {key} states no band")
+        low = number.low if number.low is not None else number.high
+        high = number.high if number.high is not None else number.low
+        first = number.source.split("; ")[0]
+        where = first.split(", ")[1] if first.startswith(REPOSITORY) else first.split(", ")[0]
+        out.append((low, high, f"{number.quantity}: {number.paper} ({where})"))
+    return out
 
 
 def _groups(sweep_dirs: list[Path]) -> dict[str, dict[str, float]]:
@@ -114,13 +136,16 @@ def main(argv: list[str]) -> None:
     ax = axes[0][0]
     for metric in CALIBRATION:
         line(ax, metric, metric.replace("_bits", " (bits)").replace("_", " "))
-    ax.axhline(0.007, color="grey", ls=":", label="paper MAE 0.007 bits (6L/6H/192, 50k steps x 256)")
+    from windtunnel.paper_numbers import paper_number
+
+    mae = paper_number(PAPER_MAE)
+    ax.axhline(mae.value, color="grey", ls=":", label=f"paper MAE {mae.paper} bits (6L/6H/192, 50k steps x 256)")
     ax.set(yscale="log", title="calibration on 2,000 held-out sequences", ylabel="bits")
-    for ax, (quantity, (title, bands)) in zip((axes[0][1], axes[1][0], axes[1][1]), PANELS.items()):
+    for ax, (quantity, (title, _)) in zip((axes[0][1], axes[1][0], axes[1][1]), PANELS.items()):
         variants = [m.split(".", 2)[2] for m in _variant_order() if m.startswith(f"geometry.{quantity}.") and any(m in s for s in stats)]
         for variant in variants:
             line(ax, f"geometry.{quantity}.{variant}", variant, ls="-" if "zscored" in variant or quantity != "value_manifold_pc1_share" else "--")
-        for low, high, text in bands:
+        for low, high, text in paper_bands(quantity):
             if low == high:
                 ax.axhline(low, color="grey", ls=":", label=text)
             else:

@@ -41,6 +41,15 @@ class PaperNumber:
         paper: the number as the source states it ("0.052 vs 0.082 random").
         source: where it is stated: paper and version (and table), or the authors' repository file.
         value: the number as a float where it is one number (for tables and plots), else None.
+        low, high: the band the text states for ``quantity``, in the units the package measures it
+            in (a share or ratio as a fraction: "84–90 %" is 0.84 and 0.90), for plots: both for a
+            range, low = high for a single number that is not ``value`` (one read against a
+            baseline, "0.052 vs 0.082 random"), one of them for a bound ("> 80 %" is low = 0.80,
+            "< 0.1" is high = 0.1); None where the text states no band (a list, a mix of
+            quantities). Where ``value`` is also given it lies inside the band.
+
+    Raises:
+        ValueError: when a bound is not a finite number, low > high, or value lies outside the band.
     """
 
     key: str
@@ -50,6 +59,18 @@ class PaperNumber:
     paper: str
     source: str
     value: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("value", "low", "high"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf"))):
+                raise ValueError(f"PaperNumber {self.key!r}: {name} must be a finite number or None; got {v!r}.")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"PaperNumber {self.key!r}: low must be <= high; got low={self.low!r}, high={self.high!r}.")
+        if self.value is not None and ((self.low is not None and self.value < self.low) or (self.high is not None and self.value > self.high)):
+            raise ValueError(f"PaperNumber {self.key!r}: value must lie in the band [{self.low!r}, {self.high!r}]; got {self.value!r}.")
 
     @property
     def cited(self) -> str:
@@ -57,9 +78,10 @@ class PaperNumber:
         return f"{self.paper} ({self.source})"
 
 
-def _n(key: str, quantity: str, paper: str, source: str, value: float | None = None) -> PaperNumber:
+def _n(key: str, quantity: str, paper: str, source: str, value: float | None = None, *,
+       low: float | None = None, high: float | None = None) -> PaperNumber:
     task, model, _ = key.split(".")
-    return PaperNumber(key, task, model, quantity, paper, source, value)
+    return PaperNumber(key, task, model, quantity, paper, source, value, low, high)
 
 
 _README = f"{REPOSITORY}, README.md"
@@ -71,33 +93,37 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
     _n("bijection.transformer.entropy_mae", "entropy MAE (bits)", "0.007", f"{PAPER_I}v3; {_README}", 0.007),
     _n("bijection.transformer.entropy_mae_v1", "entropy MAE (bits)", "3e-3", f"{PAPER_I}v1", 3e-3),
     _n("bijection.transformer.entropy_mae_retrain", "entropy MAE (bits)", "0.0067; 0.0008 (format-B retrain)", _FOLLOW_UP),
-    _n("bijection.transformer.key_orthogonality", "layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random", f"{PAPER_I}v3"),
-    _n("bijection.transformer.key_orthogonality_target", "layer-0 key orthogonality (mean |cos|)", "< 0.1", _REPRODUCE),
+    _n("bijection.transformer.key_orthogonality", "layer-0 key orthogonality (mean |cos|)", "0.052 vs 0.082 random", f"{PAPER_I}v3",
+       low=0.052, high=0.052),
+    _n("bijection.transformer.key_orthogonality_target", "layer-0 key orthogonality (mean |cos|)", "< 0.1", _REPRODUCE, high=0.1),
     _n("bijection.transformer.value_manifold", "value-manifold PC1 share", "PC1 84–90 %, PC1+PC2 88–95 %",
-       f"{PAPER_III}v1, §2, Table 1, recalling {PAPER_I}"),
-    _n("bijection.transformer.value_manifold_target", "value-manifold PC1 share", "PC1 > 80 % with a strong entropy correlation", _REPRODUCE),
-    _n("bijection.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}v1, §4.4, Table 2, recalling {PAPER_I}"),
+       f"{PAPER_III}v1, §2, Table 1, recalling {PAPER_I}", low=0.84, high=0.90),
+    _n("bijection.transformer.value_manifold_target", "value-manifold PC1 share", "PC1 > 80 % with a strong entropy correlation", _REPRODUCE,
+       low=0.80),
+    _n("bijection.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}v1, §4.4, Table 2, recalling {PAPER_I}",
+       low=0.85, high=0.90),
     _n("bijection.transformer.weight_columns", "W_K column orthogonality (mean |cos|)", "0.09–0.12 vs 0.40–0.45 at init",
-       f"{PAPER_III}v1, §2, §6.1, recalling {PAPER_I}"),
-    _n("bijection.transformer.bypass", "bypass any single layer: MAE ratio", "> 10×", f"{PAPER_I}v1"),
+       f"{PAPER_III}v1, §2, §6.1, recalling {PAPER_I}", low=0.09, high=0.12),
+    _n("bijection.transformer.bypass", "bypass any single layer: MAE ratio", "> 10×", f"{PAPER_I}v1", low=10.0),
     _n("bijection.transformer.dissociation", "frame settles before precision", "frame by steps 300–500; MAE improves > 10× after", _FOLLOW_UP),
     _n("bijection.lstm.entropy_mae", "entropy MAE (bits)", "0.009", f"{PAPER_I}v3; {_README}", 0.009),
-    _n("bijection.lstm.entropy_mae_retrain", "entropy MAE (bits)", "0.009–0.018", _FOLLOW_UP),
+    _n("bijection.lstm.entropy_mae_retrain", "entropy MAE (bits)", "0.009–0.018", _FOLLOW_UP, low=0.009, high=0.018),
     _n("bijection.mlp.entropy_mae", "entropy MAE (bits)", "1.107 = the uniform floor (position-wise MLP; the paper's 1.85 is another model)",
        _FOLLOW_UP, 1.107),
     # HMM filtering, 5 states x 5 symbols, trained at K = 20 (docs/theory.md §5.2, §10)
     _n("hmm.transformer.entropy_mae", "entropy MAE, K = 20 (bits)", "7.5e-5", f"{PAPER_I}v1; {_README}", 7.5e-5),
     _n("hmm.transformer.entropy_mae_k30", "entropy MAE, K = 30 (bits)", "0.012", f"{PAPER_I}v1; {_README}", 0.012),
     _n("hmm.transformer.entropy_mae_k50", "entropy MAE, K = 50 (bits)", "0.029", f"{PAPER_I}v1; {_README}", 0.029),
-    _n("hmm.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}v1, §4.4, Table 2, recalling {PAPER_I}"),
+    _n("hmm.transformer.focusing", "attention focusing ratio", "85–90 %", f"{PAPER_III}v1, §4.4, Table 2, recalling {PAPER_I}",
+       low=0.85, high=0.90),
     _n("hmm.lstm.entropy_mae", "entropy MAE (bits)", "0.411", f"{PAPER_I}v3", 0.411),
     _n("hmm.mlp.entropy_mae", "entropy MAE (bits)", "0.40", f"{PAPER_I}v3", 0.40),
     # Associative recall, 64 pairs (docs/theory.md §5.3)
     _n("recall.transformer.accuracy", "accuracy (64 pairs)", "100 %", f"{PAPER_I}v3", 1.0),
     _n("recall.lstm.accuracy", "accuracy (64 pairs)", "0.5 %", f"{PAPER_I}v3", 0.005),
     # Paper III: pretrained language models (docs/theory.md §9)
-    _n("llm.llm.value_manifold", "value PC1+PC2 share", "PC1+PC2 51–99.7 %", f"{PAPER_III}v1, Table 1"),
-    _n("llm.llm.key_orthogonality", "W_K column orthogonality (mean |cos|)", "0.034–0.18", f"{PAPER_III}v1, §4.2, Table 2"),
+    _n("llm.llm.value_manifold", "value PC1+PC2 share", "PC1+PC2 51–99.7 %", f"{PAPER_III}v1, Table 1", low=0.51, high=0.997),
+    _n("llm.llm.key_orthogonality", "W_K column orthogonality (mean |cos|)", "0.034–0.18", f"{PAPER_III}v1, §4.2, Table 2", low=0.034, high=0.18),
     _n("llm.llm.focusing", "attention focusing ratio", "82 %, 86 %, 31 %", f"{PAPER_III}v1, Table 2"),
 )
 """Every published number the package compares with, one entry each."""

@@ -105,6 +105,23 @@ def test_partial_correlation_against_numpy():
     assert math.isnan(float(g.partial_correlation(x, pos.to(F64) ** 2, pos)))
 
 
+def test_control_explains_is_the_rule_that_makes_the_partial_nan():
+    """log2(V - i) per site, with the last-bit differences between sequences that float64 arithmetic
+    leaves (as the bijection's entropy labels have): explained by position, and the partial is NaN."""
+    pos = torch.arange(19).repeat(30)
+    h = torch.log2(20.0 - pos.to(F64))
+    h[::7] = torch.nextafter(h[::7], torch.full_like(h[::7], math.inf))  # one ulp up in some sequences
+    assert len(torch.unique(torch.stack([pos.to(F64), h]), dim=1)[0]) > 19  # not exactly one value per position
+    assert g.control_explains(h, pos)
+    x = randn(pos.numel(), seed=3)
+    assert math.isnan(float(g.partial_correlation(x, h, pos)))
+    assert not g.control_explains(x, pos) and not math.isnan(float(g.partial_correlation(x, x + h, pos)))
+    assert g.control_explains(3.0 * pos.to(F64) + 1.0, pos, kind="linear")
+    assert not g.control_explains(pos.to(F64) ** 2, pos, kind="linear") and g.control_explains(pos.to(F64) ** 2, pos)
+    with pytest.raises(ValueError, match="control_explains.kind must be one of"):
+        g.control_explains(x, pos, kind="rank")
+
+
 def test_partial_correlation_rejects():
     x = torch.arange(4, dtype=F64)
     with pytest.raises(ValueError, match="partial_correlation.kind must be one of"):

@@ -171,3 +171,83 @@ def test_hmm_and_hugging_face_report_the_reason_instead_of_crashing():
     assert out["key_orthogonality"]["in_context_abs"]["value"] > 0
     assert "final norm" in out["value_manifold_pc1_share"]["sites_pre_final_norm_raw"]["unavailable"]
     assert out["value_manifold_pc1_share"]["head_values_zscored"]["value"] > 0
+
+
+def _site_states(entropy_bits, features):
+    """GeometryStates whose final-norm residual at the sites 0, 2, ..., 2(n_sites - 1) is ``features``
+    [batch, n_sites, d]; the fields the sites/final-norm variants do not read are placeholders."""
+    batch, n_sites, d = features.shape
+    seq_len = 2 * n_sites
+    sites = torch.arange(0, seq_len, 2)
+    readout = torch.zeros(batch, seq_len, d, dtype=torch.float64)
+    readout[:, sites] = features
+    return probes.GeometryStates(
+        tokens=torch.zeros(batch, seq_len, dtype=torch.long), entropy_bits=entropy_bits, sites=sites, readout=readout,
+        final_residual=None, final_residual_missing="constructed", patterns=torch.zeros(1, batch, 1, seq_len, seq_len),
+        k=torch.zeros(1, batch, seq_len, 1, 2), last_values=torch.zeros(batch, seq_len, 1, 2))
+
+
+def _constructed(pc1_follows: str, seed: int = 0):
+    """400 sequences x 5 sites; entropy falls with the site index i (5 - i) plus noise that is
+    independent of everything else, so it varies within each position. The 4 features are one
+    common signal plus small independent noise: the position (10 i) or the entropy (10 H)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(5, dtype=torch.float64).expand(400, 5)
+    entropy = 5.0 - i + 0.3 * torch.randn(400, 5, generator=g, dtype=torch.float64)
+    signal = 10 * (i if pc1_follows == "position" else entropy)
+    features = signal[..., None] + 0.1 * torch.randn(400, 5, 4, generator=g, dtype=torch.float64)
+    return entropy, features
+
+
+def test_a_pc1_that_follows_position_has_no_entropy_ordering_within_positions():
+    entropy, features = _constructed("position")
+    for name in ("sites_final_norm_zscored", "sites_final_norm_raw"):
+        out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"][name].function(None, TASK, _site_states(entropy, features))
+        assert out["value"] > 0.95
+        assert out["spearman"] > 0.9  # ordered by entropy only because entropy falls with position
+        assert out["spearman_position"] < -0.95  # PC1 is oriented by entropy, which falls with position
+        assert abs(out["partial_pearson_given_position"]) < 0.1  # within a position PC1 is noise; n = 2,000
+        assert out["partial_undefined"] is None
+    # the same states with PC1 following the entropy itself: the within-position correlation is high
+    entropy, features = _constructed("entropy")
+    out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"]["sites_final_norm_zscored"].function(None, TASK, _site_states(entropy, features))
+    assert out["partial_pearson_given_position"] > 0.95
+    assert out["spearman_position"] < -0.9 and out["spearman"] > 0.99
+
+
+def test_the_partial_is_none_with_the_reason_when_entropy_is_a_function_of_position():
+    entropy, features = _constructed("entropy")
+    exact = (5.0 - torch.arange(5, dtype=torch.float64)).expand(400, 5)  # H = 5 - i exactly
+    out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"]["sites_final_norm_zscored"].function(None, TASK, _site_states(exact, features))
+    assert out["partial_pearson_given_position"] is None
+    assert "entropy is a function of position" in out["partial_undefined"]
+    assert out["spearman_position"] == pytest.approx(-out["spearman"], abs=1e-12)  # the ranks of H are those of -position
+    # the same up to the last bit of some labels (float64 rounding, as in the task's entropy labels): still undefined
+    rounded = exact.clone()
+    rounded[::3] = torch.nextafter(rounded[::3], torch.full_like(rounded[::3], math.inf))
+    out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"]["sites_final_norm_zscored"].function(None, TASK, _site_states(rounded, features))
+    assert out["partial_pearson_given_position"] is None and "entropy is a function of position" in out["partial_undefined"]
+    # PC1 a function of position while the entropy is not: undefined too, for the other reason
+    i = torch.arange(5, dtype=torch.float64).expand(400, 5)
+    out = probes.GEOMETRY_VARIANTS["value_manifold_pc1_share"]["sites_final_norm_zscored"].function(
+        None, TASK, _site_states(entropy, torch.stack([i, 2 * i], -1)))
+    assert out["partial_pearson_given_position"] is None and "PC1 is a function of position" in out["partial_undefined"]
+
+
+@torch.no_grad()
+def test_every_manifold_variant_reports_its_position_control_on_a_tinygpt():
+    """Without replacement H = log2(V - i) at key site i, so every variant's partial is undefined and
+    its Spearman with position is minus its Spearman with entropy; with replacement the entropy varies
+    within positions and every number is finite."""
+    for with_replacement in (False, True):
+        task = Bijection(n_values=6, n_pairs=5, with_replacement=with_replacement)
+        out = probes.geometry_variants(tiny_model(task, seed=4), task, batch_of(task, n=48))["value_manifold_pc1_share"]
+        assert len(out) == 10
+        for name, v in out.items():
+            assert v["unavailable"] is None, name
+            assert math.isfinite(v["spearman"]) and math.isfinite(v["spearman_position"]), name
+            if with_replacement:
+                assert math.isfinite(v["partial_pearson_given_position"]) and v["partial_undefined"] is None, name
+            else:
+                assert v["partial_pearson_given_position"] is None and "function of position" in v["partial_undefined"], name
+                assert v["spearman_position"] == pytest.approx(-v["spearman"], abs=1e-12), name

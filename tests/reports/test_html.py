@@ -357,3 +357,16 @@ def test_paper_table_reads_eval_json_without_telemetry_or_dissociation(full_run,
     table = build_report(copy).read_text().split("Paper numbers beside ours", 1)[1].split("<h2>", 1)[0]
     for quantity in ("key_orthogonality", "value_manifold_pc1_share", "focusing_ratio"):
         assert f"{_text(ours[quantity])} (eval.json)" in table, quantity
+
+
+def test_a_value_manifold_row_shows_its_position_control():
+    from windtunnel.reports import geometry_variant_rows
+
+    entry = {"value": 0.9, "spearman": 0.95, "spearman_position": -0.95, "partial_pearson_given_position": None,
+             "partial_undefined": "entropy is a function of position here", "unavailable": None, "paper": None,
+             "description": "d", "source": "s", "ours": True}
+    geometry = {"quantities": {"value_manifold_pc1_share": {"sites_final_norm_zscored": entry},
+                               "focusing_ratio": {"sites": {"value": 0.5, "unavailable": None}}}}
+    manifold, focusing = geometry_variant_rows(geometry)
+    assert manifold[2] == "0.9000 (Spearman of PC1 with entropy 0.9500, with position -0.9500; within positions r —)"
+    assert focusing[2] == "0.5000"

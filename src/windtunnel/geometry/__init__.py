@@ -35,6 +35,7 @@ from windtunnel.geometry.manifold import (
 )
 from windtunnel.geometry.stats import (
     average_ranks,
+    control_explains,
     linear_probe_r2,
     partial_correlation,
     participation_ratio,
@@ -52,6 +53,7 @@ __all__ = [
     "attention_entropy",
     "attention_js_divergence_bits",
     "average_ranks",
+    "control_explains",
     "focusing_ratio",
     "frame_subspace_overlap",
     "key_orthogonality",

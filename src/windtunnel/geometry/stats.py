@@ -19,6 +19,7 @@ from windtunnel.geometry._common import _fit_probe, _pearson, _spectrum_stats, _
 
 __all__ = [
     "average_ranks",
+    "control_explains",
     "linear_probe_r2",
     "participation_ratio",
     "partial_correlation",
@@ -116,6 +117,33 @@ def _residualize(v: torch.Tensor, control: torch.Tensor, kind: str) -> torch.Ten
     return v - design @ coef
 
 
+def _explained(v: torch.Tensor, residual: torch.Tensor) -> bool:
+    """True when the residual's norm is within 16·sqrt(n)·eps of v's norm: rounding level."""
+    floor = 16 * math.sqrt(v.numel()) * torch.finfo(v.dtype).eps
+    return float(torch.linalg.vector_norm(residual)) <= floor * float(torch.linalg.vector_norm(v))
+
+
+def control_explains(v: torch.Tensor, control: torch.Tensor, *, kind: str = "group") -> bool:
+    """Whether ``control`` explains ``v`` entirely, by the rule ``partial_correlation`` uses: the
+    residual of v after the per-group means (``kind="group"``) or the line on [1, control]
+    (``kind="linear"``) is within 16·sqrt(n)·eps of v's norm. ``partial_correlation(x, y, control)``
+    is NaN exactly when this holds for x or for y (e.g. the entropy log2(V - i) of the bijection
+    without replacement, a function of the site position up to rounding).
+
+    Shapes: v, control [n] -> bool.
+
+    Raises:
+        ValueError: when the shapes differ, n < 2, or kind is unknown.
+    """
+    owner = "control_explains"
+    _check_paired(owner, v, control, names=("v", "control"))
+    problem = check_choice(owner, "kind", kind, ("group", "linear"))
+    if problem:
+        raise ValueError(problem)
+    v = _as_float(v)
+    return _explained(v, _residualize(v, control, kind))
+
+
 def partial_correlation(
     x: torch.Tensor, y: torch.Tensor, control: torch.Tensor, *, kind: str = "group"
 ) -> torch.Tensor:
@@ -146,10 +174,8 @@ def partial_correlation(
     rx, ry = _residualize(x, control, kind), _residualize(y, control, kind)
     # A residual at rounding level means the control explains everything: report NaN, not a
     # correlation of rounding noise.
-    floor = 16 * math.sqrt(x.numel()) * torch.finfo(x.dtype).eps
-    for r, v in ((rx, x), (ry, y)):
-        if float(torch.linalg.vector_norm(r)) <= floor * float(torch.linalg.vector_norm(v)):
-            return torch.tensor(math.nan, dtype=x.dtype, device=x.device)
+    if _explained(x, rx) or _explained(y, ry):
+        return torch.tensor(math.nan, dtype=x.dtype, device=x.device)
     return _pearson(rx, ry)
 
 

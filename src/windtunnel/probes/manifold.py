@@ -7,8 +7,16 @@ The published variants (registered in :data:`windtunnel.probes.GEOMETRY_VARIANTS
 :class:`~windtunnel.probes.GeometryStates` and differ in three choices: where (the prediction
 sites, or the value positions just after them), which states (after the final norm, before it,
 or the last layer's value vectors concatenated over heads) and the scaling (z-scored features, or
-only centred). Each returns ``{"value": PC1 share, "pc12_share", "spearman", "n_samples",
-"n_features"}`` or raises :class:`~windtunnel.probes._common.VariantUnavailable`.
+only centred). Each returns ``{"value": PC1 share, "pc12_share", "spearman", "spearman_position",
+"partial_pearson_given_position", "partial_undefined", "n_samples", "n_features"}`` (see :func:`_pca`)
+or raises :class:`~windtunnel.probes._common.VariantUnavailable`.
+
+The position control (docs/theory.md §8.3 Control, §8.9): in the bijection without replacement the
+Bayes entropy at key site i is log2(V − i), a function of the position alone, so a PC1 ordered by
+entropy is just as ordered by position. ``spearman_position`` says how much; the within-position
+correlation ``partial_pearson_given_position`` is the part of the entropy ordering position does
+not explain, and it is None (with ``partial_undefined`` saying why) where the data cannot separate
+the two.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import torch
 
-from windtunnel.geometry import ValueManifoldPCA, ValueManifoldSummary
+from windtunnel.geometry import ValueManifoldPCA, ValueManifoldSummary, control_explains, spearman_correlation
 from windtunnel.probes._common import VariantUnavailable
 from windtunnel.probes.frame import hypothesis_tokens
 from windtunnel.probes.states import GeometryStates, SiteStates, value_positions
@@ -57,8 +65,9 @@ def manifold_projection(states: SiteStates, *, max_points: int = 2000) -> dict[s
     }
 
 
-def _states_at(states: GeometryStates, task: Any, where: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states [n, d] float64, entropy_bits [n]) for one (where, which) choice."""
+def _states_at(states: GeometryStates, task: Any, where: str, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states [n, d] float64, entropy_bits [n] float64, position [n] long) for one (where, which)
+    choice; position is the sequence position each state is read at (a site, or a value position)."""
     if where == "sites":
         positions, entropy = states.sites, states.entropy_bits
     else:
@@ -75,15 +84,50 @@ def _states_at(states: GeometryStates, task: Any, where: str, which: str) -> tup
     else:
         x = states.last_values.flatten(-2)  # [batch, pos, kv_head * d_v]
     x = x[:, positions]
-    return x.reshape(-1, x.shape[-1]).double(), entropy.reshape(-1).double()
+    position = positions.to(x.device).expand(x.shape[0], -1).reshape(-1)
+    return x.reshape(-1, x.shape[-1]).double(), entropy.reshape(-1).double(), position
+
+
+def _undefined_partial(entropy: torch.Tensor, pc1: torch.Tensor, position: torch.Tensor) -> str:
+    """Why the within-position correlation of PC1 and entropy is undefined (it came out NaN), by
+    the rule of ``partial_correlation`` (:func:`~windtunnel.geometry.control_explains`)."""
+    position = position.to(entropy.device)
+    if control_explains(entropy, position):
+        return ("entropy is a function of position here (one entropy value per position, up to rounding), so "
+                "position and entropy cannot be separated on this data")
+    return "PC1 is a function of position here (one PC1 score per position, up to rounding)"
 
 
 def _pca(states: GeometryStates, task: Any, where: str, which: str, standardize: bool) -> dict[str, Any]:
-    x, h = _states_at(states, task, where, which)
+    """The variant's PCA (:class:`~windtunnel.geometry.ValueManifoldPCA`, position control ``"group"``) as a dict:
+
+    * ``value``: PC1 share of the variance, in [0, 1]; ``pc12_share``: PC1 + PC2;
+    * ``spearman``: Spearman ρ of PC1 and the Bayes entropy (bits), PC1 oriented so it is >= 0;
+    * ``spearman_position``: Spearman ρ of that same PC1 and the position each state is read at
+      (signed: in the bijection without replacement the entropy falls with position, so a PC1
+      ordered by entropy gives ≈ −1 here); None when there is one position only;
+    * ``partial_pearson_given_position``: Pearson r of PC1 and entropy after subtracting each
+      position's mean from both (``partial_correlation(kind="group")``): the entropy ordering
+      within positions. None where it is undefined, ``partial_undefined`` then saying why (else
+      None): when the entropy is a function of the position (the bijection without replacement)
+      the within-position residual of the entropy is 0, and PC1 ordering by entropy and by
+      position are one and the same thing on that data;
+    * ``n_samples``, ``n_features``: size of the state matrix.
+    """
+    x, h, position = _states_at(states, task, where, which)
     if x.shape[0] < 3:
         raise VariantUnavailable(f"fewer than 3 states ({x.shape[0]}).")
-    m = ValueManifoldPCA(standardize=standardize).fit(x, h).summary_
-    return {"value": m.pc1_share, "pc12_share": m.pc12_share, "spearman": m.spearman, "n_samples": m.n_samples, "n_features": m.n_features}
+    pca = ValueManifoldPCA(standardize=standardize, position_control="group").fit(x, h, positions=position)
+    m = pca.summary_
+    partial = m.partial_pearson_given_position
+    undefined = None
+    if partial is None or partial != partial:  # NaN: the control explains entropy or PC1 entirely
+        partial, undefined = None, _undefined_partial(h, pca.pc1_scores_, position)
+    rho_position = float(spearman_correlation(pca.pc1_scores_, position.to(pca.pc1_scores_.device).double()))
+    return {"value": m.pc1_share, "pc12_share": m.pc12_share, "spearman": m.spearman,
+            "spearman_position": rho_position if rho_position == rho_position else None,
+            "partial_pearson_given_position": partial, "partial_undefined": undefined,
+            "n_samples": m.n_samples, "n_features": m.n_features}
 
 
 def manifold_sites_final_norm_zscored(model: Any, task: Any, states: GeometryStates) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def _manifold_section(folder: Path, n_panels: int = 4) -> str:
 def _geometry_section(tel: _Telemetry) -> str:
     if not tel.series:
         return "<p>No telemetry.jsonl (train with <code>--telemetry</code>).</p>"
-    fig, (ax_ko, ax_ent, ax_pc) = _figure(3)
+    fig, (ax_ko, ax_ent, ax_pc) = _figure(3, height=4.4)
     for layer in tel.layers("key_ortho_abs_cos"):
         s = tel.get("key_ortho_abs_cos", layer)
         ax_ko.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=f"layer {layer}")
@@ -224,8 +224,8 @@ def _geometry_section(tel: _Telemetry) -> str:
         if s:
             ax_pc.plot([max(a, 0.5) for a, _ in s], [b for _, b in s], marker=".", label=metric_label(metric))
     ax_pc.set(xscale="log", xlabel="step (0 drawn at 0.5)", title="value manifold and focusing")
-    for ax in (ax_ko, ax_ent, ax_pc):
-        ax.legend(fontsize=7)
+    for ax in (ax_ko, ax_ent, ax_pc):  # below the axes: the lines span the whole panel, a legend inside hides some
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     rows = []
     for layer in tel.layers("key_ortho_abs_cos"):
         heads = sorted(k[2] for k in tel.series if k[0] == "key_ortho_abs_cos" and k[1] == layer and k[2] is not None)
@@ -375,11 +375,17 @@ def geometry_variant_rows(geometry: dict[str, Any] | None) -> list[list[str]]:
     """eval.json's ``geometry_variants`` as table rows of plain text, one per variant, ours marked:
     [quantity, variant, this run, paper, definition, source] (:data:`GEOMETRY_VARIANT_HEADER`).
     `windtunnel eval` prints these rows and the report shows them, so both show the same numbers.
-    A variant the run could not measure shows — and the reason; the paper column is — where no
-    paper number belongs to the definition. Empty when there is nothing to show."""
+    A value-manifold variant's cell adds its position control (docs/theory.md §8.9): the Spearman ρ of
+    PC1 with the entropy and with the position, and the within-position Pearson r (— where position
+    and entropy cannot be separated). A variant the run could not measure shows — and the reason;
+    the paper column is — where no paper number belongs to the definition. Empty when there is
+    nothing to show."""
     rows = []
     for quantity, name, v in _variant_entries(geometry):
         value = _text(v.get("value"))
+        if "spearman_position" in v and v.get("value") is not None:  # a value-manifold variant: its position control
+            value += (f" (Spearman of PC1 with entropy {_text(v.get('spearman'))}, with position {_text(v.get('spearman_position'))}; "
+                      f"within positions r {_text(v.get('partial_pearson_given_position'))})")
         if v.get("unavailable"):
             value = f"— ({v['unavailable']})"
         rows.append([_QUANTITY_TEXT.get(quantity, str(quantity)), f"{name} (ours)" if v.get("ours") else str(name), value,
