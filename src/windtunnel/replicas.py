@@ -6,6 +6,21 @@ only in ``train.seed`` with one forward and one backward pass per step over para
 along a new leading replica axis (``torch.func.stack_module_state``; the model applied with
 ``torch.func.functional_call`` under ``torch.vmap``), so R seeds cost about one run's launches.
 
+How equal to separate runs. Each replica's step applies the separate run's operations to its
+slice of the stacked tensors; only a kernel that reduces in another order once its tensor has the
+replica axis can round differently. On the CPU (tests/test_replicas.py: TinyGPT and the MLP,
+bijection and HMM with the auxiliary loss and the position shift, 2 and 3 replicas; first steps
+on 2 threads, trajectories on 1), every replica's gradients are the separate run's bit for bit,
+and so, step after step (the same kernels on the same shapes), are its weights, AdamW state and
+evaluations. That needs the embeddings' lookups to go through ``nn.functional.embedding``
+(``models._layers.embedding_lookup``): indexing's backward rounded the stacked embedding
+gradients otherwise on more than one thread. The logged training loss of a hard-label task can
+differ in its last bits: ``cross_entropy``'s batching rule sums the per-element losses in another
+order than its own mean reduction (the gradient, 1/n per term, is the same). Other sizes can meet
+other kernels (a reduction whose tensor crosses a threading threshold only when stacked), and on a
+GPU bitwise equality was not checked: expect equality to float32 rounding there, with the
+differences carried forward by training.
+
 Everything per run is an ordinary :class:`~windtunnel.train.Trainer`: its run directory, lock,
 config.json, generators, held-out sets, initial weights, logs, evaluations and checkpoints. Each
 replica draws its batch from its own trainer's data generator in the order a separate run draws
@@ -124,8 +139,8 @@ class ReplicaTrainer:
     save, AdamW's exp_avg, exp_avg_sq and step) are copied into each trainer's model and optimizer
     and each trainer logs, evaluates, probes and saves itself: every run directory is the ordinary
     run a separate :class:`~windtunnel.train.Trainer` would write, up to the float rounding of the
-    batched kernels (bit for bit on CPU in our tests: tests/test_replicas.py) and ``elapsed_s``
-    (the group's wall time). Evaluation is per run, not batched.
+    batched kernels (module docstring) and ``elapsed_s`` (the group's wall time). Evaluation is
+    per run, not batched.
 
     Args:
         experiments: R configs equal except ``train.seed`` (:func:`check_replicas`).
@@ -333,6 +348,21 @@ class ReplicaTrainer:
 
         return torch.vmap(losses, in_dims=(0, 0, 0, None, 0))
 
+    def _backward(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], vmapped: dict[type, Callable[..., tuple[torch.Tensor, torch.Tensor]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's batches (:meth:`_draw`), forward pass and backward pass: each replica's
+        unclipped gradient accumulated into ``params[name].grad`` [R, *shape]; returns the site
+        losses [R] and auxiliary losses [R] (zeros without them). ``vmapped`` caches the vmapped
+        losses per batch class."""
+        batch_type, fields, sites, extra = self._draw()
+        if batch_type not in vmapped:
+            vmapped[batch_type] = self._losses_fn(batch_type)
+        loss, aux_loss = vmapped[batch_type](params, buffers, fields, sites, extra)
+        weight = self.config.aux_loss_weight
+        (loss if weight == 0 else loss + weight * aux_loss).sum().backward()
+        return loss, aux_loss
+
     @staticmethod
     def _clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip each replica's gradient alone as ``nn.utils.clip_grad_norm_`` clips one run's
@@ -429,12 +459,8 @@ class ReplicaTrainer:
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch_type, fields, sites, extra = self._draw()
-                if batch_type not in vmapped:
-                    vmapped[batch_type] = self._losses_fn(batch_type)
-                loss, aux_loss = vmapped[batch_type](params, buffers, fields, sites, extra)
                 optimizer.zero_grad(set_to_none=True)
-                (loss if cfg.aux_loss_weight == 0 else loss + cfg.aux_loss_weight * aux_loss).sum().backward()
+                loss, aux_loss = self._backward(params, buffers, vmapped)
                 grad_norm = self._clip(ordered, clip)
                 optimizer.step()
                 synced = False
