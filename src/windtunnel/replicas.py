@@ -13,13 +13,18 @@ bijection and HMM with the auxiliary loss and the position shift, 2 and 3 replic
 on 2 threads, trajectories on 1), every replica's gradients are the separate run's bit for bit,
 and so, step after step (the same kernels on the same shapes), are its weights, AdamW state and
 evaluations. That needs the embeddings' lookups to go through ``nn.functional.embedding``
-(``models._layers.embedding_lookup``): indexing's backward rounded the stacked embedding
-gradients otherwise on more than one thread. The logged training loss of a hard-label task can
-differ in its last bits: ``cross_entropy``'s batching rule sums the per-element losses in another
-order than its own mean reduction (the gradient, 1/n per term, is the same). Other sizes can meet
-other kernels (a reduction whose tensor crosses a threading threshold only when stacked), and on a
-GPU bitwise equality was not checked: expect equality to float32 rounding there, with the
-differences carried forward by training.
+(``models._layers.embedding_lookup``; indexing's backward rounded the stacked embedding
+gradients otherwise on more than one thread), and TinyGPT's readout to be untied or to have 12 or
+more outputs: a tied readout of 4 to 11 outputs (the bijection's vocabulary at n_values 2 to 5)
+has its weight gradient summed in another order by the batched GEMM, a few ulps of its dot
+products apart, and from there the trajectories separate as training carries the difference
+forward. The logged training loss of a hard-label task can differ in its last bits:
+``cross_entropy``'s batching rule sums the per-element losses in another order than its own mean
+reduction (the gradient, 1/n per term, is the same). The cpu presets' models (bijection and HMM,
+TinyGPT and MLP) had bitwise first-step gradients too. Other sizes can meet other kernels (a
+reduction whose tensor crosses a threading threshold only when stacked), and on a GPU bitwise
+equality was not checked: expect equality to float32 rounding there, with the differences
+carried forward by training.
 
 Everything per run is an ordinary :class:`~windtunnel.train.Trainer`: its run directory, lock,
 config.json, generators, held-out sets, initial weights, logs, evaluations and checkpoints. Each
