@@ -172,8 +172,8 @@ class Embed(nn.Module):
         init_normal_(self.W_E, std=self.std, generator=generator)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # a lookup whose backward adds each row's gradients in token order on every device and
-        # thread count (:func:`embedding_lookup`)
+        # a lookup whose backward adds each row's gradients in token order on the CPU, whatever
+        # the threads (:func:`embedding_lookup`)
         return embedding_lookup(self.W_E, tokens)
 
 
