@@ -663,7 +663,8 @@ def sweep_command(task, config, model_name, preset, seeds, grid, overrides, step
     OUT/summary.csv (one row per trial) and OUT/summary.json (per grid point: mean, standard
     deviation, 95 % interval over seeds, n); `windtunnel compare OUT` prints and draws them.
     After `windtunnel eval` of the trials, rerunning the same sweep command adds every geometry
-    variant of their eval.json (columns geometry.QUANTITY.VARIANT).
+    variant of their eval.json (columns geometry.QUANTITY.VARIANT, and the value manifold's
+    position control as geometry.QUANTITY.VARIANT.FIELD).
     """
     _check_out(out)
     _check_sets(overrides)

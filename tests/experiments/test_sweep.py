@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from windtunnel import runs
 from windtunnel.cli import main
 from windtunnel.comparison import seed_statistics
-from windtunnel.experiments.sweep import plan_sweep, run_replica_group, run_trial, trial_status, write_summary
+from windtunnel.experiments.sweep import GEOMETRY_FIELDS, plan_sweep, run_replica_group, run_trial, trial_status, write_summary
 from windtunnel.probes import GEOMETRY_VARIANTS
 from windtunnel.runs import RunDir, SweepDir
 from windtunnel.replicas import ReplicaTrainer
@@ -365,6 +365,11 @@ def test_the_summary_carries_each_trials_geometry_from_its_eval_json(local_sweep
     quantities = measured["geometry_variants"]["quantities"]
     columns = [f"geometry.{q}.{v}" for q, variants in GEOMETRY_VARIANTS.items() for v in variants]
     assert [f"geometry.{q}.{v}" for q, variants in quantities.items() for v in variants] == columns
+    # each value-manifold variant's position-control numbers follow its value column
+    fields = {c: [f for f in GEOMETRY_FIELDS if f in quantities[c.split(".")[1]][c.split(".")[2]]] for c in columns}
+    assert all(fields[c] == list(GEOMETRY_FIELDS) for c in columns if ".value_manifold_pc1_share." in c)
+    assert not any(fields[c] for c in columns if ".value_manifold_pc1_share." not in c)
+    all_columns = [name for c in columns for name in (c, *(f"{c}.{f}" for f in fields[c]))]
     # the other seed of the same grid point: a constructed eval.json with known values, one unavailable
     known = json.loads(json.dumps(measured))
     for i, (q, v) in enumerate((q, v) for q, variants in known["geometry_variants"]["quantities"].items() for v in variants):
@@ -378,7 +383,15 @@ def test_the_summary_carries_each_trials_geometry_from_its_eval_json(local_sweep
     summary = write_summary(sweep)
     rows = read_csv(out / "summary.csv")
     assert [r["trial"] for r in rows] == NAMES
-    assert [c for c in rows[0] if c.startswith("geometry.")] == columns and list(rows[0])[-1] == "error"
+    assert [c for c in rows[0] if c.startswith("geometry.")] == all_columns and list(rows[0])[-1] == "error"
+    for column in all_columns:
+        if column in columns:
+            continue
+        q, v, f = column.split(".")[1:]
+        ours = quantities[q][v][f]  # a bijection's entropy is a function of position: partial undefined
+        assert (float(rows[0][column]) if rows[0][column] else None) == ours
+        assert (ours is None) == (f == "partial_pearson_given_position")
+        assert rows[2][column] == "" and rows[3][column] == ""
     for i, column in enumerate(columns):
         q, v = column.split(".")[1:]
         ours = quantities[q][v]["value"]

@@ -514,10 +514,17 @@ def _final_metrics(run: RunDir, step: int) -> dict[str, float | None]:
 GEOMETRY_PREFIX = "geometry."
 """Prefix of the summary columns read from a trial's eval.json: ``geometry.QUANTITY.VARIANT``."""
 
+GEOMETRY_FIELDS = ("pc12_share", "spearman", "spearman_position", "partial_pearson_given_position")
+"""The numbers a variant reports beside its value that the summary also carries, as
+``geometry.QUANTITY.VARIANT.FIELD`` (the value-manifold variants: PC1+PC2 share, Spearman with
+the entropy and with the position, partial correlation given position; docs/theory.md §8.9)."""
+
 
 def _geometry_metrics(run: RunDir, step: int | None) -> dict[str, float | None]:
     """Every geometry variant's value in the run's eval.json (``windtunnel eval``; docs/theory.md
-    §8.9), as ``geometry.QUANTITY.VARIANT``; a variant the model cannot support is None. Empty
+    §8.9), as ``geometry.QUANTITY.VARIANT``, followed by each of its :data:`GEOMETRY_FIELDS` it
+    reports, as ``geometry.QUANTITY.VARIANT.FIELD``; a variant the model cannot support, or a
+    field that is undefined (a partial correlation with its ``partial_undefined`` reason), is None. Empty
     when there is no eval.json, when it is unreadable, or when it measured another step than
     ``step`` (an evaluation of an earlier checkpoint is not the trial's final model)."""
     path = run.eval_path()
@@ -533,7 +540,12 @@ def _geometry_metrics(run: RunDir, step: int | None) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for quantity, variants in quantities.items():
         for name, entry in (variants or {}).items():
-            out[f"{GEOMETRY_PREFIX}{quantity}.{name}"] = finite_number(entry.get("value")) if isinstance(entry, dict) else None
+            column = f"{GEOMETRY_PREFIX}{quantity}.{name}"
+            entry = entry if isinstance(entry, dict) else {}
+            out[column] = finite_number(entry.get("value"))
+            for field in GEOMETRY_FIELDS:
+                if field in entry:
+                    out[f"{column}.{field}"] = finite_number(entry[field])
     return out
 
 
@@ -545,7 +557,8 @@ def write_summary(sweep: SweepDir, spec: dict[str, Any] | None = None) -> dict[s
     CSV columns: trial, seed, the grid keys, status, step, wall_s, the final metrics (the
     evaluation at the last step; other evaluation lengths prefixed ``eval_lenN.``; the last
     training loss as ``train_loss_nats``; and, for a trial whose eval.json (``windtunnel eval``)
-    measured its last step, every geometry variant as ``geometry.QUANTITY.VARIANT``), error.
+    measured its last step, every geometry variant as ``geometry.QUANTITY.VARIANT`` and its
+    position-control numbers as ``geometry.QUANTITY.VARIANT.FIELD``), error.
     Evaluating the trials after the sweep and rerunning the sweep command (which skips the
     finished trials) therefore adds the geometry columns and their statistics over seeds.
     """
