@@ -21,8 +21,16 @@ segments of --steps steps each; the table gives the median segment's steps/s, an
 checkpoints are left out (no run directory; the one held-out evaluation falls outside the timed
 segments). Prints a Markdown table for BENCHMARKS.md.
 
+With ``--replicas R`` it times instead R seeds of each model trained as one replica group
+(:class:`~windtunnel.replicas.ReplicaTrainer`: one vmapped step over the stacked weights) against
+the same R seeds as R separate ``Trainer.fit`` runs back to back, each segment the group's
+--steps steps and then each separate run's --steps steps, alternating. It prints the group's
+steps/s, its seed-steps/s (R x steps/s), the separate runs' seed-steps/s (R x steps over their
+summed time) and the ratio of the two seed-steps/s (medians over the segments).
+
 Usage: PYTHONPATH=src python benchmarks/train_throughput.py [--device cpu|cuda] [--fast|--no-fast]
            [--models 2L64 4L128 6L192] [--batches 256 128] [--steps 50] [--repeats 5] [--warmup 10]
+           [--replicas R] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import torch
 from torch import nn
 
 from windtunnel.presets import get_preset
+from windtunnel.replicas import ReplicaTrainer
 from windtunnel.train import Trainer, learning_rate, site_loss
 
 MODELS = {
@@ -48,13 +57,52 @@ MODELS = {
 PAPER_STEPS = 50_000
 
 
-def build(model: dict, batch: int, device: str, *, compile: bool, total_steps: int) -> Trainer:
-    """A Trainer of the paper's bijection recipe with ``model`` and ``batch``, in memory."""
+def experiment(model: dict, batch: int, device: str, *, compile: bool, total_steps: int, seed: int = 0):
+    """The paper's bijection recipe with ``model``, ``batch`` and ``seed``."""
     paper = get_preset("bijection", "transformer", "paper")
     train = dataclasses.replace(paper.train, steps=total_steps, batch_size=batch, device=device, compile=compile,
                                 warmup_steps=0, eval_every=total_steps, eval_size=100, eval_batch_size=100, log_every=50,
-                                checkpoint_every=total_steps)
-    return Trainer(dataclasses.replace(paper, model=model, train=train, name=""))
+                                checkpoint_every=total_steps, seed=seed)
+    return dataclasses.replace(paper, model=model, train=train, name="")
+
+
+def build(model: dict, batch: int, device: str, *, compile: bool, total_steps: int) -> Trainer:
+    """A Trainer of the paper's bijection recipe with ``model`` and ``batch``, in memory."""
+    return Trainer(experiment(model, batch, device, compile=compile, total_steps=total_steps))
+
+
+def replica_rates(model: dict, batch: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(group steps/s, group seed-steps/s, separate runs' seed-steps/s), medians over the
+    segments; each segment times the group's --steps steps, then the R separate runs' --steps
+    steps each, one after another."""
+    total = args.warmup + args.repeats * args.steps + 1
+    seeds = range(args.replicas)
+    group = ReplicaTrainer([experiment(model, batch, args.device, compile=False, total_steps=total, seed=s) for s in seeds])
+    alone = [build_seed(model, batch, args.device, total, s) for s in seeds]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    group.fit(stop_at=args.warmup)  # fit releases nothing it needs: the group continues from its step
+    for trainer in alone:
+        trainer.fit(stop_at=args.warmup)
+    group_rates, alone_rates = [], []
+    for _ in range(args.repeats):
+        seconds = timed(lambda: group.fit(stop_at=group.step + args.steps))
+        group_rates.append(args.steps / seconds)
+        seconds = sum(timed(lambda t=t: t.fit(stop_at=t.step + args.steps)) for t in alone)
+        alone_rates.append(args.replicas * args.steps / seconds)
+    steps_per_s = statistics.median(group_rates)
+    return steps_per_s, args.replicas * steps_per_s, statistics.median(alone_rates)
+
+
+def build_seed(model: dict, batch: int, device: str, total_steps: int, seed: int) -> Trainer:
+    return Trainer(experiment(model, batch, device, compile=False, total_steps=total_steps, seed=seed))
 
 
 def before_steps(trainer: Trainer, n: int) -> None:
@@ -115,7 +163,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per timed segment")
     parser.add_argument("--repeats", type=int, default=5, help="timed segments; the median is reported")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (they include compilation)")
+    parser.add_argument("--replicas", type=int, default=None, metavar="R",
+                        help="time R seeds as one replica group against R separate runs back to back instead")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.replicas is not None:
+        main_replicas(args)
+        return
     fast = args.fast if args.fast is not None else args.device == "cuda"
     ways = ["before", "after"] + (["compiled"] if fast else [])
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -136,6 +192,22 @@ def main() -> None:
                 cells += [f"{rates['compiled']:.1f}", f"{rates['compiled'] / rates['before']:.2f}x"]
             cells.append(f"{PAPER_STEPS / max(rates.values()) / 60:.1f}")
             print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main_replicas(args: argparse.Namespace) -> None:
+    if args.replicas < 2:
+        raise SystemExit(f"--replicas must be 2 or more; got {args.replicas}.")
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {machine}; R = {args.replicas} seeds; {args.repeats} segments of {args.steps} steps "
+          f"(the group's, then each separate run's) after {args.warmup} warm-up steps")
+    print()
+    print("| model | batch | R | group (steps/s) | group (seed-steps/s) | R separate runs (seed-steps/s) | group / separate |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    for name in args.models:
+        for batch in args.batches:
+            steps, group_seed_steps, alone_seed_steps = replica_rates(MODELS[name], batch, args)
+            print(f"| {name} | {batch} | {args.replicas} | {steps:.2f} | {group_seed_steps:.2f} | {alone_seed_steps:.2f} | "
+                  f"{group_seed_steps / alone_seed_steps:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ LAYERS = {
     "arms": 5,
     "train": 6,
     "presets": 7,
+    "replicas": 7,
     "experiments": 8,
     "reports": 2,
     "comparison": 2,

@@ -649,9 +649,13 @@ def upgrade_command(run_dir):
 @click.option("--retry-failed", is_flag=True, help="Resume the trials a previous run recorded as failed, too.")
 @click.option("--tensorboard", is_flag=True, help="Each trial also writes TensorBoard event files in its run directory, "
               "as train --tensorboard (needs pip install 'windtunnel[tensorboard]').")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, metavar="R",
+              help="Train each grid point's seeds in groups of up to R as one batched model (torch.vmap; one group per "
+                   "worker): the same run directories as separate runs, to float rounding (docs/usage.md, replica "
+                   "groups). TinyGPT and MLP without dropout; local backend only.")
 @_quiet_option
 def sweep_command(task, config, model_name, preset, seeds, grid, overrides, steps, device, out, backend, workers, threads,
-                  address, gpus_per_trial, retry_failed, tensorboard, quiet):
+                  address, gpus_per_trial, retry_failed, tensorboard, replicas, quiet):
     """Train a grid of settings over several seeds; each trial is an ordinary run directory.
 
     Every trial's config is checked before anything starts. A failing trial is recorded as failed
@@ -677,7 +681,7 @@ def sweep_command(task, config, model_name, preset, seeds, grid, overrides, step
         raise click.UsageError("--device cuda and --gpus-per-trial 0 contradict each other; drop one.")
     spec = plan_sweep(task, model_name, preset, seeds, parse_grid(grid), overrides, steps, config=config, device=device)
     summary = run_sweep(spec, out, backend=backend, workers=workers, threads=threads, gpus_per_trial=gpus_per_trial,
-                        address=address, retry_failed=retry_failed, echo=_echo(quiet), tensorboard=tensorboard)
+                        address=address, retry_failed=retry_failed, echo=_echo(quiet), tensorboard=tensorboard, replicas=replicas)
     if summary["metrics"]:
         click.echo(compare_sweeps([out], metric="entropy_mae_bits" if "entropy_mae_bits" in summary["metrics"] else summary["metrics"][0])["text"])
     counts = summary["counts"]

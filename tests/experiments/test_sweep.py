@@ -21,10 +21,11 @@ from click.testing import CliRunner
 from windtunnel import runs
 from windtunnel.cli import main
 from windtunnel.comparison import seed_statistics
-from windtunnel.experiments.sweep import GEOMETRY_FIELDS, trial_status, write_summary
+from windtunnel.experiments.sweep import GEOMETRY_FIELDS, plan_sweep, run_replica_group, run_trial, trial_status, write_summary
 from windtunnel.probes import GEOMETRY_VARIANTS
 from windtunnel.runs import RunDir, SweepDir
-from windtunnel.train import Trainer, load_experiment
+from windtunnel.replicas import ReplicaTrainer
+from windtunnel.train import ExperimentConfig, Trainer, load_experiment
 
 TINY = ["--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_mlp=32",
         "--set", "train.eval_size=20", "--set", "train.warmup_steps=2", "--set", "task.n_values=5", "--set", "task.n_pairs=4",
@@ -70,6 +71,8 @@ def read_csv(path):
         (["--seeds", "1-0"], "the range 1-0 runs backwards"),
         (["--seeds", "zero"], "must be seeds >= 0 and ranges like 0-4"),
         (["--seeds", "0", "--address", "auto"], "--address names a Ray cluster"),
+        (["--seeds", "0-1", "--set", "model.dropout=0.1", "--replicas", "2"], "--replicas 2: ReplicaTrainer: model.dropout must be 0"),
+        (["--seeds", "0-1", "--backend", "ray", "--replicas", "2"], "--replicas 2 trains replica groups on the local backend only"),
     ],
 )
 def test_a_bad_grid_is_one_error_before_anything_is_written(tmp_path, extra, expected):
@@ -155,6 +158,132 @@ def test_a_trial_is_the_run_that_train_makes(local_sweep, tmp_path):
     # summary on a rerun: evaluate a copy
     trial = shutil.copytree(SweepDir(out).run("train.lr=3e-3_seed=1").path, tmp_path / "trial_copy")
     assert run_cli(["eval", trial, "--n", 20]).exit_code == 0
+
+
+def test_replicas_refuse_a_model_that_vmap_cannot_batch_naming_it(tmp_path):
+    out = tmp_path / "sweep"
+    line = one_line_error(run_cli(["sweep", "bijection", "--out", out, "--model", "lstm", "--seeds", "0-1", "--steps", 5,
+                                   "--set", "model.d_model=16", "--replicas", 2]), 2)
+    assert "--replicas 2: ReplicaTrainer: model 'lstm' does not train as a replica group (torch.vmap); use one of transformer, mlp" in line
+    assert not out.exists()
+
+
+# the replica tests' trials: a vocabulary of 16 (n_values 8), where a replica group's trajectories
+# are its separate runs' bit for bit (at n_values 5, TINY's, the tied readout's gradient rounds
+# otherwise: tests/test_replicas.py)
+REPLICA_TINY = [a if a not in ("task.n_values=5", "task.n_pairs=4") else {"task.n_values=5": "task.n_values=8", "task.n_pairs=4": "task.n_pairs=7"}[a]
+                for a in TINY]
+REPLICA_LOSS_TERMS = 8 * 7  # batch x sites: the mean the cross entropy takes
+
+
+def _assert_same_summary(ours, theirs, names):
+    """The summaries of two runs of the same sweep agree: every column bitwise but the wall
+    times and the training loss, which replica groups log to the summation-order bound of
+    tests/test_replicas.py (their weights and evaluations are bitwise)."""
+    from test_replicas import reorder_bound
+
+    rows, expected = read_csv(ours / "summary.csv"), read_csv(theirs / "summary.csv")
+    assert [r["trial"] for r in rows] == [r["trial"] for r in expected] == names
+    for row, want in zip(rows, expected):
+        assert row["status"] == "finished"
+        assert abs(float(row["train_loss_nats"]) - float(want["train_loss_nats"])) <= reorder_bound(REPLICA_LOSS_TERMS, float(want["train_loss_nats"]))
+        strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_s", "train_loss_nats")}  # noqa: E731
+        assert strip(row) == strip(want)
+
+
+@pytest.mark.slow
+def test_a_sweep_with_replicas_is_the_sweep_without(tmp_path):
+    """--replicas 2 trains each learning rate's two seeds as one group; the summary is the one
+    of the same sweep without it. A rerun skips the finished trials; a trial removed is trained
+    again, alone (its group's other seed is finished), as the separate trial was."""
+    args = ["sweep", "bijection", "--steps", 10, "--workers", 2, "--threads", 1, *REPLICA_TINY, "--seeds", "0-1",
+            "--grid", "train.lr=1e-3,3e-3"]
+    theirs, ours = tmp_path / "separate", tmp_path / "replicas"
+    result = run_cli([*args, "--out", theirs])
+    assert result.exit_code == 0, result.output
+    result = run_cli([*args, "--out", ours, "--replicas", 2])
+    assert result.exit_code == 0, result.output
+    assert "4 trials in 2 replica groups of up to 2" in result.output
+    _assert_same_summary(ours, theirs, NAMES)
+    again = run_cli([*args, "--out", ours, "--replicas", 2])
+    assert again.exit_code == 0 and "4 finished, 0 failed, 0 to run" in again.output
+    shutil.rmtree(SweepDir(ours).run(NAMES[1]).path)
+    again = run_cli([*args, "--out", ours, "--replicas", 2])
+    assert again.exit_code == 0 and "3 finished, 0 failed, 1 to run" in again.output
+    assert "1 trial in 1 replica group of up to 2" in again.output
+    _assert_same_summary(ours, theirs, NAMES)
+
+
+@pytest.fixture
+def replica_trials(tmp_path):
+    """Two seeds of one grid point (REPLICA_TINY, 10 steps, lr 3e-3), as plan_sweep makes them,
+    each also trained alone by run_trial (in this process, on one thread, as a sweep worker)."""
+    spec = plan_sweep("bijection", None, None, (0, 1), [("train.lr", ["3e-3"])],
+                      [a for a in REPLICA_TINY[1::2]], steps=10)
+    trials = spec["trials"]
+    threads, visible = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        for trial in trials:
+            assert run_trial(trial, tmp_path / "alone" / trial["name"], threads=1)["status"] == "finished"
+        yield trials, [tmp_path / "alone" / t["name"] for t in trials], [tmp_path / "group" / t["name"] for t in trials]
+    finally:
+        torch.set_num_threads(threads)
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
+def _assert_same_trial(ours, theirs):
+    ours, theirs = RunDir(ours), RunDir(theirs)
+    mine, want = ours.load_checkpoint(), theirs.load_checkpoint()
+    assert mine["step"] == want["step"] == 10
+    assert all(torch.equal(mine["model"][k], v) for k, v in want["model"].items())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "loss_nats")} for r in rows]  # noqa: E731
+    assert strip(ours.metrics()) == strip(theirs.metrics())
+
+
+def test_a_replica_group_trains_its_trials_as_run_trial_does(replica_trials):
+    trials, alone, group = replica_trials
+    results = run_replica_group(trials, group, threads=1)
+    assert [(r["name"], r["status"], r["from_step"], r["to_step"]) for r in results] == [(t["name"], "finished", 0, 10) for t in trials]
+    for ours, theirs in zip(group, alone):
+        _assert_same_trial(ours, theirs)
+    again = run_replica_group(trials, group, threads=1)
+    assert [(r["status"], r["skipped"]) for r in again] == [("finished", True)] * 2
+
+
+def test_a_replica_group_resumes_from_its_common_checkpoint(replica_trials):
+    """Two trials stopped together at step 5 (the group's checkpoint) continue as one group to
+    step 10: the same run directories as the trials trained alone."""
+    trials, alone, group = replica_trials
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sweep's workers
+    try:
+        ReplicaTrainer([ExperimentConfig.from_dict(t["experiment"]) for t in trials], group).fit(stop_at=5)
+    finally:
+        torch.set_num_threads(threads)
+    results = run_replica_group(trials, group, threads=1)
+    assert [(r["status"], r["from_step"], r["to_step"]) for r in results] == [("finished", 5, 10)] * 2
+    for ours, theirs in zip(group, alone):
+        _assert_same_trial(ours, theirs)
+
+
+def test_a_failing_replica_group_falls_back_to_its_trials_alone(tmp_path):
+    """A non-finite loss stops the group; each trial is then run alone: the failing one fails
+    with a separate run's error."""
+    spec = plan_sweep("bijection", None, None, (0, 1), [("train.lr", ["1e30"])], [a for a in REPLICA_TINY[1::2]], steps=10)
+    threads, visible = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        results = run_replica_group(spec["trials"], [tmp_path / t["name"] for t in spec["trials"]], threads=1)
+    finally:
+        torch.set_num_threads(threads)
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert all(r["error"].startswith("FloatingPointError: the loss is nan at step") for r in results)
 
 
 def test_a_rerun_skips_the_finished_trials(local_sweep):

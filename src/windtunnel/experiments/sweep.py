@@ -47,6 +47,7 @@ from typing import Any
 
 from windtunnel.comparison import seed_statistics
 from windtunnel.presets import Recipe, apply_overrides, build_experiment, load_recipe
+from windtunnel.replicas import ReplicaTrainer, check_replicas
 from windtunnel.runs import (
     RunDir,
     SweepDir,
@@ -65,6 +66,8 @@ __all__ = [
     "parse_grid",
     "parse_seeds",
     "plan_sweep",
+    "replica_groups",
+    "run_replica_group",
     "run_sweep",
     "run_trial",
     "trial_status",
@@ -324,21 +327,12 @@ def run_trial(
     if not gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     run = RunDir(run_path)
-    out = {"name": trial["name"], "status": "failed", "from_step": None, "to_step": None, "wall_s": None, "error": None, "skipped": False}
+    out = _new_result(trial)
     try:
         experiment = ExperimentConfig.from_dict(trial["experiment"])
-        steps = experiment.train.steps
-        if run.exists():
-            if load_experiment(run).to_dict() != experiment.to_dict():
-                raise ValueError(f"{run.path} holds another run than this trial; move it away and rerun the sweep.")
-            step, elapsed = _checkpoint_step(run)
-            if step == steps:
-                out.update(status="finished", from_step=step, to_step=step, wall_s=elapsed, skipped=True)
-                return out
-        else:
-            step = None
-            if run.path.is_dir():  # killed while claiming the directory: only temporaries are left
-                run.clean_temporaries()
+        step = _trial_start(trial, run, experiment, out)
+        if out["skipped"]:
+            return out
         if step is None:  # nothing trained yet (or killed before the first checkpoint): start afresh
             trainer = Trainer(experiment, run, overwrite=run.exists(), tensorboard=tensorboard)
         else:
@@ -356,6 +350,121 @@ def run_trial(
     except Exception as err:  # noqa: BLE001 - a failed trial is a result, not the sweep's end
         out["error"] = f"{type(err).__name__}: {_one_line(err)}"
     return out
+
+
+def _new_result(trial: dict[str, Any]) -> dict[str, Any]:
+    return {"name": trial["name"], "status": "failed", "from_step": None, "to_step": None, "wall_s": None, "error": None, "skipped": False}
+
+
+def _trial_start(trial: dict[str, Any], run: RunDir, experiment: ExperimentConfig, out: dict[str, Any]) -> int | None:
+    """The step the trial's run directory continues from (None: start afresh); a finished trial
+    fills ``out`` as skipped. Cleans a directory killed while being claimed.
+
+    Raises:
+        ValueError: the directory holds another run; a checkpoint that cannot be trusted.
+    """
+    if run.exists():
+        if load_experiment(run).to_dict() != experiment.to_dict():
+            raise ValueError(f"{run.path} holds another run than this trial; move it away and rerun the sweep.")
+        step, elapsed = _checkpoint_step(run)
+        if step == experiment.train.steps:
+            out.update(status="finished", from_step=step, to_step=step, wall_s=elapsed, skipped=True, error=None)
+        return step
+    if run.path.is_dir():  # killed while claiming the directory: only temporaries are left
+        run.clean_temporaries()
+    return None
+
+
+def replica_groups(todo: Sequence[tuple[dict[str, Any], int]], replicas: int) -> list[list[tuple[dict[str, Any], int]]]:
+    """The trials to run, ``(trial, from_step)`` in sweep order, cut into replica groups: trials
+    of one grid point (so they differ only in ``train.seed``) that start from the same step (a
+    group starts together or resumes from one common checkpoint step), at most ``replicas`` each,
+    in seed order. A group of one trains as an ordinary run."""
+    groups: list[list[tuple[dict[str, Any], int]]] = []
+    open_groups: dict[str, list[tuple[dict[str, Any], int]]] = {}
+    for trial, step in todo:
+        key = json.dumps([trial.get("grid_text", trial["grid"]), step], sort_keys=True)
+        group = open_groups.get(key)
+        if group is None or len(group) >= replicas:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append((trial, step))
+    return groups
+
+
+def check_replica_sweep(spec: dict[str, Any], replicas: int) -> None:
+    """Refuse, before anything runs, a sweep whose grid points cannot train their seeds as
+    replica groups of ``replicas`` (:func:`~windtunnel.replicas.check_replicas` on each grid
+    point's first ``replicas`` trials: the model, dropout, train_lengths, compile).
+
+    Raises:
+        ValueError: "--replicas R: " and the first refusal.
+    """
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"--replicas must be an int >= 1; got {replicas!r}.")
+    if replicas == 1:
+        return
+    points: dict[str, list[dict[str, Any]]] = {}
+    for trial in spec["trials"]:
+        points.setdefault(json.dumps(trial.get("grid_text", trial["grid"]), sort_keys=True), []).append(trial)
+    for trials in points.values():
+        try:
+            check_replicas([ExperimentConfig.from_dict(t["experiment"]) for t in trials[:replicas]])
+        except ValueError as err:
+            raise ValueError(f"--replicas {replicas}: {_one_line(err)}") from None
+
+
+def run_replica_group(
+    trials: Sequence[dict[str, Any]],
+    run_paths: Sequence[str | os.PathLike],
+    *,
+    threads: int = 1,
+    gpus: float = 0.0,
+    tensorboard: bool = False,
+) -> list[dict[str, Any]]:
+    """Train trials that differ only in seed to their end as one replica group
+    (:class:`~windtunnel.replicas.ReplicaTrainer`), each in its run directory: started together,
+    or resumed together from their common checkpoint step. A group of one, trials not at one
+    step, or a group that fails (a non-finite loss of one seed stops them all) fall back to
+    :func:`run_trial` for each trial, which resumes it alone from its latest checkpoint: a
+    failing seed then fails with a separate run's error, and the others finish. Never raises.
+
+    Returns:
+        one :func:`run_trial` result per trial, in order.
+    """
+    import torch
+
+    if len(trials) != len(run_paths):
+        raise ValueError(f"run_replica_group: one run directory per trial; got {len(trials)} trials and {len(run_paths)} directories.")
+    alone = lambda: [run_trial(t, p, threads=threads, gpus=gpus, tensorboard=tensorboard) for t, p in zip(trials, run_paths)]  # noqa: E731
+    if len(trials) < 2:
+        return alone()
+    torch.set_num_threads(max(1, int(threads)))
+    if not gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    runs = [RunDir(p) for p in run_paths]
+    outs = [_new_result(t) for t in trials]
+    try:
+        experiments = [ExperimentConfig.from_dict(t["experiment"]) for t in trials]
+        starts = [_trial_start(t, run, e, out) for t, run, e, out in zip(trials, runs, experiments, outs)]
+    except Exception:  # noqa: BLE001 - run_trial reports the trial's problem
+        return alone()
+    if any(out["skipped"] for out in outs) or len(set(starts)) > 1:
+        return alone()
+    group = None
+    try:
+        if starts[0] is None:
+            group = ReplicaTrainer(experiments, runs, overwrite=True, tensorboard=tensorboard)
+        else:
+            group = ReplicaTrainer.resume(runs, tensorboard=tensorboard)
+        for out, trainer in zip(outs, group.trainers):
+            out["from_step"] = trainer.step
+        group.fit()
+    except Exception:  # noqa: BLE001 - each trial is then run alone, which reports its own error
+        return alone()
+    for out, trainer in zip(outs, group.trainers):
+        out.update(status="finished", to_step=trainer.step, wall_s=trainer.elapsed_s)
+    return outs
 
 
 # --- status and summary (the driver) ----------------------------------------------------------
@@ -551,6 +660,7 @@ def run_sweep(
     retry_failed: bool = False,
     echo: Callable[[str], None] = print,
     tensorboard: bool = False,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     """Run (or continue) the sweep ``spec`` in ``out`` and write its summary.
 
@@ -571,12 +681,20 @@ def run_sweep(
         echo: where progress lines go.
         tensorboard: every trial also writes TensorBoard event files in its run directory
             (:func:`run_trial`).
+        replicas: R > 1 trains the seeds of each grid point in groups of up to R as one
+            batched model (:func:`run_replica_group`, :class:`~windtunnel.replicas.ReplicaTrainer`;
+            groups of trials that start from the same step, :func:`replica_groups`), one group per
+            worker; every trial's run directory is the one a separate run writes (to the float
+            rounding the replicas module describes). Local backend only. Not part of the sweep's
+            identity: a sweep continues with or without it.
 
     Returns:
         The summary (:func:`write_summary`).
 
     Raises:
-        ValueError: ``out`` holds another sweep or is not a sweep directory; bad backend options.
+        ValueError: ``out`` holds another sweep or is not a sweep directory; bad backend options;
+            ``replicas`` > 1 on the ray backend, or for trials that cannot train as replicas
+            (:func:`check_replica_sweep`).
         ImportError: backend "ray" without Ray Tune, or ``tensorboard`` without the tensorboard
             package, naming the extra.
         RunLockedError: another process drives this sweep.
@@ -591,6 +709,9 @@ def run_sweep(
         forced = [t["name"] for t in spec["trials"] if t["experiment"]["train"].get("device") == "cuda"]
         if forced:
             raise ValueError("train.device=cuda needs --gpus-per-trial > 0 (without it the trials train on the CPU).")
+    check_replica_sweep(spec, replicas)
+    if replicas > 1 and backend != "local":
+        raise ValueError(f"--replicas {replicas} trains replica groups on the local backend only; drop --replicas or use --backend local.")
     if backend == "ray":
         _import_ray()
     if tensorboard:
@@ -621,8 +742,10 @@ def run_sweep(
         echo(f"sweep {sweep.path}: {len(spec['trials'])} trials; {counts['finished']} finished, {counts['failed']} failed"
              f"{' (rerun with --retry-failed to resume them)' if counts['failed'] else ''}, {len(todo)} to run")
         if todo:
-            runner = _run_local if backend == "local" else _run_ray
-            runner(sweep, todo, workers=workers, threads=threads, gpus=gpus_per_trial, address=address, echo=echo, tensorboard=tensorboard)
+            if backend == "local":
+                _run_local(sweep, todo, workers=workers, threads=threads, gpus=gpus_per_trial, echo=echo, tensorboard=tensorboard, replicas=replicas)
+            else:
+                _run_ray(sweep, todo, workers=workers, threads=threads, gpus=gpus_per_trial, address=address, echo=echo, tensorboard=tensorboard)
         return write_summary(sweep, spec)
     finally:
         sweep.unlock()
@@ -676,7 +799,7 @@ def _watch_driver(driver_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _run_local(sweep, todo, *, workers, threads, gpus, address, echo, tensorboard=False) -> None:
+def _run_local(sweep, todo, *, workers, threads, gpus, echo, tensorboard=False, replicas=1) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -689,29 +812,39 @@ def _run_local(sweep, todo, *, workers, threads, gpus, address, echo, tensorboar
         n_gpus = torch.cuda.device_count()
         if not n_gpus:
             raise ValueError("--gpus-per-trial needs a CUDA device; this machine has none (use 0 to train on the CPU).")
+    groups = replica_groups(todo, replicas)
     if workers is None:
         workers = int(n_gpus / gpus + 1e-9) if gpus else max(1, cores // (threads or 1))
-    workers = max(1, min(workers, len(todo)))
+    workers = max(1, min(workers, len(groups)))
     threads = threads or max(1, cores // workers)
     spec = sweep.read_spec()
     echo(f"local backend: {workers} worker process{'es' if workers > 1 else ''} x {threads} torch thread{'s' if threads > 1 else ''}"
-         + (f", {gpus:g} GPU per trial on {n_gpus} GPU{'s' if n_gpus > 1 else ''}" if gpus else "") + f" ({cores} cores)")
+         + (f", {gpus:g} GPU per trial on {n_gpus} GPU{'s' if n_gpus > 1 else ''}" if gpus else "") + f" ({cores} cores)"
+         + (f"; {len(todo)} trial{'s' if len(todo) > 1 else ''} in {len(groups)} replica group{'s' if len(groups) > 1 else ''} "
+            f"of up to {replicas}" if replicas > 1 else ""))
     context = multiprocessing.get_context("spawn")
     counter = context.Value("i", 0)
     for trial, step in todo:
         sweep.log_event({"event": "submitted", "trial": trial["name"], "from_step": step, "backend": "local", "time": time.time()})
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
                              initargs=(os.getpid(), threads, counter, n_gpus)) as pool:
-        futures = {pool.submit(run_trial, trial, str(sweep.run(trial["name"]).path), threads=threads, gpus=gpus, tensorboard=tensorboard): trial for trial, _ in todo}
-        for done, future in enumerate(as_completed(futures), 1):
-            trial = futures[future]
+        futures = {}
+        for group in groups:
+            trials = [trial for trial, _ in group]
+            paths = [str(sweep.run(trial["name"]).path) for trial in trials]
+            futures[pool.submit(run_replica_group, trials, paths, threads=threads, gpus=gpus, tensorboard=tensorboard)] = trials
+        done = 0
+        for future in as_completed(futures):
+            trials = futures[future]
             try:
-                result = future.result()
+                results = future.result()
             except BrokenProcessPool as err:
-                result = {"name": trial["name"], "status": "failed", "from_step": None, "to_step": None, "wall_s": None,
-                          "error": f"a worker process died (killed, or out of memory), which stops the pool ({_one_line(err)}); "
-                                   "rerun with --retry-failed"}
-            _record(sweep, spec, result, done, len(todo), echo)
+                results = [{"name": trial["name"], "status": "failed", "from_step": None, "to_step": None, "wall_s": None,
+                            "error": f"a worker process died (killed, or out of memory), which stops the pool ({_one_line(err)}); "
+                                     "rerun with --retry-failed"} for trial in trials]
+            for result in results:
+                done += 1
+                _record(sweep, spec, result, done, len(todo), echo)
 
 
 def _import_ray() -> Any:

@@ -141,6 +141,20 @@ class FeedForward(nn.Module):
         return out + self.b_out if self.b_out is not None else out
 
 
+def embedding_lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``table[ids]``: rows of ``table`` [n_rows, d] for integer ``ids`` [...] -> [..., d].
+
+    Through ``nn.functional.embedding`` rather than indexing, for its backward. Indexing's
+    backward (``index_put_`` with accumulation) adds on the CPU with atomic float additions split
+    over the threads once the gradient holds 32768 elements or more and more than one thread
+    runs, so each row's sum of gradients is rounded in another order than the serial one; the
+    embedding backward adds every row's gradients in the order of ``ids`` whatever the threads
+    (bit for bit the serial indexing result). The replica trainer needs it: its stacked lookup
+    is R times larger than a run's (tests/test_replicas.py).
+    """
+    return nn.functional.embedding(ids, table)
+
+
 class Embed(nn.Module):
     """Token embedding table W_E [vocab, d_model]; tokens [batch, pos] -> [batch, pos, d_model]."""
 
@@ -158,7 +172,9 @@ class Embed(nn.Module):
         init_normal_(self.W_E, std=self.std, generator=generator)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.W_E[tokens]
+        # a lookup whose backward adds each row's gradients in token order on the CPU, whatever
+        # the threads (:func:`embedding_lookup`)
+        return embedding_lookup(self.W_E, tokens)
 
 
 class PosEmbed(nn.Module):
@@ -182,7 +198,7 @@ class PosEmbed(nn.Module):
         batch, pos = tokens.shape
         if position_ids is None:
             return self.W_pos[:pos].expand(batch, pos, -1)  # a view, no copy
-        return self.W_pos[position_ids]
+        return embedding_lookup(self.W_pos, position_ids)
 
 
 class Unembed(nn.Module):
@@ -254,8 +270,10 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
     """``position_ids`` checked against checked ``tokens`` and made int64 [batch, seq_len];
     None stays None. Raises ``ValueError`` unless it is an integer tensor [batch, seq_len] or
     [seq_len] with every row in [0, n_positions) (the rows are not checked inside a graph being
-    compiled by torch.compile: ``TrainConfig.compile``). Page-locked CPU ids are copied to the
-    tokens' device without a wait."""
+    compiled by torch.compile, ``TrainConfig.compile``, nor for ids batched by torch.vmap, whose
+    values cannot be read: :class:`~windtunnel.replicas.ReplicaTrainer` checks its stacked ids
+    with this function before its vmapped call). Page-locked CPU ids are copied to the tokens'
+    device without a wait."""
     if position_ids is None:
         return None
     batch, seq_len = tokens.shape
@@ -267,6 +285,9 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
     if torch.compiler.is_compiling():
         # the trainer's compiled step (ids in range by construction): reading the values back
         # would split the compiled graph and wait for the device every step
+        return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
+    if torch._C._functorch.is_batchedtensor(position_ids):
+        # under torch.vmap (the replica trainer, which checked the stacked ids on the host)
         return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
     low, high = int(position_ids.min()), int(position_ids.max())
     if low < 0 or high >= n_positions:
