@@ -266,6 +266,14 @@ def check_tokens(owner: str, tokens: Any, n_positions: int | None) -> None:
         )
 
 
+def _is_vmap_batched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is batched by ``torch.vmap`` (its values cannot be read). torch has no
+    public test for it; a torch without the private one is taken to have no batched tensors
+    here, so the ids are then checked by value as everywhere else (which fails loudly under vmap)."""
+    test = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(test(tensor)) if test is not None else False
+
+
 def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_positions: int) -> torch.Tensor | None:
     """``position_ids`` checked against checked ``tokens`` and made int64 [batch, seq_len];
     None stays None. Raises ``ValueError`` unless it is an integer tensor [batch, seq_len] or
@@ -286,7 +294,7 @@ def check_position_ids(owner: str, position_ids: Any, tokens: torch.Tensor, n_po
         # the trainer's compiled step (ids in range by construction): reading the values back
         # would split the compiled graph and wait for the device every step
         return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
-    if torch._C._functorch.is_batchedtensor(position_ids):
+    if _is_vmap_batched(position_ids):
         # under torch.vmap (the replica trainer, which checked the stacked ids on the host)
         return position_ids.to(device=tokens.device, dtype=torch.long).expand(batch, seq_len)
     low, high = int(position_ids.min()), int(position_ids.max())
