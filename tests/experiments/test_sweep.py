@@ -3,6 +3,7 @@ before anything starts, failing trials recorded while the others finish, trials 
 run directories, reruns that skip finished trials, and a driver killed with SIGKILL mid-way whose
 rerun completes the sweep with every step trained once (issue 16)."""
 
+import contextlib
 import csv
 import fcntl
 import json
@@ -221,11 +222,19 @@ def replica_trials(tmp_path):
     spec = plan_sweep("bijection", None, None, (0, 1), [("train.lr", ["3e-3"])],
                       [a for a in REPLICA_TINY[1::2]], steps=10)
     trials = spec["trials"]
-    threads, visible = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
+    with _worker_state_restored():
         for trial in trials:
             assert run_trial(trial, tmp_path / "alone" / trial["name"], threads=1)["status"] == "finished"
         yield trials, [tmp_path / "alone" / t["name"] for t in trials], [tmp_path / "group" / t["name"] for t in trials]
+
+
+@contextlib.contextmanager
+def _worker_state_restored():
+    """Restore the torch thread count and CUDA_VISIBLE_DEVICES, which run_trial and
+    run_replica_group set for their worker process, when they ran in this one."""
+    threads, visible = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
         if visible is None:
@@ -273,15 +282,8 @@ def test_a_failing_replica_group_falls_back_to_its_trials_alone(tmp_path):
     """A non-finite loss stops the group; each trial is then run alone: the failing one fails
     with a separate run's error."""
     spec = plan_sweep("bijection", None, None, (0, 1), [("train.lr", ["1e30"])], [a for a in REPLICA_TINY[1::2]], steps=10)
-    threads, visible = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
+    with _worker_state_restored():
         results = run_replica_group(spec["trials"], [tmp_path / t["name"] for t in spec["trials"]], threads=1)
-    finally:
-        torch.set_num_threads(threads)
-        if visible is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     assert [r["status"] for r in results] == ["failed", "failed"]
     assert all(r["error"].startswith("FloatingPointError: the loss is nan at step") for r in results)
 
