@@ -60,6 +60,7 @@ from windtunnel.train import (
     learning_rate,
     load_experiment,
     telemetry_steps,
+    weight_decayed,
 )
 
 __all__ = ["REPLICA_MODELS", "ReplicaTrainer", "check_replicas"]
@@ -238,7 +239,7 @@ class ReplicaTrainer:
         # storage (on the meta device), so that nothing of replica 0 is read by mistake
         self._skeleton = _meta_copy(first)
         self._names = [name for name, _ in first.named_parameters()]
-        self._decay = {name for name, p in first.named_parameters() if p.dim() >= 2 and "embed" not in name}
+        self._decay = {name for name, p in first.named_parameters() if weight_decayed(name, p)}
 
     @property
     def step(self) -> int:

@@ -62,6 +62,7 @@ __all__ = [
     "site_loss",
     "step_position_ids",
     "telemetry_steps",
+    "weight_decayed",
 ]
 
 TASKS: dict[str, type] = {"bijection": Bijection, "hmm": HMMFiltering, "recall": AssociativeRecall}
@@ -436,6 +437,12 @@ def seed_streams(seed: int) -> dict[str, int]:
     return {name: int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for name, child in zip(STREAMS, children)}
 
 
+def weight_decayed(name: str, parameter: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies to the parameter ``name``: the matrices (two or more
+    dimensions) that are not embeddings; biases, norms' gains and embedding tables are not decayed."""
+    return parameter.dim() >= 2 and "embed" not in name
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup from 0 over ``warmup_steps``, then cosine to ``min_lr_ratio * lr`` at ``steps``."""
     if step < config.warmup_steps:
@@ -586,7 +593,7 @@ class Trainer:
             self.eval_sets[f"eval_len{n}"] = self._eval_batches(experiment.build_task(n_steps=n), eval_generator)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+            (decay if weight_decayed(name, p) else no_decay).append(p)
         fast_cuda = self.config.compile and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
