@@ -67,6 +67,29 @@ def test_with_replacement_sawtooth_entropy():
             assert batch.entropy_bits[row, i].item() == pytest.approx(expected, abs=1e-12)
 
 
+def test_with_replacement_the_posterior_averaged_over_the_current_key_is_uniform():
+    """With replacement, a predictor that does not match the current key against the earlier
+    ones can do no better than uniform (RESULTS.md, the position control with replacement): for
+    every history of pairs, the exact posterior averaged over the i.i.d. uniform current key is
+    1/V for every value. Every consistent history of up to 3 pairs, V = 4."""
+    from windtunnel.tasks.bijection import _key_posteriors
+
+    n_val = 4
+    for n_hist in range(4):
+        for hist_keys in itertools.product(range(n_val), repeat=n_hist):
+            distinct = list(dict.fromkeys(hist_keys))
+            for used in itertools.permutations(range(n_val), len(distinct)):
+                value_of = dict(zip(distinct, used))
+                # one row per current key k; the current value only matters for a repeated key
+                keys = torch.tensor([[*hist_keys, k] for k in range(n_val)])
+                values = torch.tensor([[value_of[h] for h in hist_keys] + [value_of.get(k, 0)] for k in range(n_val)])
+                posterior = _key_posteriors(keys, values, n_val)[:, -1]  # [V current keys, V values]
+                torch.testing.assert_close(posterior.mean(0), torch.full((n_val,), 1 / n_val, dtype=torch.float64),
+                                           rtol=0, atol=1e-15)
+                if n_hist:  # while the current key alone is not: a repeat is a delta
+                    assert posterior.max() == 1.0
+
+
 @pytest.mark.parametrize("fmt", ["A", "B"])
 def test_layout_and_labels(fmt):
     task = Bijection(n_values=13, n_pairs=11, format=fmt)
