@@ -1,4 +1,4 @@
-"""Training time with and without the SPEC §8 telemetry probes on the bijection `cpu` preset.
+"""Training time with and without the telemetry probes of docs/theory.md §8 on the bijection `cpu` preset.
 
 Trains the `bijection/transformer/cpu` preset for --steps steps (default cadence: the probes run
 at train.telemetry_steps(--steps)) twice per repeat, once plain and once with

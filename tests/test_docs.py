@@ -1,4 +1,5 @@
-"""Every reference in the package, the README and docs/ points to something that ships.
+"""Every reference in the package, the README, RESULTS.md, BENCHMARKS.md, docs/ and benchmarks/
+points to something that ships.
 
 The package cites docs/theory.md by section ("docs/theory.md §8.6"); these tests fail when a
 file cites an internal notebook or tag that does not ship (the word SPEC, [JL], [REF], [P2],
@@ -33,8 +34,8 @@ HEADING = re.compile(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s", re.MULTILINE)
 
 
 def scanned_files() -> list[Path]:
-    files = [ROOT / "README.md"]
-    for folder in (ROOT / "src", ROOT / "docs"):
+    files = [ROOT / "README.md", ROOT / "RESULTS.md", ROOT / "BENCHMARKS.md"]
+    for folder in (ROOT / "src", ROOT / "docs", ROOT / "benchmarks"):
         files += [p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
     return sorted(p for p in files if "__pycache__" not in p.parts)
 
