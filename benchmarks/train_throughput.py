@@ -66,9 +66,14 @@ def experiment(model: dict, batch: int, device: str, *, compile: bool, total_ste
     return dataclasses.replace(paper, model=model, train=train, name="")
 
 
-def build(model: dict, batch: int, device: str, *, compile: bool, total_steps: int) -> Trainer:
-    """A Trainer of the paper's bijection recipe with ``model`` and ``batch``, in memory."""
-    return Trainer(experiment(model, batch, device, compile=compile, total_steps=total_steps))
+def build(model: dict, batch: int, device: str, *, compile: bool, total_steps: int, seed: int = 0) -> Trainer:
+    """A Trainer of the paper's bijection recipe with ``model``, ``batch`` and ``seed``, in memory."""
+    return Trainer(experiment(model, batch, device, compile=compile, total_steps=total_steps, seed=seed))
+
+
+def machine(device: str) -> str:
+    """The GPU's name, or the CPU's architecture and torch's thread count."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def replica_rates(model: dict, batch: int, args: argparse.Namespace) -> tuple[float, float, float]:
@@ -78,7 +83,7 @@ def replica_rates(model: dict, batch: int, args: argparse.Namespace) -> tuple[fl
     total = args.warmup + args.repeats * args.steps + 1
     seeds = range(args.replicas)
     group = ReplicaTrainer([experiment(model, batch, args.device, compile=False, total_steps=total, seed=s) for s in seeds])
-    alone = [build_seed(model, batch, args.device, total, s) for s in seeds]
+    alone = [build(model, batch, args.device, compile=False, total_steps=total, seed=s) for s in seeds]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
@@ -99,10 +104,6 @@ def replica_rates(model: dict, batch: int, args: argparse.Namespace) -> tuple[fl
         alone_rates.append(args.replicas * args.steps / seconds)
     steps_per_s = statistics.median(group_rates)
     return steps_per_s, args.replicas * steps_per_s, statistics.median(alone_rates)
-
-
-def build_seed(model: dict, batch: int, device: str, total_steps: int, seed: int) -> Trainer:
-    return Trainer(experiment(model, batch, device, compile=False, total_steps=total_steps, seed=seed))
 
 
 def before_steps(trainer: Trainer, n: int) -> None:
@@ -174,8 +175,7 @@ def main() -> None:
         return
     fast = args.fast if args.fast is not None else args.device == "cuda"
     ways = ["before", "after"] + (["compiled"] if fast else [])
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {machine}; {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps")
+    print(f"torch {torch.__version__}, {machine(args.device)}; {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps")
     print()
     head = "| model | batch | before (steps/s) | after (steps/s) | after / before |"
     rule = "|---|---:|---:|---:|---:|"
@@ -197,8 +197,7 @@ def main() -> None:
 def main_replicas(args: argparse.Namespace) -> None:
     if args.replicas < 2:
         raise SystemExit(f"--replicas must be 2 or more; got {args.replicas}.")
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {machine}; R = {args.replicas} seeds; {args.repeats} segments of {args.steps} steps "
+    print(f"torch {torch.__version__}, {machine(args.device)}; R = {args.replicas} seeds; {args.repeats} segments of {args.steps} steps "
           f"(the group's, then each separate run's) after {args.warmup} warm-up steps")
     print()
     print("| model | batch | R | group (steps/s) | group (seed-steps/s) | R separate runs (seed-steps/s) | group / separate |")

@@ -321,11 +321,7 @@ def run_trial(
         of the whole run, summed over its segments), "error" (one line, or None), "skipped"
         (True when it was already finished)}.
     """
-    import torch
-
-    torch.set_num_threads(max(1, int(threads)))
-    if not gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    _claim_worker(threads, gpus)
     run = RunDir(run_path)
     out = _new_result(trial)
     try:
@@ -350,6 +346,16 @@ def run_trial(
     except Exception as err:  # noqa: BLE001 - a failed trial is a result, not the sweep's end
         out["error"] = f"{type(err).__name__}: {_one_line(err)}"
     return out
+
+
+def _claim_worker(threads: int, gpus: float) -> None:
+    """Set this worker process's torch threads, and hide CUDA from it when ``gpus`` is 0 (before
+    CUDA starts here, so "auto" trains on the CPU)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    if not gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def _new_result(trial: dict[str, Any]) -> dict[str, Any]:
@@ -432,16 +438,12 @@ def run_replica_group(
     Returns:
         one :func:`run_trial` result per trial, in order.
     """
-    import torch
-
     if len(trials) != len(run_paths):
         raise ValueError(f"run_replica_group: one run directory per trial; got {len(trials)} trials and {len(run_paths)} directories.")
     alone = lambda: [run_trial(t, p, threads=threads, gpus=gpus, tensorboard=tensorboard) for t, p in zip(trials, run_paths)]  # noqa: E731
     if len(trials) < 2:
         return alone()
-    torch.set_num_threads(max(1, int(threads)))
-    if not gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    _claim_worker(threads, gpus)
     runs = [RunDir(p) for p in run_paths]
     outs = [_new_result(t) for t in trials]
     try:
